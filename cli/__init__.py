@@ -1,0 +1,1 @@
+"""The click front end: the `esm2dask` command."""

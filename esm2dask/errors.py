@@ -1,0 +1,46 @@
+"""The project's exceptions: one base class, a few specific kinds.
+
+The CLI catches :class:`Esm2DaskError` in one place and prints its message; every
+message names what failed (a file, a byte offset or line) and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class Esm2DaskError(Exception):
+    """Base class: a failure the user can act on. Printed without a traceback."""
+
+
+class InputError(Esm2DaskError):
+    """Bad input data: names the file and the place (byte offset, line or record)."""
+
+    def __init__(self, path: str, where: str, message: str):
+        self.path = path
+        self.where = where
+        self.message = message
+        super().__init__(path, where, message)
+
+    def __str__(self) -> str:
+        place = f" ({self.where})" if self.where else ""
+        return f"{self.path}{place}: {self.message}"
+
+
+class ConfigError(Esm2DaskError):
+    """Options that cannot work together, or a value out of range."""
+
+
+class OutputError(Esm2DaskError):
+    """The output location is unusable (exists, unwritable, …)."""
+
+
+class ExternalCommandError(Esm2DaskError):
+    """An external command (``ngc``) failed; carries its exit code and message."""
+
+    def __init__(self, command: str, returncode: int, message: str):
+        self.command = command
+        self.returncode = returncode
+        self.message = message
+        super().__init__(command, returncode, message)
+
+    def __str__(self) -> str:
+        return f"{self.command} failed (exit {self.returncode}): {self.message}"

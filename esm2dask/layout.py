@@ -1,0 +1,37 @@
+"""The output layout of ``shared/spec/esm2-layout.md``: names, header, shard boundaries."""
+
+from __future__ import annotations
+
+import numpy as np
+
+CSV_HEADER = b"record_id,record_name,sequence_length,sequence\n"
+CSV_COLUMNS = ("record_id", "record_name", "sequence_length", "sequence")
+
+UF50_TRAIN = "uf50/train"
+UF50_VAL = "uf50/val"
+UF50_TEST = "uf50/test"
+UF90 = "uf90/uf90_csvs"
+#: Output directories in the order they are reported.
+SPLIT_DIRS = (UF50_TRAIN, UF50_VAL, UF50_TEST, UF90)
+TOP_DIRS = ("uf50", "uf90")
+
+MANIFEST_NAME = "esm2dask-manifest.json"
+STAGING_PREFIX = ".esm2dask-staging"
+
+
+def shard_name(index: int) -> str:
+    """``x007.csv``: three digits keep name order equal to numeric order (K ≤ 1000)."""
+    return f"x{index:03d}.csv"
+
+
+def shard_bounds(n_rows: int, n_files: int) -> np.ndarray:
+    """Row boundaries of ``n_files`` shards, like ``numpy.array_split``.
+
+    The first ``n_rows % n_files`` shards get one row more.
+
+    >>> shard_bounds(5001, 50)[:3].tolist(), int(shard_bounds(5001, 50)[-1])
+    ([0, 101, 201], 5001)
+    """
+    q, r = divmod(n_rows, n_files)
+    k = np.arange(n_files + 1, dtype=np.int64)
+    return k * q + np.minimum(k, r)

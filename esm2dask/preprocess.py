@@ -1,0 +1,413 @@
+"""``preprocess``: the BioNeMo ESM2nv layout from a raw UniRef50/90 folder, on Dask.
+
+The driver plans byte ranges from file sizes, submits tasks (:mod:`esm2dask.tasks`) that
+read and write their own data, and keeps only receipts: counts, offsets, paths. Output is
+built in a hidden staging folder inside OUT and published whole at the end.
+
+Stages (each a set of parallel tasks):
+
+1. scan the mapping and count the records of every FASTA range;
+2. from the counts, each range's first position; write ``counts``/``starts`` pieces and
+   the val/test shards; bucket the mapping ids by hash; convert uf50/uf90 on the fast
+   path when their records already stand in mapping order;
+3. otherwise join by hash bucket and gather position blocks (any input order);
+4. assemble each shard from its pieces, publish, write the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from distributed import as_completed
+
+from . import __version__, storage, tasks
+from .cluster import dashboard_link, dask_client, maybe_performance_report
+from .config import PreprocessConfig
+from .errors import ConfigError, Esm2DaskError
+from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
+from .progress import Reporter
+from .publish import Staging, write_manifest
+from .ranges import ByteRange, plan_ranges
+from .tasks import Routing, Slice, Target
+
+LABEL_TRAIN, LABEL_VAL, LABEL_TEST = 0, 1, 2
+
+
+@dataclass
+class StreamReport:
+    """What happened to one FASTA: how it was joined, what was left out."""
+
+    fasta: str
+    records: int = 0
+    fast_path: bool = False
+    unnamed_dropped: int = 0
+    duplicates: int = 0
+    fallback_reason: str = ""
+
+
+@dataclass
+class PreprocessResult:
+    output_dir: str
+    rows: dict[str, int]
+    bytes: dict[str, int]
+    input_bytes: int
+    wall_seconds: float
+    streams: dict[str, StreamReport]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    manifest_url: str = ""
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.input_bytes / 1e6 / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def random_split_labels(n_clusters: int, val_size: int, test_size: int, seed: int) -> np.ndarray:
+    """BioNeMo v1.0 split: label of each cluster position (0 train, 1 val, 2 test).
+
+    >>> random_split_labels(5, 1, 1, 0).tolist()
+    [0, 1, 0, 2, 0]
+    """
+    if val_size + test_size >= n_clusters:
+        raise ConfigError(
+            f"--val-size {val_size} + --test-size {test_size} must be below the number of "
+            f"clusters ({n_clusters})"
+        )
+    shuffled = np.arange(n_clusters)
+    np.random.default_rng(seed).shuffle(shuffled)
+    labels = np.zeros(n_clusters, dtype=np.int8)
+    labels[shuffled[:val_size]] = LABEL_VAL
+    labels[shuffled[val_size : val_size + test_size]] = LABEL_TEST
+    return labels
+
+
+def _slices_for(pieces: list[tuple[str, int, int]], lo: int, hi: int) -> list[Slice]:
+    """The parts of consecutive pieces ``(url, first, count)`` covering ``[lo, hi)``."""
+    out = []
+    for url, first, count in pieces:
+        a, b = max(lo, first), min(hi, first + count)
+        if a < b:
+            out.append(Slice(url, a - first, b - first))
+    return out
+
+
+class _Run:
+    """One run's driver state: the plan, the client, the receipts."""
+
+    def __init__(self, config: PreprocessConfig, client, staging: Staging, reporter: Reporter):
+        self.config = config
+        self.client = client
+        self.staging = staging
+        self.reporter = reporter
+        self.so = config.storage_options
+        self.work = staging.work_dir
+        self.stage_seconds: dict[str, float] = {}
+        self._token = staging.token
+
+    # ------------------------------------------------------------------ task plumbing
+
+    def _submit(self, name: str, fn, args_list: list[tuple], **kwargs) -> list:
+        return [
+            self.client.submit(fn, *args, key=f"esm2dask-{name}-{i:05d}-{self._token}", pure=False, **kwargs)
+            for i, args in enumerate(args_list)
+        ]
+
+    def _wait(self, name: str, futures: list) -> list:
+        """Results in submission order; the first failure cancels the rest and is raised."""
+        start = time.perf_counter()
+        self.reporter.stage(name, len(futures))
+        try:
+            for future in as_completed(futures):
+                if future.status == "error":
+                    future.result()  # raises the task's exception here
+                self.reporter.advance(name)
+            results = self.client.gather(futures)
+        except BaseException:
+            self.client.cancel(futures)
+            raise
+        seconds = time.perf_counter() - start
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
+        self.reporter.stage_done(name, seconds)
+        return results
+
+    def _run(self, name: str, fn, args_list: list[tuple]) -> list:
+        return self._wait(name, self._submit(name, fn, args_list))
+
+    # ------------------------------------------------------------------ the run
+
+    def execute(self, sizes: dict[str, int]) -> tuple[dict, dict, dict]:
+        cfg = self.config
+        part = cfg.partition_bytes
+        plans = {
+            "mapping": plan_ranges(cfg.mapping, sizes[cfg.mapping], part),
+            "uf50": plan_ranges(cfg.uf50, sizes[cfg.uf50], part),
+            "uf90": plan_ranges(cfg.uf90, sizes[cfg.uf90], part),
+            "val": plan_ranges(cfg.val, sizes[cfg.val], part),
+        }
+        same_test = cfg.test == cfg.val
+        if not same_test:
+            plans["test"] = plan_ranges(cfg.test, sizes[cfg.test], part)
+
+        # Stage 1: scan the mapping, count every FASTA range.
+        mapping_futures = self._submit(
+            "scan-mapping", tasks.scan_mapping, [(r, self.work, self.so) for r in plans["mapping"]]
+        )
+        count_futures = {
+            name: self._submit(f"count-{name}", tasks.count_fasta, [(r, self.so) for r in plans[name]])
+            for name in plans
+            if name != "mapping"
+        }
+        mapping = self._wait("scan-mapping", mapping_futures)
+        counts = {name: self._wait(f"count-{name}", futs) for name, futs in count_futures.items()}
+
+        cluster_first = np.concatenate(([0], np.cumsum([m.n_clusters for m in mapping])))
+        member_first = np.concatenate(([0], np.cumsum([m.n_members for m in mapping])))
+        n_clusters, n_members = int(cluster_first[-1]), int(member_first[-1])
+        if n_clusters == 0:
+            raise Esm2DaskError(f"{cfg.mapping}: the mapping lists no clusters")
+        first_positions = {name: np.concatenate(([0], np.cumsum(c))) for name, c in counts.items()}
+
+        # Targets: which output folders each stream fills.
+        labels_url = None
+        if cfg.split == "random":
+            labels = random_split_labels(n_clusters, cfg.val_size, cfg.test_size, cfg.seed)
+            labels_url = self.staging.write_labels(labels)
+            n_by_label = np.bincount(labels, minlength=3)
+            uf50_targets = tuple(
+                Target(d, int(n_by_label[lab]), lab)
+                for d, lab in ((UF50_TRAIN, LABEL_TRAIN), (UF50_VAL, LABEL_VAL), (UF50_TEST, LABEL_TEST))
+            )
+        else:
+            uf50_targets = (Target(UF50_TRAIN, n_clusters),)
+
+        def routing(targets, with_labels=False):
+            return Routing(
+                targets, cfg.num_csv_files, self.work, labels_url if with_labels else None, self.so
+            )
+
+        uf50_routing = routing(uf50_targets, with_labels=True)
+        uf90_routing = routing((Target(UF90, n_members),))
+        rows = {UF50_TRAIN: 0, UF50_VAL: 0, UF50_TEST: 0, UF90: n_members}
+        for t in uf50_targets:
+            rows[t.split_dir] = t.n_rows
+
+        # Stage 2: counts/starts, val/test, id buckets, fast-path attempts.
+        futures: dict[str, list] = {}
+        futures["write-counts"] = self._submit(
+            "write-counts",
+            tasks.write_counts,
+            [
+                (m.clusters_url, int(cluster_first[i]), int(member_first[i]), uf50_routing)
+                for i, m in enumerate(mapping)
+            ],
+        )
+        if cfg.split == "fasta":
+            n_val = int(first_positions["val"][-1])
+            file_order = {"val": [Target(UF50_VAL, n_val)]}
+            rows[UF50_VAL] = n_val
+            if same_test:
+                file_order["val"].append(Target(UF50_TEST, n_val))
+                rows[UF50_TEST] = n_val
+            else:
+                n_test = int(first_positions["test"][-1])
+                file_order["test"] = [Target(UF50_TEST, n_test)]
+                rows[UF50_TEST] = n_test
+            for name, targets in file_order.items():
+                r = routing(tuple(targets))
+                futures[f"convert-{name}"] = self._submit(
+                    f"convert-{name}",
+                    tasks.convert_in_file_order,
+                    [
+                        (rng, int(first_positions[name][i]), False, cfg.engine, r)
+                        for i, rng in enumerate(plans[name])
+                    ],
+                )
+
+        streams = {
+            "uf50": (cfg.uf50, "clusters", cluster_first, n_clusters, uf50_routing),
+            "uf90": (cfg.uf90, "members", member_first, n_members, uf90_routing),
+        }
+        reports: dict[str, StreamReport] = {}
+        buckets, fast = {}, {}
+        for name, (url, kind, key_first, n_keys, rt) in streams.items():
+            n_buckets = max(1, math.ceil(sum(r.length for r in plans[name]) / cfg.partition_bytes))
+            buckets[name] = (n_buckets, self._submit(
+                f"bucket-ids-{name}",
+                tasks.bucket_ids,
+                [
+                    (
+                        getattr(m, f"{kind}_url"),
+                        int(key_first[i]),
+                        n_buckets,
+                        storage.join(self.work, "buckets", f"{name}-ids", f"{i:05d}.arrow"),
+                        self.so,
+                    )
+                    for i, m in enumerate(mapping)
+                ],
+            ))
+            reports[name] = StreamReport(url, records=int(first_positions[name][-1]))
+            if first_positions[name][-1] != n_keys:
+                reports[name].fallback_reason = (
+                    f"{int(first_positions[name][-1])} records for {n_keys} mapping ids"
+                )
+                continue
+            pieces = [
+                (getattr(m, f"{kind}_url"), int(key_first[i]), int(key_first[i + 1] - key_first[i]))
+                for i, m in enumerate(mapping)
+            ]
+            fp = first_positions[name]
+            fast[name] = self._submit(
+                f"fast-{name}",
+                tasks.convert_in_order,
+                [
+                    (rng, int(fp[i]), _slices_for(pieces, int(fp[i]), int(fp[i + 1])), cfg.engine, rt)
+                    for i, rng in enumerate(plans[name])
+                ],
+            )
+
+        for name, futs in futures.items():
+            self._wait(f"{name}", futs)
+
+        id_buckets = {}
+        for name, (n_buckets, futs) in buckets.items():
+            id_buckets[name] = (n_buckets, self._wait(f"bucket-ids-{name}", futs))
+
+        for name, futs in fast.items():
+            results = self._wait(f"fast-{name}", futs)
+            bad = next((r for r in results if not r.ok), None)
+            if bad is None:
+                n_buckets, receipts = id_buckets[name]
+                dups = sum(
+                    self._run(
+                        f"check-ids-{name}",
+                        tasks.count_duplicate_ids,
+                        [
+                            ([Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in receipts], self.so)
+                            for b in range(n_buckets)
+                        ],
+                    )
+                )
+                if dups == 0:
+                    reports[name].fast_path = True
+                    continue
+                reports[name].fallback_reason = f"the mapping names {dups} id(s) more than once"
+            else:
+                reports[name].fallback_reason = f"not in mapping order: {bad.mismatch}"
+            self.staging.remove_pieces([t.split_dir for t in streams[name][4].targets])
+
+        # Stage 3: the hash join, for streams whose order does not hold.
+        for name, (url, kind, key_first, n_keys, rt) in streams.items():
+            if reports[name].fast_path:
+                continue
+            self.reporter.message(f"{name}: joining by hash ({reports[name].fallback_reason})")
+            self._join(name, plans[name], id_buckets[name], n_keys, rt, reports[name])
+
+        # Stage 4: assemble.
+        sizes_out = self._assemble(uf50_targets)
+        return rows, sizes_out, reports
+
+    def _join(self, name, ranges: list[ByteRange], id_buckets, n_keys, rt, report: StreamReport):
+        cfg = self.config
+        n_buckets, id_receipts = id_buckets
+        rec_receipts = self._run(
+            f"bucket-fasta-{name}",
+            tasks.bucket_fasta,
+            [
+                (r, n_buckets, cfg.engine, storage.join(self.work, "buckets", name, f"{r.index:05d}.arrow"), self.so)
+                for r in ranges
+            ],
+        )
+        block_rows = max(1, math.ceil(n_keys / max(1, len(ranges))))
+        blocks = np.append(np.arange(0, n_keys, block_rows), n_keys).astype(np.int64)
+        joins = self._run(
+            f"join-{name}",
+            tasks.join_bucket,
+            [
+                (
+                    [Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in id_receipts],
+                    [Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in rec_receipts],
+                    blocks.tolist(),
+                    storage.join(self.work, "joined", name, f"{b:05d}.arrow"),
+                    self.so,
+                )
+                for b in range(n_buckets)
+            ],
+        )
+        n_missing = sum(j.n_missing for j in joins)
+        if n_missing:
+            examples = sorted((x for j in joins for x in j.missing))[:5]
+            tasks.raise_missing(report.fasta, "cluster" if name == "uf50" else "member", n_missing, examples)
+        report.duplicates = sum(j.n_duplicates for j in joins)
+        report.unnamed_dropped = sum(j.n_unnamed for j in joins)
+        self._run(
+            f"gather-{name}",
+            tasks.gather_block,
+            [
+                (
+                    [Slice(j.url, j.block_bounds[g], j.block_bounds[g + 1]) for j in joins],
+                    int(blocks[g]),
+                    int(blocks[g + 1] - blocks[g]),
+                    rt,
+                )
+                for g in range(len(blocks) - 1)
+            ],
+        )
+
+    def _assemble(self, uf50_targets) -> dict[str, int]:
+        cfg = self.config
+        jobs = [(d, k) for d in SPLIT_DIRS for k in range(cfg.num_csv_files)]
+        self.staging.make_split_dirs(SPLIT_DIRS)
+        sizes = self._run(
+            "assemble",
+            tasks.assemble_shard,
+            [(self.work, self.staging.tree_dir, d, k, self.so) for d, k in jobs],
+        )
+        out: dict[str, int] = {d: 0 for d in SPLIT_DIRS}
+        for (d, _), size in zip(jobs, sizes):
+            out[d] += size
+        arrays = [(t.split_dir, name) for t in uf50_targets for name in ("counts", "starts")]
+        array_sizes = self._run(
+            "assemble-mmap",
+            tasks.assemble_array,
+            [(self.work, self.staging.tree_dir, d, name, self.so) for d, name in arrays],
+        )
+        for (d, _), size in zip(arrays, array_sizes):
+            out[d] += size
+        return out
+
+
+def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> PreprocessResult:
+    """Run the whole conversion and publish ``config.output_dir``; see the module doc."""
+    reporter = reporter or Reporter()
+    start = time.perf_counter()
+    inputs = {
+        url: storage.check_input_file(url, config.storage_options)
+        for url in dict.fromkeys([config.mapping, config.uf50, config.uf90, config.val, config.test])
+    }
+    staging = Staging.create(config)
+    try:
+        with dask_client(config.cluster) as client:
+            link = dashboard_link(client)
+            if link:
+                reporter.message(f"Dask dashboard: {link}")
+            with maybe_performance_report(config.cluster.performance_report):
+                run = _Run(config, client, staging, reporter)
+                rows, sizes, reports = run.execute(inputs)
+        staging.publish(config)
+    except BaseException:
+        staging.discard()
+        raise
+    wall = time.perf_counter() - start
+    result = PreprocessResult(
+        output_dir=config.output_dir,
+        rows=rows,
+        bytes=sizes,
+        input_bytes=sum(inputs.values()),
+        wall_seconds=wall,
+        streams=reports,
+        stage_seconds=run.stage_seconds,
+    )
+    result.manifest_url = write_manifest(config, result, inputs, __version__)
+    return result

@@ -1,0 +1,459 @@
+"""The functions that run as Dask tasks, and the small records they take and return.
+
+Every task reads its own bytes, writes its own output under the run's work folder and
+returns a receipt of a few numbers and paths. No record ever travels back to the driver.
+
+One record's way from input to output (v1.10 layout, input already in mapping order):
+
+1. :func:`scan_mapping` parses the mapping lines of one byte range into two Arrow files,
+   the clusters (id, member count) and the flattened member ids, and returns their counts.
+2. :func:`count_fasta` counts the records of one FASTA byte range; the driver turns the
+   counts into each range's first position.
+3. :func:`convert_in_order` parses the range, checks that its names are the mapping's ids
+   at the same positions, and :func:`write_pieces` writes the rows as CSV pieces, one
+   per output shard the range touches (``pieces/uf90/uf90_csvs/017/000000123456.csv``).
+4. :func:`assemble_shard` concatenates a shard's pieces, in position order, under the
+   header into ``uf90/uf90_csvs/x017.csv``.
+
+When the order does not hold, steps 3–4 go through a hash join instead:
+:func:`bucket_ids` and :func:`bucket_fasta` partition ids and records by hash of the id,
+:func:`join_bucket` joins one bucket and sorts it by position, and :func:`gather_block`
+collects one block of consecutive positions from every bucket and writes its pieces.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from . import storage
+from .errors import InputError
+from .fasta import count_records, parse_block
+from .layout import CSV_HEADER, shard_bounds, shard_name
+from .mapping import line_number, parse_mapping_block
+from .ranges import ByteRange, read_owned_bytes
+
+COPY_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Target:
+    """One output folder a stream's rows go to.
+
+    ``label`` is None when every position goes there (record ordinal = position);
+    otherwise only positions whose split label equals it (random split).
+    """
+
+    split_dir: str
+    n_rows: int
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where a stream's rows go: its targets, the shard count and the run's folders."""
+
+    targets: tuple[Target, ...]
+    num_files: int
+    work_dir: str
+    labels_url: str | None = None
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows ``[lo, hi)`` of an Arrow file."""
+
+    url: str
+    lo: int
+    hi: int
+
+
+@dataclass
+class MappingReceipt:
+    index: int
+    clusters_url: str
+    members_url: str
+    n_clusters: int
+    n_members: int
+
+
+@dataclass
+class FastReceipt:
+    ok: bool
+    n_rows: int
+    mismatch: str = ""
+
+
+@dataclass
+class BucketReceipt:
+    url: str
+    bounds: list[int]
+
+
+@dataclass
+class JoinReceipt:
+    url: str
+    block_bounds: list[int]
+    n_fasta: int
+    n_duplicates: int
+    n_unnamed: int
+    missing: list[str]
+    n_missing: int
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _write_ipc(url: str, frame: pl.DataFrame, storage_options: dict) -> None:
+    with storage.open_for_write(url, storage_options) as f:
+        frame.write_ipc(f, compression="uncompressed")
+
+
+def _read_ipc(url: str, storage_options: dict) -> pl.DataFrame:
+    if storage.is_local(url):
+        return pl.read_ipc(storage.local_path(url))
+    fs, path = storage.get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return pl.read_ipc(io.BytesIO(f.read()))
+
+
+def read_slices(slices, storage_options: dict) -> pl.DataFrame:
+    frames = []
+    for s in slices:
+        if s.hi <= s.lo:
+            continue
+        if storage.is_local(s.url):
+            # scan + slice reads only the rows asked for, not the whole file
+            lazy = pl.scan_ipc(storage.local_path(s.url)).slice(s.lo, s.hi - s.lo)
+            frames.append(lazy.collect())
+        else:
+            frames.append(_read_ipc(s.url, storage_options).slice(s.lo, s.hi - s.lo))
+    return pl.concat(frames, rechunk=False) if frames else None
+
+
+def _read_range(byte_range: ByteRange, storage_options: dict, marker: bytes = b">"):
+    fs, path = storage.get_fs(byte_range.url, storage_options)
+    with fs.open(path, "rb") as f:
+        return read_owned_bytes(f, byte_range, marker)
+
+
+def _labels(routing: Routing) -> np.ndarray | None:
+    if routing.labels_url is None:
+        return None
+    if storage.is_local(routing.labels_url):
+        return np.load(storage.local_path(routing.labels_url), mmap_mode="r")
+    fs, path = storage.get_fs(routing.labels_url, routing.storage_options)
+    with fs.open(path, "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int) -> str:
+    return storage.join(work_dir, "pieces", split_dir, f"{shard:03d}", f"{first_position:012d}.csv")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_pieces(frame: pl.DataFrame, first_position: int, routing: Routing) -> int:
+    """Write the rows of positions ``[first_position, first_position + len(frame))``.
+
+    ``frame`` has ``record_name`` and ``sequence`` in position order. Each target gets
+    the rows it owns, cut at its shard boundaries; each cut is one CSV piece (no header)
+    named by its first position so that pieces sort in row order. Returns pieces written.
+    """
+    n = len(frame)
+    labels = _labels(routing)
+    positions = np.arange(first_position, first_position + n, dtype=np.int64)
+    written = 0
+    for target in routing.targets:
+        if target.label is None:
+            rows, first_ordinal = frame, first_position
+            row_positions = positions
+        else:
+            mask = np.asarray(labels[first_position : first_position + n]) == target.label
+            rows = frame.filter(pl.Series(mask))
+            row_positions = positions[mask]
+            first_ordinal = int(np.count_nonzero(np.asarray(labels[:first_position]) == target.label))
+        if len(rows) == 0:
+            continue
+        bounds = shard_bounds(target.n_rows, routing.num_files)
+        ordinals = (first_ordinal, first_ordinal + len(rows))
+        first_shard = int(np.searchsorted(bounds, ordinals[0], side="right")) - 1
+        last_shard = int(np.searchsorted(bounds, ordinals[1] - 1, side="right")) - 1
+        for shard in range(first_shard, last_shard + 1):
+            lo = max(int(bounds[shard]), ordinals[0]) - first_ordinal
+            hi = min(int(bounds[shard + 1]), ordinals[1]) - first_ordinal
+            part = rows.slice(lo, hi - lo)
+            csv = pl.DataFrame(
+                {
+                    "record_id": pl.Series(row_positions[lo:hi] + 1),
+                    "record_name": part["record_name"],
+                    "sequence_length": part["sequence"].str.len_bytes(),
+                    "sequence": part["sequence"],
+                }
+            )
+            url = piece_url(routing.work_dir, target.split_dir, shard, int(row_positions[lo]))
+            with storage.open_for_write(url, routing.storage_options) as f:
+                csv.write_csv(f, include_header=False, quote_style="never", line_terminator="\n")
+            written += 1
+    return written
+
+
+def write_count_pieces(
+    counts: np.ndarray, first_cluster: int, first_member: int, routing: Routing
+) -> None:
+    """``counts.mmap``/``starts.mmap`` pieces for clusters from ``first_cluster`` on."""
+    starts = np.empty(len(counts), dtype=np.uint64)
+    starts[0:1] = first_member
+    np.cumsum(counts[:-1], out=starts[1:])
+    starts[1:] += np.uint64(first_member)
+    labels = _labels(routing)
+    for target in routing.targets:
+        if target.label is None:
+            mask = slice(None)
+        else:
+            mask = np.asarray(labels[first_cluster : first_cluster + len(counts)]) == target.label
+        for name, values in (("counts", counts[mask]), ("starts", starts[mask])):
+            url = storage.join(
+                routing.work_dir, "pieces", target.split_dir, name, f"{first_cluster:012d}.u64"
+            )
+            with storage.open_for_write(url, routing.storage_options) as f:
+                f.write(values.astype("<u8").tobytes())
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def scan_mapping(byte_range: ByteRange, work_dir: str, storage_options: dict) -> MappingReceipt:
+    """Parse the mapping lines ``byte_range`` owns into clusters and members Arrow files."""
+    fs, path = storage.get_fs(byte_range.url, storage_options)
+    with fs.open(path, "rb") as f:
+        base, data = read_owned_bytes(f, byte_range, marker=b"")
+
+        def locate(offset: int) -> str:
+            return f"line {line_number(f, offset)}, byte {offset}"
+
+        block = parse_mapping_block(data, base, byte_range.url, locate)
+    name = f"{byte_range.index:05d}.arrow"
+    clusters_url = storage.join(work_dir, "mapping", "clusters", name)
+    members_url = storage.join(work_dir, "mapping", "members", name)
+    _write_ipc(clusters_url, block.clusters, storage_options)
+    _write_ipc(members_url, block.members, storage_options)
+    return MappingReceipt(
+        byte_range.index, clusters_url, members_url, len(block.clusters), len(block.members)
+    )
+
+
+def count_fasta(byte_range: ByteRange, storage_options: dict) -> int:
+    """Number of records ``byte_range`` owns."""
+    _, data = _read_range(byte_range, storage_options)
+    return count_records(data)
+
+
+def write_counts(
+    clusters_url: str, first_cluster: int, first_member: int, routing: Routing
+) -> None:
+    counts = _read_ipc(clusters_url, routing.storage_options)["count"].to_numpy()
+    if len(counts):
+        write_count_pieces(counts.astype(np.uint64), first_cluster, first_member, routing)
+
+
+def convert_in_file_order(
+    byte_range: ByteRange, first_position: int, uppercase: bool, engine: str, routing: Routing
+) -> int:
+    """Convert a FASTA range as it is (val/test): rows in file order."""
+    base, data = _read_range(byte_range, routing.storage_options)
+    records = parse_block(data, base, byte_range.url, uppercase=uppercase, engine=engine)
+    if len(records):
+        write_pieces(records.frame(), first_position, routing)
+    return len(records)
+
+
+def convert_in_order(
+    byte_range: ByteRange,
+    first_position: int,
+    ids: list[Slice],
+    engine: str,
+    routing: Routing,
+) -> FastReceipt:
+    """Fast path: write the range's rows if its names are the mapping ids at its positions.
+
+    Writes nothing and returns ``ok=False`` (with the first mismatch) otherwise.
+    """
+    base, data = _read_range(byte_range, routing.storage_options)
+    records = parse_block(data, base, byte_range.url, uppercase=True, engine=engine)
+    n = len(records)
+    if n == 0:
+        return FastReceipt(True, 0)
+    expected = read_slices(ids, routing.storage_options)["id"]
+    if len(expected) != n:
+        return FastReceipt(False, n, f"{n} records but {len(expected)} mapping ids")
+    differs = records.names != expected
+    if differs.any():
+        i = int(differs.arg_true()[0])
+        return FastReceipt(
+            False,
+            n,
+            f"record {records.names[i]!r} at byte {int(records.offsets[i])} where the mapping "
+            f"has {expected[i]!r}",
+        )
+    write_pieces(records.frame(), first_position, routing)
+    return FastReceipt(True, n)
+
+
+def _bucket_of(names: pl.Series, n_buckets: int) -> np.ndarray:
+    return (names.hash(seed=0).to_numpy() % np.uint64(n_buckets)).astype(np.int64)
+
+
+def _write_bucketed(frame: pl.DataFrame, key: str, n_buckets: int, url: str, so) -> BucketReceipt:
+    bucket = _bucket_of(frame[key], n_buckets)
+    order = np.argsort(bucket, kind="stable")
+    frame = frame[order]
+    bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1), side="left")
+    _write_ipc(url, frame, so)
+    return BucketReceipt(url, bounds.tolist())
+
+
+def bucket_ids(
+    ids_url: str, first_position: int, n_buckets: int, out_url: str, storage_options: dict
+) -> BucketReceipt:
+    """Mapping ids of one mapping range with their positions, grouped by hash bucket."""
+    ids = _read_ipc(ids_url, storage_options)
+    frame = ids.with_columns(
+        pl.int_range(first_position, first_position + len(ids), dtype=pl.Int64).alias("pos")
+    )
+    return _write_bucketed(frame, "id", n_buckets, out_url, storage_options)
+
+
+def count_duplicate_ids(slices: list[Slice], storage_options: dict) -> int:
+    """How many ids of one bucket repeat an earlier one."""
+    ids = read_slices(slices, storage_options)
+    return 0 if ids is None else len(ids) - ids["id"].n_unique()
+
+
+def bucket_fasta(
+    byte_range: ByteRange, n_buckets: int, engine: str, out_url: str, storage_options: dict
+) -> BucketReceipt:
+    """Records of one FASTA range, with their file order, grouped by hash bucket of name."""
+    base, data = _read_range(byte_range, storage_options)
+    records = parse_block(data, base, byte_range.url, uppercase=True, engine=engine)
+    frame = records.frame().with_columns(
+        (pl.int_range(0, len(records), dtype=pl.UInt64) + (byte_range.index << 32)).alias("order")
+    )
+    return _write_bucketed(frame, "record_name", n_buckets, out_url, storage_options)
+
+
+def join_bucket(
+    ids: list[Slice],
+    records: list[Slice],
+    block_starts: list[int],
+    out_url: str,
+    storage_options: dict,
+) -> JoinReceipt:
+    """Join one bucket's mapping ids to its records; sort by position; write.
+
+    A repeated FASTA id keeps its first occurrence in file order. ``block_starts`` are
+    the position blocks of :func:`gather_block`; the receipt says where each begins.
+    """
+    id_frame = read_slices(ids, storage_options)
+    rec_frame = read_slices(records, storage_options)
+    if id_frame is None:
+        id_frame = pl.DataFrame(schema={"id": pl.String, "pos": pl.Int64})
+    if rec_frame is None:
+        rec_frame = pl.DataFrame(
+            schema={"record_name": pl.String, "sequence": pl.String, "order": pl.UInt64}
+        )
+    n_fasta = len(rec_frame)
+    unique = rec_frame.sort("order").unique(subset="record_name", keep="first", maintain_order=True)
+    joined = id_frame.join(unique, left_on="id", right_on="record_name", how="left")
+    missing_mask = joined["sequence"].is_null()
+    n_missing = int(missing_mask.sum())
+    missing = joined.filter(missing_mask).sort("pos")["id"].head(5).to_list()
+    n_unnamed = len(unique) - int(unique["record_name"].is_in(id_frame["id"].unique()).sum())
+    out = (
+        joined.filter(~missing_mask)
+        .select(pl.col("pos"), pl.col("id").alias("record_name"), pl.col("sequence"))
+        .sort("pos")
+    )
+    _write_ipc(out_url, out, storage_options)
+    bounds = np.searchsorted(out["pos"].to_numpy(), np.asarray(block_starts), side="left")
+    return JoinReceipt(
+        out_url, bounds.tolist(), n_fasta, n_fasta - len(unique), n_unnamed, missing, n_missing
+    )
+
+
+def gather_block(
+    slices: list[Slice], first_position: int, n_rows: int, routing: Routing
+) -> int:
+    """Collect positions ``[first_position, first_position + n_rows)`` from every bucket
+    and write their pieces."""
+    frame = read_slices(slices, routing.storage_options)
+    if frame is None or n_rows == 0:
+        return 0
+    frame = frame.sort("pos")
+    if len(frame) != n_rows:  # pragma: no cover - guarded by the missing-id check
+        raise RuntimeError(f"block at {first_position}: {len(frame)} rows, expected {n_rows}")
+    write_pieces(frame.select("record_name", "sequence"), first_position, routing)
+    return n_rows
+
+
+def assemble_shard(
+    work_dir: str, tree_dir: str, split_dir: str, shard: int, storage_options: dict
+) -> int:
+    """Header plus the shard's pieces in position order → ``<split_dir>/x###.csv``."""
+    fs, _ = storage.get_fs(work_dir, storage_options)
+    pieces_dir = storage.join(work_dir, "pieces", split_dir, f"{shard:03d}")
+    _, pieces_path = storage.get_fs(pieces_dir, storage_options)
+    pieces = sorted(fs.ls(pieces_path, detail=False)) if fs.exists(pieces_path) else []
+    out_url = storage.join(tree_dir, split_dir, shard_name(shard))
+    _, out_path = storage.get_fs(out_url, storage_options)
+    size = 0
+    with fs.open(out_path, "wb") as out:
+        out.write(CSV_HEADER)
+        size += len(CSV_HEADER)
+        for piece in pieces:
+            with fs.open(piece, "rb") as src:
+                while True:
+                    chunk = src.read(COPY_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    size += len(chunk)
+    return size
+
+
+def assemble_array(
+    work_dir: str, tree_dir: str, split_dir: str, name: str, storage_options: dict
+) -> int:
+    """Concatenate the ``counts``/``starts`` pieces of one split into ``<name>.mmap``."""
+    fs, _ = storage.get_fs(work_dir, storage_options)
+    _, pieces_path = storage.get_fs(
+        storage.join(work_dir, "pieces", split_dir, name), storage_options
+    )
+    pieces = sorted(fs.ls(pieces_path, detail=False)) if fs.exists(pieces_path) else []
+    _, out_path = storage.get_fs(storage.join(tree_dir, split_dir, f"{name}.mmap"), storage_options)
+    size = 0
+    with fs.open(out_path, "wb") as out:
+        for piece in pieces:
+            with fs.open(piece, "rb") as src:
+                data = src.read()
+            out.write(data)
+            size += len(data)
+    return size
+
+
+def raise_missing(url: str, kind: str, n_missing: int, examples: list[str]) -> None:
+    shown = ", ".join(repr(x) for x in examples)
+    raise InputError(
+        url,
+        "",
+        f"{n_missing} {kind} id(s) named in the mapping are not in this FASTA "
+        f"(first: {shown}); nothing was written",
+    )
