@@ -1,0 +1,248 @@
+"""``verify``: check an output tree against the layout contract.
+
+Checks the invariants of ``shared/spec/esm2-layout.md`` that can be seen from the output
+alone (file names and count, header, line endings, field shape, record_id order, row
+spread across files, ``counts``/``starts`` against the uf90 row count) and, when the
+tree holds ``mapping.tsv``, the record names against it. Every problem is listed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from . import storage
+from .layout import CSV_HEADER, MANIFEST_NAME, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds
+
+_SHARD_RE = re.compile(r"^x(\d{3})\.csv$")
+_SCHEMA = {"record_id": pl.Int64, "record_name": pl.String, "sequence_length": pl.Int64, "sequence": pl.String}
+
+
+@dataclass
+class VerifyReport:
+    root: str
+    problems: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def read_csv_checked(fs, path: str, header: bytes, problems: list[str], label: str):
+    """Read one shard; returns a DataFrame or None (after adding problems)."""
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(header):
+        first = data.split(b"\n", 1)[0][:80]
+        problems.append(f"{label}: header is {first!r}, expected {header.rstrip()!r}")
+        return None
+    if not data.endswith(b"\n"):
+        problems.append(f"{label}: last line does not end with '\\n'")
+    if b"\r" in data:
+        line = data[: data.index(b"\r")].count(b"\n") + 1
+        problems.append(f"{label}: line {line}: '\\r' found (line ends must be '\\n')")
+    if b'"' in data:
+        line = data[: data.index(b'"')].count(b"\n") + 1
+        problems.append(f"{label}: line {line}: '\"' found (fields are never quoted)")
+    columns = header.rstrip(b"\n").decode().split(",")
+    try:
+        return pl.read_csv(
+            io.BytesIO(data),
+            has_header=True,
+            quote_char=None,
+            schema={c: _SCHEMA.get(c, pl.String) for c in columns},
+        ).with_columns(pl.col(pl.String).fill_null(""))
+    except Exception as err:  # polars raises several kinds for malformed rows
+        problems.append(f"{label}: cannot be read as {len(columns)}-column CSV ({str(err).splitlines()[0]})")
+        return None
+
+
+def list_shards(fs, path: str, label: str, problems: list[str], expected_files: int | None) -> list[str]:
+    if not fs.exists(path):
+        problems.append(f"{label}/: missing")
+        return []
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    shards = [n for n in names if _SHARD_RE.match(n)]
+    others = [n for n in names if not _SHARD_RE.match(n) and not n.endswith(".mmap")]
+    if others:
+        problems.append(f"{label}/: unexpected file(s) {', '.join(others[:5])}")
+    want = expected_files or len(shards)
+    expected = [f"x{i:03d}.csv" for i in range(want)]
+    if shards != expected:
+        missing = sorted(set(expected) - set(shards))
+        extra = sorted(set(shards) - set(expected))
+        if missing:
+            problems.append(f"{label}/: missing {', '.join(missing[:5])}")
+        if extra:
+            problems.append(f"{label}/: extra {', '.join(extra[:5])} (training would shift every offset)")
+    return [f"{path}/{n}" for n in expected if n in shards]
+
+
+def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl.DataFrame | None:
+    label = split_dir
+    paths = list_shards(fs, storage.join(root, split_dir), label, report.problems, expected_files)
+    if not paths:
+        return None
+    frames, per_file = [], []
+    for p in paths:
+        frame = read_csv_checked(fs, p, CSV_HEADER, report.problems, f"{split_dir}/{p.rsplit('/', 1)[-1]}")
+        if frame is None:
+            return None
+        frames.append(frame)
+        per_file.append(len(frame))
+    data = pl.concat(frames)
+    n = len(data)
+    report.rows[split_dir] = n
+    want = np.diff(shard_bounds(n, len(paths))).tolist()
+    if per_file != want:
+        report.problems.append(
+            f"{label}: rows per file {per_file[:6]}… do not follow numpy.array_split of {n} rows "
+            f"into {len(paths)} files ({want[:6]}…)"
+        )
+    ids = data["record_id"].to_numpy()
+    if consecutive:
+        bad = np.flatnonzero(ids != np.arange(1, n + 1))
+        if len(bad):
+            report.problems.append(
+                f"{label}: record_id {ids[bad[0]]} at row {bad[0] + 1}, expected {bad[0] + 1} "
+                f"(ids run 1…n across the files)"
+            )
+    elif n and (np.any(np.diff(ids) <= 0) or ids[0] < 1):
+        report.problems.append(f"{label}: record_id values are not strictly increasing from ≥1")
+    lengths = data["sequence"].str.len_chars()
+    bad = (lengths != data["sequence_length"]).arg_true()
+    if len(bad):
+        i = int(bad[0])
+        report.problems.append(
+            f"{label}: row {i + 1} ({data['record_name'][i]}): sequence_length "
+            f"{data['sequence_length'][i]} but the sequence has {lengths[i]} characters"
+        )
+    for col, pattern in (("record_name", r"[\s,\"]|^$"), ("sequence", r"[\s,\"]")):
+        hits = data[col].str.contains(pattern)
+        if hits.any():
+            i = int(hits.arg_true()[0])
+            report.problems.append(f"{label}: row {i + 1}: empty {col} or one with whitespace/','/'\"'")
+    report.checked.append(split_dir)
+    return data
+
+
+def _read_array(fs, path: str, label: str, problems: list[str]) -> np.ndarray | None:
+    if not fs.exists(path):
+        problems.append(f"{label}: missing")
+        return None
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) % 8:
+        problems.append(f"{label}: {len(raw)} bytes, not a whole number of uint64 values")
+        return None
+    return np.frombuffer(raw, dtype="<u8")
+
+
+def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: int | None = None) -> VerifyReport:
+    """Check ``root`` (an esm2dask or BioNeMo output folder); never raises for content."""
+    so = storage_options or {}
+    fs, root_path = storage.get_fs(root, so)
+    report = VerifyReport(root)
+    if not fs.exists(root_path):
+        report.problems.append(f"{root}: no such folder")
+        return report
+    manifest = {}
+    mpath = storage.join(root_path, MANIFEST_NAME)
+    if fs.exists(mpath):
+        with fs.open(mpath, "r") as f:
+            manifest = json.load(f)
+    params = manifest.get("parameters", {})
+    split = params.get("split", "fasta")
+    expected_files = num_csv_files or params.get("num_csv_files")
+
+    data = {}
+    for d in SPLIT_DIRS:
+        consecutive = d == UF90 or split == "fasta"
+        data[d] = _check_split(fs, root_path, d, expected_files, consecutive, report)
+    uf90_rows = report.rows.get(UF90)
+
+    train_dirs = (UF50_TRAIN,) if split == "fasta" else (UF50_TRAIN, UF50_VAL, UF50_TEST)
+    all_counts, all_starts, all_ids = [], [], []
+    for d in train_dirs:
+        counts = _read_array(fs, storage.join(root_path, d, "counts.mmap"), f"{d}/counts.mmap", report.problems)
+        starts = _read_array(fs, storage.join(root_path, d, "starts.mmap"), f"{d}/starts.mmap", report.problems)
+        if counts is None or starts is None:
+            continue
+        n = report.rows.get(d)
+        for name, arr in (("counts", counts), ("starts", starts)):
+            if n is not None and len(arr) != n:
+                report.problems.append(f"{d}/{name}.mmap: {len(arr)} values for {n} rows")
+        if data.get(d) is not None and len(counts) == len(starts) == len(data[d]):
+            all_counts.append(counts)
+            all_starts.append(starts)
+            all_ids.append(data[d]["record_id"].to_numpy())
+    if all_counts and len(all_counts) == len(train_dirs):
+        ids = np.concatenate(all_ids)
+        order = np.argsort(ids, kind="stable")
+        counts = np.concatenate(all_counts)[order]
+        starts = np.concatenate(all_starts)[order]
+        prefix = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.uint64)
+        bad = np.flatnonzero(starts != prefix)
+        if len(bad):
+            report.problems.append(
+                f"starts.mmap: value {starts[bad[0]]} at cluster {bad[0]}, expected {prefix[bad[0]]} "
+                f"(the running sum of counts)"
+            )
+        if uf90_rows is not None and int(counts.sum()) != uf90_rows:
+            report.problems.append(
+                f"counts.mmap: counts add up to {int(counts.sum())}, but uf90 has {uf90_rows} rows"
+            )
+        report.checked.append("counts/starts")
+
+    mapping_path = storage.join(root_path, "mapping.tsv")
+    if fs.exists(mapping_path) and all(data.get(d) is not None for d in train_dirs) and data.get(UF90) is not None:
+        _check_names(fs, mapping_path, data, train_dirs, report)
+    return report
+
+
+def _first_difference(got: pl.Series, want: pl.Series) -> str | None:
+    """None when equal; else where they first differ."""
+    if len(got) != len(want):
+        return f"{len(got)} rows for {len(want)} mapping ids"
+    differs = (got != want).arg_true()
+    if len(differs) == 0:
+        return None
+    i = int(differs[0])
+    return f"first difference at row {i + 1}: {got[i]!r}, mapping has {want[i]!r}"
+
+
+def _check_names(fs, mapping_path, data, train_dirs, report) -> None:
+    with fs.open(mapping_path, "rb") as f:
+        raw = f.read()
+    table = pl.read_csv(
+        io.BytesIO(raw), has_header=True, separator="\t", quote_char=None,
+        truncate_ragged_lines=True, infer_schema=False,
+    )
+    clusters = table[:, 0]
+    members = table[:, 1].str.split(",").explode()
+    uf50 = pl.concat([data[d].select("record_id", "record_name") for d in train_dirs]).sort("record_id")
+    for label, got, want in (
+        ("uf50", uf50["record_name"], clusters),
+        ("uf90", data[UF90]["record_name"], members),
+    ):
+        where = _first_difference(got, want)
+        if where:
+            report.problems.append(f"{label} names do not follow mapping.tsv ({where})")
+    report.checked.append("names against mapping.tsv")
+
+
+def verify_any(root: str, storage_options: dict | None = None, num_csv_files: int | None = None) -> VerifyReport:
+    """Verify an ESM2 tree, or a FLIP tree (``<task>/{train,val,test}``) if that is what it is."""
+    fs, path = storage.get_fs(root, storage_options or {})
+    if fs.exists(storage.join(path, "uf50")) or not fs.exists(path):
+        return verify_tree(root, storage_options, num_csv_files)
+    from .flip import verify_flip_tree
+
+    return verify_flip_tree(root, storage_options, num_csv_files)
