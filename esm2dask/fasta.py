@@ -220,7 +220,7 @@ def _empty() -> Records:
     )
 
 
-def _from_lists(names, seqs, offsets, url, base_check_data=None) -> Records:
+def _from_lists(names, seqs, offsets, url, data: bytes = b"", base: int = 0) -> Records:
     """Build Records from Python lists, applying the same checks as the numpy engine."""
     name_s = pl.Series(names, dtype=pl.String)
     seq_s = pl.Series(seqs, dtype=pl.String)
@@ -235,9 +235,14 @@ def _from_lists(names, seqs, offsets, url, base_check_data=None) -> Records:
             i = int(hits.arg_true()[0])
             text = series[i]
             ch = next(c for c in text if not ("!" <= c <= "~") or c in ',"')
+            at = int(offs[i])
+            if data:
+                # the exact byte: the first such character after the '>' of that record
+                start = at - base + (1 if series is name_s else data.find(b"\n", at - base) + 1 - (at - base))
+                at = base + data.find(ch.encode("latin-1"), start)
             raise InputError(
                 url,
-                f"byte {offs[i]}, record {names[i]!r}",
+                f"byte {at}, record {names[i]!r}",
                 f"character {ch.encode('latin-1', 'replace')!r} would corrupt the CSV output "
                 f"(only printable ASCII other than ',' '\"' and space is allowed in names "
                 f"and sequences)",
@@ -272,7 +277,8 @@ def _parse_python(data: bytes, base: int, url: str, uppercase: bool) -> Records:
     if uppercase:
         seqs = [s.upper() for s in seqs]
     return _from_lists(
-        [n.decode("latin-1") for n in names], [s.decode("latin-1") for s in seqs], offsets, url
+        [n.decode("latin-1") for n in names], [s.decode("latin-1") for s in seqs], offsets, url,
+        data, base,
     )
 
 
@@ -301,7 +307,7 @@ def _parse_pyfastx(data: bytes, base: int, url: str, uppercase: bool) -> Records
     if len(names) != len(offsets):
         # kseq merges a record with an empty id into the previous one; find it.
         raise InputError(url, f"byte {offsets[0]}", "malformed record (empty id?)")
-    return _from_lists(names, seqs, offsets, url)
+    return _from_lists(names, seqs, offsets, url, data, base + skip)
 
 
 def _record_offsets(data: bytes) -> np.ndarray:

@@ -105,10 +105,39 @@ class _Run:
         self.work = staging.work_dir
         self.stage_seconds: dict[str, float] = {}
         self._token = staging.token
+        self._submitted = False
+
+    def settle(self, timeout_s: float = 120.0) -> None:
+        """After a failure: cancel what is queued, wait for what is still running.
+
+        A task that already runs cannot be stopped; it would write into the staging
+        folder after the driver removed it. So the driver waits until no worker runs a
+        task of this run before it cleans up.
+        """
+        if not self._submitted:
+            return
+        token = self._token
+
+        def running_tasks(dask_worker):
+            return [
+                str(ts.key) for ts in dask_worker.state.tasks.values()
+                if token in str(ts.key) and ts.state in ("executing", "cancelled", "long-running", "resumed")
+            ]
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                busy = self.client.run(running_tasks)
+            except Exception:  # workers gone: nothing left running
+                return
+            if not any(busy.values()):
+                return
+            time.sleep(0.1)
 
     # ------------------------------------------------------------------ task plumbing
 
     def _submit(self, name: str, fn, args_list: list[tuple], **kwargs) -> list:
+        self._submitted = True
         return [
             self.client.submit(fn, *args, key=f"esm2dask-{name}-{i:05d}-{self._token}", pure=False, **kwargs)
             for i, args in enumerate(args_list)
@@ -394,7 +423,13 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
                 reporter.message(f"Dask dashboard: {link}")
             with maybe_performance_report(config.cluster.performance_report):
                 run = _Run(config, client, staging, reporter)
-                rows, sizes, reports = run.execute(inputs)
+                try:
+                    rows, sizes, reports = run.execute(inputs)
+                except BaseException:
+                    cancel = [f for f in list(client.futures.values()) if staging.token in str(f.key)]
+                    client.cancel(cancel)
+                    run.settle()
+                    raise
         staging.publish(config)
     except BaseException:
         staging.discard()

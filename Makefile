@@ -1,0 +1,31 @@
+# Set-up and the common runs. Needs only Python >= 3.10 with venv and pip.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: sample test test-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	touch $(STAMP)
+
+## The main job on the built-in sample: synthetic raw set → ESM2nv layout → verify.
+sample: $(STAMP)
+	$(BIN)/esm2dask synth sample/uniref50_90_sample --clusters 20000 --seed 0
+	$(BIN)/esm2dask preprocess sample/uniref50_90_sample --overwrite
+	$(BIN)/esm2dask verify sample/uniref50_90_sample_preproc
+	@echo "Output: sample/uniref50_90_sample_preproc"
+
+## The default test run (offline, a few minutes).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## Everything, the slow tests too.
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ""
+
+clean:
+	rm -rf $(VENV) sample .pytest_cache

@@ -1,0 +1,84 @@
+"""The byte-range boundary rule: ranges tile a file exactly, whatever the cuts."""
+
+from __future__ import annotations
+
+import io
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esm2dask.fasta import count_records, parse_block
+from esm2dask.ranges import ByteRange, find_record_start, plan_ranges, read_owned_bytes
+
+names = st.text(alphabet="ABCXYZ_019>", min_size=1, max_size=8).filter(lambda s: not s.startswith(">"))
+seqs = st.text(alphabet="ACDEFGHIKLMNPQRSTVWYacgt", min_size=0, max_size=50)
+records = st.lists(st.tuples(names, seqs, st.sampled_from(["", " desc", " a>b >c"])), min_size=1, max_size=30)
+
+
+def render(recs, width: int, crlf: bool) -> bytes:
+    nl = "\r\n" if crlf else "\n"
+    out = []
+    for name, seq, comment in recs:
+        out.append(f">{name}{comment}{nl}")
+        for i in range(0, len(seq), width):
+            out.append(seq[i : i + width] + nl)
+    return "".join(out).encode()
+
+
+def parse_ranges(data: bytes, cuts: list[int]):
+    f = io.BytesIO(data)
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(data))), len(data)]
+    names, seqs = [], []
+    for i in range(len(bounds) - 1):
+        r = ByteRange("mem.fa", bounds[i], bounds[i + 1], i, len(data))
+        base, block = read_owned_bytes(f, r)
+        recs = parse_block(block, base, "mem.fa", uppercase=False)
+        names += recs.names.to_list()
+        seqs += recs.sequences.to_list()
+    return names, seqs
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records, st.integers(1, 12), st.booleans(), st.lists(st.integers(0, 4000), max_size=12))
+def test_ranges_tile_the_file(recs, width, crlf, cuts):
+    data = render(recs, width, crlf)
+    whole = parse_block(data, 0, "mem.fa", uppercase=False)
+    assert parse_ranges(data, cuts) == (whole.names.to_list(), whole.sequences.to_list())
+    assert whole.names.to_list() == [n for n, _, _ in recs]
+    assert whole.sequences.to_list() == [s for _, s, _ in recs]
+
+
+@settings(max_examples=60, deadline=None)
+@given(records, st.booleans())
+def test_cuts_on_around_every_record_start(recs, crlf):
+    """Cuts exactly on a '>', one byte before it and one after."""
+    data = render(recs, 5, crlf)
+    starts = [i for i in range(len(data)) if data[i : i + 1] == b">" and (i == 0 or data[i - 1 : i] == b"\n")]
+    want = parse_block(data, 0, "mem.fa", uppercase=False)
+    for delta in (-1, 0, 1):
+        cuts = [s + delta for s in starts]
+        assert parse_ranges(data, cuts) == (want.names.to_list(), want.sequences.to_list())
+
+
+def test_each_record_owned_once_with_many_tiny_ranges():
+    data = render([("a", "ACGT" * 30, " x>y"), ("b", "", ""), ("c", "M", "")], 7, False)
+    f = io.BytesIO(data)
+    total = 0
+    for r in plan_ranges("mem.fa", len(data), 3):
+        _, block = read_owned_bytes(f, r)
+        total += count_records(block)
+    assert total == 3
+
+
+def test_find_record_start_ignores_gt_inside_lines():
+    data = b">a x>y\nAC>GT\n>b\nA\n"
+    f = io.BytesIO(data)
+    assert find_record_start(f, 1, len(data)) == data.index(b">b")
+    assert find_record_start(f, data.index(b">b"), len(data)) == data.index(b">b")
+    assert find_record_start(f, data.index(b">b") + 1, len(data)) == len(data)
+
+
+def test_plan_ranges_covers_the_file():
+    plan = plan_ranges("f", 1000, 64)
+    assert plan[0].start == 0 and plan[-1].stop == 1000
+    assert all(a.stop == b.start for a, b in zip(plan, plan[1:]))
