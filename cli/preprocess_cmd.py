@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from esm2dask.config import DEFAULT_PARTITION_SIZE
+
 from .main import cli
 from .progress import make_reporter
 
@@ -35,7 +37,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--workers", type=int, help="Dask worker processes [default: the machine's cores].")
 @click.option("--threads-per-worker", type=int, default=1, show_default=True)
 @click.option("--memory-limit", help="Per worker, e.g. 4GiB [default: RAM / workers].")
-@click.option("--partition-size", default="64MiB", show_default=True, help="Bytes of input per task.")
+@click.option("--partition-size", default=DEFAULT_PARTITION_SIZE, show_default=True, help="Bytes of input per task.")
 @click.option("--engine", type=click.Choice(["numpy", "pyfastx", "python"]), default="numpy", show_default=True,
               help="FASTA parser.")
 @click.option("--scheduler-address", help="Use a running Dask cluster (tcp://HOST:PORT) instead of a LocalCluster.")

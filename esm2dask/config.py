@@ -16,7 +16,7 @@ from .storage import cpu_count, join
 #: The seed workflow's download location.
 DEFAULT_RAW_DIR = "/workspace/data_from_ngc/uniref50_90_202104_esm2nv_v1.0"
 #: Chosen by the partition-size sweep in ``benchmarks/results/partition_sweep.md``.
-DEFAULT_PARTITION_SIZE = "64MiB"
+DEFAULT_PARTITION_SIZE = "16MiB"
 DEFAULT_NUM_CSV_FILES = 50
 
 UF50_FASTA = "uniref50_train_filt.fasta"
@@ -93,8 +93,8 @@ class PreprocessConfig:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}")
         if self.split == "random" and (self.val_size <= 0 or self.test_size <= 0):
             raise ConfigError("--split random needs --val-size and --test-size above 0")
-        if self.partition_bytes < 1:
-            raise ConfigError("--partition-size must be positive")
+        if not 1 <= self.partition_bytes <= 1 << 30:
+            raise ConfigError("--partition-size must be between 1 byte and 1GiB")
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite and --resume exclude each other")
 

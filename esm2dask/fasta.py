@@ -29,18 +29,8 @@ ENGINES = ("numpy", "pyfastx", "python")
 
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 
-# Bytes allowed in a sequence or a name: printable ASCII except , " and space.
-_BAD = np.ones(256, dtype=bool)
-_BAD[33:127] = False
-_BAD[ord(",")] = True
-_BAD[ord('"')] = True
-
 _IS_SPACE = np.zeros(256, dtype=bool)
 _IS_SPACE[list(_WHITESPACE)] = True
-
-_UPPER = np.arange(256, dtype=np.uint8)
-_UPPER[ord("a") : ord("z") + 1] -= 32
-
 
 @dataclass
 class Records:
@@ -63,40 +53,6 @@ def count_records(data: bytes) -> int:
     if not data:
         return 0
     return data.count(b"\n>") + (1 if data[:1] == b">" else 0)
-
-
-def _strings(data: np.ndarray, lengths: np.ndarray) -> pl.Series:
-    """A polars String series from concatenated bytes and per-item lengths (zero-copy)."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    arr = pa.LargeStringArray.from_buffers(
-        len(lengths), pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data))
-    )
-    return pl.from_arrow(arr)
-
-
-def _gather(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate ``buf[starts[i]:starts[i]+lengths[i]]`` for all i, without a loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.uint8)
-    seg_begin = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=seg_begin[1:])
-    index = np.repeat(starts - seg_begin, lengths) + np.arange(total, dtype=np.int64)
-    return buf[index]
-
-
-def _raise_bad_byte(url, base, names, rec_offsets, offset, what):
-    byte = int(what)
-    rec = int(np.searchsorted(rec_offsets, offset, side="right")) - 1
-    name = names[rec] if 0 <= rec < len(names) else "?"
-    shown = repr(bytes([byte]))
-    raise InputError(
-        url,
-        f"byte {base + offset}, record {name!r}",
-        f"character {shown} would corrupt the CSV output (only printable ASCII other than "
-        f"',' '\"' and space is allowed in names and sequences)",
-    )
 
 
 def _check_start(url: str, base: int, data: bytes) -> int:
@@ -126,90 +82,102 @@ def parse_block(
     raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 
-def _parse_numpy(data: bytes, base: int, url: str, uppercase: bool) -> Records:
-    skip = _check_start(url, base, data) if base == 0 else 0
-    buf = np.frombuffer(data, dtype=np.uint8)[skip:]
-    base += skip
+def _string_views(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, buffer_index: int) -> np.ndarray:
+    """Arrow string-view structs (16 bytes each) for ``buf[starts[i]:starts[i]+lengths[i]]``.
+
+    A view holds its length and either the bytes themselves (up to 12) or a 4-byte prefix,
+    the data buffer's index and the offset: items point into the block, nothing is copied.
+    """
+    n = len(starts)
+    views = np.zeros((n, 16), dtype=np.uint8)
+    views[:, 0:4] = lengths.astype("<i4").view(np.uint8).reshape(n, 4)
+    head = buf[np.minimum(starts[:, None] + np.arange(12), max(len(buf) - 1, 0))] if len(buf) else np.zeros((n, 12), np.uint8)
+    short = lengths <= 12
+    views[short, 4:16] = np.where(np.arange(12) < lengths[short, None], head[short], 0)
+    long_ = ~short
+    views[long_, 4:8] = head[long_, 0:4]
+    views[long_, 8:12] = np.frombuffer(np.int32(buffer_index).astype("<i4").tobytes(), np.uint8)
+    views[long_, 12:16] = starts[long_].astype("<i4").view(np.uint8).reshape(-1, 4)
+    return views
+
+
+def _view_series(views: np.ndarray, buffers: list[bytes]) -> pl.Series:
+    arr = pa.Array.from_buffers(
+        pa.string_view(), len(views), [None, pa.py_buffer(views.tobytes()), *map(pa.py_buffer, buffers)]
+    )
+    return pl.from_arrow(arr)
+
+
+#: Bytes looked at after '>' for the end of the name before looking further.
+_NAME_WINDOW = 24
+
+
+def _name_ends(buf: np.ndarray, name_starts: np.ndarray, line_ends: np.ndarray) -> np.ndarray:
+    """Position of the first whitespace (or the line end) at or after each name start."""
+    ends = line_ends.copy()
+    todo = np.arange(len(name_starts))
+    offset = 0
     n = len(buf)
-    if n == 0:
+    while len(todo):
+        pos = name_starts[todo, None] + offset + np.arange(_NAME_WINDOW)
+        window = _IS_SPACE[buf[np.minimum(pos, n - 1)]] | (pos >= n)
+        hit = window.any(axis=1)
+        first = window.argmax(axis=1)
+        found = todo[hit]
+        ends[found] = np.minimum(name_starts[found] + offset + first[hit], line_ends[found])
+        todo = todo[~hit]
+        offset += _NAME_WINDOW
+    return ends
+
+
+def _parse_numpy(data: bytes, base: int, url: str, uppercase: bool) -> Records:
+    """Bulk parse: one pass to drop newlines, index arithmetic, zero-copy string views.
+
+    Anything unusual (CR line ends, non-ASCII bytes, a character that is not allowed)
+    sends the block to the plain parser, which handles it or raises the exact error.
+    """
+    skip = _check_start(url, base, data) if base == 0 else 0
+    if skip:
+        data, base = data[skip:], base + skip
+    if not data:
         return _empty()
+    if len(data) >= 2**31 or b"\r" in data or not data.isascii():
+        return _parse_python(data, base, url, uppercase)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    n = len(buf)
     newlines = np.flatnonzero(buf == 10)
     line_starts = np.concatenate(([0], newlines + 1))
-    line_ends = np.concatenate((newlines, [n]))
-    keep_line = line_starts < n
-    line_starts, line_ends = line_starts[keep_line], line_ends[keep_line]
-    is_header = buf[line_starts] == ord(">")
-    hdr_starts = line_starts[is_header]
-    hdr_ends = line_ends[is_header]
+    line_starts = line_starts[line_starts < n]
+    headers = line_starts[buf[line_starts] == ord(">")]
+    k = np.searchsorted(newlines, headers)
+    header_ends = np.where(k < len(newlines), newlines[np.minimum(k, len(newlines) - 1)], n) if len(newlines) else np.full(len(headers), n)
+    name_ends = _name_ends(buf, headers + 1, header_ends)
+    name_lens = name_ends - headers - 1
+    if np.any(name_lens == 0):
+        first = int(headers[np.flatnonzero(name_lens == 0)[0]])
+        raise InputError(url, f"byte {base + first}", "empty record id after '>'")
 
-    # Name: from after '>' up to the first whitespace (a newline ends it at the latest).
-    spaces = np.flatnonzero(_IS_SPACE[buf])
-    spaces = np.concatenate((spaces, [n]))
-    name_ends = spaces[np.searchsorted(spaces, hdr_starts + 1)]
-    name_ends = np.minimum(name_ends, hdr_ends)
-    name_lens = name_ends - (hdr_starts + 1)
-    name_bytes = _gather(buf, hdr_starts + 1, name_lens)
-
-    # Sequence: the bytes between a header line's end and the next header, less each
-    # line's '\n' and one '\r' right before it (or before the end of the block).
-    seq_begin = np.minimum(hdr_ends + 1, n)
-    seq_end = np.concatenate((hdr_starts[1:], [n]))
-    drop = np.zeros(n, dtype=bool)
-    drop[newlines] = True
-    cr = newlines[newlines > 0] - 1
-    cr = cr[buf[cr] == 13]
-    drop[cr] = True
-    if buf[-1] == 13:
-        drop[n - 1] = True
-        cr = np.concatenate((cr, [n - 1]))
-    header_bytes = np.zeros(n + 1, dtype=np.int8)
-    np.add.at(header_bytes, hdr_starts, 1)
-    np.add.at(header_bytes, np.minimum(hdr_ends + 1, n), -1)
-    in_header = np.cumsum(header_bytes[:n], dtype=np.int8).astype(bool)
-    keep = ~(drop | in_header)
-    seq_bytes = buf[keep]
-    dropped_nl = np.searchsorted(newlines, seq_end) - np.searchsorted(newlines, seq_begin)
-    dropped_cr = np.searchsorted(cr, seq_end) - np.searchsorted(cr, seq_begin)
-    seq_lens = (seq_end - seq_begin) - dropped_nl - dropped_cr
-
-    offsets = hdr_starts.astype(np.int64)
-    empty = np.flatnonzero(name_lens == 0)
-    if len(empty):
-        raise InputError(url, f"byte {base + int(offsets[empty[0]])}", "empty record id after '>'")
-    bad_name = np.flatnonzero(_BAD[name_bytes])
-    if len(bad_name):
-        names = _strings_safe(name_bytes, name_lens)
-        pos = _position_in(hdr_starts + 1, name_lens, int(bad_name[0]))
-        _raise_bad_byte(url, base, names, offsets, pos, name_bytes[bad_name[0]])
-    bad_seq = np.flatnonzero(_BAD[seq_bytes])
-    if len(bad_seq):
-        names = _strings_safe(name_bytes, name_lens)
-        pos = int(np.flatnonzero(keep)[bad_seq[0]])
-        _raise_bad_byte(url, base, names, offsets, pos, seq_bytes[bad_seq[0]])
+    # Coordinates in the block without its newlines: x - (newlines before x).
+    blob = data.replace(b"\n", b"")
+    seq_starts = np.where(header_ends < n, header_ends - k, len(blob))
+    next_headers = np.append(headers[1:], n)
+    seq_ends = next_headers - np.searchsorted(newlines, next_headers)
+    seq_lens = seq_ends - seq_starts
+    name_starts = headers + 1 - k
+    blob_np = np.frombuffer(blob, dtype=np.uint8)
+    names = _view_series(_string_views(blob_np, name_starts, name_lens, 0), [blob])
     if uppercase:
-        seq_bytes = _UPPER[seq_bytes]
-    return Records(
-        names=_strings(name_bytes, name_lens),
-        sequences=_strings(seq_bytes, seq_lens),
-        offsets=offsets + base,
-    )
+        seq_buffers = [blob, blob.upper()]
+        sequences = _view_series(_string_views(blob_np, seq_starts, seq_lens, 1), seq_buffers)
+    else:
+        sequences = _view_series(_string_views(blob_np, seq_starts, seq_lens, 0), [blob])
+    if names.str.contains(_BAD_PATTERN).any() or sequences.str.contains(_BAD_PATTERN).any():
+        _parse_python(data, base, url, uppercase)  # raises with the exact place
+        raise InputError(url, f"byte {base}", "a character would corrupt the CSV output")
+    return Records(names=names, sequences=sequences, offsets=headers.astype(np.int64) + base)
 
 
-def _position_in(starts: np.ndarray, lengths: np.ndarray, flat_index: int) -> int:
-    """Block position of item ``flat_index`` of the concatenation of ``starts/lengths``."""
-    ends = np.cumsum(lengths)
-    item = int(np.searchsorted(ends, flat_index, side="right"))
-    before = int(ends[item - 1]) if item else 0
-    return int(starts[item]) + flat_index - before
-
-
-def _strings_safe(data: np.ndarray, lengths: np.ndarray) -> list[str]:
-    raw = data.tobytes()
-    out, pos = [], 0
-    for length in lengths.tolist():
-        out.append(raw[pos : pos + length].decode("latin-1"))
-        pos += length
-    return out
+_BAD_PATTERN = r'[^!#-+\--~]'  # anything but printable ASCII less space, '"' and ','
 
 
 def _empty() -> Records:
@@ -228,9 +196,8 @@ def _from_lists(names, seqs, offsets, url, data: bytes = b"", base: int = 0) -> 
     for i, name in enumerate(names):
         if not name:
             raise InputError(url, f"byte {offs[i]}", "empty record id after '>'")
-    bad = r'[^!#-+\--~]'  # printable ASCII minus space, '"' and ','
     for series in (name_s, seq_s):
-        hits = series.str.contains(bad)
+        hits = series.str.contains(_BAD_PATTERN)
         if hits.any():
             i = int(hits.arg_true()[0])
             text = series[i]

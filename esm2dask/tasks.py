@@ -24,6 +24,7 @@ collects one block of consecutive positions from every bucket and writes its pie
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -404,49 +405,54 @@ def gather_block(
     return n_rows
 
 
+def _list_pieces(work_dir: str, parts: tuple[str, ...], storage_options: dict) -> list[str]:
+    fs, path = storage.get_fs(storage.join(work_dir, "pieces", *parts), storage_options)
+    return sorted(fs.ls(path, detail=False)) if fs.exists(path) else []
+
+
+def _concatenate(out_url: str, head: bytes, pieces: list[str], storage_options: dict) -> int:
+    """Write ``head`` then every piece, in order, to ``out_url``; returns bytes written."""
+    if storage.is_local(out_url):
+        # the kernel copies page cache to page cache; nothing passes through Python
+        with open(storage.local_path(out_url), "wb") as out:
+            out.write(head)
+            for piece in pieces:
+                with open(piece, "rb") as src:
+                    remaining = os.fstat(src.fileno()).st_size
+                    while remaining > 0:
+                        sent = os.copy_file_range(src.fileno(), out.fileno(), remaining)
+                        if sent == 0:
+                            break
+                        remaining -= sent
+            return out.tell()
+    fs, out_path = storage.get_fs(out_url, storage_options)
+    size = len(head)
+    with fs.open(out_path, "wb") as out:
+        out.write(head)
+        for piece in pieces:
+            with fs.open(piece, "rb") as src:
+                while chunk := src.read(COPY_CHUNK_BYTES):
+                    out.write(chunk)
+                    size += len(chunk)
+    return size
+
+
 def assemble_shard(
     work_dir: str, tree_dir: str, split_dir: str, shard: int, storage_options: dict
 ) -> int:
     """Header plus the shard's pieces in position order → ``<split_dir>/x###.csv``."""
-    fs, _ = storage.get_fs(work_dir, storage_options)
-    pieces_dir = storage.join(work_dir, "pieces", split_dir, f"{shard:03d}")
-    _, pieces_path = storage.get_fs(pieces_dir, storage_options)
-    pieces = sorted(fs.ls(pieces_path, detail=False)) if fs.exists(pieces_path) else []
+    pieces = _list_pieces(work_dir, (split_dir, f"{shard:03d}"), storage_options)
     out_url = storage.join(tree_dir, split_dir, shard_name(shard))
-    _, out_path = storage.get_fs(out_url, storage_options)
-    size = 0
-    with fs.open(out_path, "wb") as out:
-        out.write(CSV_HEADER)
-        size += len(CSV_HEADER)
-        for piece in pieces:
-            with fs.open(piece, "rb") as src:
-                while True:
-                    chunk = src.read(COPY_CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    size += len(chunk)
-    return size
+    return _concatenate(out_url, CSV_HEADER, pieces, storage_options)
 
 
 def assemble_array(
     work_dir: str, tree_dir: str, split_dir: str, name: str, storage_options: dict
 ) -> int:
     """Concatenate the ``counts``/``starts`` pieces of one split into ``<name>.mmap``."""
-    fs, _ = storage.get_fs(work_dir, storage_options)
-    _, pieces_path = storage.get_fs(
-        storage.join(work_dir, "pieces", split_dir, name), storage_options
-    )
-    pieces = sorted(fs.ls(pieces_path, detail=False)) if fs.exists(pieces_path) else []
-    _, out_path = storage.get_fs(storage.join(tree_dir, split_dir, f"{name}.mmap"), storage_options)
-    size = 0
-    with fs.open(out_path, "wb") as out:
-        for piece in pieces:
-            with fs.open(piece, "rb") as src:
-                data = src.read()
-            out.write(data)
-            size += len(data)
-    return size
+    pieces = _list_pieces(work_dir, (split_dir, name), storage_options)
+    out_url = storage.join(tree_dir, split_dir, f"{name}.mmap")
+    return _concatenate(out_url, b"", pieces, storage_options)
 
 
 def raise_missing(url: str, kind: str, n_missing: int, examples: list[str]) -> None:
