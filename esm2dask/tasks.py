@@ -414,7 +414,7 @@ def _concatenate(out_url: str, head: bytes, pieces: list[str], storage_options: 
     """Write ``head`` then every piece, in order, to ``out_url``; returns bytes written."""
     if storage.is_local(out_url):
         # the kernel copies page cache to page cache; nothing passes through Python
-        with open(storage.local_path(out_url), "wb") as out:
+        with open(storage.local_path(out_url), "wb", buffering=0) as out:
             out.write(head)
             for piece in pieces:
                 with open(piece, "rb") as src:
