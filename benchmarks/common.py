@@ -1,0 +1,161 @@
+"""Shared pieces of the benchmark studies: cached seeded inputs, a measured run of the
+real command in its own process tree, the ``cp -r`` floor, tables and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = Path(os.environ.get("ESM2DASK_BENCH_CACHE", HERE / ".cache"))
+ESM2DASK = [sys.executable, "-m", "cli"]
+
+
+def dataset(clusters: int, seed: int = 1, unsorted: bool = False) -> Path:
+    """A cached ``synth`` raw folder (generated on first use)."""
+    name = f"synth-{clusters}-{seed}{'-unsorted' if unsorted else ''}"
+    raw = CACHE / name / "raw"
+    if not (raw / "README.md").exists():
+        shutil.rmtree(raw, ignore_errors=True)
+        cmd = [*ESM2DASK, "synth", str(raw), "--clusters", str(clusters), "--seed", str(seed)]
+        subprocess.run(cmd + (["--unsorted"] if unsorted else []), check=True)
+    return raw
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class Run:
+    label: str
+    wall_s: float
+    input_mb: float
+    mb_per_s: float
+    tasks: int
+    driver_peak_mb: float
+    worker_peak_mb: float
+    vs_cp: float = 0.0
+    digest: str = ""
+
+
+class _RssSampler(threading.Thread):
+    """Samples the RSS of a process and its children every 20 ms."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak: dict[int, float] = {}
+        self.stop = threading.Event()
+
+    def run(self):
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self.stop.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss / 2**20
+                except psutil.Error:
+                    continue
+                self.peak[p.pid] = max(self.peak.get(p.pid, 0.0), rss)
+            time.sleep(0.02)
+
+
+def cp_floor(raw: Path, repeats: int = 3) -> float:
+    """Median wall time of ``cp -r RAW`` on the same disk."""
+    times = []
+    for _ in range(repeats):
+        dest = Path(tempfile.mkdtemp(dir=raw.parent.parent)) / "copy"
+        start = time.perf_counter()
+        subprocess.run(["cp", "-r", str(raw), str(dest)], check=True)
+        times.append(time.perf_counter() - start)
+        shutil.rmtree(dest.parent)
+    return sorted(times)[len(times) // 2]
+
+
+def preprocess(raw: Path, label: str, *args: str) -> Run:
+    """Run ``esm2dask preprocess`` as a subprocess; wall time, RSS, tasks, output digest."""
+    out = Path(tempfile.mkdtemp(dir=raw.parent)) / "out"
+    report = out.parent / "report.json"
+    cmd = [*ESM2DASK, "preprocess", str(raw), "-o", str(out), "--plain", "--dashboard-address", ":0", *args]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = _RssSampler(proc.pid)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    manifest = json.loads((out / "esm2dask-manifest.json").read_text())
+    tasks = sum(int(line.split("] ")[1].split()[0]) for line in stderr.splitlines() if "task(s)" in line)
+    digest = subprocess.run(
+        f"cd {out} && find uf50 uf90 -type f | sort | xargs md5sum | md5sum",
+        shell=True, capture_output=True, text=True,
+    ).stdout.split()[0]
+    driver = sampler.peak.pop(proc.pid, 0.0)
+    worker = max(sampler.peak.values(), default=0.0)
+    input_mb = manifest["input_bytes"] / 1e6
+    shutil.rmtree(out.parent)
+    del report
+    return Run(label, round(wall, 2), round(input_mb, 1), round(input_mb / wall, 1), tasks,
+               round(driver, 1), round(worker, 1), digest=digest)
+
+
+def write_table(name: str, title: str, command: str, runs: list[Run], notes: str = "") -> Path:
+    cols = ["label", "wall_s", "mb_per_s", "vs_cp", "tasks", "driver_peak_mb", "worker_peak_mb"]
+    head = ["configuration", "wall s", "MB/s of input", "× cp -r", "tasks", "driver peak RSS MB", "worker peak RSS MB"]
+    lines = [f"# {title}", "", f"Reproduce: `{command}`", "",
+             f"Machine: {os.cpu_count()} cores; measured {time.strftime('%Y-%m-%d %H:%M')}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        d = asdict(r)
+        lines.append("| " + " | ".join(str(d[c]) for c in cols) + " |")
+    if notes:
+        lines += ["", notes]
+    path = RESULTS / f"{name}.md"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+    return path
+
+
+def plot(name: str, title: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, logx=False, hline=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if hline:
+        ax.axhline(hline[0], color="grey", linestyle="--", label=hline[1])
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(fig)
