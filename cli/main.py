@@ -44,4 +44,4 @@ def main() -> None:  # pragma: no cover - console entry
     cli()
 
 
-from . import flip_cmd, preprocess_cmd  # noqa: E402,F401  (registers commands)
+from . import flip_cmd, ngc_cmd, preprocess_cmd  # noqa: E402,F401  (registers commands)

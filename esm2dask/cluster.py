@@ -14,7 +14,7 @@ log = logging.getLogger("esm2dask")
 
 
 @contextlib.contextmanager
-def dask_client(config: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
+def dask_client(config: ClusterConfig) -> Iterator:
     """A connected client; the LocalCluster, if one is started, closes on exit.
 
     Each worker runs polars on one thread per Dask thread: several processes with one
