@@ -45,13 +45,14 @@ def _human_bytes(n: int) -> str:
 @click.option("--dashboard-address", default=":8787", show_default=True, help="LocalCluster dashboard address.")
 @click.option("--performance-report", type=click.Path(dir_okay=False), help="Write Dask's HTML performance report here.")
 @click.option("--overwrite", is_flag=True, help="Replace uf50/ and uf90/ of an existing output folder.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run into the same output (same inputs and options).")
 @click.option("--no-copy-inputs", is_flag=True, help="Do not hard-link/copy the raw files into the output folder.")
 @click.option("--storage-options", help="JSON options for fsspec/s3fs (e.g. endpoint_url).")
 @click.option("--plain", is_flag=True, default=None, help="Plain log lines instead of progress bars.")
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
                num_csv_files, workers, threads_per_worker, memory_limit, partition_size, engine,
                scheduler_address, scheduler_file, dashboard_address, performance_report, overwrite,
-               no_copy_inputs, storage_options, plain):
+               resume, no_copy_inputs, storage_options, plain):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
 
     RAW_DIR defaults to $ESM2DASK_RAW_DIR, else
@@ -74,7 +75,7 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
         raw_dir=raw_dir, output_dir=output_dir, uf50=uf50, uf90=uf90, mapping=mapping, val=val,
         test=test, partition_size=partition_size, split=split, val_size=val_size,
         test_size=test_size, seed=seed, num_csv_files=num_csv_files, engine=engine,
-        overwrite=overwrite, copy_inputs=not no_copy_inputs,
+        overwrite=overwrite, resume=resume, copy_inputs=not no_copy_inputs,
         storage_options=parse_storage_options(storage_options), cluster=cluster,
     )
     reporter = make_reporter(plain)

@@ -93,6 +93,13 @@ def _slices_for(pieces: list[tuple[str, int, int]], lo: int, hi: int) -> list[Sl
     return out
 
 
+@dataclass
+class _Done:
+    """A task finished by an earlier, interrupted run (its receipt was loaded)."""
+
+    result: object
+
+
 class _Run:
     """One run's driver state: the plan, the client, the receipts."""
 
@@ -136,23 +143,36 @@ class _Run:
 
     # ------------------------------------------------------------------ task plumbing
 
-    def _submit(self, name: str, fn, args_list: list[tuple], **kwargs) -> list:
+    def _submit(self, name: str, fn, args_list: list[tuple]) -> list:
+        """One task per argument tuple; each keeps a receipt. A resumed run loads the
+        receipts that are already there instead of running those tasks again."""
         self._submitted = True
-        return [
-            self.client.submit(fn, *args, key=f"esm2dask-{name}-{i:05d}-{self._token}", pure=False, **kwargs)
-            for i, args in enumerate(args_list)
-        ]
+        present = self.staging.receipts_present(name)
+        handles = []
+        for i, args in enumerate(args_list):
+            receipt = self.staging.receipt_url(name, i)
+            if receipt.rsplit("/", 1)[-1] in present:
+                handles.append(_Done(tasks.load_receipt(receipt, self.so)))
+                continue
+            handles.append(self.client.submit(
+                tasks.recorded, fn, receipt, self.so, *args,
+                key=f"esm2dask-{name}-{i:05d}-{self._token}", pure=False,
+            ))
+        return handles
 
-    def _wait(self, name: str, futures: list) -> list:
+    def _wait(self, name: str, handles: list) -> list:
         """Results in submission order; the first failure cancels the rest and is raised."""
         start = time.perf_counter()
-        self.reporter.stage(name, len(futures))
+        self.reporter.stage(name, len(handles))
+        futures = [h for h in handles if not isinstance(h, _Done)]
         try:
+            self.reporter.advance(name, len(handles) - len(futures))
             for future in as_completed(futures):
                 if future.status == "error":
                     future.result()  # raises the task's exception here
                 self.reporter.advance(name)
-            results = self.client.gather(futures)
+            gathered = iter(self.client.gather(futures))
+            results = [h.result if isinstance(h, _Done) else next(gathered) for h in handles]
         except BaseException:
             self.client.cancel(futures)
             raise
@@ -324,7 +344,9 @@ class _Run:
                 reports[name].fallback_reason = f"the mapping names {dups} id(s) more than once"
             else:
                 reports[name].fallback_reason = f"not in mapping order: {bad.mismatch}"
-            self.staging.remove_pieces([t.split_dir for t in streams[name][4].targets])
+            if not self.staging.marker(f"fallback-{name}"):
+                self.staging.remove_pieces([t.split_dir for t in streams[name][4].targets])
+                self.staging.set_marker(f"fallback-{name}")
 
         # Stage 3: the hash join, for streams whose order does not hold.
         for name, (url, kind, key_first, n_keys, rt) in streams.items():
@@ -415,7 +437,9 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
         url: storage.check_input_file(url, config.storage_options)
         for url in dict.fromkeys([config.mapping, config.uf50, config.uf90, config.val, config.test])
     }
-    staging = Staging.create(config)
+    staging = Staging.create(config, inputs)
+    if staging.resumed:
+        reporter.message(f"resuming the run staged in {staging.root}")
     try:
         with dask_client(config.cluster) as client:
             link = dashboard_link(client)
@@ -431,8 +455,14 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
                     run.settle()
                     raise
         staging.publish(config)
-    except BaseException:
+    except Esm2DaskError:
         staging.discard()
+        raise
+    except BaseException:
+        reporter.message(
+            f"interrupted; the finished part is kept in {staging.root}: "
+            f"run the same command with --resume to finish it"
+        )
         raise
     wall = time.perf_counter() - start
     result = PreprocessResult(

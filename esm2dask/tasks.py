@@ -463,3 +463,29 @@ def raise_missing(url: str, kind: str, n_missing: int, examples: list[str]) -> N
         f"{n_missing} {kind} id(s) named in the mapping are not in this FASTA "
         f"(first: {shown}); nothing was written",
     )
+
+
+def recorded(fn, receipt_url: str, storage_options: dict, *args):
+    """Run ``fn(*args)`` and keep its receipt, so that ``--resume`` can skip it next time."""
+    import pickle
+
+    result = fn(*args)
+    data = pickle.dumps(result)
+    if storage.is_local(receipt_url):
+        path = storage.local_path(receipt_url)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)  # a receipt is there whole or not at all
+    else:
+        with storage.open_for_write(receipt_url, storage_options) as f:
+            f.write(data)
+    return result
+
+
+def load_receipt(receipt_url: str, storage_options: dict):
+    import pickle
+
+    fs, path = storage.get_fs(receipt_url, storage_options)
+    with fs.open(path, "rb") as f:
+        return pickle.loads(f.read())

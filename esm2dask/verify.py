@@ -159,6 +159,11 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
         with fs.open(mpath, "r") as f:
             manifest = json.load(f)
     params = manifest.get("parameters", {})
+    if not manifest and not storage.is_local(root):
+        report.problems.append(
+            f"{root}: no {MANIFEST_NAME}: on an object store a tree is complete only once its manifest is written"
+        )
+    _check_manifest_files(fs, root_path, manifest.get("files"), report)
     split = params.get("split", "fasta")
     expected_files = num_csv_files or params.get("num_csv_files")
 
@@ -205,6 +210,28 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     if fs.exists(mapping_path) and all(data.get(d) is not None for d in train_dirs) and data.get(UF90) is not None:
         _check_names(fs, mapping_path, data, train_dirs, report)
     return report
+
+
+def _check_manifest_files(fs, root_path: str, files: dict | None, report: VerifyReport) -> None:
+    """Every file the manifest lists is there with its size, and no other shard is."""
+    if not files:
+        return
+    from .publish import list_output_files
+
+    present = list_output_files(root_path, {}) if not fs.protocol or fs.protocol in ("file", ("file", "local")) else {
+        p[len(root_path.rstrip("/")) + 1 :]: int(i["size"])
+        for top in ("uf50", "uf90") if fs.exists(storage.join(root_path, top))
+        for p, i in fs.find(storage.join(root_path, top), detail=True).items()
+    }
+    for name, size in files.items():
+        if name not in present:
+            report.problems.append(f"{name}: listed in the manifest but missing")
+        elif present[name] != size:
+            report.problems.append(f"{name}: {present[name]} bytes, the manifest says {size}")
+    extra = sorted(set(present) - set(files))
+    if extra:
+        report.problems.append(f"not in the manifest: {', '.join(extra[:5])}")
+    report.checked.append("files against the manifest")
 
 
 def _first_difference(got: pl.Series, want: pl.Series) -> str | None:

@@ -227,7 +227,9 @@ def test_pipeline_runs_and_resumes_after_each_step(fake_ngc, tmp_path, monkeypat
     def run():
         result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        return {line.split()[0]: line.split()[1] for line in result.output.splitlines() if line.split()}
+        steps = {"download", "copy-raw", "preprocess", "flip", "verify", "copy-back"}
+        return {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()
+                if line.split() and line.split()[0] in steps}
 
     first = run()
     assert first == {"download": "done", "copy-raw": "done", "preprocess": "done", "verify": "done", "copy-back": "done"}
