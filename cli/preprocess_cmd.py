@@ -38,7 +38,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--threads-per-worker", type=int, default=1, show_default=True)
 @click.option("--memory-limit", help="Per worker, e.g. 4GiB [default: RAM / workers].")
 @click.option("--partition-size", default=DEFAULT_PARTITION_SIZE, show_default=True, help="Bytes of input per task.")
-@click.option("--engine", type=click.Choice(["numpy", "pyfastx", "python"]), default="numpy", show_default=True,
+@click.option("--engine", type=click.Choice(["pyfastx", "numpy", "python"]), default="pyfastx", show_default=True,
               help="FASTA parser.")
 @click.option("--scheduler-address", help="Use a running Dask cluster (tcp://HOST:PORT) instead of a LocalCluster.")
 @click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file.")

@@ -77,7 +77,7 @@ class PreprocessConfig:
     seed: int = 0
     num_csv_files: int = DEFAULT_NUM_CSV_FILES
     partition_bytes: int = parse_size(DEFAULT_PARTITION_SIZE)
-    engine: str = "numpy"
+    engine: str = "pyfastx"
     overwrite: bool = False
     resume: bool = False
     copy_inputs: bool = True

@@ -38,8 +38,15 @@ class Records:
 
     names: pl.Series
     sequences: pl.Series
-    #: File offset of each record's ``>``; used only to place errors.
-    offsets: np.ndarray
+    #: File offset of each record's ``>`` (used only to place errors), or a function
+    #: that computes them when first asked for.
+    _offsets: object
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if callable(self._offsets):
+            self._offsets = self._offsets()
+        return self._offsets
 
     def __len__(self) -> int:
         return len(self.names)
@@ -174,18 +181,14 @@ def _parse_numpy(data: bytes, base: int, url: str, uppercase: bool) -> Records:
     if names.str.contains(_BAD_PATTERN).any() or sequences.str.contains(_BAD_PATTERN).any():
         _parse_python(data, base, url, uppercase)  # raises with the exact place
         raise InputError(url, f"byte {base}", "a character would corrupt the CSV output")
-    return Records(names=names, sequences=sequences, offsets=headers.astype(np.int64) + base)
+    return Records(names, sequences, headers.astype(np.int64) + base)
 
 
 _BAD_PATTERN = r'[^!#-+\--~]'  # anything but printable ASCII less space, '"' and ','
 
 
 def _empty() -> Records:
-    return Records(
-        names=pl.Series([], dtype=pl.String),
-        sequences=pl.Series([], dtype=pl.String),
-        offsets=np.zeros(0, dtype=np.int64),
-    )
+    return Records(pl.Series([], dtype=pl.String), pl.Series([], dtype=pl.String), np.zeros(0, dtype=np.int64))
 
 
 def _from_lists(names, seqs, offsets, url, data: bytes = b"", base: int = 0) -> Records:
@@ -252,29 +255,42 @@ def _parse_python(data: bytes, base: int, url: str, uppercase: bool) -> Records:
 _WHITESPACE_SET = {bytes([b]) for b in _WHITESPACE}
 
 
+#: Where pyfastx's input is staged: memory-backed when the machine has /dev/shm.
+_TMP_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
 def _parse_pyfastx(data: bytes, base: int, url: str, uppercase: bool) -> Records:
-    """pyfastx's C parser (kseq) over the block, written to a temporary file first."""
+    """pyfastx's C parser (kseq), fed the block through a temporary file.
+
+    Anything kseq might read differently from the contract (non-ASCII bytes, an empty id,
+    a character the CSV cannot hold) goes to the plain parser, which handles it or raises
+    the exact error.
+    """
     import pyfastx
 
     skip = _check_start(url, base, data) if base == 0 else 0
-    data = data[skip:]
+    if skip:
+        data, base = data[skip:], base + skip
     if not data:
         return _empty()
-    offsets = _record_offsets(data) + base + skip
-    fd, tmp = tempfile.mkstemp(suffix=".fa")
+    if not data.isascii():
+        return _parse_python(data, base, url, uppercase)
+    fd, tmp = tempfile.mkstemp(suffix=".fa", dir=_TMP_DIR)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        names, seqs = [], []
-        for name, seq in pyfastx.Fastx(tmp, format="fasta", uppercase=uppercase):
-            names.append(name)
-            seqs.append(seq)
+        pairs = list(pyfastx.Fastx(tmp, format="fasta", uppercase=uppercase))
     finally:
         os.unlink(tmp)
-    if len(names) != len(offsets):
-        # kseq merges a record with an empty id into the previous one; find it.
-        raise InputError(url, f"byte {offsets[0]}", "malformed record (empty id?)")
-    return _from_lists(names, seqs, offsets, url, data, base + skip)
+    frame = pl.DataFrame(pairs, schema={"n": pl.String, "s": pl.String}, orient="row")
+    names, sequences = frame["n"], frame["s"]
+    if (
+        names.str.contains(_BAD_PATTERN + "|^$").any()  # kseq reads '> x' as an empty id
+        or sequences.str.contains(_BAD_PATTERN).any()
+    ):
+        _parse_python(data, base, url, uppercase)  # raises with the exact place
+        raise InputError(url, f"byte {base}", "a character would corrupt the CSV output")
+    return Records(names, sequences, lambda: _record_offsets(data) + base)
 
 
 def _record_offsets(data: bytes) -> np.ndarray:

@@ -155,8 +155,11 @@ def _labels(routing: Routing) -> np.ndarray | None:
         return np.load(io.BytesIO(f.read()))
 
 
-def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int) -> str:
-    return storage.join(work_dir, "pieces", split_dir, f"{shard:03d}", f"{first_position:012d}.csv")
+def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int, n_bytes: int) -> str:
+    """Pieces sort in row order by name; the name also records the piece's size, so an
+    interrupted assembly can be redone exactly (see :func:`assemble_shard`)."""
+    name = f"{first_position:012d}-{n_bytes}.csv"
+    return storage.join(work_dir, "pieces", split_dir, f"{shard:03d}", name)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -200,9 +203,14 @@ def write_pieces(frame: pl.DataFrame, first_position: int, routing: Routing) -> 
                     "sequence": part["sequence"],
                 }
             )
-            url = piece_url(routing.work_dir, target.split_dir, shard, int(row_positions[lo]))
+            buffer = io.BytesIO()
+            if lo + first_ordinal == int(bounds[shard]):
+                buffer.write(CSV_HEADER)  # the shard's first piece carries its header
+            csv.write_csv(buffer, include_header=False, quote_style="never", line_terminator="\n")
+            data = buffer.getvalue()
+            url = piece_url(routing.work_dir, target.split_dir, shard, int(row_positions[lo]), len(data))
             with storage.open_for_write(url, routing.storage_options) as f:
-                csv.write_csv(f, include_header=False, quote_style="never", line_terminator="\n")
+                f.write(data)
             written += 1
     return written
 
@@ -410,20 +418,24 @@ def _list_pieces(work_dir: str, parts: tuple[str, ...], storage_options: dict) -
     return sorted(fs.ls(path, detail=False)) if fs.exists(path) else []
 
 
+def _append(out, paths: list[str]) -> None:
+    """Append local files to the open unbuffered file ``out``, in the kernel."""
+    for path in paths:
+        with open(path, "rb") as src:
+            remaining = os.fstat(src.fileno()).st_size
+            while remaining > 0:
+                sent = os.copy_file_range(src.fileno(), out.fileno(), remaining)
+                if sent == 0:
+                    break
+                remaining -= sent
+
+
 def _concatenate(out_url: str, head: bytes, pieces: list[str], storage_options: dict) -> int:
     """Write ``head`` then every piece, in order, to ``out_url``; returns bytes written."""
     if storage.is_local(out_url):
-        # the kernel copies page cache to page cache; nothing passes through Python
         with open(storage.local_path(out_url), "wb", buffering=0) as out:
             out.write(head)
-            for piece in pieces:
-                with open(piece, "rb") as src:
-                    remaining = os.fstat(src.fileno()).st_size
-                    while remaining > 0:
-                        sent = os.copy_file_range(src.fileno(), out.fileno(), remaining)
-                        if sent == 0:
-                            break
-                        remaining -= sent
+            _append(out, pieces)
             return out.tell()
     fs, out_path = storage.get_fs(out_url, storage_options)
     size = len(head)
@@ -437,13 +449,36 @@ def _concatenate(out_url: str, head: bytes, pieces: list[str], storage_options: 
     return size
 
 
+def _piece_bytes(path: str) -> int:
+    return int(path.rsplit("/", 1)[-1].split("-")[1].split(".")[0])
+
+
 def assemble_shard(
     work_dir: str, tree_dir: str, split_dir: str, shard: int, storage_options: dict
 ) -> int:
-    """Header plus the shard's pieces in position order → ``<split_dir>/x###.csv``."""
+    """The shard's pieces in position order → ``<split_dir>/x###.csv``.
+
+    The first piece of a non-empty shard already holds the header. On a local file
+    system it becomes the shard itself: cut back to its recorded size (which makes a
+    repeated attempt exact), the other pieces appended in the kernel, then renamed.
+    Elsewhere the pieces are copied into the shard.
+    """
     pieces = _list_pieces(work_dir, (split_dir, f"{shard:03d}"), storage_options)
     out_url = storage.join(tree_dir, split_dir, shard_name(shard))
-    return _concatenate(out_url, CSV_HEADER, pieces, storage_options)
+    if not pieces:
+        if storage.is_local(out_url) and os.path.exists(storage.local_path(out_url)):
+            return os.path.getsize(storage.local_path(out_url))  # finished by an earlier attempt
+        return _concatenate(out_url, CSV_HEADER, [], storage_options)
+    if not storage.is_local(out_url):
+        return _concatenate(out_url, b"", pieces, storage_options)
+    first = pieces[0]
+    with open(first, "r+b", buffering=0) as out:
+        out.truncate(_piece_bytes(first))
+        out.seek(0, os.SEEK_END)
+        _append(out, pieces[1:])
+        size = out.tell()
+    os.replace(first, storage.local_path(out_url))
+    return size
 
 
 def assemble_array(

@@ -86,7 +86,7 @@ def test_same_bytes_for_one_and_two_local_workers_and_any_partition_size(small_r
     assert len(digests[0]) == 4 * 50 + 2
 
 
-@pytest.mark.parametrize("engine", ["pyfastx", "python"])
+@pytest.mark.parametrize("engine", ["numpy", "python"])
 def test_engines_give_the_same_tree(small_raw, tmp_path, dask_cluster, engine):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli(small_raw, a, dask_cluster.scheduler_address).exit_code == 0
