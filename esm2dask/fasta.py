@@ -178,13 +178,28 @@ def _parse_numpy(data: bytes, base: int, url: str, uppercase: bool) -> Records:
         sequences = _view_series(_string_views(blob_np, seq_starts, seq_lens, 1), seq_buffers)
     else:
         sequences = _view_series(_string_views(blob_np, seq_starts, seq_lens, 0), [blob])
-    if names.str.contains(_BAD_PATTERN).any() or sequences.str.contains(_BAD_PATTERN).any():
+    if not _clean(names, sequences, data):
         _parse_python(data, base, url, uppercase)  # raises with the exact place
         raise InputError(url, f"byte {base}", "a character would corrupt the CSV output")
     return Records(names, sequences, headers.astype(np.int64) + base)
 
 
 _BAD_PATTERN = r'[^!#-+\--~]'  # anything but printable ASCII less space, '"' and ','
+#: Every byte but the control characters (and '\n'): deleting these leaves the controls.
+_NOT_CONTROL = bytes(b for b in range(256) if not (b < 32 or b == 127) or b == 10)
+
+
+def _clean(names: pl.Series, sequences: pl.Series, data: bytes) -> bool:
+    """True when no name or sequence holds a byte the CSV cannot carry (ASCII input).
+
+    Sequences are large, so they are searched for the three printable offenders with
+    plain substring search; the full pattern runs only if the block has a control byte.
+    """
+    if names.str.contains(_BAD_PATTERN + "|^$").any():  # kseq reads '> x' as an empty id
+        return False
+    if data.translate(None, _NOT_CONTROL):
+        return not sequences.str.contains(_BAD_PATTERN).any()
+    return not any(sequences.str.contains(c, literal=True).any() for c in (" ", ",", '"'))
 
 
 def _empty() -> Records:
@@ -284,10 +299,7 @@ def _parse_pyfastx(data: bytes, base: int, url: str, uppercase: bool) -> Records
         os.unlink(tmp)
     frame = pl.DataFrame(pairs, schema={"n": pl.String, "s": pl.String}, orient="row")
     names, sequences = frame["n"], frame["s"]
-    if (
-        names.str.contains(_BAD_PATTERN + "|^$").any()  # kseq reads '> x' as an empty id
-        or sequences.str.contains(_BAD_PATTERN).any()
-    ):
+    if not _clean(names, sequences, data):
         _parse_python(data, base, url, uppercase)  # raises with the exact place
         raise InputError(url, f"byte {base}", "a character would corrupt the CSV output")
     return Records(names, sequences, lambda: _record_offsets(data) + base)

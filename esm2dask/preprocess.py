@@ -199,9 +199,17 @@ class _Run:
         if not same_test:
             plans["test"] = plan_ranges(cfg.test, sizes[cfg.test], part)
 
+        # Hash buckets of the join: about one partition of FASTA per bucket.
+        n_buckets = {
+            name: max(1, math.ceil(sum(r.length for r in plans[name]) / cfg.partition_bytes))
+            for name in ("uf50", "uf90")
+        }
+        hash_buckets = {"clusters": n_buckets["uf50"], "members": n_buckets["uf90"]}
+
         # Stage 1: scan the mapping, count every FASTA range.
         mapping_futures = self._submit(
-            "scan-mapping", tasks.scan_mapping, [(r, self.work, self.so) for r in plans["mapping"]]
+            "scan-mapping", tasks.scan_mapping,
+            [(r, self.work, self.so, hash_buckets) for r in plans["mapping"]],
         )
         count_futures = {
             name: self._submit(f"count-{name}", tasks.count_fasta, [(r, self.so) for r in plans[name]])
@@ -279,23 +287,8 @@ class _Run:
             "uf90": (cfg.uf90, "members", member_first, n_members, uf90_routing),
         }
         reports: dict[str, StreamReport] = {}
-        buckets, fast = {}, {}
+        fast = {}
         for name, (url, kind, key_first, n_keys, rt) in streams.items():
-            n_buckets = max(1, math.ceil(sum(r.length for r in plans[name]) / cfg.partition_bytes))
-            buckets[name] = (n_buckets, self._submit(
-                f"bucket-ids-{name}",
-                tasks.bucket_ids,
-                [
-                    (
-                        getattr(m, f"{kind}_url"),
-                        int(key_first[i]),
-                        n_buckets,
-                        storage.join(self.work, "buckets", f"{name}-ids", f"{i:05d}.arrow"),
-                        self.so,
-                    )
-                    for i, m in enumerate(mapping)
-                ],
-            ))
             reports[name] = StreamReport(url, records=int(first_positions[name][-1]))
             if first_positions[name][-1] != n_keys:
                 reports[name].fallback_reason = (
@@ -315,33 +308,33 @@ class _Run:
                     for i, rng in enumerate(plans[name])
                 ],
             )
+        # A repeated mapping id would make the fast path differ from "first occurrence
+        # wins"; hashes of the ids, bucketed by the mapping scan, tell.
+        checks = {
+            name: self._submit(
+                f"check-ids-{name}",
+                tasks.count_duplicate_hashes,
+                [
+                    ([Slice(m.hash_urls[streams[name][1]], m.hash_bounds[streams[name][1]][b],
+                            m.hash_bounds[streams[name][1]][b + 1]) for m in mapping], self.so)
+                    for b in range(n_buckets[name])
+                ],
+            )
+            for name in fast
+        }
 
         for name, futs in futures.items():
             self._wait(f"{name}", futs)
 
-        id_buckets = {}
-        for name, (n_buckets, futs) in buckets.items():
-            id_buckets[name] = (n_buckets, self._wait(f"bucket-ids-{name}", futs))
-
         for name, futs in fast.items():
             results = self._wait(f"fast-{name}", futs)
+            repeated = sum(self._wait(f"check-ids-{name}", checks[name]))
             bad = next((r for r in results if not r.ok), None)
+            if bad is None and repeated == 0:
+                reports[name].fast_path = True
+                continue
             if bad is None:
-                n_buckets, receipts = id_buckets[name]
-                dups = sum(
-                    self._run(
-                        f"check-ids-{name}",
-                        tasks.count_duplicate_ids,
-                        [
-                            ([Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in receipts], self.so)
-                            for b in range(n_buckets)
-                        ],
-                    )
-                )
-                if dups == 0:
-                    reports[name].fast_path = True
-                    continue
-                reports[name].fallback_reason = f"the mapping names {dups} id(s) more than once"
+                reports[name].fallback_reason = "the mapping may name an id more than once"
             else:
                 reports[name].fallback_reason = f"not in mapping order: {bad.mismatch}"
             if not self.staging.marker(f"fallback-{name}"):
@@ -353,15 +346,29 @@ class _Run:
             if reports[name].fast_path:
                 continue
             self.reporter.message(f"{name}: joining by hash ({reports[name].fallback_reason})")
-            self._join(name, plans[name], id_buckets[name], n_keys, rt, reports[name])
+            self._join(name, plans[name], mapping, kind, key_first, n_buckets[name], n_keys, rt, reports[name])
 
         # Stage 4: assemble.
         sizes_out = self._assemble(uf50_targets)
         return rows, sizes_out, reports
 
-    def _join(self, name, ranges: list[ByteRange], id_buckets, n_keys, rt, report: StreamReport):
+    def _join(self, name, ranges: list[ByteRange], mapping, kind, key_first, n_buckets, n_keys, rt,
+              report: StreamReport):
         cfg = self.config
-        n_buckets, id_receipts = id_buckets
+        id_receipts = self._run(
+            f"bucket-ids-{name}",
+            tasks.bucket_ids,
+            [
+                (
+                    getattr(m, f"{kind}_url"),
+                    int(key_first[i]),
+                    n_buckets,
+                    storage.join(self.work, "buckets", f"{name}-ids", f"{i:05d}.arrow"),
+                    self.so,
+                )
+                for i, m in enumerate(mapping)
+            ],
+        )
         rec_receipts = self._run(
             f"bucket-fasta-{name}",
             tasks.bucket_fasta,

@@ -83,6 +83,10 @@ class MappingReceipt:
     members_url: str
     n_clusters: int
     n_members: int
+    #: per kind ("clusters", "members"): sorted 64-bit hashes of the ids, and where each
+    #: hash bucket begins in them
+    hash_urls: dict = field(default_factory=dict)
+    hash_bounds: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -240,8 +244,32 @@ def write_count_pieces(
 # ----------------------------------------------------------------------------- tasks
 
 
-def scan_mapping(byte_range: ByteRange, work_dir: str, storage_options: dict) -> MappingReceipt:
-    """Parse the mapping lines ``byte_range`` owns into clusters and members Arrow files."""
+def hash_bucket(hashes: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Bucket of each 64-bit hash, monotonic in the hash (sorted hashes stay grouped)."""
+    if n_buckets == 1:
+        return np.zeros(len(hashes), dtype=np.int64)
+    width = np.uint64((2**64 - 1) // n_buckets + 1)
+    return (hashes // width).astype(np.int64)
+
+
+def _write_npy(url: str, array: np.ndarray, storage_options: dict) -> None:
+    with storage.open_for_write(url, storage_options) as f:
+        np.save(f, array)
+
+
+def _read_npy_slice(s: "Slice", storage_options: dict) -> np.ndarray:
+    if storage.is_local(s.url):
+        return np.asarray(np.load(storage.local_path(s.url), mmap_mode="r")[s.lo : s.hi])
+    fs, path = storage.get_fs(s.url, storage_options)
+    with fs.open(path, "rb") as f:
+        return np.load(io.BytesIO(f.read()))[s.lo : s.hi]
+
+
+def scan_mapping(
+    byte_range: ByteRange, work_dir: str, storage_options: dict, hash_buckets: dict[str, int]
+) -> MappingReceipt:
+    """Parse the mapping lines ``byte_range`` owns into clusters and members Arrow files,
+    and the sorted hashes of their ids (for the repeated-id check)."""
     fs, path = storage.get_fs(byte_range.url, storage_options)
     with fs.open(path, "rb") as f:
         base, data = read_owned_bytes(f, byte_range, marker=b"")
@@ -255,9 +283,17 @@ def scan_mapping(byte_range: ByteRange, work_dir: str, storage_options: dict) ->
     members_url = storage.join(work_dir, "mapping", "members", name)
     _write_ipc(clusters_url, block.clusters, storage_options)
     _write_ipc(members_url, block.members, storage_options)
-    return MappingReceipt(
+    receipt = MappingReceipt(
         byte_range.index, clusters_url, members_url, len(block.clusters), len(block.members)
     )
+    for kind, frame in (("clusters", block.clusters), ("members", block.members)):
+        hashes = np.sort(frame["id"].hash(seed=0).to_numpy())
+        url = storage.join(work_dir, "mapping", f"{kind}-hashes", f"{byte_range.index:05d}.npy")
+        _write_npy(url, hashes, storage_options)
+        bounds = np.searchsorted(hash_bucket(hashes, hash_buckets[kind]), np.arange(hash_buckets[kind] + 1))
+        receipt.hash_urls[kind] = url
+        receipt.hash_bounds[kind] = bounds.tolist()
+    return receipt
 
 
 def count_fasta(byte_range: ByteRange, storage_options: dict) -> int:
@@ -341,10 +377,14 @@ def bucket_ids(
     return _write_bucketed(frame, "id", n_buckets, out_url, storage_options)
 
 
-def count_duplicate_ids(slices: list[Slice], storage_options: dict) -> int:
-    """How many ids of one bucket repeat an earlier one."""
-    ids = read_slices(slices, storage_options)
-    return 0 if ids is None else len(ids) - ids["id"].n_unique()
+def count_duplicate_hashes(slices: list[Slice], storage_options: dict) -> int:
+    """How many id hashes of one bucket repeat another (0 means no id repeats; a 64-bit
+    collision can only make this too large, which sends the stream to the exact join)."""
+    parts = [_read_npy_slice(s, storage_options) for s in slices if s.hi > s.lo]
+    if not parts:
+        return 0
+    hashes = np.sort(np.concatenate(parts))
+    return int(np.count_nonzero(hashes[1:] == hashes[:-1]))
 
 
 def bucket_fasta(

@@ -30,7 +30,7 @@ def test_engines_agree_on_the_qc_sample(qc_dir):
     assert len(results[0]) == 11296
 
 
-@pytest.mark.parametrize("engine", ["numpy", "python"])
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(
     "data, where, what",
     [
@@ -42,6 +42,8 @@ def test_engines_agree_on_the_qc_sample(qc_dir):
         (b">a\nAC\x07D\n", "byte 5, record 'a'", "would corrupt"),
         (b">a,b\nACD\n", "byte 2, record 'a,b'", "would corrupt"),
         (b">a\nAC\rD\n", "byte 5, record 'a'", "would corrupt"),
+        (b">a x\ty\nAC\tD\n", "byte 9, record 'a'", "would corrupt"),
+        (b">a\nAC\n> b\nGG\n", "byte 6", "empty record id"),
     ],
 )
 def test_bad_input_names_file_and_place(engine, data, where, what):

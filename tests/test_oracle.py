@@ -82,3 +82,23 @@ def test_in_order_input_takes_fast_path_and_equals_reference(tmp_path, cluster_c
         got = [(out / split / f"x{i:03d}.csv").read_bytes() for i in range(13)]
         assert got == want[split], split
     assert result.streams["uf50"].fast_path and result.streams["uf90"].fast_path
+
+
+def test_repeated_mapping_id_leaves_the_fast_path_and_first_occurrence_wins(tmp_path, cluster_config):
+    """In mapping order, but one member listed twice with two different records."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "mapping.tsv").write_text("UR50_cluster_name\tmapped_id\nC1\tm1,m2\nC2\tm3,m1\n")
+    (raw / "uniref50_train_filt.fasta").write_text(">C1\nAAA\n>C2\nCCC\n")
+    (raw / "uniref90membersandreps_ur50trainfiltreps.fasta").write_text(
+        ">m1 first\nMKV\n>m2\nGG\n>m3\nTT\n>m1 second\nWWWW\n"
+    )
+    (raw / "uniref50_valid.fasta").write_text(">V1\nacd\n")
+    out = tmp_path / "out"
+    result = run_preprocess(raw, out, cluster_config, num_csv_files=1)
+    assert not result.streams["uf90"].fast_path and result.streams["uf50"].fast_path
+    assert result.streams["uf90"].duplicates == 1
+    assert (out / "uf90/uf90_csvs/x000.csv").read_text() == (
+        "record_id,record_name,sequence_length,sequence\n1,m1,3,MKV\n2,m2,2,GG\n3,m3,2,TT\n4,m1,3,MKV\n"
+    )
+    assert (out / "uf50/val/x000.csv").read_text().endswith("1,V1,3,acd\n")  # case kept
