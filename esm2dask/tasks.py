@@ -169,6 +169,28 @@ def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int, n_
 # ----------------------------------------------------------------------------- writing
 
 
+def _write_piece(routing: Routing, split_dir: str, shard: int, first_position: int,
+                 header: bytes, csv: pl.DataFrame) -> None:
+    """One piece; the shard's first piece carries the header. Its name records its size."""
+    if storage.is_local(routing.work_dir):
+        # straight to the file, then renamed to the name that records the size
+        tmp = storage.local_path(piece_url(routing.work_dir, split_dir, shard, first_position, 0)) + ".tmp"
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        with open(tmp, "wb", buffering=0) as f:
+            f.write(header)
+            csv.write_csv(f, include_header=False, quote_style="never", line_terminator="\n")
+            size = f.tell()
+        os.replace(tmp, storage.local_path(piece_url(routing.work_dir, split_dir, shard, first_position, size)))
+        return
+    buffer = io.BytesIO()
+    buffer.write(header)
+    csv.write_csv(buffer, include_header=False, quote_style="never", line_terminator="\n")
+    data = buffer.getvalue()
+    with storage.open_for_write(piece_url(routing.work_dir, split_dir, shard, first_position, len(data)),
+                                routing.storage_options) as f:
+        f.write(data)
+
+
 def write_pieces(frame: pl.DataFrame, first_position: int, routing: Routing) -> int:
     """Write the rows of positions ``[first_position, first_position + len(frame))``.
 
@@ -207,14 +229,8 @@ def write_pieces(frame: pl.DataFrame, first_position: int, routing: Routing) -> 
                     "sequence": part["sequence"],
                 }
             )
-            buffer = io.BytesIO()
-            if lo + first_ordinal == int(bounds[shard]):
-                buffer.write(CSV_HEADER)  # the shard's first piece carries its header
-            csv.write_csv(buffer, include_header=False, quote_style="never", line_terminator="\n")
-            data = buffer.getvalue()
-            url = piece_url(routing.work_dir, target.split_dir, shard, int(row_positions[lo]), len(data))
-            with storage.open_for_write(url, routing.storage_options) as f:
-                f.write(data)
+            header = CSV_HEADER if lo + first_ordinal == int(bounds[shard]) else b""
+            _write_piece(routing, target.split_dir, shard, int(row_positions[lo]), header, csv)
             written += 1
     return written
 
@@ -455,7 +471,9 @@ def gather_block(
 
 def _list_pieces(work_dir: str, parts: tuple[str, ...], storage_options: dict) -> list[str]:
     fs, path = storage.get_fs(storage.join(work_dir, "pieces", *parts), storage_options)
-    return sorted(fs.ls(path, detail=False)) if fs.exists(path) else []
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".csv") or p.endswith(".u64"))
 
 
 def _append(out, paths: list[str]) -> None:
