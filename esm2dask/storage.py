@@ -6,8 +6,11 @@ its own file here.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import time
 from typing import Any
 
 import fsspec
@@ -59,7 +62,9 @@ def file_size(url: str, storage_options: dict[str, Any] | None = None) -> int:
     try:
         info = fs.info(path)
     except FileNotFoundError:
-        raise InputError(url, "", "no such file") from None
+        raise InputError(url, "", "no such file (or no such bucket)") from None
+    except PermissionError as err:
+        raise InputError(url, "", f"access denied ({err})") from None
     if info.get("type") == "directory":
         raise InputError(url, "", "is a directory, expected a file")
     return int(info["size"])
@@ -109,3 +114,32 @@ def open_for_write(url: str, storage_options: dict[str, Any] | None = None, mode
     fs, path = get_fs(url, storage_options)
     fs.makedirs(fs._parent(path), exist_ok=True)
     return fs.open(path, mode)
+
+
+#: Errors that say something is wrong for good: retrying cannot help.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 0.5
+
+
+def retrying(fn):
+    """Retry ``fn`` with exponential backoff on transient I/O errors (a dropped
+    connection, a timeout, a throttled request); permanent ones are raised at once."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                return fn(*args, **kwargs)
+            except PERMANENT_ERRORS:
+                raise
+            except (OSError, TimeoutError, ConnectionError) as err:
+                if attempt == RETRY_ATTEMPTS - 1:
+                    raise
+                delay = RETRY_BASE_DELAY_S * 2**attempt
+                logging.getLogger("esm2dask").warning(
+                    "%s failed (%s: %s); retrying in %.1f s", fn.__name__, type(err).__name__, err, delay
+                )
+                time.sleep(delay)
+
+    return wrapper

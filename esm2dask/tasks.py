@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,11 +117,13 @@ class JoinReceipt:
 # ----------------------------------------------------------------------------- helpers
 
 
+@storage.retrying
 def _write_ipc(url: str, frame: pl.DataFrame, storage_options: dict) -> None:
     with storage.open_for_write(url, storage_options) as f:
         frame.write_ipc(f, compression="uncompressed")
 
 
+@storage.retrying
 def _read_ipc(url: str, storage_options: dict) -> pl.DataFrame:
     if storage.is_local(url):
         return pl.read_ipc(storage.local_path(url))
@@ -151,6 +154,7 @@ def read_slices(slices, storage_options: dict) -> pl.DataFrame | None:
     return pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
 
 
+@storage.retrying
 def _read_range(byte_range: ByteRange, storage_options: dict, marker: bytes = b">"):
     fs, path = storage.get_fs(byte_range.url, storage_options)
     with fs.open(path, "rb") as f:
@@ -177,12 +181,16 @@ def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int, n_
 # ----------------------------------------------------------------------------- writing
 
 
+@storage.retrying
 def _write_piece(routing: Routing, split_dir: str, shard: int, first_position: int,
                  header: bytes, csv: pl.DataFrame) -> None:
     """One piece; the shard's first piece carries the header. Its name records its size."""
     if storage.is_local(routing.work_dir):
         # straight to the file, then renamed to the name that records the size
-        tmp = storage.local_path(piece_url(routing.work_dir, split_dir, shard, first_position, 0)) + ".tmp"
+        # unique per writer: a task re-run elsewhere (lost worker, resumed run) never shares it
+        tmp = storage.local_path(piece_url(routing.work_dir, split_dir, shard, first_position, 0)) + (
+            f".{os.getpid()}-{threading.get_ident()}.tmp"
+        )
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
         with open(tmp, "wb", buffering=0) as f:
             f.write(header)
@@ -501,6 +509,7 @@ def _append(out, paths: list[str]) -> None:
                 remaining -= sent
 
 
+@storage.retrying
 def _concatenate(out_url: str, head: bytes, pieces: list[str], storage_options: dict) -> int:
     """Write ``head`` then every piece, in order, to ``out_url``; returns bytes written."""
     if storage.is_local(out_url):
@@ -580,9 +589,10 @@ def recorded(fn, receipt_url: str, storage_options: dict, *args):
     if storage.is_local(receipt_url):
         path = storage.local_path(receipt_url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
+        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(path + ".tmp", path)  # a receipt is there whole or not at all
+        os.replace(tmp, path)  # a receipt is there whole or not at all
     else:
         with storage.open_for_write(receipt_url, storage_options) as f:
             f.write(data)

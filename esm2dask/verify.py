@@ -163,7 +163,7 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
         report.problems.append(
             f"{root}: no {MANIFEST_NAME}: on an object store a tree is complete only once its manifest is written"
         )
-    _check_manifest_files(fs, root_path, manifest.get("files"), report)
+    _check_manifest_files(root, manifest.get("files"), report, so)
     split = params.get("split", "fasta")
     expected_files = num_csv_files or params.get("num_csv_files")
 
@@ -212,17 +212,13 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     return report
 
 
-def _check_manifest_files(fs, root_path: str, files: dict | None, report: VerifyReport) -> None:
+def _check_manifest_files(root: str, files: dict | None, report: VerifyReport, so: dict) -> None:
     """Every file the manifest lists is there with its size, and no other shard is."""
     if not files:
         return
     from .publish import list_output_files
 
-    present = list_output_files(root_path, {}) if not fs.protocol or fs.protocol in ("file", ("file", "local")) else {
-        p[len(root_path.rstrip("/")) + 1 :]: int(i["size"])
-        for top in ("uf50", "uf90") if fs.exists(storage.join(root_path, top))
-        for p, i in fs.find(storage.join(root_path, top), detail=True).items()
-    }
+    present = list_output_files(root, so)
     for name, size in files.items():
         if name not in present:
             report.problems.append(f"{name}: listed in the manifest but missing")

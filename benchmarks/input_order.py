@@ -1,0 +1,41 @@
+"""Input order: the released layout (FASTAs already in mapping order, fast path) against
+the same records shuffled (hash join and reorder), same clusters and seed.
+
+    python -m benchmarks.input_order [--clusters 800000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import cp_floor, dataset, folder_bytes, plot, preprocess, write_table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--clusters", type=int, default=800_000)
+    ap.add_argument("--workers", default="2")
+    ap.add_argument("--partition-size", default="16MiB")
+    args = ap.parse_args(argv)
+    runs = []
+    floors = {}
+    for unsorted in (False, True):
+        raw = dataset(args.clusters, unsorted=unsorted)
+        floors[unsorted] = cp_floor(raw)
+        run = preprocess(raw, "shuffled (hash join)" if unsorted else "mapping order (fast path)",
+                         "--workers", args.workers, "--partition-size", args.partition_size)
+        run.vs_cp = round(run.wall_s / floors[unsorted], 1)
+        print(run)
+        runs.append(run)
+    note = (f"Input {folder_bytes(raw) / 1e6:.0f} MB each; `cp -r` {floors[False]:.2f} s / {floors[True]:.2f} s in "
+            f"the same run. {args.workers} workers, {args.partition_size} partitions. Same output bytes for both "
+            f"orders: {'yes' if runs[0].digest == runs[1].digest else 'NO'}.")
+    command = "python -m benchmarks.input_order " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_table("input_order", "Input order: released vs shuffled", command.strip(), runs, note)
+    plot("input_order", "throughput by input order", {"MB/s": ([0, 1], [r.mb_per_s for r in runs])},
+         "0 = mapping order, 1 = shuffled", "MB/s of input")
+
+
+if __name__ == "__main__":
+    main()
