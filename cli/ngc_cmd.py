@@ -62,13 +62,18 @@ def workspace_create(obj, name):
         click.echo(f"workspace {name}: {ws}")
 
 
-def _workspace_arg(obj, workspace):
+def _remembered(obj, given, field: str, how: str):
+    """``given``, else the id remembered in the state file, else an error saying ``how``."""
     from esm2dask.errors import ConfigError
 
-    workspace = workspace or obj["state"].workspace_id
-    if not workspace:
-        raise ConfigError("no workspace given and none remembered; run `esm2dask ngc workspace create NAME` first")
-    return workspace
+    value = given or getattr(obj["state"], field)
+    if not value:
+        raise ConfigError(f"no {field.replace('_', ' ')} given and none remembered; run `{how}` first")
+    return value
+
+
+def _workspace_arg(obj, workspace):
+    return _remembered(obj, workspace, "workspace_id", "esm2dask ngc workspace create NAME")
 
 
 @ngc_workspace.command("mount")
@@ -145,12 +150,7 @@ def job_start(obj, job_name, workspace, commandline, priority, order, preempt, m
 
 
 def _job_arg(obj, job_id):
-    from esm2dask.errors import ConfigError
-
-    job_id = job_id or obj["state"].job_id
-    if not job_id:
-        raise ConfigError("no job id given and none remembered; run `esm2dask ngc job start` first")
-    return job_id
+    return _remembered(obj, job_id, "job_id", "esm2dask ngc job start")
 
 
 @ngc_job.command("exec")

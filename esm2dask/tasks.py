@@ -552,12 +552,17 @@ def assemble_shard(
     if not storage.is_local(out_url):
         return _concatenate(out_url, b"", pieces, storage_options)
     first = pieces[0]
+    out_path = storage.local_path(out_url)
+    with open(first, "rb") as f:
+        carries_header = f.read(len(CSV_HEADER)) == CSV_HEADER
+    if not carries_header and os.path.exists(out_path):
+        return os.path.getsize(out_path)  # an earlier attempt finished (its first piece became the shard)
     with open(first, "r+b", buffering=0) as out:
         out.truncate(_piece_bytes(first))
         out.seek(0, os.SEEK_END)
         _append(out, pieces[1:])
         size = out.tell()
-    os.replace(first, storage.local_path(out_url))
+    os.replace(first, out_path)
     return size
 
 

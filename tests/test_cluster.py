@@ -1,0 +1,140 @@
+"""An existing Dask cluster started as real `dask scheduler` / `dask worker` processes:
+same bytes as a LocalCluster, a worker killed mid-run, a driver killed and resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from esm2dask.config import PreprocessConfig
+from esm2dask.preprocess import preprocess
+from esm2dask.progress import Reporter
+
+from conftest import run_preprocess, tree_digest
+
+DASK = str(Path(sys.executable).parent / "dask")
+
+
+@pytest.fixture(scope="module")
+def external_cluster(tmp_path_factory):
+    """`dask scheduler` and two `dask worker` processes on loopback."""
+    from distributed import Client
+
+    folder = tmp_path_factory.mktemp("cluster")
+    sched_file = folder / "scheduler.json"
+    env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "error"}
+    procs = [subprocess.Popen(
+        [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+         "--scheduler-file", str(sched_file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )]
+    deadline = time.monotonic() + 60
+    while not sched_file.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("dask scheduler did not start")
+        time.sleep(0.2)
+    for _ in range(2):
+        procs.append(subprocess.Popen(
+            [DASK, "worker", "--scheduler-file", str(sched_file), "--nthreads", "1", "--memory-limit", "3GiB",
+             "--host", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+    with Client(scheduler_file=str(sched_file), timeout="60s") as client:
+        client.wait_for_workers(2, timeout=120)
+    yield str(sched_file)
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster_raw(tmp_path_factory):
+    from esm2dask.synth import synth
+
+    raw = tmp_path_factory.mktemp("craw") / "raw"
+    synth(str(raw), 1500, seed=21, unsorted=True)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def reference_digest(cluster_raw, tmp_path_factory, dask_cluster):
+    from esm2dask.config import ClusterConfig
+
+    out = tmp_path_factory.mktemp("ref") / "out"
+    run_preprocess(cluster_raw, out, ClusterConfig(scheduler_address=dask_cluster.scheduler_address),
+                   partition_size="20KB")
+    return tree_digest(out)
+
+
+def _config(sched_file):
+    from esm2dask.config import ClusterConfig
+
+    return ClusterConfig(scheduler_file=sched_file, dashboard_address=None)
+
+
+def test_external_cluster_gives_the_same_bytes(external_cluster, cluster_raw, reference_digest, tmp_path):
+    out = tmp_path / "out"
+    run_preprocess(cluster_raw, out, _config(external_cluster), partition_size="20KB")
+    assert tree_digest(out) == reference_digest
+
+
+def test_worker_killed_mid_run(external_cluster, cluster_raw, reference_digest, tmp_path):
+    """SIGKILL one worker process once the join stage is under way; the nanny restarts it,
+    the scheduler reruns its tasks, and the output does not change."""
+    from distributed import Client
+
+    with Client(scheduler_file=external_cluster) as client:
+        pids = client.run(os.getpid)
+    victim = sorted(pids.values())[0]
+    killed = threading.Event()
+
+    class KillOnProgress(Reporter):
+        def advance(self, name, done=1):
+            if name.startswith("join-uf90") and not killed.is_set():
+                os.kill(victim, signal.SIGKILL)
+                killed.set()
+
+    out = tmp_path / "out"
+    config = PreprocessConfig.from_options(raw_dir=str(cluster_raw), output_dir=str(out),
+                                           cluster=_config(external_cluster), partition_size="20KB")
+    preprocess(config, KillOnProgress())
+    assert killed.is_set()
+    assert tree_digest(out) == reference_digest
+    with Client(scheduler_file=external_cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+
+
+def test_driver_killed_then_resumed(external_cluster, cluster_raw, reference_digest, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cli", "preprocess", str(cluster_raw), "-o", str(out), "--plain",
+           "--scheduler-file", external_cluster, "--partition-size", "20KB"]
+    driver = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    for line in driver.stderr:
+        if line.startswith("[gather-uf90]") and "done" not in line:
+            break  # the moment: uf90's join is done, its gather stage starting
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not (out / "uf50").exists()  # nothing published
+    staged = [p for p in out.iterdir() if p.name.startswith(".esm2dask-staging")]
+    assert len(staged) == 1 and list((staged[0] / "work" / "receipts").iterdir())
+    messages = []
+
+    class Collect(Reporter):
+        def message(self, text):
+            messages.append(text)
+
+    config = PreprocessConfig.from_options(raw_dir=str(cluster_raw), output_dir=str(out), resume=True,
+                                           cluster=_config(external_cluster), partition_size="20KB")
+    preprocess(config, Collect())
+    assert any(m.startswith("resuming") for m in messages)
+    assert tree_digest(out) == reference_digest
+    assert not [p for p in out.iterdir() if p.name.startswith(".esm2dask-staging")]
