@@ -13,25 +13,73 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 
 from pathlib import Path
 
 from .common import RESULTS, dataset
 
 
-def screenshot(url: str, dest: Path) -> bool:
+def screenshot(url: str, dest: Path, ready: threading.Event, timeout_s: float = 600.0) -> bool:
+    """Open ``url`` in headless Chromium (driven over the DevTools protocol) now, and take
+    the screenshot once ``ready`` is set. The task stream draws from a websocket and shows
+    only what happens while the page is open, so the page must be open during the run."""
+    import asyncio
+    import base64
+    import json
+    import socket
+
+    import aiohttp
+
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
         print("chromium not found: no screenshot (apt-get install chromium)")
         return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     profile = tempfile.mkdtemp()
-    subprocess.run([
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    proc = subprocess.Popen([
+        browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=4000",
-        f"--screenshot={dest}", url,
-    ], check=False, capture_output=True, timeout=120)
-    shutil.rmtree(profile, ignore_errors=True)
+        f"--user-data-dir={profile}", "--window-size=1400,900", f"--remote-debugging-port={port}",
+        "--remote-allow-origins=*", "about:blank",
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def shoot():
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/json/list") as r:
+                        pages = [p for p in await r.json() if p["type"] == "page"]
+                    if pages:
+                        break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            async with session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                async def call(i, method, **params):
+                    await ws.send_str(json.dumps({"id": i, "method": method, "params": params}))
+                    async for msg in ws:
+                        data = json.loads(msg.data)
+                        if data.get("id") == i:
+                            return data.get("result", {})
+
+                await call(1, "Page.navigate", url=url)
+                waited = 0.0
+                while not ready.is_set() and waited < timeout_s:
+                    await asyncio.sleep(0.2)
+                    waited += 0.2
+                await asyncio.sleep(2.0)  # the last updates reach the page
+                shot = await call(2, "Page.captureScreenshot", format="png")
+                dest.write_bytes(base64.b64decode(shot["data"]))
+
+    try:
+        asyncio.run(shoot())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(profile, ignore_errors=True)
     return dest.exists()
 
 
@@ -56,20 +104,41 @@ def main(argv=None):
         raw_dir=str(raw), output_dir=str(out), partition_size=args.partition_size,
         cluster=ClusterConfig(scheduler_address=cluster.scheduler_address, performance_report=str(report)),
     )
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(r=preprocess(config)))
-    thread.start()
-    thread.join()
-    # the task stream of the finished run stays on the dashboard until the cluster closes
+    from distributed import Client, get_task_stream
+
+    finished = threading.Event()
     link = cluster.dashboard_link.replace("/status", "/individual-task-stream")
-    shot = screenshot(link, RESULTS / "dashboard_task_stream.png")
+    shots = {}
+    camera = threading.Thread(target=lambda: shots.update(
+        ok=screenshot(link, RESULTS / "dashboard_task_stream.png", finished)))
+    camera.start()
+    time.sleep(3)  # the page is open before the first task
+    with Client(cluster) as client, get_task_stream(client) as stream:
+        r = preprocess(config)
+    finished.set()
+    camera.join()
     cluster.close()
+    compute = {}
+    for task in stream.data:
+        stage = "-".join(str(task["key"]).split("-")[1:-3])
+        for ss in task["startstops"]:
+            if ss["action"] == "compute":
+                compute[stage] = compute.get(stage, 0.0) + ss["stop"] - ss["start"]
+    total = sum(compute.values())
+    lines = ["# Where the time goes", "",
+             f"Reproduce: `python -m benchmarks.profile_run --clusters {args.clusters} --workers {args.workers} "
+             f"--partition-size {args.partition_size}`", "",
+             f"{r.input_bytes / 1e6:.0f} MB in {r.wall_seconds:.1f} s ({r.mb_per_s:.0f} MB/s), {args.workers} workers. "
+             f"Compute time summed over the workers' task stream ({total:.1f} s):", "",
+             "| stage | compute s | share |", "|---|---|---|"]
+    for stage, seconds in sorted(compute.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {stage} | {seconds:.2f} | {seconds / total * 100:.0f} % |")
+    (RESULTS / "profile.md").write_text("\n".join(lines) + "\n")
+    shot = shots.get("ok", False)
     shutil.rmtree(out.parent, ignore_errors=True)
-    r = result["r"]
     print(f"{r.input_bytes / 1e6:.0f} MB in {r.wall_seconds:.1f} s ({r.mb_per_s:.0f} MB/s); "
           f"report {report}; screenshot {'saved' if shot else 'not taken'}")
-    for stage, seconds in sorted(r.stage_seconds.items(), key=lambda kv: -kv[1]):
-        print(f"  {stage:<22} {seconds:6.2f} s")
+    print((RESULTS / "profile.md").read_text())
 
 
 if __name__ == "__main__":

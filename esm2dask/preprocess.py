@@ -6,10 +6,11 @@ built in a hidden staging folder inside OUT and published whole at the end.
 
 Stages (each a set of parallel tasks):
 
-1. scan the mapping and count the records of every FASTA range;
+1. scan the mapping (ids, member counts, sorted id hashes) and count the records of
+   every FASTA range;
 2. from the counts, each range's first position; write ``counts``/``starts`` pieces and
-   the val/test shards; bucket the mapping ids by hash; convert uf50/uf90 on the fast
-   path when their records already stand in mapping order;
+   the val/test shards; convert uf50/uf90 on the fast path when their records already
+   stand in mapping order and no mapping id repeats;
 3. otherwise join by hash bucket and gather position blocks (any input order);
 4. assemble each shard from its pieces, publish, write the manifest.
 """
@@ -193,11 +194,12 @@ class _Run:
             "mapping": plan_ranges(cfg.mapping, sizes[cfg.mapping], part),
             "uf50": plan_ranges(cfg.uf50, sizes[cfg.uf50], part),
             "uf90": plan_ranges(cfg.uf90, sizes[cfg.uf90], part),
-            "val": plan_ranges(cfg.val, sizes[cfg.val], part),
         }
         same_test = cfg.test == cfg.val
-        if not same_test:
-            plans["test"] = plan_ranges(cfg.test, sizes[cfg.test], part)
+        if cfg.split == "fasta":  # the random split draws val/test from the clusters
+            plans["val"] = plan_ranges(cfg.val, sizes[cfg.val], part)
+            if not same_test:
+                plans["test"] = plan_ranges(cfg.test, sizes[cfg.test], part)
 
         # Hash buckets of the join: about one partition of FASTA per bucket.
         n_buckets = {
@@ -250,7 +252,7 @@ class _Run:
         for t in uf50_targets:
             rows[t.split_dir] = t.n_rows
 
-        # Stage 2: counts/starts, val/test, id buckets, fast-path attempts.
+        # Stage 2: counts/starts, val/test, fast-path attempts, the repeated-id check.
         futures: dict[str, list] = {}
         futures["write-counts"] = self._submit(
             "write-counts",
@@ -440,10 +442,10 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
     """Run the whole conversion and publish ``config.output_dir``; see the module doc."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
-    inputs = {
-        url: storage.check_input_file(url, config.storage_options)
-        for url in dict.fromkeys([config.mapping, config.uf50, config.uf90, config.val, config.test])
-    }
+    needed = [config.mapping, config.uf50, config.uf90]
+    if config.split == "fasta":
+        needed += [config.val, config.test]
+    inputs = {url: storage.check_input_file(url, config.storage_options) for url in dict.fromkeys(needed)}
     staging = Staging.create(config, inputs)
     if staging.resumed:
         reporter.message(f"resuming the run staged in {staging.root}")

@@ -32,6 +32,20 @@ class SynthResult:
     bytes: int
 
 
+def _residues(rng: np.random.Generator, total: int, chunk: int = 1 << 26) -> bytes:
+    """``total`` amino acids at background frequencies, one byte each, made in chunks so
+    that memory stays near the output size (a 4 GB set needs ~3 GB of residues)."""
+    cumulative = np.cumsum(AA_PERCENT) / sum(AA_PERCENT)
+    table = np.frombuffer(AMINO_ACIDS, np.uint8)[
+        np.minimum(np.searchsorted(cumulative, (np.arange(65536) + 0.5) / 65536), 19)
+    ]
+    out = bytearray(total)
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        out[start : start + n] = table[rng.integers(0, 65536, n, dtype=np.uint16)].tobytes()
+    return bytes(out)
+
+
 def _wrap(seq: bytes) -> bytes:
     return b"\n".join(seq[i : i + WRAP] for i in range(0, len(seq), WRAP))
 
@@ -46,8 +60,7 @@ def synth(out_dir: str, clusters: int, seed: int = 0, unsorted: bool = False) ->
     n_val = max(3, clusters // 1000)
     n_seqs = n_members + n_val
     lengths = np.clip(rng.lognormal(np.log(270), 0.55, n_seqs), 12, 8000).astype(np.int64)
-    p = np.asarray(AA_PERCENT) / sum(AA_PERCENT)
-    residues = np.frombuffer(AMINO_ACIDS, np.uint8)[rng.choice(20, int(lengths.sum()), p=p)].tobytes()
+    residues = _residues(rng, int(lengths.sum()))
     starts = np.concatenate(([0], np.cumsum(lengths)))
     species = rng.integers(0, len(SPECIES), n_seqs)
     taxids = rng.integers(1000, 2_000_000, n_seqs)
