@@ -16,7 +16,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clusters", default="800000,3200000")
     ap.add_argument("--workers", default="2")
-    ap.add_argument("--partition-size", default="16MiB")
+    ap.add_argument("--partition-size", default="64MiB")
     args = ap.parse_args(argv)
     runs = []
     for clusters in args.clusters.split(","):

@@ -16,7 +16,7 @@ def main(argv=None):
     ap.add_argument("--clusters", type=int, default=800_000)
     ap.add_argument("--engines", default="pyfastx,numpy,python")
     ap.add_argument("--workers", default="2")
-    ap.add_argument("--partition-size", default="16MiB")
+    ap.add_argument("--partition-size", default="64MiB")
     args = ap.parse_args(argv)
     raw = dataset(args.clusters)
     floor = cp_floor(raw)

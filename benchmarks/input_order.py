@@ -16,7 +16,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clusters", type=int, default=800_000)
     ap.add_argument("--workers", default="2")
-    ap.add_argument("--partition-size", default="16MiB")
+    ap.add_argument("--partition-size", default="64MiB")
     args = ap.parse_args(argv)
     runs = []
     floors = {}

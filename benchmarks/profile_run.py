@@ -1,7 +1,7 @@
 """One profiled run of the chosen configuration: Dask's performance report (HTML, works
 offline) and a screenshot of the dashboard's task stream taken with headless Chromium.
 
-    python -m benchmarks.profile_run [--clusters 800000] [--workers 2] [--partition-size 16MiB]
+    python -m benchmarks.profile_run [--clusters 800000] [--workers 2] [--partition-size 64MiB]
 
 Needs Debian's `chromium` for the screenshot (skipped with a message if it is missing).
 """
@@ -87,7 +87,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clusters", type=int, default=800_000)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--partition-size", default="16MiB")
+    ap.add_argument("--partition-size", default="64MiB")
     args = ap.parse_args(argv)
     raw = dataset(args.clusters)
 

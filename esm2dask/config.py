@@ -16,7 +16,7 @@ from .storage import cpu_count, join
 #: The seed workflow's download location.
 DEFAULT_RAW_DIR = "/workspace/data_from_ngc/uniref50_90_202104_esm2nv_v1.0"
 #: Chosen by the partition-size sweep in ``benchmarks/results/partition_sweep.md``.
-DEFAULT_PARTITION_SIZE = "16MiB"
+DEFAULT_PARTITION_SIZE = "64MiB"
 DEFAULT_NUM_CSV_FILES = 50
 
 UF50_FASTA = "uniref50_train_filt.fasta"
