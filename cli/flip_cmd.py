@@ -10,7 +10,8 @@ from .main import cli
 @cli.command()
 @click.option("--tasks", default="secondary_structure", show_default=True,
               help="Comma-separated FLIP tasks, or 'all' (aav, bind, conservation, gb1, meltome, sav, scl, secondary_structure).")
-@click.option("--output-dir", "-o", default="FLIP", show_default=True, help="Writes OUT/<task>/{train,val,test}/x000.csv.")
+@click.option("--output-dir", "-o", default="FLIP", show_default=True,
+              help="Writes OUT/<task>/{train,val,test}/x000.csv (a folder or an fsspec URL).")
 @click.option("--source", help="Base URL of a FLIP mirror, or a local folder with <task>/<file> [default: the public FLIP server].")
 @click.option("--cache-dir", help="Where downloads are kept and reused [default: ~/.cache/esm2dask/flip].")
 @click.option("--num-csv-files", type=int, default=1, show_default=True)
@@ -21,15 +22,18 @@ from .main import cli
 @click.option("--retries", type=int, default=3, show_default=True, help="Retries per download, with backoff.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per download attempt.")
 @click.option("--overwrite", is_flag=True, help="Replace existing task folders.")
-def flip(tasks, output_dir, source, cache_dir, num_csv_files, labels, checksums, write_checksums, retries, timeout, overwrite):
+@click.option("--storage-options", help="JSON options for fsspec/s3fs, for s3:// sources and outputs.")
+def flip(tasks, output_dir, source, cache_dir, num_csv_files, labels, checksums, write_checksums, retries, timeout,
+         overwrite, storage_options):
     """Convert FLIP benchmark tasks into ESM2nv validation CSVs."""
     from esm2dask.flip import DEFAULT_CACHE, DEFAULT_SOURCE, FlipConfig, parse_tasks, run_flip
+    from esm2dask.storage import parse_storage_options
 
     config = FlipConfig(
         tasks=tuple(parse_tasks(tasks)), output_dir=output_dir, source=source or DEFAULT_SOURCE,
         cache_dir=cache_dir or DEFAULT_CACHE, num_csv_files=num_csv_files, labels=labels,
         checksums=checksums, write_checksums=write_checksums, retries=retries, timeout_s=timeout,
-        overwrite=overwrite,
+        overwrite=overwrite, storage_options=parse_storage_options(storage_options),
     )
     for result in run_flip(config):
         counts = ", ".join(f"{s} {n:,}" for s, n in result.rows.items())

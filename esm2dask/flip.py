@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -86,6 +87,7 @@ class FlipConfig:
     retries: int = 3
     timeout_s: float = 60.0
     overwrite: bool = False
+    storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.labels not in ("compat", "exact"):
@@ -124,15 +126,18 @@ def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     part = dest + ".part"
-    fs = _http_fs(config.timeout_s)
+    if url.startswith(("http://", "https://")):
+        fs, remote = _http_fs(config.timeout_s), url
+    else:  # s3:// and any other fsspec URL
+        fs, remote = storage.get_fs(url, config.storage_options)
     for attempt in range(config.retries + 1):
         try:
-            fs.get_file(url, part)
+            fs.get_file(remote, part)
             os.replace(part, dest)
             return dest
         except FileNotFoundError:
             _unlink(part)
-            raise InputError(url, "", f"FLIP task {task.name}: not found on the server (HTTP 404)") from None
+            raise InputError(url, "", f"FLIP task {task.name}: not found on the server (HTTP 404 / no such key)") from None
         except Exception as err:  # connection errors, timeouts, 5xx answers
             _unlink(part)
             if attempt == config.retries:
@@ -297,13 +302,18 @@ def run_flip(config: FlipConfig) -> list[FlipTaskResult]:
     """Fetch, check, convert and publish every task of ``config``."""
     expected = read_checksums(config.checksums) if config.checksums else {}
     out = config.output_dir
-    existing = [t.name for t in config.tasks if os.path.exists(os.path.join(out, t.name))]
+    remote_out = _is_remote(out)
+    out_fs, out_path = storage.get_fs(out, config.storage_options)
+    existing = [t.name for t in config.tasks if out_fs.exists(storage.join(out_path, t.name))]
     if existing and not config.overwrite:
         raise OutputError(f"{out}: task folder(s) {', '.join(existing)} exist; pass --overwrite to replace them")
     try:
-        os.makedirs(out, exist_ok=True)
-        staging = os.path.join(out, f".esm2dask-flip-staging-{os.getpid()}")
-        os.makedirs(staging, exist_ok=True)
+        if remote_out:  # built locally, then uploaded task by task
+            staging = tempfile.mkdtemp(prefix="esm2dask-flip-")
+        else:
+            os.makedirs(out, exist_ok=True)
+            staging = os.path.join(out, f".esm2dask-flip-staging-{os.getpid()}")
+            os.makedirs(staging, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{out}: cannot write the output folder ({err})") from None
     results, sums = [], {}
@@ -328,6 +338,12 @@ def run_flip(config: FlipConfig) -> list[FlipTaskResult]:
                 )
             results.append(result)
         for task in config.tasks:
+            if remote_out:
+                dest = storage.join(out_path, task.name)
+                if out_fs.exists(dest):
+                    out_fs.rm(dest, recursive=True)
+                out_fs.put(os.path.join(staging, task.name) + "/", dest + "/", recursive=True)
+                continue
             dest = os.path.join(out, task.name)
             if os.path.exists(dest):
                 shutil.rmtree(dest)
@@ -346,20 +362,22 @@ def verify_flip_tree(root: str, storage_options=None, num_csv_files=None):
     from .verify import VerifyReport, list_shards
 
     report = VerifyReport(root)
-    tasks = [d for d in sorted(os.listdir(root)) if d in TASKS] if os.path.isdir(root) else []
+    fs, root_path = storage.get_fs(root, storage_options or {})
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root_path, detail=False)] if fs.exists(root_path) else []
+    tasks = sorted(d for d in names if d in TASKS)
     if not tasks:
         report.problems.append(f"{root}: no FLIP task folders ({', '.join(TASKS)}) and no uf50/")
         return report
-    fs, _ = storage.get_fs(root, storage_options or {})
     for name in tasks:
         task = TASKS[name]
         head = ",".join(task.header) + "\n"
         for split in SPLITS:
             label = f"{name}/{split}"
-            paths = list_shards(fs, os.path.join(root, name, split), label, report.problems, num_csv_files)
+            paths = list_shards(fs, storage.join(root_path, name, split), label, report.problems, num_csv_files)
             n = 0
             for p in paths:
-                data = open(p, "rb").read()
+                with fs.open(p, "rb") as f:
+                    data = f.read()
                 if not data.startswith(head.encode()):
                     report.problems.append(f"{label}/{os.path.basename(p)}: header is not {head.strip()!r}")
                     continue

@@ -255,3 +255,15 @@ def test_pipeline_download_incomplete(fake_ngc, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["pipeline", "--workspace", str(tmp_path / "ws"), "--local-dir", str(tmp_path / "l")])
     assert result.exit_code == 1
     assert "(exit 5): transfer incomplete: Download incomplete" in result.output
+
+
+def test_stale_workspace_id_in_state_is_not_trusted(fake_ngc):
+    """The remembered id no longer exists (`info` answers not found): look up by name."""
+    fake_ngc.state_file.write_text(json.dumps({"workspace_id": "GoneId", "workspace_name": "ws-a"}))
+    result = ngc("workspace", "create", "ws-a")
+    assert result.exit_code == 0, result.output
+    assert "WsId0001xyz" in result.output
+    verbs = [c[:3] for c in fake_ngc.calls()]
+    assert verbs[:3] == [["workspace", "info", "GoneId"], ["workspace", "list", "--name"], ["workspace", "create", "--name"]]
+    assert json.loads(fake_ngc.state_file.read_text())["workspace_id"] == "WsId0001xyz"
+    assert KEY not in fake_ngc.state_file.read_text()

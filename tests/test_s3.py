@@ -125,3 +125,24 @@ def test_permanent_s3_errors_are_one_line(s3_server, tmp_path, dask_cluster):
     assert result.exit_code == 1
     assert "s3://no-such-bucket/raw/mapping.tsv: no such file (or no such bucket)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_flip_from_s3_to_s3_and_verify_in_place(s3_server, tmp_path):
+    import s3fs
+
+    from test_flip import make_flip_tree
+
+    src = tmp_path / "flip-src"
+    make_flip_tree(src)
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.put(str(src) + "/", "esm2dask-test/flip-src/", recursive=True)
+    opts = json.dumps(s3_server)
+    result = CliRunner().invoke(cli, [
+        "flip", "--tasks", "scl,secondary_structure", "--source", "s3://esm2dask-test/flip-src",
+        "-o", "s3://esm2dask-test/FLIP", "--cache-dir", str(tmp_path / "cache"), "--storage-options", opts,
+    ])
+    assert result.exit_code == 0, result.output
+    assert fs.cat("esm2dask-test/FLIP/scl/test/x000.csv") == b"id,sequence,scl_label\nscl_2,PQRS,Lysosome\n"
+    check = CliRunner().invoke(cli, ["verify", "s3://esm2dask-test/FLIP", "--storage-options", opts])
+    assert check.exit_code == 0, check.output
+    assert "checked: secondary_structure/test" in check.output
