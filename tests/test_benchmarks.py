@@ -31,3 +31,11 @@ def test_input_order_and_engines_smoke(bench):
     assert "Same output bytes for both orders: yes" in (bench / "input_order.md").read_text()
     engines.main(["--clusters", "300", "--workers", "1", "--engines", "pyfastx,python"])
     assert "byte-identical across engines: yes" in (bench / "engines.md").read_text()
+
+
+def test_storage_and_cluster_smoke(bench):
+    from benchmarks import storage_and_cluster
+
+    storage_and_cluster.main(["--clusters", "300", "--workers", "1"])
+    table = (bench / "storage_and_cluster.md").read_text()
+    assert "s3 → s3 (moto)" in table and "external `dask scheduler`" in table
