@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -165,7 +166,7 @@ class Pipeline:
                                 scheduler_file=self.config.scheduler_file, dashboard_address=":8787")
         config = PreprocessConfig.from_options(raw_dir=raw, output_dir=out, overwrite=True, cluster=cluster)
         result = preprocess(config)
-        return f"{result.input_bytes / 1e9:.1f} GB at {result.mb_per_s:.0f} MB/s"
+        return f"{result.input_bytes / 1e6:,.0f} MB at {result.mb_per_s:.0f} MB/s"
 
     def _flip_done(self, out: str) -> bool:
         from .flip import verify_flip_tree
@@ -232,11 +233,18 @@ def node_role(env: dict[str, str], workspace: str, workers_per_node: int, job_id
     job = job_id or env.get("NGC_JOB_ID", "job")
     sched_file = os.path.join(workspace, ".esm2dask", f"scheduler-{job}.json")
     worker = ("dask", "worker", "--scheduler-file", sched_file, "--nworkers", str(workers_per_node),
-              "--nthreads", "1", "--death-timeout", "300")
+              "--nthreads", "1", "--death-timeout", "120")
     if rank == 0:
         commands = (("dask", "scheduler", "--scheduler-file", sched_file), worker)
         return NodeRole(rank, size, "driver", sched_file, commands)
     return NodeRole(rank, size, "worker", sched_file, (worker,))
+
+
+def _runnable(command: tuple[str, ...]) -> list[str]:
+    """``dask …`` with the ``dask`` of this Python's environment (it may not be on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), command[0])
+    program = shutil.which(command[0]) or (beside if os.path.exists(beside) else command[0])
+    return [program, *command[1:]]
 
 
 def run_multi_node(config: PipelineConfig, env: dict[str, str], workers_per_node: int) -> list[StepResult]:
@@ -246,15 +254,15 @@ def run_multi_node(config: PipelineConfig, env: dict[str, str], workers_per_node
     if role.role == "worker":
         while not os.path.exists(role.scheduler_file):
             time.sleep(2)
-        subprocess.run(role.commands[0], check=False)
+        subprocess.run(_runnable(role.commands[0]), check=False)
         return []
     if os.path.exists(role.scheduler_file):
         os.unlink(role.scheduler_file)
-    procs = [subprocess.Popen(role.commands[0])]
+    procs = [subprocess.Popen(_runnable(role.commands[0]))]
     try:
         while not os.path.exists(role.scheduler_file):
             time.sleep(0.5)
-        procs.append(subprocess.Popen(role.commands[1]))
+        procs.append(subprocess.Popen(_runnable(role.commands[1])))
         from distributed import Client
 
         with Client(scheduler_file=role.scheduler_file) as client:
@@ -262,7 +270,16 @@ def run_multi_node(config: PipelineConfig, env: dict[str, str], workers_per_node
         cfg = PipelineConfig(**{**config.__dict__, "scheduler_file": role.scheduler_file})
         return Pipeline(cfg, multi_node=True).run()
     finally:
+        try:
+            # closes the scheduler and every worker, on all replicas, so their jobs end too
+            with Client(scheduler_file=role.scheduler_file, timeout="10s") as client:
+                client.shutdown()
+        except (OSError, TimeoutError):
+            pass
         for p in reversed(procs):
             p.terminate()
         for p in procs:
-            p.wait(timeout=60)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -209,7 +209,7 @@ def test_multi_node_roles():
     assert roles[0].commands[0] == ("dask", "scheduler", "--scheduler-file", "/ws/.esm2dask/scheduler-42.json")
     assert roles[1].commands == ((
         "dask", "worker", "--scheduler-file", "/ws/.esm2dask/scheduler-42.json", "--nworkers", "8",
-        "--nthreads", "1", "--death-timeout", "300"),)
+        "--nthreads", "1", "--death-timeout", "120"),)
     assert roles[0].commands[1] == roles[1].commands[0]
     with pytest.raises(Exception, match="outside an array"):
         node_role({"NGC_ARRAY_INDEX": "3", "NGC_ARRAY_SIZE": "3"}, "/ws", 8)
@@ -267,3 +267,40 @@ def test_stale_workspace_id_in_state_is_not_trusted(fake_ngc):
     assert verbs[:3] == [["workspace", "info", "GoneId"], ["workspace", "list", "--name"], ["workspace", "create", "--name"]]
     assert json.loads(fake_ngc.state_file.read_text())["workspace_id"] == "WsId0001xyz"
     assert KEY not in fake_ngc.state_file.read_text()
+
+
+def test_multi_node_pipeline_with_two_simulated_replicas(fake_ngc, tmp_path, monkeypatch):
+    """Two `esm2dask pipeline --multi-node` processes, as replicas 0 and 1 of one job: replica 0
+    runs the scheduler, a worker and the pipeline; replica 1 a worker that leaves when the
+    scheduler closes. The output lands on the (shared) workspace and verifies."""
+    import subprocess
+    import sys
+
+    from esm2dask.synth import synth
+
+    src = tmp_path / "resource"
+    synth(str(src), 300, seed=6)
+    ws = tmp_path / "ws"
+    env = {**os.environ, "FAKE_NGC_RESOURCE_SRC": str(src), "NGC_ARRAY_SIZE": "2", "NGC_JOB_ID": "77",
+           "DASK_LOGGING__DISTRIBUTED": "error"}
+    repo = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cli", "pipeline", "--multi-node", "--workspace", str(ws),
+             "--local-dir", str(tmp_path / f"local{rank}"), "--workers", "1"],
+            env={**env, "NGC_ARRAY_INDEX": str(rank)}, cwd=repo,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "preprocess  done" in outputs[0]
+    out = ws / "data_from_ngc" / "uniref50_90_202104_esm2nv_v1.0_preproc"
+    check = CliRunner().invoke(cli, ["verify", str(out)])
+    assert check.exit_code == 0, check.output
+    assert (ws / ".esm2dask" / "scheduler-77.json").exists()
