@@ -26,5 +26,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
 
+## Every benchmark study (writes benchmarks/results/; takes ~20 minutes on 2 cores).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.partition_sweep
+	$(BIN)/python -m benchmarks.engines
+	$(BIN)/python -m benchmarks.input_order
+	$(BIN)/python -m benchmarks.driver_memory
+	$(BIN)/python -m benchmarks.profile_run
+	$(BIN)/python -m benchmarks.storage_and_cluster
+
 clean:
 	rm -rf $(VENV) sample .pytest_cache
