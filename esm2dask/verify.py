@@ -85,7 +85,26 @@ def list_shards(fs, path: str, label: str, problems: list[str], expected_files: 
     return [f"{path}/{n}" for n in expected if n in shards]
 
 
+def _check_rows(frame: pl.DataFrame, label: str, first_row: int, report: VerifyReport) -> None:
+    """The per-row checks of one file (``first_row`` = rows before it in the split)."""
+    lengths = frame["sequence"].str.len_chars()
+    bad = (lengths != frame["sequence_length"]).arg_true()
+    if len(bad):
+        i = int(bad[0])
+        report.problems.append(
+            f"{label}: row {first_row + i + 1} ({frame['record_name'][i]}): sequence_length "
+            f"{frame['sequence_length'][i]} but the sequence has {lengths[i]} characters"
+        )
+    for col, pattern in (("record_name", r"[\s,\"]|^$"), ("sequence", r"[\s,\"]")):
+        hits = frame[col].str.contains(pattern)
+        if hits.any():
+            i = int(hits.arg_true()[0])
+            report.problems.append(f"{label}: row {first_row + i + 1}: empty {col} or one with whitespace/','/'\"'")
+
+
 def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl.DataFrame | None:
+    """Check one output folder file by file; returns its ``record_id``/``record_name`` columns
+    (sequences are checked and dropped file by file, so memory stays near one file's)."""
     label = split_dir
     paths = list_shards(fs, storage.join(root, split_dir), label, report.problems, expected_files)
     if not paths:
@@ -95,7 +114,8 @@ def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl
         frame = read_csv_checked(fs, p, CSV_HEADER, report.problems, f"{split_dir}/{p.rsplit('/', 1)[-1]}")
         if frame is None:
             return None
-        frames.append(frame)
+        _check_rows(frame, label, sum(per_file), report)
+        frames.append(frame.select("record_id", "record_name"))
         per_file.append(len(frame))
     data = pl.concat(frames)
     n = len(data)
@@ -116,19 +136,6 @@ def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl
             )
     elif n and (np.any(np.diff(ids) <= 0) or ids[0] < 1):
         report.problems.append(f"{label}: record_id values are not strictly increasing from ≥1")
-    lengths = data["sequence"].str.len_chars()
-    bad = (lengths != data["sequence_length"]).arg_true()
-    if len(bad):
-        i = int(bad[0])
-        report.problems.append(
-            f"{label}: row {i + 1} ({data['record_name'][i]}): sequence_length "
-            f"{data['sequence_length'][i]} but the sequence has {lengths[i]} characters"
-        )
-    for col, pattern in (("record_name", r"[\s,\"]|^$"), ("sequence", r"[\s,\"]")):
-        hits = data[col].str.contains(pattern)
-        if hits.any():
-            i = int(hits.arg_true()[0])
-            report.problems.append(f"{label}: row {i + 1}: empty {col} or one with whitespace/','/'\"'")
     report.checked.append(split_dir)
     return data
 
