@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 
 from .config import ClusterConfig
 from .errors import ConfigError
-
-log = logging.getLogger("esm2dask")
 
 
 @contextlib.contextmanager

@@ -117,10 +117,18 @@ class JoinReceipt:
 # ----------------------------------------------------------------------------- helpers
 
 
+#: Rows per record batch of the Arrow files: a reader of a slice on an object store
+#: fetches only the batches it needs (ranged reads), not the whole file.
+IPC_BATCH_ROWS = 1 << 16
+
+
 @storage.retrying
 def _write_ipc(url: str, frame: pl.DataFrame, storage_options: dict) -> None:
-    with storage.open_for_write(url, storage_options) as f:
-        frame.write_ipc(f, compression="uncompressed")
+    import pyarrow.ipc as ipc
+
+    table = frame.to_arrow().combine_chunks()
+    with storage.open_for_write(url, storage_options) as f, ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table, max_chunksize=IPC_BATCH_ROWS)
 
 
 @storage.retrying
@@ -135,7 +143,8 @@ def _read_ipc(url: str, storage_options: dict) -> pl.DataFrame:
 def read_slices(slices, storage_options: dict) -> pl.DataFrame | None:
     """Rows ``[lo, hi)`` of each Arrow file, concatenated; None if there are none.
 
-    Local files are memory-mapped, so a slice costs what it holds, not the whole file.
+    Local files are memory-mapped and remote ones read batch by batch, so a slice costs
+    what it holds, not the whole file.
     """
     import pyarrow as pa
     import pyarrow.ipc as ipc
@@ -148,10 +157,23 @@ def read_slices(slices, storage_options: dict) -> pl.DataFrame | None:
             with pa.memory_map(storage.local_path(s.url)) as src:
                 tables.append(ipc.open_file(src).read_all().slice(s.lo, s.hi - s.lo))
         else:
-            tables.append(_read_ipc(s.url, storage_options).slice(s.lo, s.hi - s.lo).to_arrow())
+            tables.append(_read_remote_slice(s, storage_options))
     if not tables:
         return None
     return pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
+
+
+@storage.retrying
+def _read_remote_slice(s: "Slice", storage_options: dict):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    fs, path = storage.get_fs(s.url, storage_options)
+    first, last = s.lo // IPC_BATCH_ROWS, (s.hi - 1) // IPC_BATCH_ROWS
+    with fs.open(path, "rb") as f:
+        reader = ipc.open_file(f)
+        table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last + 1)], reader.schema)
+    return table.slice(s.lo - first * IPC_BATCH_ROWS, s.hi - s.lo)
 
 
 @storage.retrying
@@ -391,7 +413,7 @@ def convert_in_order(
 
 
 def _bucket_of(names: pl.Series, n_buckets: int) -> np.ndarray:
-    return (names.hash(seed=0).to_numpy() % np.uint64(n_buckets)).astype(np.int64)
+    return hash_bucket(names.hash(seed=0).to_numpy(), n_buckets)
 
 
 def _write_bucketed(frame: pl.DataFrame, key: str, n_buckets: int, url: str, so) -> BucketReceipt:

@@ -82,3 +82,26 @@ def test_plan_ranges_covers_the_file():
     plan = plan_ranges("f", 1000, 64)
     assert plan[0].start == 0 and plan[-1].stop == 1000
     assert all(a.stop == b.start for a, b in zip(plan, plan[1:]))
+
+
+def test_arrow_slices_read_the_same_locally_and_from_a_remote_store(tmp_path):
+    """Remote slices read only the record batches they need; the rows must be the same."""
+    import numpy as np
+    import polars as pl
+
+    from esm2dask import tasks
+
+    n = 3 * tasks.IPC_BATCH_ROWS + 123
+    frame = pl.DataFrame({"id": [f"id{i}" for i in range(n)], "pos": np.arange(n)})
+    local, remote = str(tmp_path / "f.arrow"), "memory://esm2dask-test/f.arrow"
+    tasks._write_ipc(local, frame, {})
+    tasks._write_ipc(remote, frame, {})
+    edges = [0, 1, tasks.IPC_BATCH_ROWS - 1, tasks.IPC_BATCH_ROWS, 2 * tasks.IPC_BATCH_ROWS + 5, n]
+    for lo in edges:
+        for hi in edges:
+            if hi <= lo:
+                continue
+            want = frame.slice(lo, hi - lo)
+            for url in (local, remote):
+                got = tasks.read_slices([tasks.Slice(url, lo, hi)], {})
+                assert got.equals(want), (url, lo, hi)
