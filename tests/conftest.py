@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ESM2DASK_SHARED", REPO.parent / "shared"))
-QC_DIR = SHARED / "data" / "esm2_qc"
+#: NVIDIA's QC sample (UniProt data, CC BY 4.0), carried by the repository.
+QC_DIR = REPO / "tests" / "data" / "esm2_qc"
 
 
 @pytest.fixture(scope="session")
 def qc_dir() -> Path:
     if not (QC_DIR / "mapping.tsv").exists():
-        pytest.fail(f"NVIDIA's QC sample is expected at {QC_DIR} (set ESM2DASK_SHARED)")
+        pytest.fail(f"NVIDIA's QC sample is missing from {QC_DIR}")
     return QC_DIR
 
 
