@@ -94,7 +94,7 @@ def main(argv=None):
     from distributed import LocalCluster
 
     from esm2dask.config import ClusterConfig, PreprocessConfig
-    from esm2dask.preprocess import preprocess
+    from esm2dask.preprocess import preprocess, stage_of_key
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address="127.0.0.1:0")
@@ -120,7 +120,7 @@ def main(argv=None):
     cluster.close()
     compute = {}
     for task in stream.data:
-        stage = "-".join(str(task["key"]).split("-")[1:-3])
+        stage = stage_of_key(task["key"])
         for ss in task["startstops"]:
             if ss["action"] == "compute":
                 compute[stage] = compute.get(stage, 0.0) + ss["stop"] - ss["start"]

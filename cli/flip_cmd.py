@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .main import cli
 
 
-@cli.command()
+@click.command()
 @click.option("--tasks", default="secondary_structure", show_default=True,
               help="Comma-separated FLIP tasks, or 'all' (aav, bind, conservation, gb1, meltome, sav, scl, secondary_structure).")
 @click.option("--output-dir", "-o", default="FLIP", show_default=True,

@@ -1,47 +1,82 @@
 """The ``esm2dask`` command. Each command parses options, builds one config, calls one
-library function and prints a summary; errors are turned into messages in one place."""
+library function and prints a summary; errors are turned into messages in one place.
+
+Dask's logging is configured first, before any command module imports dask (see
+:mod:`esm2dask.logs`): by default the terminal shows only esm2dask's progress and summary.
+"""
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
+from esm2dask import logs
 
-import click
+logs.configure_dask_logging()
 
-from esm2dask import __version__
-from esm2dask.errors import Esm2DaskError
+import sys  # noqa: E402
+
+import click  # noqa: E402
+
+from esm2dask import __version__  # noqa: E402
+from esm2dask.errors import Esm2DaskError, Interrupted  # noqa: E402
+
+from .flip_cmd import flip  # noqa: E402
+from .ngc_cmd import ngc, pipeline  # noqa: E402
+from .preprocess_cmd import preprocess, synth, verify  # noqa: E402
+
+VERBOSE_HELP = "Show esm2dask's and Dask's log messages on stderr (a run's log file always has them)."
 
 
 class Esm2DaskGroup(click.Group):
     """Turns the project's errors into one line on stderr and a non-zero exit."""
 
+    def parse_args(self, ctx, args):
+        if not args:  # `esm2dask` alone: the help, and success
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Interrupted as err:
+            click.echo(f"esm2dask: interrupted: {err}", err=True)
+            sys.exit(err.exit_code)
         except Esm2DaskError as err:
             click.echo(f"esm2dask: error: {err}", err=True)
             sys.exit(getattr(err, "exit_code", 1))
         except KeyboardInterrupt:
-            click.echo("esm2dask: interrupted; nothing was published", err=True)
+            click.echo("esm2dask: interrupted", err=True)
             sys.exit(130)
 
 
-@click.group(cls=Esm2DaskGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="esm2dask")
-@click.option("-v", "--verbose", is_flag=True, help="Log Dask's own messages too.")
-def cli(verbose: bool) -> None:
+def _set_verbose(ctx, param, value):
+    if value:
+        logs.set_verbose(True)
+
+
+def verbose_option() -> click.Option:
+    """``-v``, accepted on the group and after any command (``esm2dask preprocess -v``)."""
+    return click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, is_eager=True,
+                        callback=_set_verbose, help=VERBOSE_HELP)
+
+
+@click.group(cls=Esm2DaskGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="esm2dask", help="Show the version and exit.")
+def cli() -> None:
     """Prepare BioNeMo ESM2nv pre-training data (UniRef50/90 CSV shards) on Dask."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if not verbose:
-        # read by distributed when it is first imported, and by the worker processes
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
-    for name in ("bokeh", "tornado", "asyncio"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+for command in (preprocess, verify, synth, flip, ngc, pipeline):
+    cli.add_command(command)
+
+
+def _add_verbose(command: click.Command) -> None:
+    command.params.append(verbose_option())
+    for sub in getattr(command, "commands", {}).values():
+        _add_verbose(sub)
+
+
+_add_verbose(cli)
 
 
 def main() -> None:  # pragma: no cover - console entry
     cli()
-
-
-from . import flip_cmd, ngc_cmd, preprocess_cmd  # noqa: E402,F401  (registers commands)

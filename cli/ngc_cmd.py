@@ -7,13 +7,12 @@ from pathlib import Path
 
 import click
 
-from .main import cli
 
 def _note(text: str) -> None:
     click.echo(text, err=True)
 
 
-@cli.group()
+@click.group()
 @click.option("--org", help="NGC org [default: $NGC_CLI_ORG].")
 @click.option("--team", help="NGC team [default: $NGC_CLI_TEAM].")
 @click.option("--ace", help="NGC ACE [default: $NGC_CLI_ACE or $ACE].")
@@ -233,7 +232,7 @@ def ngc_up(obj, workspace_name, job_name, secret, replicas, flip, package, waite
         raise ConfigError(f"job {job_id} ended {status}; `esm2dask ngc up` again resumes where it stopped")
 
 
-@cli.command()
+@click.command()
 @click.option("--workspace", default="/ngc_workspace_mount", show_default=True, help="The workspace mount inside the job.")
 @click.option("--local-dir", default="/workspace/data_from_ngc", show_default=True, help="Fast local disk for download and processing.")
 @click.option("--flip", is_flag=True, help="Also convert the FLIP secondary-structure task.")

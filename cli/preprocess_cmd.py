@@ -2,73 +2,82 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import asdict
 
 import click
 
 from esm2dask.config import DEFAULT_PARTITION_SIZE
+from esm2dask.plan import MAX_RANGES_PER_INPUT
+from esm2dask.progress import human_amount, human_seconds
 
-from .main import cli
 from .progress import make_reporter
 
 
 def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+    return human_amount(n, "B")
 
 
-@cli.command()
+@click.command()
 @click.argument("raw_dir", required=False)
 @click.option("--output-dir", "-o", help="Output folder [default: RAW_DIR_preproc].")
-@click.option("--uf50", help="UniRef50 training FASTA [default: RAW_DIR/uniref50_train_filt.fasta].")
-@click.option("--uf90", help="Member ('sampler') FASTA [default: RAW_DIR/uniref90membersandreps_ur50trainfiltreps.fasta].")
-@click.option("--mapping", help="Cluster → members TSV [default: RAW_DIR/mapping.tsv].")
-@click.option("--val", help="Validation FASTA [default: RAW_DIR/uniref50_valid.fasta].")
+@click.option("--uf50", help="UniRef50 training FASTA [default: uniref50_train_filt.fasta in RAW_DIR].")
+@click.option("--uf90", help="Member ('sampler') FASTA [default: uniref90membersandreps_ur50trainfiltreps.fasta in RAW_DIR].")
+@click.option("--mapping", help="Cluster → members TSV [default: mapping.tsv in RAW_DIR].")
+@click.option("--val", help="Validation FASTA [default: uniref50_valid.fasta in RAW_DIR].")
 @click.option("--test", help="Test FASTA [default: the validation FASTA].")
 @click.option("--split", type=click.Choice(["fasta", "random"]), default="fasta", show_default=True,
               help="fasta: val/test from their FASTAs (BioNeMo v1.10); random: v1.0's random split of the clusters.")
 @click.option("--val-size", type=int, default=5000, show_default=True, help="Clusters in val (--split random).")
 @click.option("--test-size", type=int, default=1_000_000, show_default=True, help="Clusters in test (--split random).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random split.")
-@click.option("--num-csv-files", type=int, default=50, show_default=True, help="CSV files per output folder.")
-@click.option("--workers", type=int, help="Dask worker processes [default: the machine's cores].")
-@click.option("--threads-per-worker", type=int, default=1, show_default=True)
-@click.option("--memory-limit", help="Per worker, e.g. 4GiB [default: RAM / workers].")
-@click.option("--partition-size", default=DEFAULT_PARTITION_SIZE, show_default=True, help="Bytes of input per task.")
+@click.option("--num-csv-files", type=int, default=50, show_default=True, help="CSV files per output folder (1-1000).")
+@click.option("--workers", type=int, help="Dask worker processes of the LocalCluster [default: the machine's cores].")
+@click.option("--threads-per-worker", type=int, default=1, show_default=True, help="Threads per worker process.")
+@click.option("--memory-limit", help="Per worker: a size (at least 256MiB, e.g. 4GiB), a fraction of RAM (0.5) or auto [default: auto, RAM / workers].")
+@click.option("--partition-size", default=DEFAULT_PARTITION_SIZE, show_default=True,
+              help=f"Bytes of input per task (e.g. 64MiB); a size that would cut one input into more than "
+                   f"{MAX_RANGES_PER_INPUT:,} ranges is refused.")
 @click.option("--engine", type=click.Choice(["pyfastx", "numpy", "python"]), default="pyfastx", show_default=True,
-              help="FASTA parser.")
+              help="FASTA parser (all give the same bytes).")
 @click.option("--scheduler-address", help="Use a running Dask cluster (tcp://HOST:PORT) instead of a LocalCluster.")
-@click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file.")
-@click.option("--dashboard-address", default=":8787", show_default=True, help="LocalCluster dashboard address.")
+@click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file (waited for, see --scheduler-timeout).")
+@click.option("--scheduler-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for --scheduler-file to appear and the scheduler to answer.")
+@click.option("--dashboard-address", default=":8787", show_default=True,
+              help="LocalCluster dashboard: [HOST]:PORT (port 0: any free port), or 'none'.")
 @click.option("--performance-report", type=click.Path(dir_okay=False), help="Write Dask's HTML performance report here.")
 @click.option("--overwrite", is_flag=True, help="Replace uf50/ and uf90/ of an existing output folder.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same output (same inputs and options).")
 @click.option("--no-copy-inputs", is_flag=True, help="Do not hard-link/copy the raw files into the output folder.")
 @click.option("--storage-options", help="JSON options for fsspec/s3fs (e.g. endpoint_url).")
-@click.option("--plain", is_flag=True, default=None, help="Plain log lines instead of progress bars.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the plan (inputs, ranges, tasks, files, a time estimate) and exit; starts no cluster.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (or the --plan) as one JSON object on stdout.")
+@click.option("--plain", is_flag=True, default=None, help="A plain progress line every few seconds instead of a bar.")
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
                num_csv_files, workers, threads_per_worker, memory_limit, partition_size, engine,
-               scheduler_address, scheduler_file, dashboard_address, performance_report, overwrite,
-               resume, no_copy_inputs, storage_options, plain):
+               scheduler_address, scheduler_file, scheduler_timeout, dashboard_address, performance_report,
+               overwrite, resume, no_copy_inputs, storage_options, plan_only, as_json, plain):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
 
     RAW_DIR defaults to $ESM2DASK_RAW_DIR, else
-    /workspace/data_from_ngc/uniref50_90_202104_esm2nv_v1.0.
+    /workspace/data_from_ngc/uniref50_90_202104_esm2nv_v1.0 (where BioNeMo's seed
+    workflow downloads the release). The full log of the run is kept in
+    OUTPUT_DIR/esm2dask.log.
     """
     from esm2dask.config import ClusterConfig, PreprocessConfig
-    from esm2dask.preprocess import preprocess as run_preprocess
     from esm2dask.storage import cpu_count, parse_storage_options
 
     cluster = ClusterConfig(
-        workers=workers or cpu_count(),
+        workers=cpu_count() if workers is None else workers,
         threads_per_worker=threads_per_worker,
         memory_limit=memory_limit,
         scheduler_address=scheduler_address,
         scheduler_file=scheduler_file,
-        dashboard_address=dashboard_address,
+        scheduler_timeout_s=scheduler_timeout,
+        dashboard_address=None if dashboard_address.lower() in ("none", "") else dashboard_address,
         performance_report=performance_report,
     )
     config = PreprocessConfig.from_options(
@@ -78,11 +87,19 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
         overwrite=overwrite, resume=resume, copy_inputs=not no_copy_inputs,
         storage_options=parse_storage_options(storage_options), cluster=cluster,
     )
+    if plan_only:
+        _print_plan(config, as_json)
+        return
+    from esm2dask.preprocess import preprocess as run_preprocess
+
     reporter = make_reporter(plain)
     try:
         result = run_preprocess(config, reporter)
     finally:
         reporter.close()
+    if as_json:
+        click.echo(json.dumps(_summary(result), sort_keys=True))
+        return
     click.echo(f"Output: {result.output_dir}")
     for d, n in result.rows.items():
         click.echo(f"  {d:<16} {n:>12,} rows  {_human_bytes(result.bytes[d]):>10}")
@@ -92,13 +109,75 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
             f"  {name}: {rep.records:,} records, {how}; {rep.unnamed_dropped:,} not in the mapping "
             f"(dropped), {rep.duplicates:,} duplicate ids (first kept)"
         )
+    if result.skipped_tasks:
+        click.echo(
+            f"  resumed: skipped {result.skipped_tasks:,} task(s) an earlier run had finished "
+            f"({(1 - result.done_here_share) * 100:.0f}% of the reading); the rate counts this run's work only"
+        )
     click.echo(
         f"  {_human_bytes(result.input_bytes)} in {result.wall_seconds:.1f} s "
-        f"({result.mb_per_s:.0f} MB/s); manifest: {result.manifest_url}"
+        f"({result.mb_per_s:.0f} MB/s); manifest: {result.manifest_url}; log: {result.log_url}"
     )
 
 
-@cli.command()
+def _summary(result) -> dict:
+    """The run's summary as plain JSON values."""
+    return {
+        "output_dir": result.output_dir,
+        "rows": result.rows,
+        "bytes": result.bytes,
+        "streams": {name: asdict(rep) for name, rep in result.streams.items()},
+        "input_bytes": result.input_bytes,
+        "wall_seconds": round(result.wall_seconds, 3),
+        "mb_per_s": round(result.mb_per_s, 1),
+        "skipped_tasks": result.skipped_tasks,
+        "skipped_share": round(1 - result.done_here_share, 4),
+        "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()},
+        "manifest": result.manifest_url,
+        "log": result.log_url,
+    }
+
+
+def _print_plan(config, as_json: bool) -> None:
+    from esm2dask.plan import input_sizes, make_plan
+
+    plan = make_plan(config, input_sizes(config))
+    if as_json:
+        click.echo(json.dumps(plan.to_dict(), sort_keys=True))
+        return
+    part = plan.partition_bytes
+    part_text = f"{part / 2**20:g} MiB" if part % 2**20 == 0 else _human_bytes(part)
+    click.echo(f"Plan: {config.raw_dir} -> {plan.output_dir} (nothing runs; drop --plan to run it)")
+    click.echo(f"Inputs: {_human_bytes(plan.input_bytes)}, cut into ranges of {part_text}")
+    for i in plan.inputs:
+        click.echo(f"  {i.role:<8} {_human_bytes(i.size_bytes):>10} {len(i.ranges):>7,} range(s)  {i.url}")
+    click.echo(f"Stages: {plan.tasks():,} tasks reading {_human_bytes(plan.read_bytes())} "
+               f"when the FASTAs are in mapping order")
+    click.echo(f"  {'stage':<18} {'tasks':>7}  reads")
+    for s in plan.stages:
+        if s.when == "always":
+            click.echo(f"  {s.name:<18} {s.tasks:>7,}  {_human_bytes(s.read_bytes) if s.read_bytes else '-'}")
+    for name in ("uf50", "uf90"):
+        when = f"fallback-{name}"
+        click.echo(f"  if {name} is not in mapping order (hash join): + {plan.tasks(when):,} tasks reading "
+                   f"{_human_bytes(plan.read_bytes(when))}")
+    where = (f"{plan.workers} local worker(s) x {config.cluster.threads_per_worker} thread(s)" if plan.workers
+             else f"the running cluster at {config.cluster.scheduler_address or config.cluster.scheduler_file}")
+    click.echo(f"Workers: {where}")
+    click.echo(f"Writes, in {plan.output_dir}:")
+    for f in plan.output_files:
+        click.echo(f"  {f}")
+    e = plan.estimate
+    click.echo(
+        f"Estimate: ~{human_seconds(e.seconds_in_order)} in mapping order (the release as published), "
+        f"~{human_seconds(e.seconds_shuffled)} otherwise, with {e.workers} worker(s); from the rates "
+        f"measured in {e.source} (2 workers, 2 vCPUs), scaled linearly with workers"
+    )
+    for note in plan.notes:
+        click.echo(f"Note: {note}")
+
+
+@click.command()
 @click.argument("out")
 @click.option("--num-csv-files", type=int, help="Expected files per folder [default: from the manifest, else as found].")
 @click.option("--storage-options", help="JSON options for fsspec/s3fs.")
@@ -121,19 +200,22 @@ def verify(out, num_csv_files, storage_options):
     sys.exit(1)
 
 
-@cli.command()
+@click.command()
 @click.argument("out")
-@click.option("--clusters", type=int, required=True, help="Number of UniRef50 clusters.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--clusters", type=int, required=True, help="Number of UniRef50 clusters (20,000 make ~30 MB).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same clusters and seed give the same bytes.")
 @click.option("--unsorted", is_flag=True, help="Shuffle the FASTA records out of mapping order.")
-def synth(out, clusters, seed, unsorted):
+@click.option("--overwrite", is_flag=True, help="Write into OUT even if it exists and is not empty (replaces the five files).")
+@click.option("--plain", is_flag=True, default=None, help="A plain progress line every few seconds instead of a bar.")
+def synth(out, clusters, seed, unsorted, overwrite, plain):
     """Write a synthetic raw dataset folder (UniRef-like, seeded) to OUT."""
-    from esm2dask.errors import ConfigError
     from esm2dask.synth import synth as run_synth
 
-    if clusters < 1:
-        raise ConfigError("--clusters must be at least 1")
-    result = run_synth(out, clusters, seed, unsorted)
+    reporter = make_reporter(plain)
+    try:
+        result = run_synth(out, clusters, seed, unsorted, overwrite=overwrite, reporter=reporter)
+    finally:
+        reporter.close()
     click.echo(
         f"{out}: {result.clusters:,} clusters, {result.members:,} members, "
         f"{_human_bytes(result.bytes)}"

@@ -1,8 +1,10 @@
-"""Progress for the terminal (rich bars) or for logs (plain lines)."""
+"""Progress on stderr: one overall bar (work done, rate, ETA) and the current stage, drawn
+by rich on a terminal; a plain line every few seconds otherwise (logs, CI, pipes)."""
 
 from __future__ import annotations
 
 import sys
+import threading
 
 import click
 
@@ -10,51 +12,94 @@ from esm2dask.progress import Reporter
 
 
 class PlainReporter(Reporter):
-    """One line per stage start and end, on stderr."""
+    """A progress line every ``interval_s`` seconds while there is work, and the messages."""
+
+    def __init__(self, interval_s: float = 5.0):
+        super().__init__()
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def message(self, text: str) -> None:
+        super().message(text)
         click.echo(text, err=True)
 
-    def stage(self, name: str, total: int) -> None:
-        click.echo(f"[{name}] {total} task(s)", err=True)
+    def begin(self, total: int, unit: str = "B") -> None:
+        super().begin(total, unit)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._tick, name="esm2dask-progress", daemon=True)
+            self._thread.start()
 
-    def stage_done(self, name: str, seconds: float) -> None:
-        click.echo(f"[{name}] done in {seconds:.2f} s", err=True)
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            click.echo(self.tally.line(), err=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 class RichReporter(Reporter):
-    """A progress bar per stage, on stderr."""
+    """Two rows: the overall bar, and the stage being waited on."""
 
     def __init__(self):
+        super().__init__()
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn
 
         self.console = Console(stderr=True)
         self.progress = Progress(
-            TextColumn("{task.description:<22}"),
+            TextColumn("{task.description:<18}"),
             BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
             console=self.console,
             transient=False,
         )
-        self.progress.start()
-        self.tasks = {}
+        self.overall = None
+        self.current = None
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        super().message(text)
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def begin(self, total: int, unit: str = "B") -> None:
+        super().begin(total, unit)
+        if self.overall is None:
+            self.overall = self.progress.add_task("read", total=max(total, 1), info="")
+            self.current = self.progress.add_task("starting", total=1, info="")
+            self.progress.start()
+        self._draw()
+
+    def grow(self, extra: int) -> None:
+        super().grow(extra)
+        self._draw()
+
+    def skip(self, amount: int, tasks: int = 1) -> None:
+        super().skip(amount, tasks)
+        self._draw()
 
     def stage(self, name: str, total: int) -> None:
-        self.tasks[name] = self.progress.add_task(name, total=total)
+        super().stage(name, total)
+        self._draw()
 
-    def advance(self, name: str, done: int = 1) -> None:
-        self.progress.advance(self.tasks[name], done)
+    def advance(self, name: str, done: int = 1, amount: int = 0) -> None:
+        super().advance(name, done, amount)
+        self._draw()
 
-    def stage_done(self, name: str, seconds: float) -> None:
-        pass
+    def _draw(self) -> None:
+        if self.overall is None:
+            return
+        t = self.tally
+        self.progress.update(self.overall, total=max(t.total, 1), completed=t.completed, info=t.overall_text())
+        self.progress.update(self.current, description=t.stage or "starting", total=max(t.stage_total, 1),
+                             completed=t.stage_done, info=f"{t.stage_done}/{t.stage_total} tasks")
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.overall is not None:
+            self._draw()
+            self.progress.stop()
 
 
 def make_reporter(plain: bool | None = None) -> Reporter:

@@ -1,17 +1,52 @@
-"""Getting a Dask client: a LocalCluster on this node, or a running cluster."""
+"""Getting a Dask client: a LocalCluster on this node, or a running cluster.
+
+Shutting down quietly takes an order: the driver cancels its futures, closes the client,
+then closes the cluster (the ``with`` blocks below), and the worker processes of a
+LocalCluster ignore Ctrl-C (:func:`dask_setup`, a Dask preload), so that a Ctrl-C at the
+terminal, which reaches every process of the foreground group, stops the driver alone and
+the driver shuts the workers down.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 from .config import ClusterConfig
 from .errors import ConfigError
 
+log = logging.getLogger("esm2dask")
+
+
+def dask_setup(worker) -> None:
+    """Dask preload, run in each LocalCluster worker process as it starts: Ctrl-C is for
+    the driver, which shuts the workers down in order."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def wait_for_scheduler_file(path: str, timeout_s: float, say: Callable[[str], None]) -> None:
+    """Wait for a scheduler file that is not there yet, as ``dask worker`` does."""
+    if os.path.exists(path):
+        return
+    say(f"waiting up to {timeout_s:.0f} s for the scheduler file {path} (written by `dask scheduler --scheduler-file`)")
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"--scheduler-file {path}: no such file after {timeout_s:.0f} s; start the scheduler with "
+                f"`dask scheduler --scheduler-file {path}` or raise --scheduler-timeout"
+            )
+        time.sleep(0.2)
+
 
 @contextlib.contextmanager
-def dask_client(config: ClusterConfig) -> Iterator:
+def dask_client(config: ClusterConfig, say: Callable[[str], None] = log.info) -> Iterator:
     """A connected client; the LocalCluster, if one is started, closes on exit.
 
     Each worker runs polars on one thread per Dask thread: several processes with one
@@ -24,33 +59,55 @@ def dask_client(config: ClusterConfig) -> Iterator:
     os.environ.setdefault("POLARS_MAX_THREADS", str(config.threads_per_worker))
     with dask.config.set({"distributed.worker.daemon": False}):
         if config.scheduler_address or config.scheduler_file:
+            where = config.scheduler_address or config.scheduler_file
+            if config.scheduler_file:
+                wait_for_scheduler_file(config.scheduler_file, config.scheduler_timeout_s, say)
             try:
                 client = Client(
                     address=config.scheduler_address,
                     scheduler_file=config.scheduler_file,
-                    timeout="30s",
+                    timeout=f"{config.scheduler_timeout_s}s",
                 )
             except (OSError, TimeoutError, ValueError) as err:
-                where = config.scheduler_address or config.scheduler_file
                 raise ConfigError(f"cannot connect to the Dask scheduler at {where}: {err}") from None
-            try:
+            with _forwarding(client):
                 yield client
-            finally:
-                client.close()
             return
-        cluster = LocalCluster(
-            n_workers=config.workers,
-            threads_per_worker=config.threads_per_worker,
-            processes=True,
-            memory_limit=config.memory_limit or "auto",
-            dashboard_address=config.dashboard_address,
-            env={"POLARS_MAX_THREADS": str(config.threads_per_worker)},
-        )
         try:
-            with Client(cluster) as client:
+            cluster = LocalCluster(
+                n_workers=config.workers,
+                threads_per_worker=config.threads_per_worker,
+                processes=True,
+                memory_limit=config.memory_limit or "auto",
+                dashboard_address=config.dashboard_address,
+                env={"POLARS_MAX_THREADS": str(config.threads_per_worker)},
+                preload=["esm2dask.cluster"],
+            )
+        except (OSError, ValueError, TypeError) as err:
+            raise ConfigError(f"cannot start a local Dask cluster: {err}") from None
+        try:
+            with Client(cluster) as client, _forwarding(client):
                 yield client
         finally:
             cluster.close()
+
+
+@contextlib.contextmanager
+def _forwarding(client):
+    """Workers' warnings and errors come to this process's log (file, and stderr with -v)."""
+    try:
+        client.forward_logging(level=logging.WARNING)
+    except Exception:  # pragma: no cover - an older scheduler without the event topic
+        log.debug("worker log forwarding not available", exc_info=True)
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:  # a shared cluster keeps no plugin of this run
+            client.unforward_logging()
+        except Exception:
+            log.debug("could not stop worker log forwarding", exc_info=True)
 
 
 def dashboard_link(client) -> str | None:
@@ -70,3 +127,12 @@ def maybe_performance_report(filename: str | None):
 
     with performance_report(filename=filename, mode="inline"):
         yield
+
+
+def hold_interrupts() -> Callable[[], None]:
+    """After a first Ctrl-C: ignore further ones while the driver shuts down in order.
+    Returns the function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return lambda: signal.signal(signal.SIGINT, previous)

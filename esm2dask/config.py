@@ -39,9 +39,71 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+#: The smallest --memory-limit that leaves a worker room to work (a worker process alone
+#: takes ~150 MB; a 64 MiB range needs ~0.5 GB at its peak, benchmarks/results/partition_sweep.md).
+MIN_MEMORY_LIMIT = 256 * 2**20
+SCHEDULER_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
+
+
+def _port_ok(text: str) -> bool:
+    return text.isdigit() and 0 <= int(text) <= 65535
+
+
+def _host_ok(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):  # [IPv6]
+        return all(c in "0123456789abcdefABCDEF:." for c in host[1:-1])
+    return all(c.isalnum() or c in ".-_" for c in host)
+
+
+def check_dashboard_address(text: str | None) -> None:
+    """``:8787``, ``127.0.0.1:0`` (any free port), ``8787``, or None (no dashboard)."""
+    if text is None:
+        return
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    if not (_port_ok(port) and _host_ok(host)):
+        raise ConfigError(
+            f"--dashboard-address {text!r}: expected [HOST]:PORT, e.g. :8787, 127.0.0.1:0 (any free port), "
+            f"or 'none' for no dashboard"
+        )
+
+
+def check_scheduler_address(text: str) -> None:
+    """``tcp://HOST:PORT`` (the scheme may be left out: tcp)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    host, sep, port = rest.rpartition(":")
+    if scheme not in SCHEDULER_SCHEMES or not sep or not host or not _host_ok(host) or not _port_ok(port):
+        raise ConfigError(f"--scheduler-address {text!r}: expected tcp://HOST:PORT, e.g. tcp://10.0.0.5:8786")
+
+
+def check_memory_limit(text: str | None) -> None:
+    """``auto``, a fraction of the machine's memory (0 < f <= 1), or a size of at least 256 MiB."""
+    if text is None or str(text).lower() == "auto":
+        return
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 < value <= 1:
+        return
+    try:
+        size = parse_bytes(str(text))
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f"--memory-limit {text!r}: expected a size per worker (e.g. 4GiB), a fraction of the "
+            f"machine's memory (e.g. 0.5), or auto"
+        ) from None
+    if size < MIN_MEMORY_LIMIT:
+        raise ConfigError(f"--memory-limit {text!r}: at least 256MiB per worker (a worker alone takes ~150 MB)")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    """How to get a Dask cluster: start a LocalCluster, or connect to a running one."""
+    """How to get a Dask cluster: start a LocalCluster, or connect to a running one.
+    Every value is checked here, before any cluster starts."""
 
     workers: int = field(default_factory=cpu_count)
     threads_per_worker: int = 1
@@ -50,14 +112,31 @@ class ClusterConfig:
     scheduler_file: str | None = None
     dashboard_address: str | None = ":8787"
     performance_report: str | None = None
+    #: How long to wait for --scheduler-file to appear and for the scheduler to answer.
+    scheduler_timeout_s: float = 60.0
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise ConfigError("--workers must be at least 1")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, not {self.workers}")
         if self.threads_per_worker < 1:
-            raise ConfigError("--threads-per-worker must be at least 1")
+            raise ConfigError(f"--threads-per-worker must be at least 1, not {self.threads_per_worker}")
         if self.scheduler_address and self.scheduler_file:
             raise ConfigError("give --scheduler-address or --scheduler-file, not both")
+        if self.scheduler_address:
+            check_scheduler_address(self.scheduler_address)
+        if not self.scheduler_timeout_s > 0:
+            raise ConfigError(f"--scheduler-timeout must be above 0 seconds, not {self.scheduler_timeout_s}")
+        check_memory_limit(self.memory_limit)
+        check_dashboard_address(self.dashboard_address)
+        if self.performance_report:
+            folder = os.path.dirname(os.path.abspath(self.performance_report))
+            if not os.path.isdir(folder):
+                raise ConfigError(f"--performance-report {self.performance_report}: no folder {folder}")
+
+    @property
+    def external(self) -> bool:
+        """A running cluster (its workers are not this config's)."""
+        return bool(self.scheduler_address or self.scheduler_file)
 
 
 @dataclass(frozen=True)
@@ -95,6 +174,10 @@ class PreprocessConfig:
             raise ConfigError("--split random needs --val-size and --test-size above 0")
         if not 1 <= self.partition_bytes <= 1 << 30:
             raise ConfigError("--partition-size must be between 1 byte and 1GiB")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be 0 or more, not {self.seed}")
+        if self.val_size < 0 or self.test_size < 0:
+            raise ConfigError("--val-size and --test-size must be 0 or more")
         if self.overwrite and self.resume:
             raise ConfigError("--overwrite and --resume exclude each other")
 

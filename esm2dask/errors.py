@@ -44,3 +44,9 @@ class ExternalCommandError(Esm2DaskError):
 
     def __str__(self) -> str:
         return f"{self.command} failed (exit {self.returncode}): {self.message}"
+
+
+class Interrupted(Esm2DaskError):
+    """Ctrl-C: the run stopped; the message says what was kept and how to go on."""
+
+    exit_code = 130

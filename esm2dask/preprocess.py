@@ -17,6 +17,7 @@ Stages (each a set of parallel tasks):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,16 +26,20 @@ import numpy as np
 from distributed import as_completed
 
 from . import __version__, storage, tasks
-from .cluster import dashboard_link, dask_client, maybe_performance_report
+from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report
 from .config import PreprocessConfig
-from .errors import ConfigError, Esm2DaskError
+from .errors import ConfigError, Esm2DaskError, Interrupted
 from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
+from .logs import RunLog
 from .progress import Reporter
+from .plan import RunPlan, input_sizes, make_plan
 from .publish import Staging, write_manifest
-from .ranges import ByteRange, plan_ranges
+from .ranges import ByteRange
 from .tasks import Routing, Slice, Target
 
 LABEL_TRAIN, LABEL_VAL, LABEL_TEST = 0, 1, 2
+
+log = logging.getLogger("esm2dask")
 
 
 @dataclass
@@ -59,10 +64,22 @@ class PreprocessResult:
     streams: dict[str, StreamReport]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     manifest_url: str = ""
+    log_url: str = ""
+    #: input bytes read by all passes of the run, and the part of them an earlier,
+    #: interrupted run had done (its tasks were skipped)
+    read_bytes: int = 0
+    skipped_read_bytes: int = 0
+    skipped_tasks: int = 0
+
+    @property
+    def done_here_share(self) -> float:
+        """The share of the work done by this run (1.0 unless it resumed another)."""
+        return 1.0 - self.skipped_read_bytes / self.read_bytes if self.read_bytes else 1.0
 
     @property
     def mb_per_s(self) -> float:
-        return self.input_bytes / 1e6 / self.wall_seconds if self.wall_seconds else 0.0
+        """Input MB per second, counting only the work done in this run."""
+        return self.input_bytes * self.done_here_share / 1e6 / self.wall_seconds if self.wall_seconds else 0.0
 
 
 def random_split_labels(n_clusters: int, val_size: int, test_size: int, seed: int) -> np.ndarray:
@@ -94,6 +111,21 @@ def _slices_for(pieces: list[tuple[str, int, int]], lo: int, hi: int) -> list[Sl
     return out
 
 
+def task_key(stage: str, token: str, index: int) -> tuple[str, int]:
+    """``("fast_uf90-<run token>", 3)``: the dashboard groups keys by the part before the
+    first ``-`` followed by a word with digits (``distributed.utils.key_split``), so the
+    stage's own dashes become underscores and the panel reads ``fast_uf90``; the run
+    token keeps the keys of two runs apart and lets the driver find its own tasks."""
+    return (f"{stage.replace('-', '_')}-{token}", index)
+
+
+def stage_of_key(key) -> str:
+    """The stage name back from a task key (or its ``str``), e.g. for the task stream."""
+    from dask.utils import key_split
+
+    return key_split(key).replace("_", "-")
+
+
 @dataclass
 class _Done:
     """A task finished by an earlier, interrupted run (its receipt was loaded)."""
@@ -114,6 +146,10 @@ class _Run:
         self.stage_seconds: dict[str, float] = {}
         self._token = staging.token
         self._submitted = False
+        self._read_bytes: dict = {}  # task key -> input bytes it reads, for progress
+        self.read_bytes = 0  # planned passes, plus the hash join's if a stream needs it
+        self.skipped_read_bytes = 0
+        self.skipped_tasks = 0
 
     def settle(self, timeout_s: float = 120.0) -> None:
         """After a failure: cancel what is queued, wait for what is still running.
@@ -152,13 +188,17 @@ class _Run:
         handles = []
         for i, args in enumerate(args_list):
             receipt = self.staging.receipt_url(name, i)
+            # progress counts the input bytes a task reads: those of its byte range
+            read = args[0].length if isinstance(args[0], ByteRange) else 0
             if receipt.rsplit("/", 1)[-1] in present:
                 handles.append(_Done(tasks.load_receipt(receipt, self.so)))
+                self.reporter.skip(read)
+                self.skipped_read_bytes += read
+                self.skipped_tasks += 1
                 continue
-            handles.append(self.client.submit(
-                tasks.recorded, fn, receipt, self.so, *args,
-                key=f"esm2dask-{name}-{i:05d}-{self._token}", pure=False,
-            ))
+            key = task_key(name, self._token, i)
+            self._read_bytes[key] = read
+            handles.append(self.client.submit(tasks.recorded, fn, receipt, self.so, *args, key=key, pure=False))
         return handles
 
     def _wait(self, name: str, handles: list) -> list:
@@ -171,7 +211,7 @@ class _Run:
             for future in as_completed(futures):
                 if future.status == "error":
                     future.result()  # raises the task's exception here
-                self.reporter.advance(name)
+                self.reporter.advance(name, amount=self._read_bytes.pop(future.key, 0))
             gathered = iter(self.client.gather(futures))
             results = [h.result if isinstance(h, _Done) else next(gathered) for h in handles]
         except BaseException:
@@ -187,25 +227,13 @@ class _Run:
 
     # ------------------------------------------------------------------ the run
 
-    def execute(self, sizes: dict[str, int]) -> tuple[dict, dict, dict]:
+    def execute(self, plan: RunPlan) -> tuple[dict, dict, dict]:
         cfg = self.config
-        part = cfg.partition_bytes
-        plans = {
-            "mapping": plan_ranges(cfg.mapping, sizes[cfg.mapping], part),
-            "uf50": plan_ranges(cfg.uf50, sizes[cfg.uf50], part),
-            "uf90": plan_ranges(cfg.uf90, sizes[cfg.uf90], part),
-        }
+        plans = {i.role: list(i.ranges) for i in plan.inputs}
         same_test = cfg.test == cfg.val
-        if cfg.split == "fasta":  # the random split draws val/test from the clusters
-            plans["val"] = plan_ranges(cfg.val, sizes[cfg.val], part)
-            if not same_test:
-                plans["test"] = plan_ranges(cfg.test, sizes[cfg.test], part)
-
-        # Hash buckets of the join: about one partition of FASTA per bucket.
-        n_buckets = {
-            name: max(1, math.ceil(sum(r.length for r in plans[name]) / cfg.partition_bytes))
-            for name in ("uf50", "uf90")
-        }
+        n_buckets = plan.hash_buckets
+        self.read_bytes = plan.read_bytes()
+        self.reporter.begin(self.read_bytes)
         hash_buckets = {"clusters": n_buckets["uf50"], "members": n_buckets["uf90"]}
 
         # Stage 1: scan the mapping, count every FASTA range.
@@ -348,6 +376,9 @@ class _Run:
             if reports[name].fast_path:
                 continue
             self.reporter.message(f"{name}: joining by hash ({reports[name].fallback_reason})")
+            extra = sum(r.length for r in plans[name])
+            self.read_bytes += extra
+            self.reporter.grow(extra)
             self._join(name, plans[name], mapping, kind, key_first, n_buckets[name], n_keys, rt, reports[name])
 
         # Stage 4: assemble.
@@ -438,41 +469,69 @@ class _Run:
         return out
 
 
+def _kept_tasks(staging: Staging) -> int:
+    """How many finished tasks an interrupted run leaves receipts for."""
+    fs, path = storage.get_fs(storage.join(staging.work_dir, "receipts"), staging.so)
+    try:
+        return sum(1 for p in fs.find(path) if p.endswith(".pkl"))
+    except OSError:
+        return 0
+
+
 def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> PreprocessResult:
     """Run the whole conversion and publish ``config.output_dir``; see the module doc."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
-    needed = [config.mapping, config.uf50, config.uf90]
-    if config.split == "fasta":
-        needed += [config.val, config.test]
-    inputs = {url: storage.check_input_file(url, config.storage_options) for url in dict.fromkeys(needed)}
+    inputs = input_sizes(config)
+    plan = make_plan(config, inputs)  # refuses a partition size that makes too many tasks
     staging = Staging.create(config, inputs)
+    run_log = RunLog(staging.root, config.output_dir, config.storage_options)
+    log.info("esm2dask %s: %s -> %s", __version__, config.raw_dir, config.output_dir)
     if staging.resumed:
-        reporter.message(f"resuming the run staged in {staging.root}")
+        reporter.message(f"resuming the run staged in {staging.root}: skipping the "
+                         f"{_kept_tasks(staging):,} task(s) it finished")
+    restore_interrupts = None
     try:
-        with dask_client(config.cluster) as client:
+        with dask_client(config.cluster, reporter.message) as client:
             link = dashboard_link(client)
             if link:
                 reporter.message(f"Dask dashboard: {link}")
             with maybe_performance_report(config.cluster.performance_report):
                 run = _Run(config, client, staging, reporter)
                 try:
-                    rows, sizes, reports = run.execute(inputs)
-                except BaseException:
+                    rows, sizes, reports = run.execute(plan)
+                except BaseException as err:
+                    if isinstance(err, KeyboardInterrupt):
+                        restore_interrupts = hold_interrupts()
+                    # shut down in order: cancel this run's futures, let running tasks
+                    # end, then (leaving the with blocks) close the client, the cluster
                     cancel = [f for f in list(client.futures.values()) if staging.token in str(f.key)]
                     client.cancel(cancel)
                     run.settle()
                     raise
+        final_log = run_log.publish()
         staging.publish(config)
     except Esm2DaskError:
+        run_log.discard()
         staging.discard()
         raise
+    except KeyboardInterrupt:
+        restore_interrupts = restore_interrupts or hold_interrupts()
+        run_log.keep()
+        raise Interrupted(
+            f"{_kept_tasks(staging)} finished task(s) kept in {staging.root}; "
+            f"run the same command with --resume to finish"
+        ) from None
     except BaseException:
+        run_log.keep()
         reporter.message(
-            f"interrupted; the finished part is kept in {staging.root}: "
+            f"stopped; the finished part is kept in {staging.root}: "
             f"run the same command with --resume to finish it"
         )
         raise
+    finally:
+        if restore_interrupts:
+            restore_interrupts()
     wall = time.perf_counter() - start
     result = PreprocessResult(
         output_dir=config.output_dir,
@@ -482,6 +541,10 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
         wall_seconds=wall,
         streams=reports,
         stage_seconds=run.stage_seconds,
+        log_url=final_log,
+        read_bytes=run.read_bytes,
+        skipped_read_bytes=run.skipped_read_bytes,
+        skipped_tasks=run.skipped_tasks,
     )
     result.manifest_url = write_manifest(config, result, inputs, __version__)
     return result

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import MAPPING_TSV, RAW_README, UF50_FASTA, UF90_FASTA, VAL_FASTA
+from .errors import ConfigError, OutputError
+from .progress import Reporter
 
 AMINO_ACIDS = b"ARNDCQEGHILKMFPSTWYV"
 # UniProtKB/Swiss-Prot background frequencies (%), in the order above.
@@ -50,10 +52,22 @@ def _wrap(seq: bytes) -> bytes:
     return b"\n".join(seq[i : i + WRAP] for i in range(0, len(seq), WRAP))
 
 
-def synth(out_dir: str, clusters: int, seed: int = 0, unsorted: bool = False) -> SynthResult:
-    """Write ``out_dir`` with the five files of the release; returns what it wrote."""
+def synth(out_dir: str, clusters: int, seed: int = 0, unsorted: bool = False, overwrite: bool = False,
+          reporter: Reporter | None = None) -> SynthResult:
+    """Write ``out_dir`` with the five files of the release; returns what it wrote.
+
+    An existing, non-empty ``out_dir`` is refused unless ``overwrite`` (which replaces the
+    five files and leaves anything else there alone). Progress counts records written.
+    """
     if clusters < 1:
-        raise ValueError("clusters must be at least 1")
+        raise ConfigError(f"--clusters must be at least 1, not {clusters}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be 0 or more, not {seed}")
+    if os.path.isfile(out_dir):
+        raise OutputError(f"{out_dir}: exists and is a file; choose a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise OutputError(f"{out_dir}: folder exists and is not empty; pass --overwrite to replace its files")
+    reporter = reporter or Reporter()
     rng = np.random.default_rng(seed)
     sizes = np.minimum(rng.zipf(2.3, clusters), 500).astype(np.int64)
     n_members = int(sizes.sum())
@@ -86,10 +100,11 @@ def synth(out_dir: str, clusters: int, seed: int = 0, unsorted: bool = False) ->
                 f"RepID={member_ids[i]}\n")
         return head.encode() + _wrap(seq(i)) + b"\n"
 
+    reporter.begin(2 * clusters + n_members + n_val, unit="records")
     uf50_order = rng.permutation(clusters) if unsorted else range(clusters)
     uf90_order = rng.permutation(n_members) if unsorted else range(n_members)
-    _write(os.path.join(out_dir, UF50_FASTA), (uf50_record(int(c)) for c in uf50_order))
-    _write(os.path.join(out_dir, UF90_FASTA), (uf90_record(int(i)) for i in uf90_order))
+    _write(os.path.join(out_dir, UF50_FASTA), (uf50_record(int(c)) for c in uf50_order), reporter)
+    _write(os.path.join(out_dir, UF90_FASTA), (uf90_record(int(i)) for i in uf90_order), reporter)
 
     def mapping_lines():
         yield b"UR50_cluster_name\tmapped_id\n"
@@ -97,13 +112,13 @@ def synth(out_dir: str, clusters: int, seed: int = 0, unsorted: bool = False) ->
             a, b = int(first_member[c]), int(first_member[c + 1])
             yield f"UniRef50_{acc(a)}\t{','.join(member_ids[a:b])}\n".encode()
 
-    _write(os.path.join(out_dir, MAPPING_TSV), mapping_lines())
+    _write(os.path.join(out_dir, MAPPING_TSV), mapping_lines(), reporter, header_lines=1)
 
     def val_record(i: int) -> bytes:
         head = f">UniRef50_{acc(i)} Validation protein n=1 Tax=Synthetic TaxID={taxids[i]}\n"
         return head.encode() + _wrap(seq(i)) + b"\n"
 
-    _write(os.path.join(out_dir, VAL_FASTA), (val_record(i) for i in range(n_members, n_seqs)))
+    _write(os.path.join(out_dir, VAL_FASTA), (val_record(i) for i in range(n_members, n_seqs)), reporter)
     with open(os.path.join(out_dir, RAW_README), "w") as f:
         f.write(
             f"Synthetic UniRef50/90-shaped data written by esm2dask synth "
@@ -115,7 +130,10 @@ def synth(out_dir: str, clusters: int, seed: int = 0, unsorted: bool = False) ->
     return SynthResult(out_dir, clusters, n_members, total)
 
 
-def _write(path: str, chunks) -> None:
+def _write(path: str, chunks, reporter: Reporter, header_lines: int = 0) -> None:
+    """Write ``chunks`` (one record each, after ``header_lines`` others) in 8 MB writes."""
+    name = os.path.basename(path)
+    reporter.stage(name, 1)
     buf, size = [], 0
     with open(path, "wb") as f:
         for chunk in chunks:
@@ -123,5 +141,7 @@ def _write(path: str, chunks) -> None:
             size += len(chunk)
             if size > 8 << 20:
                 f.write(b"".join(buf))
-                buf, size = [], 0
+                reporter.advance(name, 0, len(buf) - header_lines)
+                buf, size, header_lines = [], 0, 0
         f.write(b"".join(buf))
+        reporter.advance(name, 1, len(buf) - header_lines)

@@ -1,0 +1,160 @@
+"""Where log records go: nowhere on the terminal by default, to stderr with ``-v``, and
+always, during a ``preprocess`` run, to the run's log file (``OUT/esm2dask.log``).
+
+Dask configures its loggers when ``distributed`` is first imported, in this process and in
+every worker process a LocalCluster starts, from the ``logging`` key of the Dask config.
+:func:`configure_dask_logging` sets that key through ``$DASK_LOGGING`` (inherited by the
+worker processes) before anything imports dask: Dask's loggers keep their levels but get no
+handler of their own, and the root logger gets one :class:`Dispatch` handler, which sends
+each record to the sinks esm2dask registers here (none in a worker process). The order of
+imports therefore does not matter for ``-v``: a sink can be added at any time.
+
+This module imports nothing heavy; the CLI imports it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+#: The Dask ``logging`` config (Python's dictConfig schema), set before dask is imported.
+DASK_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"dispatch": {"class": "esm2dask.logs.Dispatch"}},
+    "root": {"level": "INFO", "handlers": ["dispatch"]},
+    "loggers": {
+        "distributed": {"level": "INFO"},
+        "distributed.client": {"level": "WARNING"},
+        "distributed.gc": {"level": "WARNING"},
+        "bokeh": {"level": "ERROR"},
+        "tornado": {"level": "ERROR"},
+        "tornado.access": {"level": "WARNING"},
+    },
+}
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+
+_sinks: list[logging.Handler] = []
+
+
+class Dispatch(logging.Handler):
+    """The root logger's one handler: passes each record to the registered sinks."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for sink in list(_sinks):
+            if record.levelno >= sink.level:
+                sink.handle(record)
+
+
+def configure_dask_logging() -> None:
+    """Set ``$DASK_LOGGING`` (unless the user set it) so that Dask, when imported here or in
+    a worker process, prints nothing itself. Call before dask is imported."""
+    os.environ.setdefault("DASK_LOGGING", repr(DASK_LOGGING))
+    logging.captureWarnings(True)  # Dask's and bokeh's warnings become log records
+    root = logging.getLogger()
+    if not any(isinstance(h, Dispatch) for h in root.handlers):
+        root.addHandler(Dispatch())
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+def _formatted(handler: logging.Handler) -> logging.Handler:
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
+
+
+def add_sink(handler: logging.Handler) -> logging.Handler:
+    """Register ``handler`` to receive every record that reaches the root logger."""
+    if handler.formatter is None:
+        _formatted(handler)
+    _sinks.append(handler)
+    return handler
+
+
+def remove_sink(handler: logging.Handler) -> None:
+    if handler in _sinks:
+        _sinks.remove(handler)
+    handler.close()
+
+
+_console: logging.Handler | None = None
+
+
+def set_verbose(verbose: bool = True) -> None:
+    """``-v``: esm2dask's and Dask's log records on stderr as well."""
+    global _console
+    if verbose and _console is None:
+        _console = add_sink(logging.StreamHandler(sys.stderr))
+    elif not verbose and _console is not None:
+        remove_sink(_console)
+        _console = None
+
+
+class RunLog:
+    """The log file of one run: written in the staging folder while the run goes on (a
+    resumed run appends to it), moved next to the manifest when the run is published.
+
+    On an object store the file is written locally and uploaded: into the staging prefix
+    when the run stops early, next to the manifest when it is published.
+    """
+
+    NAME = "esm2dask.log"
+
+    def __init__(self, staging_root: str, output_dir: str, storage_options: dict):
+        from . import storage
+
+        self.storage_options = storage_options
+        self.staged_url = storage.join(staging_root, self.NAME)
+        self.final_url = storage.join(output_dir, self.NAME)
+        self.local = storage.is_local(staging_root)
+        if self.local:
+            self.path = storage.local_path(self.staged_url)
+        else:
+            import tempfile
+
+            fd, self.path = tempfile.mkstemp(prefix="esm2dask-", suffix=".log")
+            os.close(fd)
+            fs, staged = storage.get_fs(self.staged_url, storage_options)
+            if fs.exists(staged):  # the log of the run this one resumes
+                with fs.open(staged, "rb") as src, open(self.path, "wb") as dst:
+                    dst.write(src.read())
+        self.handler: logging.Handler | None = add_sink(logging.FileHandler(self.path, mode="a", delay=False))
+
+    def _close(self) -> None:
+        if self.handler is not None:
+            remove_sink(self.handler)
+            self.handler = None
+
+    def publish(self) -> str:
+        """Move the log next to the manifest; returns where it is."""
+        from . import storage
+
+        logging.getLogger("esm2dask").info("publishing the log to %s", self.final_url)
+        self._close()
+        if self.local:
+            os.replace(self.path, storage.local_path(self.final_url))
+        else:
+            self._upload(self.final_url)
+        return self.final_url
+
+    def keep(self) -> None:
+        """The run stopped early: leave the log in the staging folder for ``--resume``."""
+        self._close()
+        if not self.local:
+            try:
+                self._upload(self.staged_url)
+            except OSError:
+                pass
+
+    def discard(self) -> None:
+        self._close()
+        if not self.local:
+            os.unlink(self.path)
+
+    def _upload(self, url: str) -> None:
+        from . import storage
+
+        fs, path = storage.get_fs(url, self.storage_options)
+        fs.put_file(self.path, path)
+        os.unlink(self.path)

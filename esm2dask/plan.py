@@ -1,0 +1,226 @@
+"""The plan of one ``preprocess`` run, computed from the options and the input sizes alone
+(no cluster, no reading of the inputs): the byte ranges of every input, the stages with
+their task counts and the bytes each reads, the files the run writes, and a time estimate
+from measured rates. ``esm2dask preprocess --plan`` prints it; the run itself takes its
+ranges and hash-bucket counts from here, so what ``--plan`` shows is what runs.
+
+A partition size that would cut one input into more than :data:`MAX_RANGES_PER_INPUT`
+ranges is refused here, before a cluster starts: each range is several tasks, and a few
+hundred thousand tiny tasks swamp the scheduler and the workers' memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+from . import storage
+from .config import DEFAULT_RAW_DIR, PreprocessConfig
+from .errors import ConfigError, InputError
+from .layout import MANIFEST_NAME, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
+from .logs import RunLog
+from .ranges import ByteRange, plan_ranges
+
+#: At most this many byte ranges per input file (at the default 64 MiB: 640 GiB of input).
+MAX_RANGES_PER_INPUT = 10_000
+
+#: Measured rates behind the estimate: ``benchmarks/results/input_order.md`` (2026-11-29;
+#: 1190 MB of ``esm2dask synth`` input, 2 workers on this project's 2-vCPU machine, 64 MiB
+#: partitions, pyfastx). Wall clock of the whole command, LocalCluster start included.
+MEASURED = {
+    "source": "benchmarks/results/input_order.md",
+    "input_mb": 1190.0,
+    "workers": 2,
+    "wall_s_mapping_order": 10.7,
+    "wall_s_shuffled": 19.98,
+}
+#: Starting a LocalCluster (spawning the worker processes) takes ~3 s on that machine.
+STARTUP_S = 3.0
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    role: str  # mapping, uf50, uf90, val, test
+    url: str
+    size_bytes: int
+    ranges: tuple[ByteRange, ...]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    tasks: int
+    read_bytes: int  # input bytes its tasks read (0: tasks over intermediate files)
+    when: str = "always"  # or "fallback-uf50"/"fallback-uf90": only if that stream's order does not hold
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds_in_order: float  # the FASTAs in mapping order (the release as published)
+    seconds_shuffled: float  # any other order (hash join)
+    workers: int
+    source: str
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    inputs: tuple[InputPlan, ...]
+    hash_buckets: dict[str, int]
+    stages: tuple[StagePlan, ...]
+    workers: int | None  # None: a running cluster, whose size --plan does not ask
+    output_dir: str
+    output_files: tuple[str, ...]  # groups of files, relative to output_dir
+    estimate: Estimate
+    partition_bytes: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(i.size_bytes for i in self.inputs)
+
+    def ranges(self, role: str) -> list[ByteRange]:
+        return list(next(i.ranges for i in self.inputs if i.role == role))
+
+    def read_bytes(self, when: str = "always") -> int:
+        return sum(s.read_bytes for s in self.stages if s.when == when)
+
+    def tasks(self, when: str = "always") -> int:
+        return sum(s.tasks for s in self.stages if s.when == when)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for i in d["inputs"]:
+            i["ranges"] = len(i["ranges"])
+        d["input_bytes"] = self.input_bytes
+        return d
+
+
+def input_roles(config: PreprocessConfig) -> dict[str, str]:
+    """The inputs a run reads, by role; the test FASTA only when it is not the val one."""
+    roles = {"mapping": config.mapping, "uf50": config.uf50, "uf90": config.uf90}
+    if config.split == "fasta":
+        roles["val"] = config.val
+        if config.test != config.val:
+            roles["test"] = config.test
+    return roles
+
+
+def input_sizes(config: PreprocessConfig) -> dict[str, int]:
+    """The size of every input (each checked: there, not empty, not compressed).
+
+    Without a RAW_DIR argument a missing folder is explained: where it was looked for, why.
+    """
+    raw = config.raw_dir
+    if storage.is_local(raw) and not os.path.isdir(storage.local_path(raw)):
+        missing = [u for u in input_roles(config).values() if u.startswith(raw + "/")]
+        if missing:
+            if raw == os.environ.get("ESM2DASK_RAW_DIR", "").rstrip("/"):
+                why = "RAW_DIR was not given, so it came from $ESM2DASK_RAW_DIR"
+            elif raw == DEFAULT_RAW_DIR:
+                why = ("RAW_DIR was not given and $ESM2DASK_RAW_DIR is not set, so esm2dask looked where "
+                       "the BioNeMo seed workflow downloads the release")
+            else:
+                why = "the RAW_DIR argument"
+            raise InputError(raw, "", f"no such folder ({why}); pass the raw folder: esm2dask preprocess RAW_DIR")
+    return {url: storage.check_input_file(url, config.storage_options) for url in dict.fromkeys(input_roles(config).values())}
+
+
+def _checked_ranges(role: str, url: str, size: int, partition_bytes: int) -> list[ByteRange]:
+    n = max(1, math.ceil(size / partition_bytes))
+    if n > MAX_RANGES_PER_INPUT:
+        smallest = math.ceil(size / MAX_RANGES_PER_INPUT / 2**20)
+        raise ConfigError(
+            f"--partition-size {partition_bytes} bytes would cut {url} ({size:,} bytes) into {n:,} ranges, "
+            f"{n * 4:,}+ tasks; at most {MAX_RANGES_PER_INPUT:,} ranges per input: use --partition-size "
+            f"{smallest}MiB or more (default 64MiB)"
+        )
+    return plan_ranges(url, size, partition_bytes)
+
+
+def _shard_files(folder: str, num_csv_files: int, with_arrays: bool) -> str:
+    last = shard_name(num_csv_files - 1)
+    names = f"{shard_name(0)} … {last} ({num_csv_files} files)" if num_csv_files > 1 else shard_name(0)
+    return f"{folder}/{names}" + (", counts.mmap, starts.mmap" if with_arrays else "")
+
+
+def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | None = None) -> RunPlan:
+    """The plan from the options and the input sizes (``{url: bytes}``); pure.
+
+    Raises :class:`ConfigError` when the partition size would make too many tasks.
+    """
+    cpu_count = cpu_count or storage.cpu_count()
+    part = config.partition_bytes
+    roles = input_roles(config)
+    inputs = tuple(
+        InputPlan(role, url, sizes[url], tuple(_checked_ranges(role, url, sizes[url], part)))
+        for role, url in roles.items()
+    )
+    by_role = {i.role: i for i in inputs}
+    # Hash buckets of the join (and of the repeated-id check): one partition of FASTA each.
+    buckets = {name: max(1, math.ceil(by_role[name].size_bytes / part)) for name in ("uf50", "uf90")}
+    n_map = len(by_role["mapping"].ranges)
+
+    def over(role: str, stage: str, when: str = "always") -> StagePlan:
+        return StagePlan(stage, len(by_role[role].ranges), by_role[role].size_bytes, when)
+
+    stages = [over("mapping", "scan-mapping")]
+    stages += [over(role, f"count-{role}") for role in roles if role != "mapping"]
+    stages.append(StagePlan("write-counts", n_map, 0))
+    stages += [over(role, f"convert-{role}") for role in ("val", "test") if role in roles]
+    for name in ("uf50", "uf90"):
+        stages += [over(name, f"fast-{name}"), StagePlan(f"check-ids-{name}", buckets[name], 0)]
+    for name in ("uf50", "uf90"):
+        when = f"fallback-{name}"
+        stages += [
+            StagePlan(f"bucket-ids-{name}", n_map, 0, when),
+            over(name, f"bucket-fasta-{name}", when),
+            StagePlan(f"join-{name}", buckets[name], 0, when),
+            StagePlan(f"gather-{name}", len(by_role[name].ranges), 0, when),
+        ]
+    uf50_dirs = (UF50_TRAIN, UF50_VAL, UF50_TEST)
+    stages += [
+        StagePlan("assemble", len(SPLIT_DIRS) * config.num_csv_files, 0),
+        StagePlan("assemble-mmap", 2 * (3 if config.split == "random" else 1), 0),
+    ]
+
+    files = [_shard_files(d, config.num_csv_files, with_arrays=d == UF50_TRAIN or config.split == "random")
+             for d in uf50_dirs]
+    files.append(_shard_files(UF90, config.num_csv_files, with_arrays=False))
+    files += [MANIFEST_NAME, RunLog.NAME]
+    if config.copy_inputs:
+        names = sorted({u.rstrip("/").rsplit("/", 1)[-1] for u in roles.values()})
+        files.append("the inputs, hard-linked where possible: " + ", ".join(names) + " (and README.md)")
+
+    external = config.cluster.external
+    workers = None if external else config.cluster.workers
+    effective = min(workers or config.cluster.workers, cpu_count) if not external else config.cluster.workers
+    notes = []
+    if not external and config.cluster.workers > cpu_count:
+        notes.append(f"{config.cluster.workers} workers on {cpu_count} cores: the estimate counts {cpu_count}")
+    if external:
+        notes.append(f"a running cluster: --plan does not contact it; the estimate assumes {effective} worker(s)")
+    return RunPlan(
+        inputs=inputs,
+        hash_buckets=buckets,
+        stages=tuple(stages),
+        workers=workers,
+        output_dir=config.output_dir,
+        output_files=tuple(files),
+        estimate=estimate(sum(i.size_bytes for i in inputs), effective, startup=not external),
+        partition_bytes=part,
+        notes=tuple(notes),
+    )
+
+
+def estimate(input_bytes: int, workers: int, startup: bool = True) -> Estimate:
+    """Seconds for ``input_bytes`` on ``workers`` workers, scaling the measured per-worker
+    rates linearly (a disk or network slower than the workers' parsing is not modelled)."""
+    m = MEASURED
+    mb = input_bytes / 1e6
+
+    def seconds(wall: float) -> float:
+        per_worker_mb_s = m["input_mb"] / (wall - STARTUP_S) / m["workers"]
+        return (STARTUP_S if startup else 0.0) + mb / (per_worker_mb_s * max(1, workers))
+
+    return Estimate(seconds(m["wall_s_mapping_order"]), seconds(m["wall_s_shuffled"]), workers, m["source"])

@@ -1,0 +1,124 @@
+"""The real command in a subprocess, as a user runs it: quiet by default (no Dask log line,
+no traceback), one line on bad input and on Ctrl-C, everything in the run's log file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tree_digest
+
+#: What a line from Dask, tornado or Python's error printing starts with or contains.
+NOISE = ("distributed.", "tornado", "bokeh", "Traceback", "CommClosedError", "Nanny", "Scheduler",
+         "Worker", "State start", "Lost all workers")
+
+
+def esm2dask(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def noise(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if any(n in line for n in NOISE)]
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("quiet") / "raw"
+    done = esm2dask("synth", folder, "--clusters", "400", "--seed", "3")
+    assert done.returncode == 0, done.stderr
+    assert not noise(done.stderr)
+    return folder
+
+
+def local_run(raw, out, *extra):
+    return esm2dask("preprocess", raw, "-o", out, "--workers", "1", "--dashboard-address", "127.0.0.1:0", *extra)
+
+
+def test_a_normal_run_prints_no_dask_line_and_logs_everything(raw, tmp_path):
+    out = tmp_path / "out"
+    done = local_run(raw, out)
+    assert done.returncode == 0, done.stderr
+    assert noise(done.stderr) == [], done.stderr
+    assert "Dask dashboard: http://127.0.0.1:" in done.stderr
+    assert "manifest:" in done.stdout
+    log = (out / "esm2dask.log").read_text()
+    # the full log is kept beside the manifest: Dask's scheduler and nannies, and esm2dask
+    assert "distributed.scheduler INFO" in log and "distributed.nanny INFO" in log
+    assert "esm2dask INFO: esm2dask" in log
+    assert not [p for p in out.iterdir() if p.name.startswith(".esm2dask-staging")]
+
+
+@pytest.mark.parametrize("where", ["group", "command"])
+def test_verbose_shows_dask_logs_on_either_side_of_the_command(raw, tmp_path, where):
+    args = ["preprocess", raw, "-o", tmp_path / "out", "--workers", "1", "--dashboard-address", "127.0.0.1:0"]
+    args = ["-v", *args] if where == "group" else [*args[:1], "-v", *args[1:]]
+    done = esm2dask(*args)
+    assert done.returncode == 0, done.stderr
+    assert "distributed.scheduler INFO" in done.stderr and "esm2dask INFO" in done.stderr
+
+
+def test_bad_input_is_exactly_one_line(raw, tmp_path):
+    """A comma in a sequence (a task fails on a worker): no CommClosedError, no traceback."""
+    bad = tmp_path / "raw"
+    bad.mkdir()
+    for p in raw.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    uf90 = bad / "uniref90membersandreps_ur50trainfiltreps.fasta"
+    uf90.write_bytes(uf90.read_bytes().replace(b"\nM", b"\nM,", 1))
+    out = tmp_path / "out"
+    done = local_run(bad, out)
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("esm2dask: error:")]
+    assert len(errors) == 1 and "uniref90membersandreps" in errors[0] and "byte " in errors[0], done.stderr
+    assert noise(done.stderr) == [], done.stderr
+    assert not out.exists()
+
+
+def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not list(folder.glob(pattern)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {pattern} after {timeout_s} s"
+        time.sleep(0.02)
+
+
+def test_ctrl_c_is_one_line_and_resume_finishes_the_same_bytes(raw, tmp_path, cluster_config):
+    from conftest import run_preprocess
+
+    reference = tmp_path / "reference"
+    run_preprocess(raw, reference, cluster_config, num_csv_files=7)
+
+    out = tmp_path / "out"
+    # slow on purpose (plain Python parser, small ranges), so that Ctrl-C lands mid-run
+    args = ["preprocess", raw, "-o", out, "--workers", "1", "--dashboard-address", "127.0.0.1:0",
+            "--engine", "python", "--partition-size", "64KiB", "--num-csv-files", "7"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(".esm2dask-staging-*/work/receipts/count-uf90/*.pkl", out, proc)
+    # Ctrl-C at a terminal: SIGINT to the whole foreground process group (workers included)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, stderr
+    assert noise(stderr) == [], stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("esm2dask:")]
+    assert len(lines) == 1 and lines[0].startswith("esm2dask: interrupted: "), stderr
+    assert "finished task(s) kept in" in lines[0] and "--resume" in lines[0]
+    staged = [p for p in out.iterdir() if p.name.startswith(".esm2dask-staging")]
+    assert len(staged) == 1 and (staged[0] / "esm2dask.log").exists()
+    assert not (out / "uf90").exists()
+
+    resumed = esm2dask(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert noise(resumed.stderr) == [], resumed.stderr
+    assert "skipping the" in resumed.stderr and "resumed: skipped" in resumed.stdout
+    assert tree_digest(out) == tree_digest(reference)
+    log = (out / "esm2dask.log").read_text()
+    assert log.count("esm2dask INFO: esm2dask") == 2  # both runs, in one file
+
