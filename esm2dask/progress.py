@@ -69,16 +69,16 @@ class Tally:
     def fraction(self) -> float:
         return min(1.0, self.completed / self.total) if self.total else 0.0
 
-    def overall_text(self) -> str:
+    def overall_text(self, now: float | None = None) -> str:
         """``37.5 MB/89.0 MB, 12.3 MB/s, ETA 4 s``."""
-        rate = self.rate()
+        now = now or time.monotonic()
         return (f"{human_amount(self.completed, self.unit)}/{human_amount(self.total, self.unit)}, "
-                f"{human_amount(rate, self.unit)}/s, ETA {human_seconds(self.eta())}")
+                f"{human_amount(self.rate(now), self.unit)}/s, ETA {human_seconds(self.eta(now))}")
 
-    def line(self) -> str:
+    def line(self, now: float | None = None) -> str:
         """One plain progress line."""
         stage = f"; {self.stage} {self.stage_done}/{self.stage_total}" if self.stage else ""
-        return f"{self.fraction() * 100:3.0f}% {self.overall_text()}{stage}"
+        return f"{self.fraction() * 100:3.0f}% {self.overall_text(now)}{stage}"
 
 
 class Reporter:
