@@ -13,7 +13,7 @@ import click
               help="Writes OUT/<task>/{train,val,test}/x000.csv (a folder or an fsspec URL).")
 @click.option("--source", help="Base URL of a FLIP mirror, or a local folder with <task>/<file> [default: the public FLIP server].")
 @click.option("--cache-dir", help="Where downloads are kept and reused [default: ~/.cache/esm2dask/flip].")
-@click.option("--num-csv-files", type=int, default=1, show_default=True)
+@click.option("--num-csv-files", type=int, default=1, show_default=True, help="CSV files per split folder.")
 @click.option("--labels", type=click.Choice(["compat", "exact"]), default="compat", show_default=True,
               help="compat: the reference's attribute pattern (byte-compatible, truncates e.g. 1.2e-05 → 1.2); exact: values whole.")
 @click.option("--checksums", type=click.Path(exists=True, dir_okay=False), help="Verify sha256 per file ('<sha256>  <task>/<file>' lines).")

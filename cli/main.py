@@ -12,6 +12,7 @@ from esm2dask import logs
 logs.configure_dask_logging()
 
 import sys  # noqa: E402
+import textwrap  # noqa: E402
 
 import click  # noqa: E402
 
@@ -23,6 +24,32 @@ from .ngc_cmd import ngc, pipeline  # noqa: E402
 from .preprocess_cmd import preprocess, synth, verify  # noqa: E402
 
 VERBOSE_HELP = "Show esm2dask's and Dask's log messages on stderr (a run's log file always has them)."
+
+
+class HelpFormatter(click.HelpFormatter):
+    """Click's, except that a long word (a file name, an option) is never cut in two."""
+
+    def write_dl(self, rows, col_max: int = 30, col_spacing: int = 2) -> None:
+        rows = list(rows)
+        first_col = min(max((len(term) for term, _ in rows), default=0), col_max) + col_spacing
+        for term, text in rows:
+            self.write(f"{'':>{self.current_indent}}{term}")
+            if not text:
+                self.write("\n")
+                continue
+            if len(term) <= first_col - col_spacing:
+                self.write(" " * (first_col - len(term)))
+            else:
+                self.write("\n" + " " * (first_col + self.current_indent))
+            width = max(self.width - first_col - 2, 10)
+            lines = textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False) or [""]
+            self.write(lines[0] + "\n")
+            for line in lines[1:]:
+                self.write(f"{'':>{first_col + self.current_indent}}{line}\n")
+
+
+class Context(click.Context):
+    formatter_class = HelpFormatter
 
 
 class Esm2DaskGroup(click.Group):
@@ -69,13 +96,15 @@ for command in (preprocess, verify, synth, flip, ngc, pipeline):
     cli.add_command(command)
 
 
-def _add_verbose(command: click.Command) -> None:
+def _finish(command: click.Command) -> None:
+    """-v and the help formatter on every command."""
     command.params.append(verbose_option())
+    command.context_class = Context
     for sub in getattr(command, "commands", {}).values():
-        _add_verbose(sub)
+        _finish(sub)
 
 
-_add_verbose(cli)
+_finish(cli)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -12,14 +12,36 @@ def _note(text: str) -> None:
     click.echo(text, err=True)
 
 
+def _set_dry_run(ctx, param, value):
+    """``--dry-run`` after a leaf command, as well as on the ``ngc`` group."""
+    if value and ctx.obj and not ctx.obj["ngc"].settings.dry_run:
+        from dataclasses import replace
+
+        from esm2dask.ngc import Ngc
+
+        ctx.obj["ngc"] = Ngc(replace(ctx.obj["ngc"].settings, dry_run=True), echo=click.echo)
+
+
+DRY_RUN_HELP = "Print the ngc commands (secrets masked) and run nothing."
+
+
+def add_dry_run_to_leaves(group: click.Group) -> None:
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            add_dry_run_to_leaves(command)
+        else:
+            command.params.append(click.Option(["--dry-run"], is_flag=True, expose_value=False,
+                                               callback=_set_dry_run, help=DRY_RUN_HELP))
+
+
 @click.group()
 @click.option("--org", help="NGC org [default: $NGC_CLI_ORG].")
 @click.option("--team", help="NGC team [default: $NGC_CLI_TEAM].")
 @click.option("--ace", help="NGC ACE [default: $NGC_CLI_ACE or $ACE].")
 @click.option("--image", help="Container image [default: $BIONEMO_IMAGE, else the BioNeMo framework image].")
 @click.option("--instance", help="Instance type [default: dgxa100.80g.1.norm].")
-@click.option("--state-file", help="Where ids are remembered [default: ~/.esm2dask/ngc-state.json].")
-@click.option("--dry-run", is_flag=True, help="Print the ngc commands (secrets masked) and run nothing.")
+@click.option("--state-file", help="Where ids are remembered [default: $ESM2DASK_NGC_STATE, else ~/.esm2dask/ngc-state.json].")
+@click.option("--dry-run", is_flag=True, help=DRY_RUN_HELP)
 @click.pass_context
 def ngc(ctx, org, team, ace, image, instance, state_file, dry_run):
     """Provision NGC: workspace, job, and the whole unattended run (needs the `ngc` CLI)."""
@@ -78,7 +100,7 @@ def _workspace_arg(obj, workspace):
 @ngc_workspace.command("mount")
 @click.argument("workspace", required=False)
 @click.argument("mountpoint", required=False)
-@click.option("--mode", type=click.Choice(["RW", "RO"]), default="RW", show_default=True)
+@click.option("--mode", type=click.Choice(["RW", "RO"]), default="RW", show_default=True, help="Read-write or read-only.")
 @click.pass_obj
 def workspace_mount(obj, workspace, mountpoint, mode):
     """Mount WORKSPACE (name or id; default: the remembered one) at MOUNTPOINT (default ~/ngc_workspace_mount)."""
@@ -118,15 +140,18 @@ def ngc_job():
 
 def _job_options(f):
     for opt in reversed([
-        click.option("--name", "job_name", default="esm2dask-preprocess", show_default=True),
-        click.option("--workspace", help="Workspace name or id to mount [default: the remembered one]."),
-        click.option("--commandline", default="sleep infinity", show_default=True),
-        click.option("--priority", default="HIGH", show_default=True),
-        click.option("--order", type=int, default=1, show_default=True),
-        click.option("--preempt", default="RESUMABLE", show_default=True),
-        click.option("--min-timeslice", default="0s", show_default=True),
-        click.option("--total-runtime", default="86400s", show_default=True),
-        click.option("--result", default="/results", show_default=True),
+        click.option("--name", "job_name", default="esm2dask-preprocess", show_default=True,
+                     help="Job name; an active job with this name is reused."),
+        click.option("--workspace", help="Workspace name or id to mount (required unless one is remembered)."),
+        click.option("--commandline", default="sleep infinity", show_default=True,
+                     help="What the job runs (the seed's interactive job sleeps; enter it with `job exec`)."),
+        click.option("--priority", default="HIGH", show_default=True, help="ngc batch run --priority."),
+        click.option("--order", type=int, default=1, show_default=True, help="ngc batch run --order (1-99)."),
+        click.option("--preempt", default="RESUMABLE", show_default=True, help="ngc batch run --preempt class."),
+        click.option("--min-timeslice", default="0s", show_default=True, help="ngc batch run --min-timeslice."),
+        click.option("--total-runtime", default="86400s", show_default=True,
+                     help="Wall-clock limit of the job (NGC's maximum is 24 h)."),
+        click.option("--result", default="/results", show_default=True, help="The job's result folder."),
         click.option("--new", is_flag=True, help="Always submit a new job (no reuse by name)."),
     ]):
         f = opt(f)
@@ -138,9 +163,15 @@ def _job_options(f):
 @click.pass_obj
 def job_start(obj, job_name, workspace, commandline, priority, order, preempt, min_timeslice, total_runtime, result, new):
     """Start the seed's interactive job (BioNeMo image, workspace at /ngc_workspace_mount)."""
+    from esm2dask.errors import ConfigError
     from esm2dask.ngc import JobSpec, ensure_job
 
-    ws = workspace or obj["state"].workspace_id or ""
+    ws = workspace or obj["state"].workspace_id
+    if not ws:
+        raise ConfigError(
+            "no workspace given and none remembered: pass --workspace NAME_OR_ID (or run "
+            "`esm2dask ngc workspace create NAME` first); a job without the workspace mount cannot see the data"
+        )
     spec = JobSpec(name=job_name, commandline=commandline, workspace=ws, priority=priority, order=order,
                    preempt=preempt, min_timeslice=min_timeslice, total_runtime=total_runtime, result=result)
     job_id = ensure_job(obj["ngc"], obj["state"], spec, reuse=not new)
@@ -192,7 +223,7 @@ def job_stop(obj, job_id):
 
 @ngc.command("up")
 @click.option("--workspace", "workspace_name", default="esm2dask", show_default=True, help="Workspace name (reused).")
-@click.option("--job-name", default="esm2dask-pipeline", show_default=True)
+@click.option("--job-name", default="esm2dask-pipeline", show_default=True, help="Batch job name (an active one is reused).")
 @click.option("--secret", required=True, help="NGC secret holding NGC_CLI_API_KEY for the job (never passed as an env var).")
 @click.option("--replicas", type=int, default=1, show_default=True, help="Nodes; >1 runs one Dask cluster across them.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Also convert the FLIP secondary-structure task.")
@@ -254,3 +285,6 @@ def pipeline(workspace, local_dir, flip, flip_source, workers, multi_node):
         results = Pipeline(config).run()
     for r in results:
         click.echo(f"{r.name:<11} {r.status:<8} {r.seconds:8.1f} s  {r.detail}")
+
+
+add_dry_run_to_leaves(ngc)

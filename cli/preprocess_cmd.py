@@ -42,7 +42,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--engine", type=click.Choice(["pyfastx", "numpy", "python"]), default="pyfastx", show_default=True,
               help="FASTA parser (all give the same bytes).")
 @click.option("--scheduler-address", help="Use a running Dask cluster (tcp://HOST:PORT) instead of a LocalCluster.")
-@click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file (waited for, see --scheduler-timeout).")
+@click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file (waited for up to --scheduler-timeout).")
 @click.option("--scheduler-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for --scheduler-file to appear and the scheduler to answer.")
 @click.option("--dashboard-address", default=":8787", show_default=True,

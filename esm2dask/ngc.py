@@ -388,9 +388,30 @@ def ensure_job(ngc: Ngc, state: NgcState, spec: JobSpec, reuse: bool = True) -> 
                 _remember_job(state, s, job["id"], spec.name)
                 return job["id"]
     created = ngc.call(job_run_cmd(s, spec))
-    job_id = created["job"]["id"]
+    job = created.get("job") if isinstance(created, dict) else None
+    if not isinstance(job, dict) or "id" not in job:
+        # The job may exist all the same: remember any id the reply has, so that the
+        # next `job start` finds it instead of submitting a second one.
+        job_id = _any_job_id(created)
+        if job_id is not None:
+            _remember_job(state, s, job_id, spec.name)
+        got = f"keys {', '.join(sorted(created))}" if isinstance(created, dict) else f"{type(created).__name__} {created!r:.80}"
+        then = (f"job id {job_id} remembered; see it with `esm2dask ngc job status {job_id}`" if job_id is not None
+                else "no job id in it; check `ngc batch list` before submitting again")
+        raise Esm2DaskError(f"`ngc batch run` replied without the expected 'job' object (got {got}); {then}")
+    job_id = job["id"]
     _remember_job(state, s, job_id, spec.name)
     return job_id
+
+
+def _any_job_id(reply) -> int | str | None:
+    """A job id from a reply of another shape (``{"id": …}``, ``{"jobId": …}``)."""
+    if not isinstance(reply, dict):
+        return None
+    for key in ("id", "jobId", "job_id"):
+        if isinstance(reply.get(key), (int, str)) and str(reply[key]).strip():
+            return reply[key]
+    return None
 
 
 def _remember_job(state: NgcState, s: NgcSettings, job_id, name: str) -> None:

@@ -124,6 +124,7 @@ def test_several_workspaces_with_one_name_is_an_error(fake_ngc):
 
 
 def test_job_reused_while_active_not_after_it_ended(fake_ngc):
+    assert ngc("workspace", "create", "ws-a").exit_code == 0
     assert ngc("job", "start").exit_code == 0
     result = ngc("job", "start")
     assert "7000001" in result.output
@@ -136,7 +137,7 @@ def test_job_reused_while_active_not_after_it_ended(fake_ngc):
 
 
 def test_job_status_and_time_left(fake_ngc, monkeypatch):
-    ngc("job", "start")
+    assert ngc("job", "start", "--workspace", "WsId0001xyz").exit_code == 0
     monkeypatch.setenv("FAKE_NGC_STARTED", "2099-01-01T00:00:00Z")  # "started" now or later: 24 h left
     assert "QUEUED (not started)" in ngc("job", "status").output
     assert "RUNNING (24h00m left of 24h)" in ngc("job", "status").output
@@ -304,3 +305,58 @@ def test_multi_node_pipeline_with_two_simulated_replicas(fake_ngc, tmp_path, mon
     check = CliRunner().invoke(cli, ["verify", str(out)])
     assert check.exit_code == 0, check.output
     assert (ws / ".esm2dask").is_dir()  # the scheduler file lived there (dask removes it on close)
+
+
+@pytest.mark.parametrize("command", list(GOLDEN), ids=lambda c: " ".join(c))
+def test_dry_run_after_the_leaf_command_too(command, fake_ngc):
+    result = ngc(*command, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == GOLDEN[command]
+    assert fake_ngc.calls() == [] and not fake_ngc.state_file.exists()
+
+
+def test_every_ngc_leaf_accepts_dry_run():
+    from cli.ngc_cmd import ngc as group
+
+    def leaves(g):
+        for c in g.commands.values():
+            yield from leaves(c) if hasattr(c, "commands") else [c]
+
+    for leaf in leaves(group):
+        assert "--dry-run" in [o for p in leaf.params for o in getattr(p, "opts", [])], leaf.name
+
+
+def test_job_start_without_a_workspace_is_refused(fake_ngc):
+    for args in (("job", "start"), ("--dry-run", "job", "start"), ("job", "start", "--dry-run")):
+        result = ngc(*args)
+        assert result.exit_code == 1, result.output
+        assert "--workspace" in result.output and "ngc batch run" not in result.output
+    assert fake_ngc.calls() == []
+    # a remembered workspace is enough
+    assert ngc("workspace", "create", "ws-a").exit_code == 0
+    result = ngc("job", "start")
+    assert result.exit_code == 0 and "--workspace WsId0001xyz:/ngc_workspace_mount:RW" in " ".join(fake_ngc.calls()[-1])
+
+
+@pytest.mark.parametrize("reply, remembered", [({"id": 7123, "status": "QUEUED"}, 7123), ({"accepted": True}, None)],
+                         ids=["id-at-top", "no-id"])
+def test_a_reply_without_the_job_key_is_a_clear_error(reply, remembered, fake_ngc, tmp_path, monkeypatch):
+    """`ngc batch run` answers in another shape: one error line; an id in it is kept."""
+    real = FAKE / "ngc"
+    wrapper = tmp_path / "odd-ngc" / "ngc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        "#!/usr/bin/env python3\nimport json, subprocess, sys\n"
+        f"if sys.argv[1:3] == ['batch', 'run']:\n    print(json.dumps({reply!r})); sys.exit(0)\n"
+        f"sys.exit(subprocess.call([{str(real)!r}, *sys.argv[1:]]))\n"
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    result = ngc("job", "start", "--workspace", "WsId0001xyz")
+    assert result.exit_code == 1
+    errors = [l for l in result.output.splitlines() if l.startswith("esm2dask: error:")]
+    assert len(errors) == 1 and "without the expected 'job' object" in errors[0], result.output
+    state = json.loads(fake_ngc.state_file.read_text()) if fake_ngc.state_file.exists() else {}
+    assert state.get("job_id") == remembered
+    if remembered:
+        assert f"job id {remembered} remembered" in errors[0]
