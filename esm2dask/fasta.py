@@ -7,7 +7,7 @@ to polars as Arrow string arrays. ``pyfastx`` (a C parser) and ``python`` (a pla
 line parser) are kept as alternatives and as references in tests and benchmarks; all
 three give identical :class:`Records` and the same errors.
 
-Record rules (the BioNeMo layout, ``shared/spec/esm2-layout.md``): the name is the first
+Record rules (the BioNeMo layout, ``docs/esm2-layout.md``): the name is the first
 whitespace-delimited token after ``>``; the sequence is the record's lines joined, one
 trailing ``\\r`` stripped from each line, blank lines skipped. Bytes that would corrupt an
 unquoted CSV (``,``, ``"``, whitespace, control characters) and non-ASCII bytes are errors.

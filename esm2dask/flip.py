@@ -1,4 +1,4 @@
-"""``flip``: the FLIP benchmark tasks as ESM2nv validation CSVs (``shared/spec/flip.md``).
+"""``flip``: the FLIP benchmark tasks as ESM2nv validation CSVs (``docs/flip.md``).
 
 Files come from the public FLIP server (or a mirror, or a local folder) into a cache that
 is reused when complete; a download lands in ``<name>.part`` and is renamed only when

@@ -1,4 +1,4 @@
-"""The output layout of ``shared/spec/esm2-layout.md``: names, header, shard boundaries."""
+"""The output layout of ``docs/esm2-layout.md``: names, header, shard boundaries."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NGC provisioning through the ``ngc`` CLI (``shared/spec/ngc.md``).
+"""NGC provisioning through the ``ngc`` CLI (``docs/ngc.md``).
 
 Command builders are pure functions returning argument lists (tested as text); every
 call goes through :meth:`Ngc.call`, the one place that runs ``ngc``. ``--dry-run`` prints

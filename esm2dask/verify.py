@@ -1,6 +1,6 @@
 """``verify``: check an output tree against the layout contract.
 
-Checks the invariants of ``shared/spec/esm2-layout.md`` that can be seen from the output
+Checks the invariants of ``docs/esm2-layout.md`` that can be seen from the output
 alone (file names and count, header, line endings, field shape, record_id order, row
 spread across files, ``counts``/``starts`` against the uf90 row count) and, when the
 tree holds ``mapping.tsv``, the record names against it. Every problem is listed.

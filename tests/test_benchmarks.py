@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+# The studies need the bench extras (pip install -e ".[bench]"); without them, skip cleanly.
+pytest.importorskip("matplotlib")
+pytest.importorskip("psutil")
+
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):

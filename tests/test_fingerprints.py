@@ -1,4 +1,4 @@
-"""NVIDIA's QC sample against the fingerprints of shared/spec/esm2-layout.md."""
+"""NVIDIA's QC sample against the fingerprints of docs/esm2-layout.md."""
 
 from __future__ import annotations
 
