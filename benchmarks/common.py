@@ -94,7 +94,8 @@ def preprocess(raw: Path, label: str, *args: str) -> Run:
     """Run ``esm2dask preprocess`` as a subprocess; wall time, RSS, tasks, output digest."""
     out = Path(tempfile.mkdtemp(dir=raw.parent)) / "out"
     report = out.parent / "report.json"
-    cmd = [*ESM2DASK, "preprocess", str(raw), "-o", str(out), "--plain", "--dashboard-address", ":0", *args]
+    cmd = [*ESM2DASK, "preprocess", str(raw), "-o", str(out), "--plain", "--json", "--dashboard-address", ":0",
+           *args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = _RssSampler(proc.pid)
@@ -106,7 +107,7 @@ def preprocess(raw: Path, label: str, *args: str) -> Run:
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
     manifest = json.loads((out / "esm2dask-manifest.json").read_text())
-    tasks = sum(int(line.split("] ")[1].split()[0]) for line in stderr.splitlines() if "task(s)" in line)
+    tasks = json.loads(stdout)["tasks"]
     digest = subprocess.run(
         f"cd {out} && find uf50 uf90 -type f | sort | xargs md5sum | md5sum",
         shell=True, capture_output=True, text=True,
@@ -120,7 +121,35 @@ def preprocess(raw: Path, label: str, *args: str) -> Run:
                round(driver, 1), round(worker, 1), digest=digest)
 
 
-def write_table(name: str, title: str, command: str, runs: list[Run], notes: str = "") -> Path:
+def add_small(ap, **presets) -> None:
+    """``--small``: the study at a size that runs in a few minutes on 2 cores, its results
+    written as ``<name>-small.*`` beside (never over) the full study's."""
+    ap.add_argument("--small", action="store_true",
+                    help="a few minutes on 2 cores: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in presets.items()))
+    ap.set_defaults(_small_presets=presets)
+
+
+def apply_small(args) -> str:
+    """Apply the ``--small`` presets; returns the suffix of the results' names."""
+    if not getattr(args, "small", False):
+        return ""
+    for key, value in args._small_presets.items():
+        setattr(args, key, value)
+    return "-small"
+
+
+class StudyClock:
+    """The wall time of a whole study, recorded in its results file."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def line(self) -> str:
+        return f"Study run time: {time.perf_counter() - self.start:.0f} s (inputs cached beforehand are not counted)."
+
+
+def write_table(name: str, title: str, command: str, runs: list[Run], notes: str = "",
+                clock: StudyClock | None = None) -> Path:
     cols = ["label", "wall_s", "mb_per_s", "vs_cp", "tasks", "driver_peak_mb", "worker_peak_mb"]
     head = ["configuration", "wall s", "MB/s of input", "× cp -r", "tasks", "driver peak RSS MB", "worker peak RSS MB"]
     lines = [f"# {title}", "", f"Reproduce: `{command}`", "",
@@ -131,6 +160,8 @@ def write_table(name: str, title: str, command: str, runs: list[Run], notes: str
         lines.append("| " + " | ".join(str(d[c]) for c in cols) + " |")
     if notes:
         lines += ["", notes]
+    if clock:
+        lines += ["", clock.line()]
     path = RESULTS / f"{name}.md"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -138,24 +169,48 @@ def write_table(name: str, title: str, command: str, runs: list[Run], notes: str
     return path
 
 
-def plot(name: str, title: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, logx=False, hline=None):
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    return plt, *plt.subplots(figsize=(7, 4))
+
+
+def _finish(plt, fig, ax, name: str, title: str, xlabel: str, ylabel: str, legend: bool) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    if legend:
+        ax.legend()
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
+def plot(name: str, title: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, logx=False, hline=None):
+    """Lines over a numeric x axis; a legend when there is more than one series."""
+    plt, fig, ax = _figure()
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
     if hline:
         ax.axhline(hline[0], color="grey", linestyle="--", label=hline[1])
     if logx:
         ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, name, title, xlabel, ylabel, legend=len(series) + bool(hline) > 1)
+
+
+def bars(name: str, title: str, categories: list[str], series: dict[str, list[float]], xlabel: str, ylabel: str):
+    """Grouped bars for categorical studies (engines, input order, …), each bar labelled
+    with its value; a legend when there is more than one series."""
+    plt, fig, ax = _figure()
+    width = 0.8 / max(1, len(series))
+    for k, (label, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(categories))]
+        drawn = ax.bar(xs, values, width=width, label=label)
+        ax.bar_label(drawn, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(categories)), categories)
+    _finish(plt, fig, ax, name, title, xlabel, ylabel, legend=len(series) > 1)

@@ -1,6 +1,6 @@
 """Engine comparison: each FASTA parser on the same ≥1 GB input, outputs checked equal.
 
-    python -m benchmarks.engines [--clusters 800000] [--engines pyfastx,numpy,python] [--workers 2]
+    python -m benchmarks.engines [--clusters 800000] [--engines pyfastx,numpy,python] [--workers 2] [--small]
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import cp_floor, dataset, folder_bytes, plot, preprocess, write_table
+from .common import StudyClock, add_small, apply_small, bars, cp_floor, dataset, folder_bytes, preprocess, write_table
 
 
 def main(argv=None):
@@ -17,7 +17,9 @@ def main(argv=None):
     ap.add_argument("--engines", default="pyfastx,numpy,python")
     ap.add_argument("--workers", default="2")
     ap.add_argument("--partition-size", default="64MiB")
+    add_small(ap, clusters=20_000)
     args = ap.parse_args(argv)
+    clock, suffix = StudyClock(), apply_small(args)
     raw = dataset(args.clusters)
     floor = cp_floor(raw)
     runs = []
@@ -32,11 +34,9 @@ def main(argv=None):
             f"{args.workers} workers, {args.partition_size} partitions. Outputs byte-identical across engines: "
             f"{'yes' if same else 'NO'}.")
     command = "python -m benchmarks.engines " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_table("engines", "FASTA engines, end to end", command.strip(), runs, note)
-    plot("engines", "preprocess throughput by engine",
-         {"MB/s": (list(range(len(runs))), [r.mb_per_s for r in runs])}, "engine: " + ", ".join(
-             r.label.split()[-1] for r in runs), "MB/s of input")
-
+    write_table("engines" + suffix, "FASTA engines, end to end", command.strip(), runs, note, clock)
+    bars("engines" + suffix, "preprocess throughput by engine", [r.label.split()[-1] for r in runs],
+         {"MB/s": [r.mb_per_s for r in runs]}, "FASTA engine", "MB/s of input")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Input order: the released layout (FASTAs already in mapping order, fast path) against
 the same records shuffled (hash join and reorder), same clusters and seed.
 
-    python -m benchmarks.input_order [--clusters 800000] [--workers 2]
+    python -m benchmarks.input_order [--clusters 800000] [--workers 2] [--small]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import cp_floor, dataset, folder_bytes, plot, preprocess, write_table
+from .common import StudyClock, add_small, apply_small, bars, cp_floor, dataset, folder_bytes, preprocess, write_table
 
 
 def main(argv=None):
@@ -17,7 +17,9 @@ def main(argv=None):
     ap.add_argument("--clusters", type=int, default=800_000)
     ap.add_argument("--workers", default="2")
     ap.add_argument("--partition-size", default="64MiB")
+    add_small(ap, clusters=20_000)
     args = ap.parse_args(argv)
+    clock, suffix = StudyClock(), apply_small(args)
     runs = []
     floors = {}
     for unsorted in (False, True):
@@ -32,10 +34,9 @@ def main(argv=None):
             f"the same run. {args.workers} workers, {args.partition_size} partitions. Same output bytes for both "
             f"orders: {'yes' if runs[0].digest == runs[1].digest else 'NO'}.")
     command = "python -m benchmarks.input_order " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_table("input_order", "Input order: released vs shuffled", command.strip(), runs, note)
-    plot("input_order", "throughput by input order", {"MB/s": ([0, 1], [r.mb_per_s for r in runs])},
-         "0 = mapping order, 1 = shuffled", "MB/s of input")
-
+    write_table("input_order" + suffix, "Input order: released vs shuffled", command.strip(), runs, note, clock)
+    bars("input_order" + suffix, "throughput by input order", ["mapping order (fast path)", "shuffled (hash join)"],
+         {"MB/s": [r.mb_per_s for r in runs]}, "input order", "MB/s of input")
 
 if __name__ == "__main__":
     main()

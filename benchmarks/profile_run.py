@@ -1,7 +1,7 @@
 """One profiled run of the chosen configuration: Dask's performance report (HTML, works
 offline) and a screenshot of the dashboard's task stream taken with headless Chromium.
 
-    python -m benchmarks.profile_run [--clusters 800000] [--workers 2] [--partition-size 64MiB]
+    python -m benchmarks.profile_run [--clusters 800000] [--workers 2] [--partition-size 64MiB] [--small]
 
 Needs Debian's `chromium` for the screenshot (skipped with a message if it is missing).
 """
@@ -17,7 +17,7 @@ import time
 
 from pathlib import Path
 
-from .common import RESULTS, dataset
+from .common import RESULTS, StudyClock, add_small, apply_small, dataset
 
 
 def screenshot(url: str, dest: Path, ready: threading.Event, timeout_s: float = 600.0) -> bool:
@@ -88,7 +88,9 @@ def main(argv=None):
     ap.add_argument("--clusters", type=int, default=800_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--partition-size", default="64MiB")
+    add_small(ap, clusters=20_000, partition_size="4MiB")
     args = ap.parse_args(argv)
+    clock, suffix = StudyClock(), apply_small(args)
     raw = dataset(args.clusters)
 
     from distributed import LocalCluster
@@ -98,7 +100,7 @@ def main(argv=None):
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address="127.0.0.1:0")
-    report = RESULTS / "performance_report.html"
+    report = RESULTS / f"performance_report{suffix}.html"
     out = Path(tempfile.mkdtemp(dir=raw.parent)) / "out"
     config = PreprocessConfig.from_options(
         raw_dir=str(raw), output_dir=str(out), partition_size=args.partition_size,
@@ -110,7 +112,7 @@ def main(argv=None):
     link = cluster.dashboard_link.replace("/status", "/individual-task-stream")
     shots = {}
     camera = threading.Thread(target=lambda: shots.update(
-        ok=screenshot(link, RESULTS / "dashboard_task_stream.png", finished)))
+        ok=screenshot(link, RESULTS / f"dashboard_task_stream{suffix}.png", finished)))
     camera.start()
     time.sleep(3)  # the page is open before the first task
     with Client(cluster) as client, get_task_stream(client) as stream:
@@ -133,12 +135,13 @@ def main(argv=None):
              "| stage | compute s | share |", "|---|---|---|"]
     for stage, seconds in sorted(compute.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {stage} | {seconds:.2f} | {seconds / total * 100:.0f} % |")
-    (RESULTS / "profile.md").write_text("\n".join(lines) + "\n")
+    lines += ["", clock.line()]
+    (RESULTS / f"profile{suffix}.md").write_text("\n".join(lines) + "\n")
     shot = shots.get("ok", False)
     shutil.rmtree(out.parent, ignore_errors=True)
     print(f"{r.input_bytes / 1e6:.0f} MB in {r.wall_seconds:.1f} s ({r.mb_per_s:.0f} MB/s); "
           f"report {report}; screenshot {'saved' if shot else 'not taken'}")
-    print((RESULTS / "profile.md").read_text())
+    print((RESULTS / f"profile{suffix}.md").read_text())
 
 
 if __name__ == "__main__":

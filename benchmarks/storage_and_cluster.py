@@ -1,7 +1,7 @@
 """A ~100 MB run three ways: local → local on a LocalCluster, s3 → s3 through moto's S3
 server on 127.0.0.1, and local → local on an external `dask scheduler` + `dask worker`s.
 
-    python -m benchmarks.storage_and_cluster [--clusters 65000] [--workers 2]
+    python -m benchmarks.storage_and_cluster [--clusters 65000] [--workers 2] [--small]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import RESULTS, dataset, folder_bytes
+from .common import RESULTS, StudyClock, add_small, apply_small, bars, dataset, folder_bytes
 
 BIN = Path(sys.executable).parent
 
@@ -36,7 +36,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--clusters", type=int, default=65_000)
     ap.add_argument("--workers", type=int, default=2)
+    add_small(ap, clusters=20_000)
     args = ap.parse_args(argv)
+    clock, suffix = StudyClock(), apply_small(args)
     import boto3
     import s3fs
     from distributed import Client
@@ -96,8 +98,12 @@ def main(argv=None):
              "a LocalCluster's start-up is included, the external cluster was started beforehand.", "",
              "| configuration | wall s | MB/s |", "|---|---|---|"]
     lines += [f"| {label} | {wall:.2f} | {mb / wall:.0f} |" for label, wall in rows]
+    lines += ["", clock.line()]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "storage_and_cluster.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"storage_and_cluster{suffix}.md").write_text("\n".join(lines) + "\n")
+    short = ["local, LocalCluster", "S3 (moto), LocalCluster", "local, external cluster"]
+    bars(f"storage_and_cluster{suffix}", f"{mb:.0f} MB: storage and cluster", short[:len(rows)],
+         {"MB/s": [mb / wall for _, wall in rows]}, "input/output and cluster", "MB/s of input")
 
 
 if __name__ == "__main__":

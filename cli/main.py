@@ -10,6 +10,7 @@ from __future__ import annotations
 from esm2dask import logs
 
 logs.configure_dask_logging()
+logs.show_warnings()
 
 import sys  # noqa: E402
 import textwrap  # noqa: E402

@@ -133,6 +133,8 @@ def _summary(result) -> dict:
         "skipped_tasks": result.skipped_tasks,
         "skipped_share": round(1 - result.done_here_share, 4),
         "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()},
+        "tasks": sum(result.stage_tasks.values()),
+        "stage_tasks": result.stage_tasks,
         "manifest": result.manifest_url,
         "log": result.log_url,
     }

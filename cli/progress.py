@@ -84,8 +84,12 @@ class RichReporter(Reporter):
         super().stage(name, total)
         self._draw()
 
-    def advance(self, name: str, done: int = 1, amount: int = 0) -> None:
-        super().advance(name, done, amount)
+    def advance(self, name: str, done: int = 1) -> None:
+        super().advance(name, done)
+        self._draw()
+
+    def progress(self, amount: int) -> None:
+        super().progress(amount)
         self._draw()
 
     def _draw(self) -> None:

@@ -79,16 +79,38 @@ def remove_sink(handler: logging.Handler) -> None:
 
 
 _console: logging.Handler | None = None
+_warnings: logging.Handler | None = None
+
+
+class _Esm2DaskOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "esm2dask" or record.name.startswith("esm2dask.")
+
+
+def show_warnings() -> None:
+    """By default esm2dask's own warnings (a retried download, truncated FLIP labels) still
+    reach stderr, as one line each; Dask's do not."""
+    global _warnings
+    if _warnings is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.addFilter(_Esm2DaskOnly())
+        handler.setFormatter(logging.Formatter("esm2dask: warning: %(message)s"))
+        _warnings = add_sink(handler)
 
 
 def set_verbose(verbose: bool = True) -> None:
     """``-v``: esm2dask's and Dask's log records on stderr as well."""
-    global _console
+    global _console, _warnings
     if verbose and _console is None:
+        if _warnings is not None:  # the verbose sink shows them, once
+            remove_sink(_warnings)
+            _warnings = None
         _console = add_sink(logging.StreamHandler(sys.stderr))
     elif not verbose and _console is not None:
         remove_sink(_console)
         _console = None
+        show_warnings()
 
 
 class RunLog:

@@ -70,6 +70,7 @@ class PreprocessResult:
     read_bytes: int = 0
     skipped_read_bytes: int = 0
     skipped_tasks: int = 0
+    stage_tasks: dict[str, int] = field(default_factory=dict)
 
     @property
     def done_here_share(self) -> float:
@@ -144,6 +145,7 @@ class _Run:
         self.so = config.storage_options
         self.work = staging.work_dir
         self.stage_seconds: dict[str, float] = {}
+        self.stage_tasks: dict[str, int] = {}
         self._token = staging.token
         self._submitted = False
         self._read_bytes: dict = {}  # task key -> input bytes it reads, for progress
@@ -211,7 +213,8 @@ class _Run:
             for future in as_completed(futures):
                 if future.status == "error":
                     future.result()  # raises the task's exception here
-                self.reporter.advance(name, amount=self._read_bytes.pop(future.key, 0))
+                self.reporter.progress(self._read_bytes.pop(future.key, 0))
+                self.reporter.advance(name)
             gathered = iter(self.client.gather(futures))
             results = [h.result if isinstance(h, _Done) else next(gathered) for h in handles]
         except BaseException:
@@ -219,6 +222,7 @@ class _Run:
             raise
         seconds = time.perf_counter() - start
         self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
+        self.stage_tasks[name] = self.stage_tasks.get(name, 0) + len(handles)
         self.reporter.stage_done(name, seconds)
         return results
 
@@ -545,6 +549,7 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
         read_bytes=run.read_bytes,
         skipped_read_bytes=run.skipped_read_bytes,
         skipped_tasks=run.skipped_tasks,
+        stage_tasks=run.stage_tasks,
     )
     result.manifest_url = write_manifest(config, result, inputs, __version__)
     return result

@@ -108,9 +108,13 @@ class Reporter:
         self.tally.stage, self.tally.stage_total, self.tally.stage_done = name, total, 0
         log.info("%s: %d task(s)", name, total)
 
-    def advance(self, name: str, done: int = 1, amount: int = 0) -> None:
+    def advance(self, name: str, done: int = 1) -> None:
+        """``done`` more tasks of stage ``name`` finished."""
         if name == self.tally.stage:
             self.tally.stage_done += done
+
+    def progress(self, amount: int) -> None:
+        """``amount`` more work done (bytes read, records written)."""
         self.tally.done += amount
 
     def stage_done(self, name: str, seconds: float) -> None:

@@ -141,7 +141,8 @@ def _write(path: str, chunks, reporter: Reporter, header_lines: int = 0) -> None
             size += len(chunk)
             if size > 8 << 20:
                 f.write(b"".join(buf))
-                reporter.advance(name, 0, len(buf) - header_lines)
+                reporter.progress(len(buf) - header_lines)
                 buf, size, header_lines = [], 0, 0
         f.write(b"".join(buf))
-        reporter.advance(name, 1, len(buf) - header_lines)
+        reporter.progress(len(buf) - header_lines)
+        reporter.advance(name)

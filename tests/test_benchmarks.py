@@ -32,7 +32,9 @@ def test_input_order_and_engines_smoke(bench):
     from benchmarks import engines, input_order
 
     input_order.main(["--clusters", "300", "--workers", "1"])
-    assert "Same output bytes for both orders: yes" in (bench / "input_order.md").read_text()
+    table = (bench / "input_order.md").read_text()
+    assert "Same output bytes for both orders: yes" in table and "Study run time:" in table
+    assert (bench / "input_order.png").stat().st_size > 0
     engines.main(["--clusters", "300", "--workers", "1", "--engines", "pyfastx,python"])
     assert "byte-identical across engines: yes" in (bench / "engines.md").read_text()
 
@@ -43,3 +45,17 @@ def test_storage_and_cluster_smoke(bench):
     storage_and_cluster.main(["--clusters", "300", "--workers", "1"])
     table = (bench / "storage_and_cluster.md").read_text()
     assert "s3 → s3 (moto)" in table and "external `dask scheduler`" in table
+
+
+def test_small_presets_apply_and_rename_the_results():
+    import argparse
+
+    from benchmarks.common import add_small, apply_small
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clusters", type=int, default=800_000)
+    add_small(ap, clusters=20_000)
+    full, small = ap.parse_args([]), ap.parse_args(["--small"])
+    assert (apply_small(full), full.clusters) == ("", 800_000)
+    assert (apply_small(small), small.clusters) == ("-small", 20_000)
+    assert "--clusters 20000" in ap.format_help()

@@ -115,11 +115,11 @@ def test_worker_killed_mid_run(external_cluster, cluster_raw, reference_digest, 
 
 def test_driver_killed_then_resumed(external_cluster, cluster_raw, reference_digest, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "cli", "preprocess", str(cluster_raw), "-o", str(out), "--plain",
+    cmd = [sys.executable, "-m", "cli", "preprocess", str(cluster_raw), "-o", str(out), "--plain", "-v",
            "--scheduler-file", external_cluster, "--partition-size", "20KB"]
     driver = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
-    for line in driver.stderr:
-        if line.startswith("[gather-uf90]") and "done" not in line:
+    for line in driver.stderr:  # -v: esm2dask's log lines, one per stage start
+        if "esm2dask INFO: gather-uf90:" in line:
             break  # the moment: uf90's join is done, its gather stage starting
     driver.send_signal(signal.SIGKILL)
     driver.wait()
