@@ -145,7 +145,7 @@ class StudyClock:
         self.start = time.perf_counter()
 
     def line(self) -> str:
-        return f"Study run time: {time.perf_counter() - self.start:.0f} s (inputs cached beforehand are not counted)."
+        return f"Study run time: {time.perf_counter() - self.start:.0f} s (generating any input not cached yet included)."
 
 
 def write_table(name: str, title: str, command: str, runs: list[Run], notes: str = "",

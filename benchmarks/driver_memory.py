@@ -23,7 +23,9 @@ def main(argv=None):
     runs = []
     for clusters in args.clusters.split(","):
         raw = dataset(int(clusters))
-        run = preprocess(raw, f"{folder_bytes(raw) / 1e9:.1f} GB input", "--workers", args.workers,
+        size = folder_bytes(raw)
+        label = f"{size / 1e9:.1f} GB input" if size >= 1e9 else f"{size / 1e6:.0f} MB input"
+        run = preprocess(raw, label, "--workers", args.workers,
                          "--partition-size", args.partition_size)
         print(run)
         runs.append(run)

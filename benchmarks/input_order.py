@@ -17,7 +17,7 @@ def main(argv=None):
     ap.add_argument("--clusters", type=int, default=800_000)
     ap.add_argument("--workers", default="2")
     ap.add_argument("--partition-size", default="64MiB")
-    add_small(ap, clusters=20_000)
+    add_small(ap, clusters=20_000, partition_size="4MiB")
     args = ap.parse_args(argv)
     clock, suffix = StudyClock(), apply_small(args)
     runs = []
