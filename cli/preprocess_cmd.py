@@ -109,14 +109,18 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
             f"  {name}: {rep.records:,} records, {how}; {rep.unnamed_dropped:,} not in the mapping "
             f"(dropped), {rep.duplicates:,} duplicate ids (first kept)"
         )
+    rate = f"{result.mb_per_s:.0f} MB/s"
     if result.skipped_tasks:
+        share = result.done_here_share
         click.echo(
-            f"  resumed: skipped {result.skipped_tasks:,} task(s) an earlier run had finished "
-            f"({(1 - result.done_here_share) * 100:.0f}% of the reading); the rate counts this run's work only"
+            f"  resumed: skipped {result.skipped_tasks:,} task(s) an earlier run had finished, "
+            f"{(1 - share) * 100:.0f}% of the input reading"
         )
+        rate = (f"{rate} for the {share * 100:.0f}% of the reading done in this run" if share > 0
+                else "no input left to read in this run")
     click.echo(
-        f"  {_human_bytes(result.input_bytes)} in {result.wall_seconds:.1f} s "
-        f"({result.mb_per_s:.0f} MB/s); manifest: {result.manifest_url}; log: {result.log_url}"
+        f"  {_human_bytes(result.input_bytes)} in {result.wall_seconds:.1f} s ({rate}); "
+        f"manifest: {result.manifest_url}; log: {result.log_url}"
     )
 
 

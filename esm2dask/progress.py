@@ -30,6 +30,8 @@ def human_amount(amount: float, unit: str) -> str:
 def human_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "?"
+    if seconds < 9.95:
+        return f"{seconds:.1f} s"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
