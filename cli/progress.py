@@ -67,7 +67,7 @@ class RichReporter(Reporter):
     def begin(self, total: int, unit: str = "B") -> None:
         super().begin(total, unit)
         if self.overall is None:
-            self.overall = self.progress.add_task("read", total=max(total, 1), info="")
+            self.overall = self.progress.add_task("read" if unit == "B" else "written", total=max(total, 1), info="")
             self.current = self.progress.add_task("starting", total=1, info="")
             self.progress.start()
         self._draw()

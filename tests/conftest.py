@@ -74,3 +74,15 @@ def run_preprocess(raw: Path, out: Path, cluster_config, **kwargs):
         raw_dir=str(raw), output_dir=str(out), cluster=cluster_config, **kwargs
     )
     return preprocess(config)
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """A CLI result that failed cleanly: exit 1, no traceback, exactly one
+    ``esm2dask: error:`` line, holding every needle. Returns that line."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("esm2dask: error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from conftest import tree_digest
+from conftest import assert_one_line_error, tree_digest
 
 
 def invoke(*args):
@@ -95,12 +95,7 @@ def test_engines_give_the_same_tree(small_raw, tmp_path, dask_cluster, engine):
 
 
 def _assert_clean_failure(result, out, *needles):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [l for l in result.output.splitlines() if l.startswith("esm2dask: error:")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_line_error(result, *needles)
     assert not (out / "uf50").exists() and not (out / "uf90").exists()
     assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".esm2dask")]
 

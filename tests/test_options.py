@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from conftest import assert_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +33,6 @@ def no_cluster(monkeypatch):
 
 def invoke(*args, env=None):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, env=env)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("esm2dask: error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 BAD_OPTIONS = {

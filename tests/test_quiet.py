@@ -122,3 +122,28 @@ def test_ctrl_c_is_one_line_and_resume_finishes_the_same_bytes(raw, tmp_path, cl
     log = (out / "esm2dask.log").read_text()
     assert log.count("esm2dask INFO: esm2dask") == 2  # both runs, in one file
 
+
+
+def test_run_log_on_an_object_store_survives_a_resume():
+    """On a store without rename the log is written locally, uploaded into the staging
+    prefix when a run stops, continued by the resumed run and published beside the manifest."""
+    import logging
+
+    import fsspec
+
+    from esm2dask.logs import RunLog, configure_dask_logging
+
+    configure_dask_logging()
+    log = logging.getLogger("esm2dask")
+    fs = fsspec.filesystem("memory")
+    root, out = "memory://logtest/out/.esm2dask-staging-x", "memory://logtest/out"
+    first = RunLog(root, out, {})
+    log.info("first run")
+    first.keep()
+    assert b"first run" in fs.cat("/logtest/out/.esm2dask-staging-x/esm2dask.log")
+    second = RunLog(root, out, {})
+    log.info("second run")
+    assert second.publish() == "memory://logtest/out/esm2dask.log"
+    log.info("after publishing")  # no longer logged to the file
+    text = fs.cat("/logtest/out/esm2dask.log").decode()
+    assert text.index("first run") < text.index("second run") and "after publishing" not in text
