@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 
 ## The main job on the built-in sample: synthetic raw set → ESM2nv layout → verify.
 sample: $(STAMP)
-	$(BIN)/esm2dask synth sample/uniref50_90_sample --clusters 20000 --seed 0
+	$(BIN)/esm2dask synth sample/uniref50_90_sample --clusters 20000 --seed 0 --overwrite
 	$(BIN)/esm2dask preprocess sample/uniref50_90_sample --overwrite
 	$(BIN)/esm2dask verify sample/uniref50_90_sample_preproc
 	@echo "Output: sample/uniref50_90_sample_preproc"
