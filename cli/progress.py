@@ -69,6 +69,7 @@ class RichReporter(Reporter):
         if self.overall is None:
             self.overall = self.progress.add_task("read" if unit == "B" else "written", total=max(total, 1), info="")
             self.current = self.progress.add_task("starting", total=1, info="")
+            self._draw()
             self.progress.start()
         self._draw()
 
