@@ -38,8 +38,6 @@ def _human_bytes(n: int) -> str:
 @click.option("--threads-per-worker", type=int, default=1, show_default=True)
 @click.option("--memory-limit", help="Per worker, e.g. 4GiB [default: RAM / workers].")
 @click.option("--partition-size", default=DEFAULT_PARTITION_SIZE, show_default=True, help="Bytes of input per task.")
-@click.option("--engine", type=click.Choice(["pyfastx", "numpy", "python"]), default="pyfastx", show_default=True,
-              help="FASTA parser.")
 @click.option("--scheduler-address", help="Use a running Dask cluster (tcp://HOST:PORT) instead of a LocalCluster.")
 @click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file.")
 @click.option("--dashboard-address", default=":8787", show_default=True, help="LocalCluster dashboard address.")
@@ -50,7 +48,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--storage-options", help="JSON options for fsspec/s3fs (e.g. endpoint_url).")
 @click.option("--plain", is_flag=True, default=None, help="Plain log lines instead of progress bars.")
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
-               num_csv_files, workers, threads_per_worker, memory_limit, partition_size, engine,
+               num_csv_files, workers, threads_per_worker, memory_limit, partition_size,
                scheduler_address, scheduler_file, dashboard_address, performance_report, overwrite,
                resume, no_copy_inputs, storage_options, plain):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
@@ -74,7 +72,7 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
     config = PreprocessConfig.from_options(
         raw_dir=raw_dir, output_dir=output_dir, uf50=uf50, uf90=uf90, mapping=mapping, val=val,
         test=test, partition_size=partition_size, split=split, val_size=val_size,
-        test_size=test_size, seed=seed, num_csv_files=num_csv_files, engine=engine,
+        test_size=test_size, seed=seed, num_csv_files=num_csv_files,
         overwrite=overwrite, resume=resume, copy_inputs=not no_copy_inputs,
         storage_options=parse_storage_options(storage_options), cluster=cluster,
     )
