@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 from .config import ClusterConfig
@@ -14,14 +13,14 @@ from .errors import ConfigError
 def dask_client(config: ClusterConfig) -> Iterator:
     """A connected client; the LocalCluster, if one is started, closes on exit.
 
-    Each worker runs polars on one thread per Dask thread: several processes with one
-    thread each parse FASTA faster than one process with many (the GIL), and a polars
-    pool per process sized to the whole machine would oversubscribe the cores.
+    Every worker's thread pools (polars, Arrow, numba, BLAS) are limited to its Dask
+    threads (:mod:`esm2dask.workerenv`), whoever started the worker.
     """
     import dask
     from distributed import Client, LocalCluster
 
-    os.environ.setdefault("POLARS_MAX_THREADS", str(config.threads_per_worker))
+    from .workerenv import ThreadLimits, thread_environment
+
     with dask.config.set({"distributed.worker.daemon": False}):
         if config.scheduler_address or config.scheduler_file:
             try:
@@ -34,6 +33,7 @@ def dask_client(config: ClusterConfig) -> Iterator:
                 where = config.scheduler_address or config.scheduler_file
                 raise ConfigError(f"cannot connect to the Dask scheduler at {where}: {err}") from None
             try:
+                client.register_plugin(ThreadLimits())
                 yield client
             finally:
                 client.close()
@@ -44,10 +44,11 @@ def dask_client(config: ClusterConfig) -> Iterator:
             processes=True,
             memory_limit=config.memory_limit or "auto",
             dashboard_address=config.dashboard_address,
-            env={"POLARS_MAX_THREADS": str(config.threads_per_worker)},
+            env=thread_environment(config.threads_per_worker),
         )
         try:
             with Client(cluster) as client:
+                client.register_plugin(ThreadLimits())
                 yield client
         finally:
             cluster.close()

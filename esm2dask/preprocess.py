@@ -35,6 +35,8 @@ from .ranges import ByteRange, plan_ranges
 from .tasks import Routing, Slice, Target
 
 LABEL_TRAIN, LABEL_VAL, LABEL_TEST = 0, 1, 2
+#: The mapping is cut into ranges this many times smaller than the FASTAs'.
+MAPPING_PARTITION_DIVISOR = 8
 
 
 @dataclass
@@ -191,7 +193,9 @@ class _Run:
         cfg = self.config
         part = cfg.partition_bytes
         plans = {
-            "mapping": plan_ranges(cfg.mapping, sizes[cfg.mapping], part),
+            # mapping lines cost more per byte than FASTA (polars splits and hashes them):
+            # smaller ranges keep the first stage from waiting on one long task
+            "mapping": plan_ranges(cfg.mapping, sizes[cfg.mapping], max(1, part // MAPPING_PARTITION_DIVISOR)),
             "uf50": plan_ranges(cfg.uf50, sizes[cfg.uf50], part),
             "uf90": plan_ranges(cfg.uf90, sizes[cfg.uf90], part),
         }
