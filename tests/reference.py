@@ -8,6 +8,7 @@ from __future__ import annotations
 
 #: Bytes allowed in a record name or a sequence line: printable ASCII but , " and space.
 LEGAL = frozenset(range(0x21, 0x7F)) - {ord(","), ord('"')}
+_LEGAL_BYTES = bytes(sorted(LEGAL))
 #: Bytes that end a name (besides the end of the line).
 NAME_END = frozenset(b" \t\r\x0b\x0c")
 
@@ -43,9 +44,9 @@ def parse_fasta_bytes(data: bytes, uppercase: bool = False, at_file_start: bool 
             records.append((line[1:i].decode("ascii"), []))
         else:
             body = line[:-1] if line.endswith(b"\r") else line
-            for i, byte in enumerate(body):
-                if byte not in LEGAL:
-                    raise OracleError("char", offset + i)
+            illegal = set(body.translate(None, _LEGAL_BYTES))  # what is left is illegal
+            if illegal:
+                raise OracleError("char", offset + min(body.find(bytes([b])) for b in illegal))
             if body:
                 text = body.decode("ascii")
                 records[-1][1].append(text.upper() if uppercase else text)
