@@ -41,14 +41,17 @@ def dask_client(config: ClusterConfig) -> Iterator:
         cluster = LocalCluster(
             n_workers=config.workers,
             threads_per_worker=config.threads_per_worker,
-            processes=True,
+            processes=config.processes,
             memory_limit=config.memory_limit or "auto",
             dashboard_address=config.dashboard_address,
-            env=thread_environment(config.threads_per_worker),
+            # worker processes take the limits from their environment; threads share this
+            # process's pools, which are sized to the machine
+            **({"env": thread_environment(config.threads_per_worker)} if config.processes else {}),
         )
         try:
             with Client(cluster) as client:
-                client.register_plugin(ThreadLimits())
+                if config.processes:
+                    client.register_plugin(ThreadLimits())
                 yield client
         finally:
             cluster.close()
