@@ -199,3 +199,16 @@ def test_rows_without_ids_then_ids_in_any_order():
     again = block.rows.with_ids(np.array([2, 0, 0]), np.array([7, 8, 1234567890123]))
     assert bytes(again.data) == b"7,c,0,\n8,a,2,AC\n1234567890123,a,2,AC\n"
     assert bytes(block.rows.take(np.array([1])).data) == b"b,1,G\n"
+
+
+def test_a_range_whose_count_differs_is_an_error(tmp_path):
+    """Defence in depth: records parsed must equal records counted, range by range."""
+    from esm2dask import tasks
+
+    path = tmp_path / "f.fa"
+    path.write_bytes(b">a\nAC\n>b\nGG\n")
+    byte_range = ByteRange(str(path), 0, 12, 0, 12)
+    assert len(tasks._convert(byte_range, {}, uppercase=True, first_id=1, expected=2)) == 2
+    with pytest.raises(InputError) as err:
+        tasks._convert(byte_range, {}, uppercase=True, first_id=1, expected=3)
+    assert err.value.where == "bytes 0-12" and "2 records parsed but 3 counted" in err.value.message
