@@ -39,8 +39,6 @@ def _human_bytes(n: int) -> str:
 @click.option("--partition-size", default=DEFAULT_PARTITION_SIZE, show_default=True,
               help=f"Bytes of input per task (e.g. 64MiB); a size that would cut one input into more than "
                    f"{MAX_RANGES_PER_INPUT:,} ranges is refused.")
-@click.option("--engine", type=click.Choice(["pyfastx", "numpy", "python"]), default="pyfastx", show_default=True,
-              help="FASTA parser (all give the same bytes).")
 @click.option("--scheduler-address", help="Use a running Dask cluster (tcp://HOST:PORT) instead of a LocalCluster.")
 @click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file (waited for up to --scheduler-timeout).")
 @click.option("--scheduler-timeout", type=float, default=60.0, show_default=True,
@@ -57,7 +55,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the --plan) as one JSON object on stdout.")
 @click.option("--plain", is_flag=True, default=None, help="A plain progress line every few seconds instead of a bar.")
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
-               num_csv_files, workers, threads_per_worker, memory_limit, partition_size, engine,
+               num_csv_files, workers, threads_per_worker, memory_limit, partition_size,
                scheduler_address, scheduler_file, scheduler_timeout, dashboard_address, performance_report,
                overwrite, resume, no_copy_inputs, storage_options, plan_only, as_json, plain):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
@@ -83,7 +81,7 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
     config = PreprocessConfig.from_options(
         raw_dir=raw_dir, output_dir=output_dir, uf50=uf50, uf90=uf90, mapping=mapping, val=val,
         test=test, partition_size=partition_size, split=split, val_size=val_size,
-        test_size=test_size, seed=seed, num_csv_files=num_csv_files, engine=engine,
+        test_size=test_size, seed=seed, num_csv_files=num_csv_files,
         overwrite=overwrite, resume=resume, copy_inputs=not no_copy_inputs,
         storage_options=parse_storage_options(storage_options), cluster=cluster,
     )

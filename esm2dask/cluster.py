@@ -49,14 +49,14 @@ def wait_for_scheduler_file(path: str, timeout_s: float, say: Callable[[str], No
 def dask_client(config: ClusterConfig, say: Callable[[str], None] = log.info) -> Iterator:
     """A connected client; the LocalCluster, if one is started, closes on exit.
 
-    Each worker runs polars on one thread per Dask thread: several processes with one
-    thread each parse FASTA faster than one process with many (the GIL), and a polars
-    pool per process sized to the whole machine would oversubscribe the cores.
+    Every worker's thread pools (polars, Arrow, numba, BLAS) are limited to its Dask
+    threads (:mod:`esm2dask.workerenv`), whoever started the worker.
     """
     import dask
     from distributed import Client, LocalCluster
 
-    os.environ.setdefault("POLARS_MAX_THREADS", str(config.threads_per_worker))
+    from .workerenv import ThreadLimits, thread_environment
+
     with dask.config.set({"distributed.worker.daemon": False}):
         if config.scheduler_address or config.scheduler_file:
             where = config.scheduler_address or config.scheduler_file
@@ -70,23 +70,28 @@ def dask_client(config: ClusterConfig, say: Callable[[str], None] = log.info) ->
                 )
             except (OSError, TimeoutError, ValueError) as err:
                 raise ConfigError(f"cannot connect to the Dask scheduler at {where}: {err}") from None
-            with _forwarding(client):
+            with client, _forwarding(client):
+                client.register_plugin(ThreadLimits())
                 yield client
             return
         try:
             cluster = LocalCluster(
                 n_workers=config.workers,
                 threads_per_worker=config.threads_per_worker,
-                processes=True,
+                processes=config.processes,
                 memory_limit=config.memory_limit or "auto",
                 dashboard_address=config.dashboard_address,
-                env={"POLARS_MAX_THREADS": str(config.threads_per_worker)},
-                preload=["esm2dask.cluster"],
+                # worker processes take the limits from their environment, and ignore Ctrl-C
+                # (dask_setup); threads share this process's pools, sized to the machine
+                **({"env": thread_environment(config.threads_per_worker), "preload": ["esm2dask.cluster"]}
+                   if config.processes else {}),
             )
         except (OSError, ValueError, TypeError) as err:
             raise ConfigError(f"cannot start a local Dask cluster: {err}") from None
         try:
             with Client(cluster) as client, _forwarding(client):
+                if config.processes:
+                    client.register_plugin(ThreadLimits())
                 yield client
         finally:
             cluster.close()

@@ -10,7 +10,6 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from .errors import ConfigError
-from .fasta import ENGINES
 from .storage import cpu_count, join
 
 #: The seed workflow's download location.
@@ -107,6 +106,9 @@ class ClusterConfig:
 
     workers: int = field(default_factory=cpu_count)
     threads_per_worker: int = 1
+    #: False: the LocalCluster's workers are threads of this process (nothing to start;
+    #: the kernel releases the GIL). True: one process per worker.
+    processes: bool = True
     memory_limit: str | None = None
     scheduler_address: str | None = None
     scheduler_file: str | None = None
@@ -156,7 +158,6 @@ class PreprocessConfig:
     seed: int = 0
     num_csv_files: int = DEFAULT_NUM_CSV_FILES
     partition_bytes: int = parse_size(DEFAULT_PARTITION_SIZE)
-    engine: str = "pyfastx"
     overwrite: bool = False
     resume: bool = False
     copy_inputs: bool = True
@@ -168,8 +169,6 @@ class PreprocessConfig:
             raise ConfigError(f"--split must be 'fasta' or 'random', not {self.split!r}")
         if not 1 <= self.num_csv_files <= 1000:
             raise ConfigError("--num-csv-files must be between 1 and 1000 (names are x000…x999)")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}")
         if self.split == "random" and (self.val_size <= 0 or self.test_size <= 0):
             raise ConfigError("--split random needs --val-size and --test-size above 0")
         if not 1 <= self.partition_bytes <= 1 << 30:

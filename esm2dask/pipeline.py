@@ -233,7 +233,8 @@ def node_role(env: dict[str, str], workspace: str, workers_per_node: int, job_id
     job = job_id or env.get("NGC_JOB_ID", "job")
     sched_file = os.path.join(workspace, ".esm2dask", f"scheduler-{job}.json")
     worker = ("dask", "worker", "--scheduler-file", sched_file, "--nworkers", str(workers_per_node),
-              "--nthreads", "1", "--death-timeout", "120")
+              "--nthreads", "1", "--death-timeout", "120",
+              "--preload", "esm2dask.workerenv")
     if rank == 0:
         commands = (("dask", "scheduler", "--scheduler-file", sched_file), worker)
         return NodeRole(rank, size, "driver", sched_file, commands)

@@ -22,8 +22,12 @@ from .layout import MANIFEST_NAME, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, 
 from .logs import RunLog
 from .ranges import ByteRange, plan_ranges
 
-#: At most this many byte ranges per input file (at the default 64 MiB: 640 GiB of input).
+#: At most this many byte ranges per input file (at the default 64 MiB: 640 GiB of FASTA).
 MAX_RANGES_PER_INPUT = 10_000
+#: The mapping is cut into ranges this many times smaller than the FASTAs': mapping lines
+#: cost more per byte than FASTA (polars splits and hashes them), and smaller ranges keep
+#: the first stage from waiting on one long task.
+MAPPING_PARTITION_DIVISOR = 8
 
 #: Measured rates behind the estimate: ``benchmarks/results/input_order.md`` (2026-11-29;
 #: 1190 MB of ``esm2dask synth`` input, 2 workers on this project's 2-vCPU machine, 64 MiB
@@ -127,15 +131,18 @@ def input_sizes(config: PreprocessConfig) -> dict[str, int]:
 
 
 def _checked_ranges(role: str, url: str, size: int, partition_bytes: int) -> list[ByteRange]:
-    n = max(1, math.ceil(size / partition_bytes))
+    divisor = MAPPING_PARTITION_DIVISOR if role == "mapping" else 1
+    part = max(1, partition_bytes // divisor)
+    n = max(1, math.ceil(size / part))
     if n > MAX_RANGES_PER_INPUT:
-        smallest = math.ceil(size / MAX_RANGES_PER_INPUT / 2**20)
+        smallest = math.ceil(size * divisor / MAX_RANGES_PER_INPUT / 2**20)
+        finer = f" (the mapping is cut {divisor} times finer)" if divisor > 1 else ""
         raise ConfigError(
-            f"--partition-size {partition_bytes} bytes would cut {url} ({size:,} bytes) into {n:,} ranges, "
+            f"--partition-size {partition_bytes} bytes would cut {url} ({size:,} bytes) into {n:,} ranges{finer}, "
             f"{n * 4:,}+ tasks; at most {MAX_RANGES_PER_INPUT:,} ranges per input: use --partition-size "
             f"{smallest}MiB or more (default 64MiB)"
         )
-    return plan_ranges(url, size, partition_bytes)
+    return plan_ranges(url, size, part)
 
 
 def _shard_files(folder: str, num_csv_files: int, with_arrays: bool) -> str:
@@ -174,8 +181,10 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
         when = f"fallback-{name}"
         stages += [
             StagePlan(f"bucket-ids-{name}", n_map, 0, when),
-            over(name, f"bucket-fasta-{name}", when),
+            over(name, f"index-{name}", when),
             StagePlan(f"join-{name}", buckets[name], 0, when),
+            over(name, f"scatter-{name}", when),
+            # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
             StagePlan(f"gather-{name}", len(by_role[name].ranges), 0, when),
         ]
     uf50_dirs = (UF50_TRAIN, UF50_VAL, UF50_TEST)

@@ -311,7 +311,7 @@ class _Run:
                     f"convert-{name}",
                     tasks.convert_in_file_order,
                     [
-                        (rng, int(first_positions[name][i]), False, cfg.engine, r)
+                        (rng, int(first_positions[name][i]), int(counts[name][i]), False, r)
                         for i, rng in enumerate(plans[name])
                     ],
                 )
@@ -338,7 +338,7 @@ class _Run:
                 f"fast-{name}",
                 tasks.convert_in_order,
                 [
-                    (rng, int(fp[i]), _slices_for(pieces, int(fp[i]), int(fp[i + 1])), cfg.engine, rt)
+                    (rng, int(fp[i]), int(counts[name][i]), _slices_for(pieces, int(fp[i]), int(fp[i + 1])), rt)
                     for i, rng in enumerate(plans[name])
                 ],
             )
@@ -380,18 +380,19 @@ class _Run:
             if reports[name].fast_path:
                 continue
             self.reporter.message(f"{name}: joining by hash ({reports[name].fallback_reason})")
-            extra = sum(r.length for r in plans[name])
+            extra = plan.read_bytes(f"fallback-{name}")
             self.read_bytes += extra
             self.reporter.grow(extra)
-            self._join(name, plans[name], mapping, kind, key_first, n_buckets[name], n_keys, rt, reports[name])
+            self._join(name, plans[name], counts[name], mapping, kind, key_first, n_buckets[name], n_keys, rt,
+                       reports[name])
 
         # Stage 4: assemble.
         sizes_out = self._assemble(uf50_targets)
         return rows, sizes_out, reports
 
-    def _join(self, name, ranges: list[ByteRange], mapping, kind, key_first, n_buckets, n_keys, rt,
+    def _join(self, name, ranges: list[ByteRange], counts, mapping, kind, key_first, n_buckets, n_keys, rt,
               report: StreamReport):
-        cfg = self.config
+        """Any input order: join ids by hash bucket, then move each record once."""
         id_receipts = self._run(
             f"bucket-ids-{name}",
             tasks.bucket_ids,
@@ -406,24 +407,22 @@ class _Run:
                 for i, m in enumerate(mapping)
             ],
         )
-        rec_receipts = self._run(
-            f"bucket-fasta-{name}",
-            tasks.bucket_fasta,
+        name_receipts = self._run(
+            f"index-{name}",
+            tasks.index_fasta,
             [
-                (r, n_buckets, cfg.engine, storage.join(self.work, "buckets", name, f"{r.index:05d}.arrow"), self.so)
-                for r in ranges
+                (r, int(counts[i]), n_buckets, storage.join(self.work, "buckets", name, f"{r.index:05d}.arrow"), self.so)
+                for i, r in enumerate(ranges)
             ],
         )
-        block_rows = max(1, math.ceil(n_keys / max(1, len(ranges))))
-        blocks = np.append(np.arange(0, n_keys, block_rows), n_keys).astype(np.int64)
         joins = self._run(
             f"join-{name}",
-            tasks.join_bucket,
+            tasks.join_ids,
             [
                 (
                     [Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in id_receipts],
-                    [Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in rec_receipts],
-                    blocks.tolist(),
+                    [Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in name_receipts],
+                    len(ranges),
                     storage.join(self.work, "joined", name, f"{b:05d}.arrow"),
                     self.so,
                 )
@@ -436,12 +435,30 @@ class _Run:
             tasks.raise_missing(report.fasta, "cluster" if name == "uf50" else "member", n_missing, examples)
         report.duplicates = sum(j.n_duplicates for j in joins)
         report.unnamed_dropped = sum(j.n_unnamed for j in joins)
+        # blocks of consecutive positions, about one range's worth each
+        block_rows = max(1, math.ceil(n_keys / max(1, len(ranges))))
+        blocks = np.append(np.arange(0, n_keys, block_rows), n_keys).astype(np.int64)
+        scattered = self._run(
+            f"scatter-{name}",
+            tasks.scatter_fasta,
+            [
+                (
+                    r,
+                    int(counts[i]),
+                    [Slice(j.url, j.range_bounds[i], j.range_bounds[i + 1]) for j in joins],
+                    blocks.tolist(),
+                    storage.join(self.work, "scattered", name, f"{r.index:05d}.csv"),
+                    self.so,
+                )
+                for i, r in enumerate(ranges)
+            ],
+        )
         self._run(
             f"gather-{name}",
             tasks.gather_block,
             [
                 (
-                    [Slice(j.url, j.block_bounds[g], j.block_bounds[g + 1]) for j in joins],
+                    [(s.url, s.index_url, s.rows[g], s.rows[g + 1], s.bytes[g], s.bytes[g + 1]) for s in scattered],
                     int(blocks[g]),
                     int(blocks[g + 1] - blocks[g]),
                     rt,

@@ -9,16 +9,20 @@ One record's way from input to output (v1.10 layout, input already in mapping or
    the clusters (id, member count) and the flattened member ids, and returns their counts.
 2. :func:`count_fasta` counts the records of one FASTA byte range; the driver turns the
    counts into each range's first position.
-3. :func:`convert_in_order` parses the range, checks that its names are the mapping's ids
-   at the same positions, and :func:`write_pieces` writes the rows as CSV pieces, one
-   per output shard the range touches (``pieces/uf90/uf90_csvs/017/000000123456.csv``).
+3. :func:`convert_in_order` runs the FASTA kernel (:mod:`esm2dask.kernel`) over the
+   range, which writes the CSV rows straight from the input bytes, checks that the
+   names are the mapping's ids at the same positions, and :func:`write_rows` writes the
+   rows as CSV pieces, one per output shard the range touches
+   (``pieces/uf90/uf90_csvs/017/000000123456-<bytes>.csv``).
 4. :func:`assemble_shard` concatenates a shard's pieces, in position order, under the
    header into ``uf90/uf90_csvs/x017.csv``.
 
-When the order does not hold, steps 3–4 go through a hash join instead:
-:func:`bucket_ids` and :func:`bucket_fasta` partition ids and records by hash of the id,
-:func:`join_bucket` joins one bucket and sorts it by position, and :func:`gather_block`
-collects one block of consecutive positions from every bucket and writes its pieces.
+When the order does not hold, step 3 joins ids first and moves each record once:
+:func:`bucket_ids` and :func:`index_fasta` partition the mapping ids (with positions) and
+the FASTA names (with where each record is) by hash of the id; :func:`join_ids` joins
+one bucket, so that each record learns its positions; :func:`scatter_fasta` converts a
+range again and writes its rows, with their ids, sorted by position; :func:`gather_block`
+merges one block of consecutive positions from every range and writes its pieces.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import polars as pl
 
 from . import storage
 from .errors import InputError
-from .fasta import count_records, parse_block
+from .kernel import Rows, as_array, convert_block, count_records
 from .layout import CSV_HEADER, shard_bounds, shard_name
 from .mapping import line_number, parse_mapping_block
 from .ranges import ByteRange, read_owned_bytes
@@ -105,13 +109,27 @@ class BucketReceipt:
 
 @dataclass
 class JoinReceipt:
+    """One bucket joined: ``(record, position)`` pairs sorted by record; ``range_bounds``
+    say where each FASTA range's records begin in them."""
+
     url: str
-    block_bounds: list[int]
+    range_bounds: list[int]
     n_fasta: int
     n_duplicates: int
     n_unnamed: int
     missing: list[str]
     n_missing: int
+
+
+@dataclass
+class ScatterReceipt:
+    """One FASTA range's rows with their ids, sorted by position, in ``url``; the rows of
+    position block g are ``rows[g]..rows[g+1]`` and bytes ``bytes[g]..bytes[g+1]``."""
+
+    url: str
+    index_url: str
+    rows: list[int]
+    bytes: list[int]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -205,70 +223,55 @@ def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int, n_
 
 @storage.retrying
 def _write_piece(routing: Routing, split_dir: str, shard: int, first_position: int,
-                 header: bytes, csv: pl.DataFrame) -> None:
+                 header: bytes, payload: memoryview) -> None:
     """One piece; the shard's first piece carries the header. Its name records its size."""
+    size = len(header) + len(payload)
+    final = piece_url(routing.work_dir, split_dir, shard, first_position, size)
     if storage.is_local(routing.work_dir):
-        # straight to the file, then renamed to the name that records the size
         # unique per writer: a task re-run elsewhere (lost worker, resumed run) never shares it
-        tmp = storage.local_path(piece_url(routing.work_dir, split_dir, shard, first_position, 0)) + (
-            f".{os.getpid()}-{threading.get_ident()}.tmp"
-        )
+        tmp = storage.local_path(final) + f".{os.getpid()}-{threading.get_ident()}.tmp"
         os.makedirs(os.path.dirname(tmp), exist_ok=True)
         with open(tmp, "wb", buffering=0) as f:
             f.write(header)
-            csv.write_csv(f, include_header=False, quote_style="never", line_terminator="\n")
-            size = f.tell()
-        os.replace(tmp, storage.local_path(piece_url(routing.work_dir, split_dir, shard, first_position, size)))
+            f.write(payload)
+        os.replace(tmp, storage.local_path(final))
         return
-    buffer = io.BytesIO()
-    buffer.write(header)
-    csv.write_csv(buffer, include_header=False, quote_style="never", line_terminator="\n")
-    data = buffer.getvalue()
-    with storage.open_for_write(piece_url(routing.work_dir, split_dir, shard, first_position, len(data)),
-                                routing.storage_options) as f:
-        f.write(data)
+    with storage.open_for_write(final, routing.storage_options) as f:
+        f.write(header + bytes(payload))
 
 
-def write_pieces(frame: pl.DataFrame, first_position: int, routing: Routing) -> int:
-    """Write the rows of positions ``[first_position, first_position + len(frame))``.
+def write_rows(rows: Rows, first_position: int, routing: Routing) -> int:
+    """Write the CSV rows of positions ``[first_position, first_position + len(rows))``.
 
-    ``frame`` has ``record_name`` and ``sequence`` in position order. Each target gets
-    the rows it owns, cut at its shard boundaries; each cut is one CSV piece (no header)
-    named by its first position so that pieces sort in row order. Returns pieces written.
+    Each target gets the rows it owns, cut at its shard boundaries; each cut is one CSV
+    piece named by its first position so that pieces sort in row order. The rows are
+    written as they are (their ``record_id`` is the position + 1). Returns pieces written.
     """
-    n = len(frame)
+    n = len(rows)
     labels = _labels(routing)
-    positions = np.arange(first_position, first_position + n, dtype=np.int64)
     written = 0
     for target in routing.targets:
         if target.label is None:
-            rows, first_ordinal = frame, first_position
-            row_positions = positions
+            own, first_ordinal = rows, first_position
+            positions = None
         else:
             mask = np.asarray(labels[first_position : first_position + n]) == target.label
-            rows = frame.filter(pl.Series(mask))
-            row_positions = positions[mask]
+            picked = np.flatnonzero(mask)
+            own = rows.take(picked)
+            positions = picked + first_position
             first_ordinal = int(np.count_nonzero(np.asarray(labels[:first_position]) == target.label))
-        if len(rows) == 0:
+        if len(own) == 0:
             continue
         bounds = shard_bounds(target.n_rows, routing.num_files)
-        ordinals = (first_ordinal, first_ordinal + len(rows))
-        first_shard = int(np.searchsorted(bounds, ordinals[0], side="right")) - 1
-        last_shard = int(np.searchsorted(bounds, ordinals[1] - 1, side="right")) - 1
+        end_ordinal = first_ordinal + len(own)
+        first_shard = int(np.searchsorted(bounds, first_ordinal, side="right")) - 1
+        last_shard = int(np.searchsorted(bounds, end_ordinal - 1, side="right")) - 1
         for shard in range(first_shard, last_shard + 1):
-            lo = max(int(bounds[shard]), ordinals[0]) - first_ordinal
-            hi = min(int(bounds[shard + 1]), ordinals[1]) - first_ordinal
-            part = rows.slice(lo, hi - lo)
-            csv = pl.DataFrame(
-                {
-                    "record_id": pl.Series(row_positions[lo:hi] + 1),
-                    "record_name": part["record_name"],
-                    "sequence_length": part["sequence"].str.len_bytes(),
-                    "sequence": part["sequence"],
-                }
-            )
+            lo = max(int(bounds[shard]), first_ordinal) - first_ordinal
+            hi = min(int(bounds[shard + 1]), end_ordinal) - first_ordinal
             header = CSV_HEADER if lo + first_ordinal == int(bounds[shard]) else b""
-            _write_piece(routing, target.split_dir, shard, int(row_positions[lo]), header, csv)
+            position = first_position + lo if positions is None else int(positions[lo])
+            _write_piece(routing, target.split_dir, shard, position, header, own.span(lo, hi))
             written += 1
     return written
 
@@ -351,9 +354,9 @@ def scan_mapping(
 
 
 def count_fasta(byte_range: ByteRange, storage_options: dict) -> int:
-    """Number of records ``byte_range`` owns."""
+    """Number of records ``byte_range`` owns (the kernel's count, at memory speed)."""
     _, data = _read_range(byte_range, storage_options)
-    return count_records(data)
+    return count_records(as_array(data))
 
 
 def write_counts(
@@ -364,52 +367,65 @@ def write_counts(
         write_count_pieces(counts.astype(np.uint64), first_cluster, first_member, routing)
 
 
+def _convert(byte_range: ByteRange, storage_options: dict, *, uppercase: bool,
+             first_id: int | None, expected: int, owned: tuple[int, bytes] | None = None):
+    """Read (unless ``owned`` is given) and convert one range; the records parsed must be
+    the records counted."""
+    base, data = owned or _read_range(byte_range, storage_options)
+    block = convert_block(data, base, byte_range.url, uppercase=uppercase, first_id=first_id)
+    if len(block) != expected:
+        # defence in depth: the count pass and the kernel disagree about the range
+        raise InputError(
+            byte_range.url,
+            f"bytes {byte_range.start}-{byte_range.stop}",
+            f"{len(block)} records parsed but {expected} counted; was the file changed during the run?",
+        )
+    return block
+
+
 def convert_in_file_order(
-    byte_range: ByteRange, first_position: int, uppercase: bool, engine: str, routing: Routing
+    byte_range: ByteRange, first_position: int, expected: int, uppercase: bool, routing: Routing
 ) -> int:
     """Convert a FASTA range as it is (val/test): rows in file order."""
-    base, data = _read_range(byte_range, routing.storage_options)
-    records = parse_block(data, base, byte_range.url, uppercase=uppercase, engine=engine)
-    if len(records):
-        write_pieces(records.frame(), first_position, routing)
-    return len(records)
+    block = _convert(byte_range, routing.storage_options, uppercase=uppercase,
+                     first_id=first_position + 1, expected=expected)
+    if len(block):
+        write_rows(block.rows, first_position, routing)
+    return len(block)
+
+
+def _first_name(data: bytes) -> str:
+    head = data[:4096].lstrip()
+    return head[1:].split(None, 1)[0].decode("latin-1") if head[1:2].strip() else ""
 
 
 def convert_in_order(
-    byte_range: ByteRange,
-    first_position: int,
-    ids: list[Slice],
-    engine: str,
-    routing: Routing,
+    byte_range: ByteRange, first_position: int, expected: int, ids: list[Slice], routing: Routing
 ) -> FastReceipt:
     """Fast path: write the range's rows if its names are the mapping ids at its positions.
 
     Writes nothing and returns ``ok=False`` (with the first mismatch) otherwise.
     """
+    mapping_ids = read_slices(ids, routing.storage_options)
     base, data = _read_range(byte_range, routing.storage_options)
-    if not data.strip():
+    first = _first_name(data)
+    if mapping_ids is not None and first and first != mapping_ids["id"][0]:
+        # shuffled input is told by the first name, before any parsing
+        return FastReceipt(False, 0, f"record {first!r} at byte {base} where the mapping has {mapping_ids['id'][0]!r}")
+    block = _convert(byte_range, routing.storage_options, uppercase=True,
+                     first_id=first_position + 1, expected=expected, owned=(base, data))
+    if len(block) == 0:
         return FastReceipt(True, 0)
-    expected = read_slices(ids, routing.storage_options)["id"]
-    head = data[:4096].lstrip()
-    first = head[1:].split(None, 1)[0].decode("latin-1") if head[1:2].strip() else ""
-    if len(expected) and first and first != expected[0]:
-        # shuffled input: known from the first name, before any parsing
-        return FastReceipt(False, 0, f"record {first!r} at byte {base} where the mapping has {expected[0]!r}")
-    records = parse_block(data, base, byte_range.url, uppercase=True, engine=engine)
-    n = len(records)
-    if len(expected) != n:
-        return FastReceipt(False, n, f"{n} records but {len(expected)} mapping ids")
-    differs = records.names != expected
+    expected_ids = mapping_ids["id"]
+    differs = block.name_series() != expected_ids
     if differs.any():
         i = int(differs.arg_true()[0])
         return FastReceipt(
-            False,
-            n,
-            f"record {records.names[i]!r} at byte {int(records.offsets[i])} where the mapping "
-            f"has {expected[i]!r}",
+            False, len(block),
+            f"record {block.name(i)!r} at byte {int(block.headers[i])} where the mapping has {expected_ids[i]!r}",
         )
-    write_pieces(records.frame(), first_position, routing)
-    return FastReceipt(True, n)
+    write_rows(block.rows, first_position, routing)
+    return FastReceipt(True, len(block))
 
 
 def _bucket_of(names: pl.Series, n_buckets: int) -> np.ndarray:
@@ -446,69 +462,107 @@ def count_duplicate_hashes(slices: list[Slice], storage_options: dict) -> int:
     return int(np.count_nonzero(hashes[1:] == hashes[:-1]))
 
 
-def bucket_fasta(
-    byte_range: ByteRange, n_buckets: int, engine: str, out_url: str, storage_options: dict
+#: A record's place: its range's index in the high 32 bits, its ordinal in the range below.
+RANGE_SHIFT = 32
+
+
+def index_fasta(
+    byte_range: ByteRange, expected: int, n_buckets: int, out_url: str, storage_options: dict
 ) -> BucketReceipt:
-    """Records of one FASTA range, with their file order, grouped by hash bucket of name."""
-    base, data = _read_range(byte_range, storage_options)
-    records = parse_block(data, base, byte_range.url, uppercase=True, engine=engine)
-    frame = records.frame().with_columns(
-        (pl.int_range(0, len(records), dtype=pl.UInt64) + (byte_range.index << 32)).alias("order")
-    )
-    return _write_bucketed(frame, "record_name", n_buckets, out_url, storage_options)
+    """The names of one FASTA range with where each record is, grouped by hash bucket."""
+    block = _convert(byte_range, storage_options, uppercase=True, first_id=None, expected=expected)
+    frame = pl.DataFrame({
+        "name": block.name_series(),
+        "rec": np.arange(len(block), dtype=np.int64) + (byte_range.index << RANGE_SHIFT),
+    })
+    return _write_bucketed(frame, "name", n_buckets, out_url, storage_options)
 
 
-def join_bucket(
-    ids: list[Slice],
-    records: list[Slice],
-    block_starts: list[int],
-    out_url: str,
-    storage_options: dict,
+def join_ids(
+    ids: list[Slice], names: list[Slice], n_ranges: int, out_url: str, storage_options: dict
 ) -> JoinReceipt:
-    """Join one bucket's mapping ids to its records; sort by position; write.
+    """Join one bucket's mapping ids to its FASTA names: each position gets its record.
 
-    A repeated FASTA id keeps its first occurrence in file order. ``block_starts`` are
-    the position blocks of :func:`gather_block`; the receipt says where each begins.
+    A repeated FASTA id keeps its first occurrence in file order. Writes the
+    ``(rec, pos)`` pairs sorted by record, so that each range reads only its own.
     """
     id_frame = read_slices(ids, storage_options)
-    rec_frame = read_slices(records, storage_options)
+    name_frame = read_slices(names, storage_options)
     if id_frame is None:
         id_frame = pl.DataFrame(schema={"id": pl.String, "pos": pl.Int64})
-    if rec_frame is None:
-        rec_frame = pl.DataFrame(
-            schema={"record_name": pl.String, "sequence": pl.String, "order": pl.UInt64}
-        )
-    n_fasta = len(rec_frame)
-    unique = rec_frame.sort("order").unique(subset="record_name", keep="first", maintain_order=True)
-    joined = id_frame.join(unique, left_on="id", right_on="record_name", how="left")
-    missing_mask = joined["sequence"].is_null()
+    if name_frame is None:
+        name_frame = pl.DataFrame(schema={"name": pl.String, "rec": pl.Int64})
+    n_fasta = len(name_frame)
+    first = name_frame.group_by("name").agg(pl.col("rec").min())
+    joined = id_frame.join(first, left_on="id", right_on="name", how="left")
+    missing_mask = joined["rec"].is_null()
     n_missing = int(missing_mask.sum())
     missing = joined.filter(missing_mask).sort("pos")["id"].head(5).to_list()
-    n_unnamed = len(unique) - int(unique["record_name"].is_in(id_frame["id"].unique()).sum())
-    out = (
-        joined.filter(~missing_mask)
-        .select(pl.col("pos"), pl.col("id").alias("record_name"), pl.col("sequence"))
-        .sort("pos")
-    )
-    _write_ipc(out_url, out, storage_options)
-    bounds = np.searchsorted(out["pos"].to_numpy(), np.asarray(block_starts), side="left")
-    return JoinReceipt(
-        out_url, bounds.tolist(), n_fasta, n_fasta - len(unique), n_unnamed, missing, n_missing
-    )
+    n_unnamed = len(first) - int(first["name"].is_in(id_frame["id"].unique()).sum())
+    pairs = joined.filter(~missing_mask).select("rec", "pos").sort("rec", "pos")
+    _write_ipc(out_url, pairs, storage_options)
+    range_of = pairs["rec"].to_numpy() >> RANGE_SHIFT
+    bounds = np.searchsorted(range_of, np.arange(n_ranges + 1), side="left")
+    return JoinReceipt(out_url, bounds.tolist(), n_fasta, n_fasta - len(first), n_unnamed, missing, n_missing)
+
+
+def scatter_fasta(
+    byte_range: ByteRange, expected: int, pairs: list[Slice], block_starts: list[int],
+    out_url: str, storage_options: dict,
+) -> ScatterReceipt:
+    """Convert one range again and write its rows with their ids, sorted by position.
+
+    ``pairs`` are this range's ``(rec, pos)`` slices from every bucket. A record named at
+    several positions is written at each. The receipt says where each block begins.
+    """
+    frame = read_slices(pairs, storage_options)
+    if frame is None:
+        frame = pl.DataFrame(schema={"rec": pl.Int64, "pos": pl.Int64})
+    frame = frame.sort("pos")
+    block = _convert(byte_range, storage_options, uppercase=True, first_id=None, expected=expected)
+    positions = frame["pos"].to_numpy()
+    local = frame["rec"].to_numpy() & ((1 << RANGE_SHIFT) - 1)
+    rows = block.rows.with_ids(local, positions + 1)
+    with storage.open_for_write(out_url, storage_options) as f:
+        f.write(rows.data)
+    index_url = out_url + ".idx.npy"
+    _write_npy(index_url, np.stack([positions, rows.starts[:-1]], axis=1) if len(rows) else np.zeros((0, 2), np.int64), storage_options)
+    row_bounds = np.searchsorted(positions, np.asarray(block_starts), side="left")
+    byte_bounds = rows.starts[row_bounds]
+    return ScatterReceipt(out_url, index_url, row_bounds.tolist(), byte_bounds.tolist())
+
+
+@storage.retrying
+def _read_span(url: str, lo: int, hi: int, storage_options: dict) -> bytes:
+    fs, path = storage.get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        f.seek(lo)
+        return f.read(hi - lo)
 
 
 def gather_block(
-    slices: list[Slice], first_position: int, n_rows: int, routing: Routing
+    parts: list[tuple[str, str, int, int, int, int]], first_position: int, n_rows: int, routing: Routing
 ) -> int:
-    """Collect positions ``[first_position, first_position + n_rows)`` from every bucket
-    and write their pieces."""
-    frame = read_slices(slices, routing.storage_options)
-    if frame is None or n_rows == 0:
+    """Merge positions ``[first_position, first_position + n_rows)`` from every range's
+    scattered rows and write their pieces. ``parts``: (rows url, index url, first row,
+    end row, first byte, end byte) of each range that has rows in the block."""
+    datas, positions, starts, offset = [], [], [], 0
+    for url, index_url, row_lo, row_hi, byte_lo, byte_hi in parts:
+        if row_hi <= row_lo:
+            continue
+        datas.append(_read_span(url, byte_lo, byte_hi, routing.storage_options))
+        index = _read_npy_slice(Slice(index_url, row_lo, row_hi), routing.storage_options)
+        positions.append(index[:, 0])
+        starts.append(index[:, 1] - byte_lo + offset)
+        offset += byte_hi - byte_lo
+    if not datas or n_rows == 0:
         return 0
-    frame = frame.sort("pos")
-    if len(frame) != n_rows:  # pragma: no cover - guarded by the missing-id check
-        raise RuntimeError(f"block at {first_position}: {len(frame)} rows, expected {n_rows}")
-    write_pieces(frame.select("record_name", "sequence"), first_position, routing)
+    merged = Rows(as_array(b"".join(datas)), np.append(np.concatenate(starts), offset))
+    pos = np.concatenate(positions)
+    order = np.argsort(pos, kind="stable")
+    if len(pos) != n_rows or pos[order[0]] != first_position or pos[order[-1]] != first_position + n_rows - 1:
+        raise RuntimeError(f"block at {first_position}: {len(pos)} rows, expected {n_rows}")  # pragma: no cover
+    write_rows(merged.take(order), first_position, routing)
     return n_rows
 
 

@@ -86,14 +86,6 @@ def test_same_bytes_for_one_and_two_local_workers_and_any_partition_size(small_r
     assert len(digests[0]) == 4 * 50 + 2
 
 
-@pytest.mark.parametrize("engine", ["numpy", "python"])
-def test_engines_give_the_same_tree(small_raw, tmp_path, dask_cluster, engine):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run_cli(small_raw, a, dask_cluster.scheduler_address).exit_code == 0
-    assert run_cli(small_raw, b, dask_cluster.scheduler_address, "--engine", engine).exit_code == 0
-    assert tree_digest(a) == tree_digest(b)
-
-
 def _assert_clean_failure(result, out, *needles):
     assert_one_line_error(result, *needles)
     assert not (out / "uf50").exists() and not (out / "uf90").exists()

@@ -210,7 +210,7 @@ def test_multi_node_roles():
     assert roles[0].commands[0] == ("dask", "scheduler", "--scheduler-file", "/ws/.esm2dask/scheduler-42.json")
     assert roles[1].commands == ((
         "dask", "worker", "--scheduler-file", "/ws/.esm2dask/scheduler-42.json", "--nworkers", "8",
-        "--nthreads", "1", "--death-timeout", "120"),)
+        "--nthreads", "1", "--death-timeout", "120", "--preload", "esm2dask.workerenv"),)
     assert roles[0].commands[1] == roles[1].commands[0]
     with pytest.raises(Exception, match="outside an array"):
         node_role({"NGC_ARRAY_INDEX": "3", "NGC_ARRAY_SIZE": "3"}, "/ws", 8)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import run_preprocess
-from reference import expected_layout, read_fasta_plain, read_fasta_pyfastx
+from reference import expected_layout, read_fasta_plain
 
 
 def _write_fasta(path, records, rng, crlf=False):
@@ -55,8 +55,7 @@ def test_shuffled_messy_input_equals_reference(tmp_path, cluster_config, crlf):
     _mess_up(tmp_path / "clean", raw, seed=5, crlf=crlf)
     out = tmp_path / "out"
     result = run_preprocess(raw, out, cluster_config, partition_size="50KB", num_csv_files=7)
-    reader = read_fasta_plain if crlf else read_fasta_pyfastx
-    want = expected_layout(raw, raw / UF50_FASTA, raw / UF90_FASTA, raw / VAL_FASTA, k=7, reader=reader)
+    want = expected_layout(raw, raw / UF50_FASTA, raw / UF90_FASTA, raw / VAL_FASTA, k=7)
     for split in ("uf50/train", "uf50/val", "uf50/test", "uf90/uf90_csvs"):
         got = [(out / split / f"x{i:03d}.csv").read_bytes() for i in range(7)]
         assert got == want[split], split

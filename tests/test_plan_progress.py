@@ -26,13 +26,14 @@ def test_plan_is_computed_from_sizes_alone():
     config = config_for(partition_size="4MB")
     plan = make_plan(config, sizes_for(config), cpu_count=2)
     ranges = {i.role: len(i.ranges) for i in plan.inputs}
-    assert ranges == {"mapping": 1, "uf50": 3, "uf90": 7, "val": 1}  # ceil(size / 4 MB)
+    # ceil(size / 4 MB); the mapping at an eighth of the partition size
+    assert ranges == {"mapping": 4, "uf50": 3, "uf90": 7, "val": 1}
     stages = {s.name: (s.tasks, s.read_bytes) for s in plan.stages if s.when == "always"}
     assert stages["fast-uf90"] == (7, 25_000_000) and stages["count-uf50"] == (3, 10_000_000)
     assert stages["assemble"] == (200, 0) and "count-test" not in stages  # test = val by default
     # every pass over an input is counted once: mapping, count ×3, convert-val, fast ×2
     assert plan.read_bytes() == 2_000_000 + 2 * (10_000_000 + 25_000_000) + 2 * 50_000
-    assert plan.read_bytes("fallback-uf90") == 25_000_000
+    assert plan.read_bytes("fallback-uf90") == 2 * 25_000_000  # index, then scatter
     assert plan.hash_buckets == {"uf50": 3, "uf90": 7}
     assert "uf50/train/x000.csv … x049.csv (50 files), counts.mmap, starts.mmap" in plan.output_files
     assert plan.workers == 2 and plan.estimate.seconds_shuffled > plan.estimate.seconds_in_order

@@ -89,16 +89,19 @@ def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout_s: flo
         time.sleep(0.02)
 
 
-def test_ctrl_c_is_one_line_and_resume_finishes_the_same_bytes(raw, tmp_path, cluster_config):
+def test_ctrl_c_is_one_line_and_resume_finishes_the_same_bytes(tmp_path, cluster_config):
     from conftest import run_preprocess
+    from esm2dask.synth import synth
 
+    raw = tmp_path / "raw"
+    synth(str(raw), 4000, seed=3)  # ~6 MB
     reference = tmp_path / "reference"
     run_preprocess(raw, reference, cluster_config, num_csv_files=7)
 
     out = tmp_path / "out"
-    # slow on purpose (plain Python parser, small ranges), so that Ctrl-C lands mid-run
+    # slow on purpose (one worker, ~100 small ranges per FASTA), so that Ctrl-C lands mid-run
     args = ["preprocess", raw, "-o", out, "--workers", "1", "--dashboard-address", "127.0.0.1:0",
-            "--engine", "python", "--partition-size", "64KiB", "--num-csv-files", "7"]
+            "--partition-size", "64KiB", "--num-csv-files", "7"]
     proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for(".esm2dask-staging-*/work/receipts/count-uf90/*.pkl", out, proc)

@@ -7,7 +7,7 @@ import io
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esm2dask.fasta import count_records, parse_block
+from esm2dask.kernel import as_array, convert_block, count_records
 from esm2dask.ranges import ByteRange, find_record_start, plan_ranges, read_owned_bytes
 
 names = st.text(alphabet="ABCXYZ_019>", min_size=1, max_size=8).filter(lambda s: not s.startswith(">"))
@@ -32,20 +32,24 @@ def parse_ranges(data: bytes, cuts: list[int]):
     for i in range(len(bounds) - 1):
         r = ByteRange("mem.fa", bounds[i], bounds[i + 1], i, len(data))
         base, block = read_owned_bytes(f, r)
-        recs = parse_block(block, base, "mem.fa", uppercase=False)
-        names += recs.names.to_list()
-        seqs += recs.sequences.to_list()
+        names_, seqs_ = _names_and_sequences(convert_block(block, base, "mem.fa", uppercase=False, first_id=None))
+        names += names_
+        seqs += seqs_
     return names, seqs
+
+
+def _names_and_sequences(block):
+    rows = bytes(block.rows.data).decode().splitlines()
+    return [r.split(",")[0] for r in rows], [r.split(",")[2] for r in rows]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(records, st.integers(1, 12), st.booleans(), st.lists(st.integers(0, 4000), max_size=12))
 def test_ranges_tile_the_file(recs, width, crlf, cuts):
     data = render(recs, width, crlf)
-    whole = parse_block(data, 0, "mem.fa", uppercase=False)
-    assert parse_ranges(data, cuts) == (whole.names.to_list(), whole.sequences.to_list())
-    assert whole.names.to_list() == [n for n, _, _ in recs]
-    assert whole.sequences.to_list() == [s for _, s, _ in recs]
+    whole = _names_and_sequences(convert_block(data, 0, "mem.fa", uppercase=False, first_id=None))
+    assert parse_ranges(data, cuts) == whole
+    assert whole == ([n for n, _, _ in recs], [s for _, s, _ in recs])
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,10 +58,10 @@ def test_cuts_on_around_every_record_start(recs, crlf):
     """Cuts exactly on a '>', one byte before it and one after."""
     data = render(recs, 5, crlf)
     starts = [i for i in range(len(data)) if data[i : i + 1] == b">" and (i == 0 or data[i - 1 : i] == b"\n")]
-    want = parse_block(data, 0, "mem.fa", uppercase=False)
+    want = _names_and_sequences(convert_block(data, 0, "mem.fa", uppercase=False, first_id=None))
     for delta in (-1, 0, 1):
         cuts = [s + delta for s in starts]
-        assert parse_ranges(data, cuts) == (want.names.to_list(), want.sequences.to_list())
+        assert parse_ranges(data, cuts) == want
 
 
 def test_each_record_owned_once_with_many_tiny_ranges():
@@ -66,7 +70,7 @@ def test_each_record_owned_once_with_many_tiny_ranges():
     total = 0
     for r in plan_ranges("mem.fa", len(data), 3):
         _, block = read_owned_bytes(f, r)
-        total += count_records(block)
+        total += count_records(as_array(block))
     assert total == 3
 
 

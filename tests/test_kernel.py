@@ -1,0 +1,214 @@
+"""The FASTA kernel against the plain-Python oracle of tests/reference.py.
+
+Records are drawn from the whole legal input space (every legal byte, lines starting with
+``+ @ ; # ! 0``, ``>`` inside lines, lower case, empty and very long sequences, any wrap
+width, CRLF, blank lines, free-text descriptions with any byte, no final newline) and cut
+into byte ranges of every size down to a few bytes: the rows must be the oracle's, byte
+for byte. Illegal bytes must give the exact error at the exact byte.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from esm2dask.errors import InputError
+from esm2dask.kernel import as_array, convert_block, count_records
+from esm2dask.ranges import ByteRange, read_owned_bytes
+from reference import LEGAL, OracleError, csv_rows, parse_fasta_bytes
+
+LEGAL_BYTES = bytes(sorted(LEGAL))
+#: Bytes that can never be in a name or a sequence line.
+ILLEGAL_BYTES = bytes(b for b in range(256) if b not in LEGAL and b != ord("\n"))
+
+legal_text = st.binary(min_size=0, max_size=20).map(
+    lambda raw: bytes(LEGAL_BYTES[b % len(LEGAL_BYTES)] for b in raw)
+)
+names = legal_text.filter(bool)
+descriptions = st.one_of(
+    st.just(b""),
+    st.tuples(st.sampled_from([b" ", b"\t", b"\x0b", b"\x0c"]), st.binary(max_size=30)).map(
+        lambda t: t[0] + t[1].replace(b"\n", b"")
+    ),
+)
+line_starts = st.sampled_from([b"", b"+", b"@", b";", b"#", b"!", b"0", b"a"])
+
+
+@st.composite
+def sequences(draw) -> bytes:
+    """Short (0-13), medium, or over 100,000 characters, any legal byte, lower case too."""
+    kind = draw(st.sampled_from(["short"] * 4 + ["medium"] * 3 + ["long"]))
+    if kind == "short":
+        return draw(legal_text.map(lambda b: b[: draw(st.integers(0, 13))]))
+    chunk = draw(legal_text.filter(bool))
+    size = draw(st.integers(14, 400)) if kind == "medium" else draw(st.integers(100_000, 120_000))
+    return (chunk * (size // len(chunk) + 1))[:size]
+
+
+@st.composite
+def fasta_files(draw) -> bytes:
+    out = []
+    if draw(st.booleans()):
+        out.append(draw(st.sampled_from([b"\n", b"\n\n", b"\r\n", b" \n"])))  # blank lines first
+    for _ in range(draw(st.integers(0, 8))):
+        out.append(b">" + draw(names) + draw(descriptions) + draw(st.sampled_from([b"\n", b"\r\n"])))
+        seq = draw(st.sampled_from([b"", b"+", b"@", b";", b"#"])) + draw(sequences())
+        width = draw(st.integers(1, 90))
+        for i in range(0, len(seq), width):
+            line = seq[i : i + width]
+            if line.startswith(b">"):
+                line = draw(line_starts) + line[1:]  # a '>' here would start a record
+            out.append(line + draw(st.sampled_from([b"\n", b"\r\n"])))
+            if draw(st.integers(0, 9)) == 0:
+                out.append(draw(st.sampled_from([b"\n", b"\r\n"])))  # a blank line
+    data = b"".join(out)
+    if draw(st.booleans()):
+        data = data.rstrip(b"\r\n")  # no final newline
+    return data
+
+
+def kernel_rows(data: bytes, cuts: list[int], uppercase: bool) -> bytes:
+    """Rows of every byte range, each converted on its own, ids counted across ranges."""
+    f = io.BytesIO(data)
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
+    rows, next_id = [], 1
+    for i in range(len(bounds) - 1):
+        base, block = read_owned_bytes(f, ByteRange("mem.fa", bounds[i], bounds[i + 1], i, len(data)))
+        parsed = convert_block(block, base, "mem.fa", uppercase=uppercase, first_id=next_id)
+        assert len(parsed) == count_records(as_array(block))
+        rows.append(bytes(parsed.rows.data))
+        next_id += len(parsed)
+    return b"".join(rows)
+
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@SETTINGS
+@given(fasta_files(), st.booleans(), st.data())
+def test_rows_equal_the_oracle_for_any_cuts(data, uppercase, draw):
+    want = csv_rows(parse_fasta_bytes(data, uppercase))
+    partition = draw.draw(st.sampled_from([3, 5, 17, 64, 1000, 1 << 20]))
+    partition = max(partition, len(data) // 400)  # at most ~400 ranges: each seeks on its own
+    cuts = list(range(partition, len(data), partition))
+    cuts += draw.draw(st.lists(st.integers(0, max(len(data), 1)), max_size=6))
+    assert kernel_rows(data, cuts, uppercase) == want
+
+
+@SETTINGS
+@given(fasta_files(), st.data())
+def test_an_illegal_byte_is_reported_at_its_place(data, draw):
+    """Put one illegal byte into a name or a sequence line: the oracle and the kernel must
+    both stop there, and the kernel's error names the file and that byte."""
+    good = parse_fasta_bytes(data)
+    assume(good)
+    at = draw.draw(st.integers(0, max(len(data) - 1, 0)))
+    assume(data and data[at] in LEGAL and not (data[at] == ord(">") and (at == 0 or data[at - 1] == 10)))
+    bad_byte = draw.draw(st.sampled_from(ILLEGAL_BYTES))
+    bad = data[:at] + bytes([bad_byte]) + data[at + 1 :]
+    try:
+        want = parse_fasta_bytes(bad)
+    except OracleError as err:
+        with pytest.raises(InputError) as got:
+            convert_block(bad, 0, "bad.fa", uppercase=True, first_id=1)
+        assert got.value.path == "bad.fa"
+        assert got.value.where.split(",")[0] == f"byte {err.offset}"
+    else:
+        # the byte landed in a description, or ended a name: still legal input
+        assert bytes(convert_block(bad, 0, "bad.fa", uppercase=False, first_id=1).rows.data) == csv_rows(want)
+
+
+def test_the_qc_sample_equals_the_oracle(qc_dir):
+    for name, upper in (("ur90_ur50_sampler.fasta", True), ("uniref50_train_filt.fasta", False)):
+        data = (qc_dir / name).read_bytes()
+        got = convert_block(data, 0, name, uppercase=upper, first_id=1)
+        assert bytes(got.rows.data) == csv_rows(parse_fasta_bytes(data, upper))
+    assert len(got) == 5001
+
+
+@pytest.mark.parametrize(
+    "data, rows",
+    [
+        # lines starting with '+' or '@' are sequence, not FASTQ (kseq read these wrongly)
+        (b">V1\nMKV\n+LLL\n>V2\nGGGG\n>V3\nAAAA\n", b"1,V1,7,MKV+LLL\n2,V2,4,GGGG\n3,V3,4,AAAA\n"),
+        (b">A1\nMKVL\n@XX\nWWWW", b"1,A1,11,MKVL@XXWWWW\n"),
+        (b">a b\n;x\n#y\n!0\n", b"1,a,6,;x#y!0\n"),
+        (b">a\nab>c\n\n\r\nde\r\n", b"1,a,6,ab>cde\n"),
+        (b">x\n>y\nA", b"1,x,0,\n2,y,1,A\n"),
+        (b">n\x01desc\xff\nA\n", None),  # \x01 is part of the name: an error
+        (b">n\tdesc \xff\x00\nA\n", b"1,n,1,A\n"),  # anything goes in the description
+    ],
+)
+def test_examples(data, rows):
+    if rows is None:
+        with pytest.raises(InputError):
+            convert_block(data, 0, "f.fa", uppercase=False, first_id=1)
+    else:
+        assert bytes(convert_block(data, 0, "f.fa", uppercase=False, first_id=1).rows.data) == rows
+
+
+def test_short_sequences_are_upper_cased():
+    """The numpy engine once left sequences of 12 characters or fewer in lower case."""
+    data = b">a\nmkv\n>b\nacdefghiklmn\n>c\nacdefghiklmnp\n"
+    got = convert_block(data, 0, "f.fa", uppercase=True, first_id=1)
+    assert bytes(got.rows.data) == b"1,a,3,MKV\n2,b,12,ACDEFGHIKLMN\n3,c,13,ACDEFGHIKLMNP\n"
+
+
+@pytest.mark.parametrize(
+    "data, where, what",
+    [
+        (b"junk\n>a\nAC\n", "byte 0", "text before the first"),
+        (b"  >a\nAC\n", "byte 2", "text before the first"),
+        (b">a\nAC\n>\nGG\n", "byte 6", "empty record id"),
+        (b">a\nAC,D\n", "byte 5, record 'a'", "would corrupt"),
+        (b'>a\nAC"D\n', "byte 5, record 'a'", "would corrupt"),
+        (b">a\nAC D\n", "byte 5, record 'a'", "would corrupt"),
+        (b">a\nAC\x07D\n", "byte 5, record 'a'", "would corrupt"),
+        (b">a\nQCN\x00GKH\n", "byte 6, record 'a'", "would corrupt"),
+        (b">a\nAC\xc3\xa9\n", "byte 5, record 'a'", "would corrupt"),
+        (b">a,b\nACD\n", "byte 2, record 'a,b'", "would corrupt"),
+        (b">a\nAC\rD\n", "byte 5, record 'a'", "would corrupt"),
+        (b">a\nAC\r\r\n", "byte 5, record 'a'", "would corrupt"),
+        (b">a x\ty\nAC\tD\n", "byte 9, record 'a'", "would corrupt"),
+        (b">a\nAC\n> b\nGG\n", "byte 6", "empty record id"),
+    ],
+)
+def test_bad_input_names_file_and_place(data, where, what):
+    with pytest.raises(InputError) as err:
+        convert_block(data, 0, "bad.fa", uppercase=True, first_id=1)
+    assert err.value.path == "bad.fa"
+    assert err.value.where == where
+    assert what in err.value.message
+
+
+def test_offsets_count_from_the_block_base():
+    with pytest.raises(InputError) as err:
+        convert_block(b">a\nA,C\n", 1000, "f.fa", uppercase=True, first_id=1)
+    assert err.value.where == "byte 1004, record 'a'"
+
+
+def test_rows_without_ids_then_ids_in_any_order():
+    block = convert_block(b">a\nAC\n>b\nG\n>c\n\n", 0, "f.fa", uppercase=True, first_id=None)
+    assert bytes(block.rows.data) == b"a,2,AC\nb,1,G\nc,0,\n"
+    assert block.name_series().to_list() == ["a", "b", "c"]
+    import numpy as np
+
+    again = block.rows.with_ids(np.array([2, 0, 0]), np.array([7, 8, 1234567890123]))
+    assert bytes(again.data) == b"7,c,0,\n8,a,2,AC\n1234567890123,a,2,AC\n"
+    assert bytes(block.rows.take(np.array([1])).data) == b"b,1,G\n"
+
+
+def test_a_range_whose_count_differs_is_an_error(tmp_path):
+    """Defence in depth: records parsed must equal records counted, range by range."""
+    from esm2dask import tasks
+
+    path = tmp_path / "f.fa"
+    path.write_bytes(b">a\nAC\n>b\nGG\n")
+    byte_range = ByteRange(str(path), 0, 12, 0, 12)
+    assert len(tasks._convert(byte_range, {}, uppercase=True, first_id=1, expected=2)) == 2
+    with pytest.raises(InputError) as err:
+        tasks._convert(byte_range, {}, uppercase=True, first_id=1, expected=3)
+    assert err.value.where == "bytes 0-12" and "2 records parsed but 3 counted" in err.value.message
