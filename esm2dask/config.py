@@ -81,6 +81,8 @@ class PreprocessConfig:
     overwrite: bool = False
     resume: bool = False
     copy_inputs: bool = True
+    #: hard links instead of copies: the input and the output's name for it are one file
+    link_inputs: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -93,10 +95,10 @@ class PreprocessConfig:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}")
         if self.split == "random" and (self.val_size <= 0 or self.test_size <= 0):
             raise ConfigError("--split random needs --val-size and --test-size above 0")
+        if self.link_inputs and not self.copy_inputs:
+            raise ConfigError("--link-inputs and --no-copy-inputs exclude each other")
         if not 1 <= self.partition_bytes <= 1 << 30:
             raise ConfigError("--partition-size must be between 1 byte and 1GiB")
-        if self.overwrite and self.resume:
-            raise ConfigError("--overwrite and --resume exclude each other")
 
     @classmethod
     def from_options(

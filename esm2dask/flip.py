@@ -121,7 +121,7 @@ def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
             raise InputError(path, "", f"FLIP task {task.name}: file not found in --source")
         return path
     url = config.source.rstrip("/") + f"/{task.name}/{filename}"
-    dest = os.path.join(config.cache_dir, task.name, filename)
+    dest = os.path.join(config.cache_dir, source_key(config.source), task.name, filename)
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -149,6 +149,18 @@ def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
             log.warning("download of %s failed (%s); retrying in %.1f s", url, err, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def source_key(source: str) -> str:
+    """The cache folder of one source: readable, and unique per source URL (a second
+    mirror never gets the first one's files).
+
+    >>> source_key("http://data.bioembeddings.com/public/FLIP/fasta/")
+    'data.bioembeddings.com-public-FLIP-fasta-fd81129e654d'
+    """
+    normalized = source.rstrip("/")
+    readable = re.sub(r"[^A-Za-z0-9._]+", "-", normalized.split("://", 1)[-1]).strip("-")[:60]
+    return f"{readable}-{hashlib.sha256(normalized.encode()).hexdigest()[:12]}"
 
 
 def _http_fs(timeout_s: float):

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from distributed import as_completed
 
-from . import __version__, storage, tasks
+from . import __version__, receipts, storage, tasks
 from .cluster import dashboard_link, dask_client, maybe_performance_report
 from .config import PreprocessConfig
 from .errors import ConfigError, Esm2DaskError
 from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
 from .progress import Reporter
-from .publish import Staging, write_manifest
+from .publish import Staging
 from .ranges import ByteRange, plan_ranges
 from .tasks import Routing, Slice, Target
 
@@ -153,10 +153,10 @@ class _Run:
         for i, args in enumerate(args_list):
             receipt = self.staging.receipt_url(name, i)
             if receipt.rsplit("/", 1)[-1] in present:
-                handles.append(_Done(tasks.load_receipt(receipt, self.so)))
+                handles.append(_Done(receipts.load(receipt, self.so)))
                 continue
             handles.append(self.client.submit(
-                tasks.recorded, fn, receipt, self.so, *args,
+                receipts.recorded, fn, receipt, self.so, *args,
                 key=f"esm2dask-{name}-{i:05d}-{self._token}", pure=False,
             ))
         return handles
@@ -437,6 +437,12 @@ class _Run:
             out[d] += size
         return out
 
+    def checksums(self) -> dict[str, str]:
+        """SHA-256 of every staged output file, one task per file, for the manifest."""
+        files = list(self.staging.staged_files())
+        urls = [(storage.join(self.staging.tree_dir, rel), self.so) for rel in files]
+        return dict(zip(files, self._run("checksum", storage.sha256_file, urls)))
+
 
 def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> PreprocessResult:
     """Run the whole conversion and publish ``config.output_dir``; see the module doc."""
@@ -458,30 +464,25 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
                 run = _Run(config, client, staging, reporter)
                 try:
                     rows, sizes, reports = run.execute(inputs)
+                    digests = run.checksums()
                 except BaseException:
                     cancel = [f for f in list(client.futures.values()) if staging.token in str(f.key)]
                     client.cancel(cancel)
                     run.settle()
                     raise
-        staging.publish(config)
-    except Esm2DaskError:
-        staging.discard()
-        raise
-    except BaseException:
-        reporter.message(
-            f"interrupted; the finished part is kept in {staging.root}: "
-            f"run the same command with --resume to finish it"
+        result = PreprocessResult(
+            output_dir=config.output_dir,
+            rows=rows,
+            bytes=sizes,
+            input_bytes=sum(inputs.values()),
+            wall_seconds=time.perf_counter() - start,
+            streams=reports,
+            stage_seconds=run.stage_seconds,
         )
-        raise
-    wall = time.perf_counter() - start
-    result = PreprocessResult(
-        output_dir=config.output_dir,
-        rows=rows,
-        bytes=sizes,
-        input_bytes=sum(inputs.values()),
-        wall_seconds=wall,
-        streams=reports,
-        stage_seconds=run.stage_seconds,
-    )
-    result.manifest_url = write_manifest(config, result, inputs, __version__)
+        result.manifest_url = staging.publish(config, result, digests, __version__)
+    except BaseException as err:
+        failure = staging.failed(err, reporter)
+        if failure is err:
+            raise
+        raise failure from None
     return result

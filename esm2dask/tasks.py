@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from . import storage
+from . import receipts, storage
 from .errors import InputError
 from .fasta import count_records, parse_block
 from .layout import CSV_HEADER, shard_bounds, shard_name
@@ -112,6 +112,10 @@ class JoinReceipt:
     n_unnamed: int
     missing: list[str]
     n_missing: int
+
+
+#: what ``--resume`` may read back (as JSON data, never code): one line per new receipt type
+receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -605,30 +609,3 @@ def raise_missing(url: str, kind: str, n_missing: int, examples: list[str]) -> N
         f"{n_missing} {kind} id(s) named in the mapping are not in this FASTA "
         f"(first: {shown}); nothing was written",
     )
-
-
-def recorded(fn, receipt_url: str, storage_options: dict, *args):
-    """Run ``fn(*args)`` and keep its receipt, so that ``--resume`` can skip it next time."""
-    import pickle
-
-    result = fn(*args)
-    data = pickle.dumps(result)
-    if storage.is_local(receipt_url):
-        path = storage.local_path(receipt_url)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # a receipt is there whole or not at all
-    else:
-        with storage.open_for_write(receipt_url, storage_options) as f:
-            f.write(data)
-    return result
-
-
-def load_receipt(receipt_url: str, storage_options: dict):
-    import pickle
-
-    fs, path = storage.get_fs(receipt_url, storage_options)
-    with fs.open(path, "rb") as f:
-        return pickle.loads(f.read())
