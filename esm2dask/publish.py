@@ -94,6 +94,7 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
     """OUT's manifest, or None when there is none (or it is not a readable JSON object)."""
     fs, path = storage.get_fs(storage.join(url, MANIFEST_NAME), storage_options)
     try:
+        fs.invalidate_cache(path)
         with fs.open(path, "rb") as f:
             value = json.loads(f.read())
     except (OSError, ValueError):
@@ -208,6 +209,8 @@ class Staging:
                 f"{out}: output folder exists and is not empty; pass --overwrite to replace "
                 f"its uf50/ and uf90/ (or --resume to finish an interrupted run)"
             )
+        if chosen is not None:
+            chosen.recover()  # a driver killed while publishing left a half switch
         _refuse_foreign_files(config, fs, out_path)
         if config.overwrite:  # stale attempts: this run does not need them
             for name in stagings:
@@ -215,7 +218,6 @@ class Staging:
                     _remove_quietly(fs, storage.join(out_path, name))
         if chosen is not None:
             chosen.identities = identities
-            chosen.recover()
             return chosen
         created = not listing and not fs.exists(out_path)
         token = _dt.datetime.now().strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)

@@ -228,7 +228,13 @@ NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_no_space(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS
+    """The output location is full. polars and pyarrow report it in their own exception
+    types, with the OS's words, so the text counts too."""
+    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+        return True
+    text = str(err)
+    return any(words in text for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
+                                           f"os error {errno.ENOSPC}", f"os error {errno.EDQUOT}"))
 
 
 def open_for_write(url: str, storage_options: dict[str, Any] | None = None, mode: str = "wb"):

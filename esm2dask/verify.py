@@ -170,6 +170,7 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     """
     so = storage_options or {}
     fs, root_path = storage.get_fs(root, so)
+    fs.invalidate_cache(root_path)  # a long-lived process may have listed it before
     report = VerifyReport(root)
     if not fs.exists(root_path):
         report.problems.append(f"{root}: no such folder")
