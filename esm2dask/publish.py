@@ -85,9 +85,15 @@ def describe_plan_change(old: dict | None, new: dict) -> str:
             changes.append(f"{url} was {'not ' if a is None else ''}an input then")
         elif a != b:
             fields = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            what = ", ".join(f"{k} {a.get(k)} → {b.get(k)}" for k in fields)
+            what = ", ".join(f"{k} {_shown(k, a.get(k))} → {_shown(k, b.get(k))}" for k in fields)
             changes.append(f"{url} changed since ({what})")
     return "; ".join(changes) or "the plans differ"
+
+
+def _shown(field: str, value) -> str:
+    if field == "mtime_ns" and isinstance(value, int):
+        return _dt.datetime.fromtimestamp(value / 1e9, _dt.timezone.utc).isoformat(timespec="microseconds")
+    return str(value)
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
@@ -186,24 +192,7 @@ class Staging:
         identities = {url: storage.input_identity(url, so) for url in inputs}
         plan = run_plan(config, identities)
 
-        def staged(name: str, resumed: bool = True) -> "Staging":
-            return cls(out, name[len(STAGING_PREFIX) + 1 :], so, False, resumed=resumed)
-
-        chosen = None
-        if config.resume:
-            candidates = [staged(n) for n in reversed(stagings)]
-            chosen = next((c for c in candidates if c.read_plan() == plan), None)
-            if chosen is None and not config.overwrite:
-                if candidates:
-                    raise OutputError(
-                        f"{out}: cannot resume {candidates[0].root}: it was staged from other inputs or options "
-                        f"({describe_plan_change(candidates[0].read_plan(), plan)}); restore them, or pass "
-                        f"--overwrite as well to start over"
-                    )
-                raise OutputError(
-                    f"{out}: nothing to resume (no staging folder of an interrupted run); run without "
-                    f"--resume, or pass --overwrite as well to start over"
-                )
+        chosen = cls._resumable(config, stagings, plan) if config.resume else None
         if chosen is None and existing and not config.overwrite:
             raise OutputError(
                 f"{out}: output folder exists and is not empty; pass --overwrite to replace "
@@ -233,6 +222,27 @@ class Staging:
                 raise OutputError(f"{out}: no space left on the output file system") from None
             raise OutputError(f"{out}: cannot write the output folder ({err.__class__.__name__}: {err})") from None
         return staging
+
+    @classmethod
+    def _resumable(cls, config, stagings: list[str], plan: dict) -> "Staging | None":
+        """The newest staging folder staged with ``plan``; None (with ``--overwrite``) or a
+        refusal that says why when there is none."""
+        out = config.output_dir
+        candidates = [cls(out, n[len(STAGING_PREFIX) + 1 :], config.storage_options, False, resumed=True)
+                      for n in reversed(stagings)]
+        chosen = next((c for c in candidates if c.read_plan() == plan), None)
+        if chosen is not None or config.overwrite:
+            return chosen
+        if candidates:
+            raise OutputError(
+                f"{out}: cannot resume {candidates[0].root}: it was staged from other inputs or options "
+                f"({describe_plan_change(candidates[0].read_plan(), plan)}); restore them, or pass "
+                f"--overwrite as well to start over"
+            )
+        raise OutputError(
+            f"{out}: nothing to resume (no staging folder of an interrupted run); run without "
+            f"--resume, or pass --overwrite as well to start over"
+        )
 
     def _path(self, url: str) -> str:
         return storage.get_fs(url, self.so)[1]

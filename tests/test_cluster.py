@@ -87,30 +87,36 @@ def test_external_cluster_gives_the_same_bytes(external_cluster, cluster_raw, re
     assert tree_digest(out) == reference_digest
 
 
-def test_worker_killed_mid_run(external_cluster, cluster_raw, reference_digest, tmp_path):
-    """SIGKILL one worker process once the join stage is under way; the nanny restarts it,
-    the scheduler reruns its tasks, and the output does not change."""
+def _run_killing_a_worker(sched_file, raw, out, when) -> None:
+    """Run preprocess on the external cluster; SIGKILL one worker process the first time
+    ``when(stage, done)`` holds (the nanny restarts it), then wait for both workers."""
     from distributed import Client
 
-    with Client(scheduler_file=external_cluster) as client:
+    with Client(scheduler_file=sched_file) as client:
         pids = client.run(os.getpid)
     victim = sorted(pids.values())[0]
     killed = threading.Event()
 
     class KillOnProgress(Reporter):
         def advance(self, name, done=1):
-            if name.startswith("join-uf90") and not killed.is_set():
+            if when(name, done) and not killed.is_set():
                 os.kill(victim, signal.SIGKILL)
                 killed.set()
 
-    out = tmp_path / "out"
-    config = PreprocessConfig.from_options(raw_dir=str(cluster_raw), output_dir=str(out),
-                                           cluster=_config(external_cluster), partition_size="20KB")
+    config = PreprocessConfig.from_options(raw_dir=str(raw), output_dir=str(out),
+                                           cluster=_config(sched_file), partition_size="20KB")
     preprocess(config, KillOnProgress())
     assert killed.is_set()
-    assert tree_digest(out) == reference_digest
-    with Client(scheduler_file=external_cluster) as client:
+    with Client(scheduler_file=sched_file) as client:
         client.wait_for_workers(2, timeout=60)
+
+
+def test_worker_killed_mid_run(external_cluster, cluster_raw, reference_digest, tmp_path):
+    """SIGKILL one worker process once the join stage is under way; the nanny restarts it,
+    the scheduler reruns its tasks, and the output does not change."""
+    _run_killing_a_worker(external_cluster, cluster_raw, tmp_path / "out",
+                          lambda stage, done: stage.startswith("join-uf90"))
+    assert tree_digest(tmp_path / "out") == reference_digest
 
 
 def test_driver_killed_then_resumed(external_cluster, cluster_raw, reference_digest, tmp_path):
@@ -143,27 +149,9 @@ def test_driver_killed_then_resumed(external_cluster, cluster_raw, reference_dig
 def test_worker_killed_during_shard_assembly(external_cluster, cluster_raw, reference_digest, tmp_path):
     """SIGKILL one worker while the shards are being assembled from their pieces: its shard
     is assembled again elsewhere (a first piece cut back to its recorded size), same bytes."""
-    from distributed import Client
-
-    with Client(scheduler_file=external_cluster) as client:
-        pids = client.run(os.getpid)
-    victim = sorted(pids.values())[-1]
-    killed = threading.Event()
-
-    class KillDuringAssembly(Reporter):
-        def advance(self, name, done=1):
-            if name == "assemble" and done == 1 and not killed.is_set():
-                os.kill(victim, signal.SIGKILL)
-                killed.set()
-
-    out = tmp_path / "out"
-    config = PreprocessConfig.from_options(raw_dir=str(cluster_raw), output_dir=str(out),
-                                           cluster=_config(external_cluster), partition_size="20KB")
-    preprocess(config, KillDuringAssembly())
-    assert killed.is_set()
-    assert tree_digest(out) == reference_digest
-    with Client(scheduler_file=external_cluster) as client:
-        client.wait_for_workers(2, timeout=60)
+    _run_killing_a_worker(external_cluster, cluster_raw, tmp_path / "out",
+                          lambda stage, done: stage == "assemble" and done == 1)
+    assert tree_digest(tmp_path / "out") == reference_digest
 
 
 def test_output_file_system_full(tmp_path, dask_cluster):

@@ -208,8 +208,8 @@ SECRET = "esm2dask-FAKE-SECRET-5f0d2c9a"
 def test_last_put_fails_previous_tree_intact_and_no_secret_anywhere(s3_server, s3_raw, s3_published, tmp_path,
                                                                     dask_cluster, monkeypatch):
     """The manifest PUT, the last of a run, fails: one error line, the previous tree and its
-    manifest unchanged, the converted tree kept; --resume publishes it. Credentials come from
-    ``--storage-options @file``; the secret is in no object, log, receipt, plan or report."""
+    manifest unchanged, the converted tree kept; --resume (options from ``@file``) publishes it.
+    The secret is in no object, log, receipt, plan or report."""
     import logging
 
     import s3fs
@@ -231,12 +231,12 @@ def test_last_put_fails_previous_tree_intact_and_no_secret_anywhere(s3_server, s
     handler = logging.FileHandler(log_file)
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
-    args = ["preprocess", str(s3_raw), "-o", "s3://esm2dask-test/out4", "--storage-options", f"@{opts_file}",
-            "--scheduler-address", dask_cluster.scheduler_address, "--partition-size", "40KB", "--plain",
-            "--num-csv-files", "7", "--performance-report", str(tmp_path / "report.html")]
+    args = ["preprocess", str(s3_raw), "-o", "s3://esm2dask-test/out4", "--scheduler-address",
+            dask_cluster.scheduler_address, "--partition-size", "40KB", "--plain", "--num-csv-files", "7",
+            "--performance-report", str(tmp_path / "report.html")]
     try:
         monkeypatch.setattr(s3fs.core.S3File, "commit", failing_commit)
-        failed = CliRunner().invoke(cli, [*args, "--overwrite"])
+        failed = CliRunner().invoke(cli, [*args, "--overwrite", "--storage-options", json.dumps(options)])
         monkeypatch.undo()
         lines = [l for l in failed.output.splitlines() if l.startswith("esm2dask: error:")]
         assert failed.exit_code == 1 and len(lines) == 1, failed.output
@@ -248,7 +248,7 @@ def test_last_put_fails_previous_tree_intact_and_no_secret_anywhere(s3_server, s
         assert len(staged) == 1
         kept = {p: fs.cat(p) for p in fs.find(staged[0]) if p.endswith(".json")}
         assert any(p.endswith("plan.json") for p in kept) and any("/receipts/" in p for p in kept)
-        resumed = CliRunner().invoke(cli, [*args, "--resume"])
+        resumed = CliRunner().invoke(cli, [*args, "--resume", "--storage-options", f"@{opts_file}"])
         assert resumed.exit_code == 0, resumed.output
     finally:
         logging.getLogger().removeHandler(handler)
