@@ -11,7 +11,7 @@ from dask.utils import parse_bytes
 
 from .errors import ConfigError
 from .fasta import ENGINES
-from .storage import cpu_count, join
+from .storage import StorageOptions, cpu_count, join
 
 #: The seed workflow's download location.
 DEFAULT_RAW_DIR = "/workspace/data_from_ngc/uniref50_90_202104_esm2nv_v1.0"
@@ -83,10 +83,12 @@ class PreprocessConfig:
     copy_inputs: bool = True
     #: hard links instead of copies: the input and the output's name for it are one file
     link_inputs: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=StorageOptions)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self):
+        # credentials travel as task arguments: their repr (Dask's logs, dashboard) is masked
+        object.__setattr__(self, "storage_options", StorageOptions(self.storage_options))
         if self.split not in ("fasta", "random"):
             raise ConfigError(f"--split must be 'fasta' or 'random', not {self.split!r}")
         if not 1 <= self.num_csv_files <= 1000:

@@ -90,6 +90,7 @@ class FlipConfig:
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        object.__setattr__(self, "storage_options", storage.StorageOptions(self.storage_options))
         if self.labels not in ("compat", "exact"):
             raise ConfigError("--labels must be 'compat' or 'exact'")
         if not 1 <= self.num_csv_files <= 1000:

@@ -427,6 +427,12 @@ def test_storage_options_from_a_file_and_masked(tmp_path):
     assert options == {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "endpoint_url": "http://x"}
     assert "s3cr3t-value" not in repr(options) and "AKIAEXAMPLE" not in str(options)
     assert "http://x" in repr(options)
+    # what Dask shows of a task's arguments (worker logs, the dashboard's task pages)
+    from esm2dask.tasks import Routing
+
+    config = PreprocessConfig.from_options(raw_dir="/raw", storage_options=dict(options))
+    routing = Routing((), 50, "s3://b/work", None, config.storage_options)
+    assert "s3cr3t-value" not in repr(config) and "s3cr3t-value" not in repr(routing)
     with pytest.raises(ConfigError, match=f"--storage-options {tmp_path}/missing.json: cannot read it"):
         parse_storage_options(f"@{tmp_path}/missing.json")
     path.write_text("[1, 2]")
