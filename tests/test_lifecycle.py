@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from conftest import run_preprocess, tree_digest
 from esm2dask.config import MAPPING_TSV, UF50_FASTA, UF90_FASTA, VAL_FASTA, ClusterConfig, PreprocessConfig
-from esm2dask.errors import ConfigError, OutputError
+from esm2dask.errors import Interrupted, ConfigError, OutputError
 from esm2dask.layout import MANIFEST_NAME, STAGING_PREFIX
 from esm2dask.preprocess import preprocess
 from esm2dask.progress import Reporter
@@ -50,6 +50,7 @@ class StopAt(Reporter):
     """Interrupts the run (as Ctrl-C would) when ``stage`` begins; keeps the messages."""
 
     def __init__(self, stage: str | None = None):
+        super().__init__()
         self.stop = stage
         self.messages: list[str] = []
 
@@ -70,7 +71,7 @@ def _stagings(out: Path) -> list[Path]:
 
 
 def _interrupted_run(raw, out, cluster_config, stage="assemble", **kw) -> Path:
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         preprocess(_config(raw, out, cluster_config, **kw), StopAt(stage))
     staged = _stagings(out)
     assert len(staged) == 1
@@ -299,7 +300,7 @@ def test_inputs_in_the_output_are_copies_not_links(raw, tmp_path, cluster_config
     out2 = tmp_path / "out2"
     run_preprocess(raw, out2, cluster_config)
     kept = {name: (out2 / name).read_bytes() for name in INPUTS}
-    synth(str(raw), 300, seed=99)
+    synth(str(raw), 300, seed=99, overwrite=True)
     assert {name: (out2 / name).read_bytes() for name in INPUTS} == kept
     assert _invoke("verify", out2).exit_code == 0
 
@@ -515,7 +516,7 @@ def test_pipeline_resumes_preprocess_and_keeps_one_copy_of_the_inputs(fake_ngc, 
     config = PipelineConfig(workspace=str(ws), local_dir=str(local), workers=1, settings=NgcSettings.resolve())
 
     monkeypatch.setattr(preprocess_module, "Reporter", lambda: StopAt("assemble"))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         Pipeline(config).run()
     monkeypatch.setattr(preprocess_module, "Reporter", Reporter)
     out = Path(config.local_out)
