@@ -6,7 +6,6 @@ real files, the command line in-process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
