@@ -33,7 +33,11 @@ def _human_bytes(n: int) -> str:
 @click.option("--test-size", type=int, default=1_000_000, show_default=True, help="Clusters in test (--split random).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random split.")
 @click.option("--num-csv-files", type=int, default=50, show_default=True, help="CSV files per output folder (1-1000).")
-@click.option("--workers", type=int, help="Dask worker processes of the LocalCluster [default: the CPUs this process may use].")
+@click.option("--workers", type=int, help="Dask workers of the LocalCluster [default: the CPUs this process may use].")
+@click.option("--processes/--no-processes", default=False, show_default=True,
+              help="Run each LocalCluster worker as its own process, or (the default) as threads of this "
+                   "process: nothing to start, and the FASTA kernel releases the GIL "
+                   "(benchmarks/results/engines.md).")
 @click.option("--threads-per-worker", type=int, default=1, show_default=True, help="Threads per worker process.")
 @click.option("--memory-limit", help="Per worker: a size (at least 256MiB, e.g. 4GiB), a fraction of RAM (0.5) or auto [default: auto, RAM / workers].")
 @click.option("--partition-size", default=DEFAULT_PARTITION_SIZE, show_default=True,
@@ -65,7 +69,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the --plan) as one JSON object on stdout.")
 @click.option("--plain", is_flag=True, default=None, help="A plain progress line every few seconds instead of a bar.")
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
-               num_csv_files, workers, threads_per_worker, memory_limit, partition_size,
+               num_csv_files, workers, processes, threads_per_worker, memory_limit, partition_size,
                scheduler_address, scheduler_file, scheduler_timeout, dashboard_address, performance_report,
                overwrite, resume, no_copy_inputs, link_inputs, storage_options, plan_only, as_json, plain):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
@@ -81,6 +85,7 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
     cluster = ClusterConfig(
         workers=cpu_count() if workers is None else workers,
         threads_per_worker=threads_per_worker,
+        processes=processes,
         memory_limit=memory_limit,
         scheduler_address=scheduler_address,
         scheduler_file=scheduler_file,

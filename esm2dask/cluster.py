@@ -115,11 +115,20 @@ def _forwarding(client):
             log.debug("could not stop worker log forwarding", exc_info=True)
 
 
-def dashboard_link(client) -> str | None:
+def dashboard_link(client, dashboard_address: str | None = None) -> str | None:
+    """The dashboard's URL; with the host of ``--dashboard-address`` when it names one
+    (an in-process cluster would otherwise show this machine's public address)."""
     try:
-        return client.dashboard_link
+        link = client.dashboard_link
     except Exception:  # pragma: no cover - no dashboard (bokeh missing, disabled)
         return None
+    host = (dashboard_address or "").rpartition(":")[0]
+    if link and host:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(link)
+        link = parts._replace(netloc=f"{host}:{parts.port}").geturl()
+    return link
 
 
 @contextlib.contextmanager

@@ -107,8 +107,9 @@ class ClusterConfig:
     workers: int = field(default_factory=cpu_count)
     threads_per_worker: int = 1
     #: False: the LocalCluster's workers are threads of this process (nothing to start;
-    #: the kernel releases the GIL). True: one process per worker.
-    processes: bool = True
+    #: the kernel releases the GIL; faster here, benchmarks/results/engines.md). True: one
+    #: process per worker.
+    processes: bool = False
     memory_limit: str | None = None
     scheduler_address: str | None = None
     scheduler_file: str | None = None

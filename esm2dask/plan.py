@@ -191,6 +191,8 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
     stages += [
         StagePlan("assemble", len(SPLIT_DIRS) * config.num_csv_files, 0),
         StagePlan("assemble-mmap", 2 * (3 if config.split == "random" else 1), 0),
+        # one SHA-256 task per output file, for the manifest
+        StagePlan("checksum", len(SPLIT_DIRS) * config.num_csv_files + 2 * (3 if config.split == "random" else 1), 0),
     ]
 
     files = [_shard_files(d, config.num_csv_files, with_arrays=d == UF50_TRAIN or config.split == "random")

@@ -500,7 +500,7 @@ def _kept_tasks(staging: Staging) -> int:
     """How many finished tasks an interrupted run leaves receipts for."""
     fs, path = storage.get_fs(storage.join(staging.work_dir, "receipts"), staging.so)
     try:
-        return sum(1 for p in fs.find(path) if p.endswith(".pkl"))
+        return sum(1 for p in fs.find(path) if p.endswith(".json"))
     except OSError:
         return 0
 
@@ -520,7 +520,7 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
     restore_interrupts = None
     try:
         with dask_client(config.cluster, reporter.message) as client:
-            link = dashboard_link(client)
+            link = dashboard_link(client, None if config.cluster.scheduler_address or config.cluster.scheduler_file else config.cluster.dashboard_address)
             if link:
                 reporter.message(f"Dask dashboard: {link}")
             with maybe_performance_report(config.cluster.performance_report):

@@ -44,7 +44,7 @@ def test_plan_refuses_too_many_ranges():
     from esm2dask.errors import ConfigError
 
     config = config_for(partition_size=1000)
-    sizes = sizes_for(config, uf90=1000 * MAX_RANGES_PER_INPUT)
+    sizes = sizes_for(config, uf90=1000 * MAX_RANGES_PER_INPUT, mapping=100_000)
     make_plan(config, sizes)  # exactly at the limit
     with pytest.raises(ConfigError, match="10,001 ranges"):
         make_plan(config, {**sizes, config.uf90: 1000 * MAX_RANGES_PER_INPUT + 1})

@@ -49,8 +49,8 @@ def test_a_normal_run_prints_no_dask_line_and_logs_everything(raw, tmp_path):
     assert "Dask dashboard: http://127.0.0.1:" in done.stderr
     assert "manifest:" in done.stdout
     log = (out / "esm2dask.log").read_text()
-    # the full log is kept beside the manifest: Dask's scheduler and nannies, and esm2dask
-    assert "distributed.scheduler INFO" in log and "distributed.nanny INFO" in log
+    # the full log is kept beside the manifest: Dask's scheduler and workers, and esm2dask
+    assert "distributed.scheduler INFO" in log and "distributed.worker INFO" in log
     assert "esm2dask INFO: esm2dask" in log
     assert not [p for p in out.iterdir() if p.name.startswith(".esm2dask-staging")]
 
@@ -104,7 +104,7 @@ def test_ctrl_c_is_one_line_and_resume_finishes_the_same_bytes(tmp_path, cluster
             "--partition-size", "64KiB", "--num-csv-files", "7"]
     proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for(".esm2dask-staging-*/work/receipts/count-uf90/*.pkl", out, proc)
+    _wait_for(".esm2dask-staging-*/work/receipts/count-uf90/*.json", out, proc)
     # Ctrl-C at a terminal: SIGINT to the whole foreground process group (workers included)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=180)
