@@ -49,10 +49,16 @@ def _human_bytes(n: int) -> str:
 @click.option("--no-copy-inputs", is_flag=True, help="Do not hard-link/copy the raw files into the output folder.")
 @click.option("--storage-options", help="JSON options for fsspec/s3fs (e.g. endpoint_url).")
 @click.option("--plain", is_flag=True, default=None, help="Plain log lines instead of progress bars.")
+@click.option("--format", "formats", multiple=True, default=("esm2nv",), show_default=True,
+              metavar="FORMAT[,FORMAT…]",
+              help="Layouts to publish, repeated or comma-separated: esm2nv (the CSV tree at OUT's root), "
+                   "bionemo2 (OUT/bionemo2/: parquet clusters + SQLite for BioNeMo 2), hf (OUT/hf/: "
+                   "Hugging Face parquet). The FASTAs are read once; the esm2nv tree is always built "
+                   "(the others derive from it) but published only when asked for.")
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
                num_csv_files, workers, threads_per_worker, memory_limit, partition_size, engine,
                scheduler_address, scheduler_file, dashboard_address, performance_report, overwrite,
-               resume, no_copy_inputs, storage_options, plain):
+               resume, no_copy_inputs, storage_options, plain, formats):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
 
     RAW_DIR defaults to $ESM2DASK_RAW_DIR, else
@@ -76,7 +82,7 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
         test=test, partition_size=partition_size, split=split, val_size=val_size,
         test_size=test_size, seed=seed, num_csv_files=num_csv_files, engine=engine,
         overwrite=overwrite, resume=resume, copy_inputs=not no_copy_inputs,
-        storage_options=parse_storage_options(storage_options), cluster=cluster,
+        storage_options=parse_storage_options(storage_options), cluster=cluster, formats=formats,
     )
     reporter = make_reporter(plain)
     try:
@@ -86,6 +92,8 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
     click.echo(f"Output: {result.output_dir}")
     for d, n in result.rows.items():
         click.echo(f"  {d:<16} {n:>12,} rows  {_human_bytes(result.bytes[d]):>10}")
+    for path, info in result.layouts.items():
+        click.echo(f"  {path:<16} {info['rows']:>12,} rows  {_human_bytes(info['bytes']):>10}")
     for name, rep in result.streams.items():
         how = "fast path (mapping order)" if rep.fast_path else "hash join"
         click.echo(

@@ -11,6 +11,7 @@ from dask.utils import parse_bytes
 
 from .errors import ConfigError
 from .fasta import ENGINES
+from .layout import FORMATS
 from .storage import cpu_count, join
 
 #: The seed workflow's download location.
@@ -37,6 +38,23 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ConfigError(f"size must be positive: {text!r}")
     return int(value)
+
+
+def parse_formats(values: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``("esm2nv,hf", "bionemo2")`` → ``("esm2nv", "bionemo2", "hf")``: known names,
+    each once, in the order of :data:`~esm2dask.layout.FORMATS`.
+
+    >>> parse_formats(["hf, esm2nv", "hf"])
+    ('esm2nv', 'hf')
+    """
+    names = {n.strip() for v in ([values] if isinstance(values, str) else values) for n in v.split(",")}
+    names.discard("")
+    unknown = sorted(names - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"--format {unknown[0]!r} is not one of {', '.join(FORMATS)}")
+    if not names:
+        raise ConfigError(f"--format needs at least one of {', '.join(FORMATS)}")
+    return tuple(f for f in FORMATS if f in names)
 
 
 @dataclass(frozen=True)
@@ -83,8 +101,11 @@ class PreprocessConfig:
     copy_inputs: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    #: layouts to publish (``--format``); given in any order, repeated or comma-separated
+    formats: tuple[str, ...] = ("esm2nv",)
 
     def __post_init__(self):
+        object.__setattr__(self, "formats", parse_formats(self.formats))
         if self.split not in ("fasta", "random"):
             raise ConfigError(f"--split must be 'fasta' or 'random', not {self.split!r}")
         if not 1 <= self.num_csv_files <= 1000:

@@ -12,7 +12,9 @@ Stages (each a set of parallel tasks):
    the val/test shards; convert uf50/uf90 on the fast path when their records already
    stand in mapping order and no mapping id repeats;
 3. otherwise join by hash bucket and gather position blocks (any input order);
-4. assemble each shard from its pieces, publish, write the manifest.
+4. assemble each shard from its pieces;
+5. derive the other layouts of ``--format`` from the staged tree (:mod:`esm2dask.formats`);
+   publish, write the manifest.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from . import __version__, storage, tasks
 from .cluster import dashboard_link, dask_client, maybe_performance_report
 from .config import PreprocessConfig
 from .errors import ConfigError, Esm2DaskError
+from .formats import SplitLabels, derive_layouts
 from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
 from .progress import Reporter
 from .publish import Staging, write_manifest
@@ -59,6 +62,8 @@ class PreprocessResult:
     streams: dict[str, StreamReport]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     manifest_url: str = ""
+    #: the other layouts' files (``--format``): rows and bytes by path relative to OUT
+    layouts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def mb_per_s(self) -> float:
@@ -114,6 +119,7 @@ class _Run:
         self.stage_seconds: dict[str, float] = {}
         self._token = staging.token
         self._submitted = False
+        self.layouts: dict[str, dict[str, int]] = {}
 
     def settle(self, timeout_s: float = 120.0) -> None:
         """After a failure: cancel what is queued, wait for what is still running.
@@ -352,6 +358,11 @@ class _Run:
 
         # Stage 4: assemble.
         sizes_out = self._assemble(uf50_targets)
+        # Stage 5: the other layouts, from the staged tree.
+        labels = SplitLabels(labels_url, LABEL_TRAIN) if labels_url else None
+        self.layouts = derive_layouts(self, mapping, labels, rows, sizes_out)
+        if "esm2nv" not in cfg.formats:  # built for the others, not published
+            rows, sizes_out = {}, {}
         return rows, sizes_out, reports
 
     def _join(self, name, ranges: list[ByteRange], mapping, kind, key_first, n_buckets, n_keys, rt,
@@ -482,6 +493,7 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
         wall_seconds=wall,
         streams=reports,
         stage_seconds=run.stage_seconds,
+        layouts=run.layouts,
     )
     result.manifest_url = write_manifest(config, result, inputs, __version__)
     return result

@@ -43,7 +43,7 @@ def run_plan(config, inputs: dict[str, int]) -> dict:
     params = asdict(config)
     for key in ("cluster", "overwrite", "resume", "storage_options", "copy_inputs"):
         params.pop(key, None)
-    return {"parameters": params, "inputs": inputs}
+    return json.loads(json.dumps({"parameters": params, "inputs": inputs}))  # as read back (tuples → lists)
 
 
 class Staging:
@@ -162,7 +162,9 @@ class Staging:
                 if self.fs.exists(target):
                     self.fs.rm(target, recursive=True)
             for top in TOP_DIRS:
-                os.replace(self._path(storage.join(self.tree_dir, top)), storage.join(out, top))
+                staged = self._path(storage.join(self.tree_dir, top))
+                if os.path.exists(staged):  # a layout --format did not ask for is not there
+                    os.replace(staged, storage.join(out, top))
         if config.copy_inputs:
             self._copy_inputs(config)
         _remove_quietly(self.fs, self._path(self.root))
@@ -217,7 +219,7 @@ def _remove_quietly(fs, path: str) -> None:
 
 
 def list_output_files(output_dir: str, storage_options: dict) -> dict[str, int]:
-    """Every file under ``uf50/`` and ``uf90/`` with its size, by path relative to OUT."""
+    """Every file of every layout (the folders of ``TOP_DIRS``) with its size, by path relative to OUT."""
     fs, root = storage.get_fs(output_dir, storage_options)
     files = {}
     for top in TOP_DIRS:
@@ -248,6 +250,7 @@ def write_manifest(config, result, inputs: dict[str, int], version: str) -> str:
         "input_bytes": result.input_bytes,
         "mb_per_s": round(result.mb_per_s, 1),
         "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()},
+        "layouts": result.layouts,
     }
     url = storage.join(config.output_dir, MANIFEST_NAME)
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
