@@ -401,7 +401,7 @@ def write_hf_eval_part(part: ShardPart, out_url: str, storage_options: dict) -> 
 
 def plan_parts(n_rows: int, num_files: int, max_rows: int) -> list[tuple[int, int, int]]:
     """``(shard, row_lo, n_rows)`` of every part: each non-empty shard cut into the fewest
-    parts of at most ``max_rows`` rows; one empty part of shard 0 if there are no rows.
+    parts of at most ``max_rows`` rows (so that no part is empty).
 
     >>> plan_parts(7, 3, max_rows=2)
     [(0, 0, 2), (0, 2, 1), (1, 0, 2), (2, 0, 2)]
@@ -414,7 +414,7 @@ def plan_parts(n_rows: int, num_files: int, max_rows: int) -> list[tuple[int, in
             continue
         cuts = shard_bounds(rows, math.ceil(rows / max_rows))
         parts += [(shard, int(a), int(b - a)) for a, b in zip(cuts[:-1], cuts[1:])]
-    return parts or [(0, 0, 0)]
+    return parts
 
 
 def hf_part_name(index: int) -> str:
@@ -431,16 +431,20 @@ def eval_splits(config) -> list[tuple[str, str, str, str]]:
 
 
 def check_row_counts(config, rows: dict[str, int]) -> None:
-    """BioNeMo 2 draws an epoch permutation of each clusters file: it needs 2 rows."""
-    if "bionemo2" not in config.formats:
-        return
-    for split_dir, what in [(UF50_TRAIN, "train_clusters.parquet"),
-                            *[(s[0], s[2]) for s in eval_splits(config)]]:
-        if rows[split_dir] < 2:
-            raise ConfigError(
-                f"--format bionemo2: {what} would have {rows[split_dir]} row(s) ({split_dir} has "
-                f"{rows[split_dir]}); BioNeMo 2's reader needs at least 2"
-            )
+    """BioNeMo 2 draws an epoch permutation of each clusters file: it needs 2 rows.
+    ``datasets`` cannot load a split without rows."""
+    if "bionemo2" in config.formats:
+        for split_dir, what in [(UF50_TRAIN, "train_clusters.parquet"),
+                                *[(s[0], s[2]) for s in eval_splits(config)]]:
+            if rows[split_dir] < 2:
+                raise ConfigError(
+                    f"--format bionemo2: {what} would have {rows[split_dir]} row(s) ({split_dir} has "
+                    f"{rows[split_dir]}); BioNeMo 2's reader needs at least 2"
+                )
+    if "hf" in config.formats:
+        for split_dir, split, _, _ in eval_splits(config):
+            if rows[split_dir] == 0:
+                raise ConfigError(f"--format hf: the {split} split would be empty ({split_dir} has no rows)")
 
 
 def derive_layouts(run, mapping, labels: SplitLabels | None, rows: dict[str, int],
@@ -545,13 +549,13 @@ class _Derivation:
             spans = [s for s in self.spans if s.first_member < first + n and s.first_member + s.n_members > first]
             args.append((
                 ShardPart(i, self._shard_url(UF90, k), lo, n), first, spans, self.labels,
-                storage.join(self.tree, HF_DIR, "train", hf_part_name(i)) if want_hf else None,
+                storage.join(self.scratch, "hf-train", f"{i:05d}.parquet") if want_hf else None,
                 storage.join(self.scratch, "runs", f"{i:05d}.arrow") if want_db else None,
                 self.splitters if want_db else [], self.so,
             ))
         parts = self.run._run("uf90-parts", derive_uf90_part, args)
         if want_hf:
-            self._record(out, [p.hf for p in parts], f"{HF_DIR}/train")
+            self._record(out, self._name_train_parts([p.hf for p in parts]), f"{HF_DIR}/train")
         if want_db:
             buckets = [storage.join(self.scratch, "buckets", f"{b:05d}.db") for b in range(len(self.splitters) + 1)]
             self.run._run("bionemo2-bucket-db", build_bucket_db, [
@@ -566,6 +570,21 @@ class _Derivation:
             self._record(out, [train_db])
         for stage, handles, collect in self.pending:
             collect(self.run._wait(stage, handles))
+
+    def _name_train_parts(self, written: list[Written]) -> list[Written]:
+        """Move the parts that have rows to ``hf/train/part-00000.parquet`` on (with
+        ``--split random`` a part may hold no training member, and ``datasets`` cannot
+        read an empty part). A part already moved by an interrupted run stays."""
+        named = []
+        for j, w in enumerate(x for x in written if x.rows):
+            target = storage.join(self.tree, HF_DIR, "train", hf_part_name(j))
+            fs, src = storage.get_fs(w.path, self.so)
+            if fs.exists(src):
+                dest = storage.get_fs(target, self.so)[1]
+                fs.makedirs(fs._parent(dest), exist_ok=True)
+                fs.mv(src, dest)
+            named.append(Written(target, w.rows, w.bytes))
+        return named
 
     def _remove(self, url: str) -> None:
         """Scratch files no stage needs any more (a resumed run skips the stages that read them)."""

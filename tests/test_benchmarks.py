@@ -39,3 +39,12 @@ def test_storage_and_cluster_smoke(bench):
     storage_and_cluster.main(["--clusters", "300", "--workers", "1"])
     table = (bench / "storage_and_cluster.md").read_text()
     assert "s3 → s3 (moto)" in table and "external `dask scheduler`" in table
+
+
+def test_formats_smoke(bench):
+    from benchmarks import formats
+
+    formats.main(["--clusters", "300", "--workers", "1", "--writer-rows", "2000"])
+    table = (bench / "formats.md").read_text()
+    assert "| esm2nv + bionemo2 + hf |" in table and "byte-identical in every row: yes" in table
+    assert "merge, the single writer" in table and (bench / "formats.png").stat().st_size > 0

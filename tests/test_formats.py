@@ -182,16 +182,20 @@ def test_qc_sample_in_three_layouts(qc_out, tmp_path):
     assert "checked: bionemo2" in check.output and "checked: hf" in check.output
 
 
-def test_random_split(qc_dir, tmp_path, cluster_config):
+@pytest.mark.parametrize("val_size, test_size", [(500, 100), (4000, 900)])
+def test_random_split(val_size, test_size, qc_dir, tmp_path, cluster_config):
+    """Only the train-labelled clusters go into the train files. With 101 of them, some uf90
+    shards hold no training member: their hf parts are left out, the others renumbered."""
     out = tmp_path / "out"
-    result = run_preprocess(qc_dir, out, cluster_config, formats=("esm2nv", "bionemo2", "hf"), split="random",
-                            val_size=500, test_size=100, seed=0, **_qc_options(qc_dir))
+    result = run_preprocess(qc_dir, out, cluster_config, formats=ALL, split="random",
+                            val_size=val_size, test_size=test_size, seed=0, **_qc_options(qc_dir))
     tree = Esm2nvTree(out, with_test=True)
-    assert len(tree.clusters) == 4401  # only the train-labelled clusters
+    assert len(tree.clusters) == 5001 - val_size - test_size
     _bionemo2_reads(out / "bionemo2", tree)
     _hf_reads(out / "hf", tree, tmp_path)
-    assert result.layouts["bionemo2/test.db"]["rows"] == 100
+    assert result.layouts["bionemo2/test.db"]["rows"] == test_size
     assert result.layouts["hf/train"]["rows"] == sum(len(c) for c in tree.clusters) < 11296
+    assert (result.layouts["hf/train"]["files"] < 50) == (val_size == 4000)
     check = CliRunner().invoke(cli, ["verify", str(out)])
     assert check.exit_code == 0, check.output
 
