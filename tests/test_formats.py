@@ -30,6 +30,13 @@ DDL = "CREATE TABLE protein (id TEXT PRIMARY KEY, sequence TEXT)"
 ALL = ("esm2nv", "bionemo2", "hf")
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """``datasets`` reads local folders only here; never let it look for a hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
 def _qc_options(qc_dir):
     train = str(qc_dir / "uniref50_train_filt.fasta")
     return dict(uf90=str(qc_dir / "ur90_ur50_sampler.fasta"), val=train, test=train)
