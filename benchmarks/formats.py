@@ -2,7 +2,10 @@
 the same input; then the single SQLite writer of ``bionemo2/train.db``, three ways, on
 the real uf90 rows of that input, projected to the full release (~150 M rows).
 
-    python -m benchmarks.formats [--clusters 800000] [--workers 2] [--writer-rows 0]
+    python -m benchmarks.formats [--clusters 800000] [--workers 2] [--repeats 2] [--writer-rows 0]
+
+Each configuration runs ``--repeats`` times, round-robin, and the fastest run is reported:
+on a shared machine the slow runs measure the neighbours.
 
 The writer ways: (a) one writer inserting the rows as they come, ids in no order (the rows
 shuffled, seeded: in UniRef's mapping order the member ids are as good as unordered, rank
@@ -124,7 +127,7 @@ def measure_writer(raw: Path, workers: str, partition: str, writer_rows: int) ->
         "bucket_db_rows_per_s_per_worker": round(bucket_rate), "merge_rows_per_s": round(len(ordered) / merge_s),
         "projected_full_s": {
             "ids in no order, one writer (at its last batch's rate; it keeps falling)": round(FULL_RELEASE_ROWS / last),
-            "id order, one writer": round(FULL_RELEASE_ROWS / sorted_last),
+            "id order, one writer": round(FULL_RELEASE_ROWS / (n / sorted_s)),
             f"--format bionemo2: bucket databases on {w} worker(s)": round(FULL_RELEASE_ROWS / bucket_rate / w),
             "--format bionemo2: the single writer (merge)": round(FULL_RELEASE_ROWS / (len(ordered) / merge_s)),
         },
@@ -161,24 +164,30 @@ def main(argv=None):
     ap.add_argument("--clusters", type=int, default=800_000)
     ap.add_argument("--workers", default="2")
     ap.add_argument("--partition-size", default="64MiB")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--writer-rows", type=int, default=0)
     args = ap.parse_args(argv)
     raw = dataset(args.clusters)
     floor = cp_floor(raw)
-    runs = []
-    for label, fmt in CONFIGS:
-        run = preprocess(raw, label, "--workers", args.workers, "--partition-size", args.partition_size,
-                         "--format", fmt)
-        run.vs_cp = round(run.wall_s / floor, 1)
-        print(run, flush=True)
-        runs.append(run)
+    fastest, digests = {}, set()
+    for _ in range(args.repeats):
+        for label, fmt in CONFIGS:
+            run = preprocess(raw, label, "--workers", args.workers, "--partition-size", args.partition_size,
+                             "--format", fmt)
+            run.vs_cp = round(run.wall_s / floor, 1)
+            print(run, flush=True)
+            digests.add(run.digest)
+            if label not in fastest or run.wall_s < fastest[label].wall_s:
+                fastest[label] = run
+    runs = [fastest[label] for label, _ in CONFIGS]
     writer = measure_writer(raw, args.workers, args.partition_size, args.writer_rows)
     print(writer, flush=True)
     base = runs[0].wall_s
     lines = [
         f"Input {folder_bytes(raw) / 1e6:.0f} MB (`synth --clusters {args.clusters} --seed 1`); `cp -r` {floor:.2f} s "
-        f"in the same run. {args.workers} workers, {args.partition_size} partitions. The esm2nv tree is "
-        f"byte-identical in every row: {'yes' if len({r.digest for r in runs}) == 1 else 'NO'}.",
+        f"in the same run. {args.workers} workers, {args.partition_size} partitions; the fastest of "
+        f"{args.repeats} runs of each, round-robin. The esm2nv tree is byte-identical in every run: "
+        f"{'yes' if len(digests) == 1 else 'NO'}.",
         "",
         "| configuration | wall s | added s | added stages (s) | files written |",
         "|---|---|---|---|---|",

@@ -25,6 +25,8 @@ from . import storage
 from .formats import PROTEIN_DDL
 from .layout import BIONEMO2_DIR, FORMATS, HF_DIR, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
 
+#: Ids fetched from a database at a time (few Python strings alive at once).
+FETCH_ROWS = 1_000_000
 _PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
 
 
@@ -220,15 +222,19 @@ def _db_checks(con: sqlite3.Connection, label: str, report) -> pl.Series | None:
                                f"maps it to the unknown token)")
     report.rows[label] = con.execute("SELECT count(*) FROM protein").fetchone()[0]
     # a key stored as anything but text matches no query: it counts as absent
-    rows = con.execute("SELECT id FROM protein WHERE typeof(id) = 'text' ORDER BY id")
-    return pl.Series("id", [r[0] for r in rows], dtype=pl.String)
+    cursor = con.execute("SELECT id FROM protein WHERE typeof(id) = 'text' ORDER BY id")
+    chunks = [pl.Series("id", [r[0] for r in batch], dtype=pl.String)
+              for batch in iter(lambda: cursor.fetchmany(FETCH_ROWS), [])]
+    return pl.concat(chunks) if chunks else pl.Series("id", [], dtype=pl.String)
 
 
 def _check_keys(ids: pl.Series, db_ids: pl.Series | None, label: str, db_label: str, report) -> None:
     """Every id is a key of the database, and the database holds no other row."""
     if db_ids is None:
         return
-    distinct = ids.unique()
+    distinct = ids.unique().sort()
+    if distinct.equals(db_ids):  # both sorted and distinct: the common case, no hash set
+        return
     missing = distinct.filter(~distinct.is_in(db_ids))
     if len(missing):
         report.problems.append(f"{label}: {len(missing)} id(s) are not keys of {db_label} "
