@@ -2,13 +2,15 @@
 
 Both are derived from the staged ESM2nv tree of the same run (the FASTAs are read once),
 as extra Dask stages after :meth:`esm2dask.preprocess._Run._assemble`. One member's way,
-say the uf90 row at position 17 (``A0A009_ACIBA`` in cluster ``UniRef50_A0A009``):
+say the uf90 row at position 1 of NVIDIA's sample (``A0A009DWD5_ACIBA``, the only member
+of cluster ``UniRef50_A0A009DWD5``, mapping line 3):
 
 1. The driver cuts every uf90 shard into parts of at most :data:`PART_ROWS` rows and
    hands each part the mapping ranges that cover its positions (:class:`MappingSpan`).
 2. :func:`derive_uf90_part` reads the part's rows from ``uf90/uf90_csvs/x###.csv`` and
    finds each row's cluster from the clusters' member counts of those ranges only. It
-   writes ``hf/train/part-NNNNN.parquet`` (``ur50_id``, ``ur90_id``, ``sequence``) and,
+   writes an ``hf`` part (``ur50_id``, ``ur90_id``, ``sequence``; the driver then names
+   the parts that hold rows ``hf/train/part-00000.parquet`` on) and,
    for ``train.db``, an Arrow run of ``(id, sequence)`` sorted by id and cut at the
    bucket splitters (id quantiles sampled from the mapping by :func:`sample_member_ids`).
 3. :func:`build_bucket_db` sorts one id range from every run into a small SQLite file;
