@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.driver_memory
 	$(BIN)/python -m benchmarks.profile_run
 	$(BIN)/python -m benchmarks.storage_and_cluster
+	$(BIN)/python -m benchmarks.formats
 
 clean:
 	rm -rf $(VENV) sample .pytest_cache

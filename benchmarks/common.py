@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -48,6 +48,9 @@ class Run:
     worker_peak_mb: float
     vs_cp: float = 0.0
     digest: str = ""
+    #: from the run's manifest: seconds per stage, and the other layouts' rows and bytes
+    stage_seconds: dict = field(default_factory=dict)
+    layouts: dict = field(default_factory=dict)
 
 
 class _RssSampler(threading.Thread):
@@ -118,7 +121,8 @@ def preprocess(raw: Path, label: str, *args: str) -> Run:
     shutil.rmtree(out.parent)
     del report
     return Run(label, round(wall, 2), round(input_mb, 1), round(input_mb / wall, 1), tasks,
-               round(driver, 1), round(worker, 1), digest=digest)
+               round(driver, 1), round(worker, 1), digest=digest,
+               stage_seconds=manifest.get("stage_seconds", {}), layouts=manifest.get("layouts", {}))
 
 
 def add_small(ap, **presets) -> None:

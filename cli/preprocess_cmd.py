@@ -68,10 +68,16 @@ def _human_bytes(n: int) -> str:
               help="Print the plan (inputs, ranges, tasks, files, a time estimate) and exit; starts no cluster.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the --plan) as one JSON object on stdout.")
 @click.option("--plain", is_flag=True, default=None, help="A plain progress line every few seconds instead of a bar.")
+@click.option("--format", "formats", multiple=True, default=("esm2nv",), show_default=True,
+              metavar="FORMAT[,FORMAT…]",
+              help="Layouts to publish, repeated or comma-separated: esm2nv (the CSV tree at OUT's root), "
+                   "bionemo2 (OUT/bionemo2/: parquet clusters + SQLite for BioNeMo 2), hf (OUT/hf/: "
+                   "Hugging Face parquet). The FASTAs are read once; the esm2nv tree is always built "
+                   "(the others derive from it) but published only when asked for.")
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
                num_csv_files, workers, processes, threads_per_worker, memory_limit, partition_size,
                scheduler_address, scheduler_file, scheduler_timeout, dashboard_address, performance_report,
-               overwrite, resume, no_copy_inputs, link_inputs, storage_options, plan_only, as_json, plain):
+               overwrite, resume, no_copy_inputs, link_inputs, storage_options, plan_only, as_json, plain, formats):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
 
     RAW_DIR defaults to $ESM2DASK_RAW_DIR, else
@@ -98,7 +104,7 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
         test=test, partition_size=partition_size, split=split, val_size=val_size,
         test_size=test_size, seed=seed, num_csv_files=num_csv_files,
         overwrite=overwrite, resume=resume, copy_inputs=not no_copy_inputs, link_inputs=link_inputs,
-        storage_options=parse_storage_options(storage_options), cluster=cluster,
+        storage_options=parse_storage_options(storage_options), cluster=cluster, formats=formats,
     )
     if plan_only:
         _print_plan(config, as_json)
@@ -116,6 +122,8 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
     click.echo(f"Output: {result.output_dir}")
     for d, n in result.rows.items():
         click.echo(f"  {d:<16} {n:>12,} rows  {_human_bytes(result.bytes[d]):>10}")
+    for path, info in result.layouts.items():
+        click.echo(f"  {path:<16} {info['rows']:>12,} rows  {_human_bytes(info['bytes']):>10}")
     for name, rep in result.streams.items():
         how = "fast path (mapping order)" if rep.fast_path else "hash join"
         click.echo(

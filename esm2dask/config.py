@@ -10,6 +10,7 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from .errors import ConfigError
+from .layout import FORMATS
 from .storage import StorageOptions, cpu_count, join
 
 #: The seed workflow's download location.
@@ -36,6 +37,23 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ConfigError(f"size must be positive: {text!r}")
     return int(value)
+
+
+def parse_formats(values: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``("esm2nv,hf", "bionemo2")`` → ``("esm2nv", "bionemo2", "hf")``: known names,
+    each once, in the order of :data:`~esm2dask.layout.FORMATS`.
+
+    >>> parse_formats(["hf, esm2nv", "hf"])
+    ('esm2nv', 'hf')
+    """
+    names = {n.strip() for v in ([values] if isinstance(values, str) else values) for n in v.split(",")}
+    names.discard("")
+    unknown = sorted(names - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"--format {unknown[0]!r} is not one of {', '.join(FORMATS)}")
+    if not names:
+        raise ConfigError(f"--format needs at least one of {', '.join(FORMATS)}")
+    return tuple(f for f in FORMATS if f in names)
 
 
 #: The smallest --memory-limit that leaves a worker room to work (a worker process alone
@@ -166,8 +184,11 @@ class PreprocessConfig:
     link_inputs: bool = False
     storage_options: dict[str, Any] = field(default_factory=StorageOptions)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    #: layouts to publish (``--format``); given in any order, repeated or comma-separated
+    formats: tuple[str, ...] = ("esm2nv",)
 
     def __post_init__(self):
+        object.__setattr__(self, "formats", parse_formats(self.formats))
         # credentials travel as task arguments: their repr (Dask's logs, dashboard) is masked
         object.__setattr__(self, "storage_options", StorageOptions(self.storage_options))
         if self.split not in ("fasta", "random"):

@@ -13,7 +13,12 @@ UF50_TEST = "uf50/test"
 UF90 = "uf90/uf90_csvs"
 #: Output directories in the order they are reported.
 SPLIT_DIRS = (UF50_TRAIN, UF50_VAL, UF50_TEST, UF90)
-TOP_DIRS = ("uf50", "uf90")
+#: The layouts ``--format`` can write; ``esm2nv`` is the tree above, at OUT's root.
+FORMATS = ("esm2nv", "bionemo2", "hf")
+BIONEMO2_DIR = "bionemo2"
+HF_DIR = "hf"
+#: Every top-level output folder, of every layout: staged, published and listed together.
+TOP_DIRS = ("uf50", "uf90", BIONEMO2_DIR, HF_DIR)
 
 MANIFEST_NAME = "esm2dask-manifest.json"
 STAGING_PREFIX = ".esm2dask-staging"

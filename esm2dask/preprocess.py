@@ -12,7 +12,9 @@ Stages (each a set of parallel tasks):
    the val/test shards; convert uf50/uf90 on the fast path when their records already
    stand in mapping order and no mapping id repeats;
 3. otherwise join by hash bucket and gather position blocks (any input order);
-4. assemble each shard from its pieces, publish, write the manifest.
+4. assemble each shard from its pieces;
+5. derive the other layouts of ``--format`` from the staged tree (:mod:`esm2dask.formats`);
+   publish, write the manifest.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import __version__, receipts, storage, tasks
 from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report
 from .config import PreprocessConfig
 from .errors import ConfigError, Esm2DaskError, Interrupted
+from .formats import SplitLabels, derive_layouts
 from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
 from .logs import RunLog
 from .progress import Reporter
@@ -64,6 +67,8 @@ class PreprocessResult:
     streams: dict[str, StreamReport]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     manifest_url: str = ""
+    #: the other layouts' files (``--format``): rows and bytes by path relative to OUT
+    layouts: dict[str, dict[str, int]] = field(default_factory=dict)
     log_url: str = ""
     #: input bytes read by all passes of the run, and the part of them an earlier,
     #: interrupted run had done (its tasks were skipped)
@@ -148,6 +153,7 @@ class _Run:
         self.stage_tasks: dict[str, int] = {}
         self._token = staging.token
         self._submitted = False
+        self.layouts: dict[str, dict[str, int]] = {}
         self._read_bytes: dict = {}  # task key -> input bytes it reads, for progress
         self.read_bytes = 0  # planned passes, plus the hash join's if a stream needs it
         self.skipped_read_bytes = 0
@@ -388,6 +394,11 @@ class _Run:
 
         # Stage 4: assemble.
         sizes_out = self._assemble(uf50_targets)
+        # Stage 5: the other layouts, from the staged tree.
+        labels = SplitLabels(labels_url, LABEL_TRAIN) if labels_url else None
+        self.layouts = derive_layouts(self, mapping, labels, rows, sizes_out)
+        if "esm2nv" not in cfg.formats:  # built for the others, not published
+            rows, sizes_out = {}, {}
         return rows, sizes_out, reports
 
     def _join(self, name, ranges: list[ByteRange], counts, mapping, kind, key_first, n_buckets, n_keys, rt,

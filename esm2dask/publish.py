@@ -116,7 +116,7 @@ def manifest_listed(manifest: dict | None) -> set[str]:
 
 
 def list_output_files(output_dir: str, storage_options: dict) -> dict[str, int]:
-    """Every file under ``uf50/`` and ``uf90/`` with its size, by path relative to OUT."""
+    """Every file of every layout (the folders of ``TOP_DIRS``) with its size, by path relative to OUT."""
     fs, root = storage.get_fs(output_dir, storage_options)
     fs.invalidate_cache(root)
     files = {}
@@ -512,7 +512,7 @@ def _remove_quietly(fs, path: str) -> None:
 
 
 def _remove_empty_dirs(out: str) -> None:
-    """Folders under ``uf50/``/``uf90/`` emptied by the switch (never a file)."""
+    """Folders under the layouts' top folders emptied by the switch (never a file)."""
     for top in TOP_DIRS:
         for root, _, _ in sorted(os.walk(os.path.join(out, top)), key=lambda w: -len(w[0])):
             try:
@@ -562,6 +562,7 @@ def build_manifest(config, result, identities: dict, tree: dict[str, int], diges
         "input_bytes": result.input_bytes,
         "mb_per_s": round(result.mb_per_s, 1),
         "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()},
+        "layouts": result.layouts,
     }
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import polars as pl
 
 from . import storage
-from .layout import CSV_HEADER, MANIFEST_NAME, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds
+from .layout import CSV_HEADER, MANIFEST_NAME, SPLIT_DIRS, TOP_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds
+from .verify_formats import check_layouts, layouts_present
 
 _SHARD_RE = re.compile(r"^x(\d{3})\.csv$")
 _SCHEMA = {"record_id": pl.Int64, "record_name": pl.String, "sequence_length": pl.Int64, "sequence": pl.String}
@@ -190,6 +191,10 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     expected_files = num_csv_files or params.get("num_csv_files")
 
     data = {}
+    layouts = layouts_present(fs, root_path, params)
+    if "esm2nv" not in layouts:  # only --format bionemo2 / hf
+        check_layouts(fs, root_path, params, layouts, data, report)
+        return report
     for d in SPLIT_DIRS:
         consecutive = d == UF90 or split == "fasta"
         data[d] = _check_split(fs, root_path, d, expected_files, consecutive, report)
@@ -240,6 +245,7 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     mapping_fs, mapping_path = (fs, storage.join(root_path, "mapping.tsv")) if mapping is None else storage.get_fs(mapping, so)
     if mapping_fs.exists(mapping_path) and all(data.get(d) is not None for d in train_dirs) and data.get(UF90) is not None:
         _check_names(mapping_fs, mapping_path, data, train_dirs, report)
+    check_layouts(fs, root_path, params, layouts, data, report)
     return report
 
 
@@ -315,7 +321,7 @@ def _check_names(fs, mapping_path, data, train_dirs, report) -> None:
 def verify_any(root: str, storage_options: dict | None = None, num_csv_files: int | None = None) -> VerifyReport:
     """Verify an ESM2 tree, or a FLIP tree (``<task>/{train,val,test}``) if that is what it is."""
     fs, path = storage.get_fs(root, storage_options or {})
-    if fs.exists(storage.join(path, "uf50")) or not fs.exists(path):
+    if any(fs.exists(storage.join(path, top)) for top in TOP_DIRS) or not fs.exists(path):
         return verify_tree(root, storage_options, num_csv_files)
     from .flip import verify_flip_tree
 

@@ -61,3 +61,12 @@ def test_small_presets_apply_and_rename_the_results():
     assert (apply_small(full), full.clusters) == ("", 800_000)
     assert (apply_small(small), small.clusters) == ("-small", 20_000)
     assert "--clusters 20000" in ap.format_help()
+
+
+def test_formats_smoke(bench):
+    from benchmarks import formats
+
+    formats.main(["--clusters", "300", "--workers", "1", "--repeats", "1", "--writer-rows", "2000"])
+    table = (bench / "formats.md").read_text()
+    assert "| esm2nv + bionemo2 + hf |" in table and "byte-identical in every run: yes" in table
+    assert "merge, the single writer" in table and (bench / "formats.png").stat().st_size > 0
