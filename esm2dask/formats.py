@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from . import storage
+from . import receipts, storage
 from .errors import ConfigError, Esm2DaskError
 from .layout import BIONEMO2_DIR, HF_DIR, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds, shard_name
 from .tasks import Slice, _write_ipc, read_slices
@@ -108,6 +108,10 @@ class PartReceipt:
     run_url: str = ""
     #: where each ``train.db`` bucket begins in the part's sorted run
     bucket_bounds: list[int] = field(default_factory=list)
+
+
+#: what ``--resume`` may read back of these stages (JSON data, see esm2dask.receipts)
+receipts.register(Written, PartReceipt)
 
 
 # ----------------------------------------------------------------------------- files

@@ -560,6 +560,7 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
             skipped_read_bytes=run.skipped_read_bytes,
             skipped_tasks=run.skipped_tasks,
             stage_tasks=run.stage_tasks,
+            layouts=run.layouts,
         )
         result.log_url = run_log.publish()
         result.manifest_url = staging.publish(config, result, digests, __version__)
