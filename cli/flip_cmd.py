@@ -21,7 +21,7 @@ import click
 @click.option("--retries", type=int, default=3, show_default=True, help="Retries per download, with backoff.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per download attempt.")
 @click.option("--overwrite", is_flag=True, help="Replace existing task folders.")
-@click.option("--storage-options", help="JSON options for fsspec/s3fs, for s3:// sources and outputs.")
+@click.option("--storage-options", help="JSON options for fsspec/s3fs, for s3:// sources and outputs, or @FILE holding them.")
 def flip(tasks, output_dir, source, cache_dir, num_csv_files, labels, checksums, write_checksums, retries, timeout,
          overwrite, storage_options):
     """Convert FLIP benchmark tasks into ESM2nv validation CSVs."""

@@ -268,19 +268,20 @@ def ngc_up(obj, workspace_name, job_name, secret, replicas, flip, package, waite
 @click.option("--local-dir", default="/workspace/data_from_ngc", show_default=True, help="Fast local disk for download and processing.")
 @click.option("--flip", is_flag=True, help="Also convert the FLIP secondary-structure task.")
 @click.option("--flip-source", help="FLIP mirror URL or folder.")
-@click.option("--workers", type=int, help="Dask workers on this node [default: cores].")
+@click.option("--workers", type=int, help="Dask workers on this node [default: the CPUs this job may use].")
 @click.option("--multi-node", is_flag=True, help="Part of a multi-node job: replica 0 drives, the others run workers.")
 def pipeline(workspace, local_dir, flip, flip_source, workers, multi_node):
     """Inside an NGC job: download, copy, preprocess, FLIP, verify, copy back (resumable)."""
     from esm2dask.ngc import NgcSettings
     from esm2dask.pipeline import Pipeline, PipelineConfig, open_log, run_multi_node
+    from esm2dask.storage import cpu_count
 
     log_path = open_log(workspace)
     _note(f"log: {log_path}")
     config = PipelineConfig(workspace=workspace, local_dir=local_dir, flip=flip, flip_source=flip_source,
                             workers=workers, settings=NgcSettings.resolve())
     if multi_node:
-        results = run_multi_node(config, dict(os.environ), workers or os.cpu_count() or 1)
+        results = run_multi_node(config, dict(os.environ), workers or cpu_count())
     else:
         results = Pipeline(config).run()
     for r in results:

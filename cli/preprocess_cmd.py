@@ -33,7 +33,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--test-size", type=int, default=1_000_000, show_default=True, help="Clusters in test (--split random).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random split.")
 @click.option("--num-csv-files", type=int, default=50, show_default=True, help="CSV files per output folder (1-1000).")
-@click.option("--workers", type=int, help="Dask worker processes of the LocalCluster [default: the machine's cores].")
+@click.option("--workers", type=int, help="Dask worker processes of the LocalCluster [default: the CPUs this process may use].")
 @click.option("--threads-per-worker", type=int, default=1, show_default=True, help="Threads per worker process.")
 @click.option("--memory-limit", help="Per worker: a size (at least 256MiB, e.g. 4GiB), a fraction of RAM (0.5) or auto [default: auto, RAM / workers].")
 @click.option("--partition-size", default=DEFAULT_PARTITION_SIZE, show_default=True,
@@ -46,10 +46,20 @@ def _human_bytes(n: int) -> str:
 @click.option("--dashboard-address", default=":8787", show_default=True,
               help="LocalCluster dashboard: [HOST]:PORT (port 0: any free port), or 'none'.")
 @click.option("--performance-report", type=click.Path(dir_okay=False), help="Write Dask's HTML performance report here.")
-@click.option("--overwrite", is_flag=True, help="Replace uf50/ and uf90/ of an existing output folder.")
-@click.option("--resume", is_flag=True, help="Finish an interrupted run into the same output (same inputs and options).")
-@click.option("--no-copy-inputs", is_flag=True, help="Do not hard-link/copy the raw files into the output folder.")
-@click.option("--storage-options", help="JSON options for fsspec/s3fs (e.g. endpoint_url).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the uf50/ and uf90/ of an earlier run (only files its manifest lists). With --resume: "
+                   "resume if possible, else start over.")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted run into the same output (refused if its inputs or options changed, "
+                   "or if there is nothing to resume, unless --overwrite is given too).")
+@click.option("--no-copy-inputs", is_flag=True, help="Do not copy the raw files into the output folder.")
+@click.option("--link-inputs", is_flag=True,
+              help="Hard-link the raw files into the output folder instead of copying them (by default a reflink where "
+                   "the file system has them, else a copy): the two names are then ONE file, and writing to "
+                   "either changes both.")
+@click.option("--storage-options",
+              help="JSON options for fsspec/s3fs (e.g. endpoint_url), or @FILE to read them from a JSON file. "
+                   "Prefer AWS_* variables or a profile for keys: a command line shows in ps and shell history.")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the plan (inputs, ranges, tasks, files, a time estimate) and exit; starts no cluster.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the --plan) as one JSON object on stdout.")
@@ -57,7 +67,7 @@ def _human_bytes(n: int) -> str:
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
                num_csv_files, workers, threads_per_worker, memory_limit, partition_size,
                scheduler_address, scheduler_file, scheduler_timeout, dashboard_address, performance_report,
-               overwrite, resume, no_copy_inputs, storage_options, plan_only, as_json, plain):
+               overwrite, resume, no_copy_inputs, link_inputs, storage_options, plan_only, as_json, plain):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
 
     RAW_DIR defaults to $ESM2DASK_RAW_DIR, else
@@ -82,7 +92,7 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
         raw_dir=raw_dir, output_dir=output_dir, uf50=uf50, uf90=uf90, mapping=mapping, val=val,
         test=test, partition_size=partition_size, split=split, val_size=val_size,
         test_size=test_size, seed=seed, num_csv_files=num_csv_files,
-        overwrite=overwrite, resume=resume, copy_inputs=not no_copy_inputs,
+        overwrite=overwrite, resume=resume, copy_inputs=not no_copy_inputs, link_inputs=link_inputs,
         storage_options=parse_storage_options(storage_options), cluster=cluster,
     )
     if plan_only:
@@ -184,7 +194,7 @@ def _print_plan(config, as_json: bool) -> None:
 @click.command()
 @click.argument("out")
 @click.option("--num-csv-files", type=int, help="Expected files per folder [default: from the manifest, else as found].")
-@click.option("--storage-options", help="JSON options for fsspec/s3fs.")
+@click.option("--storage-options", help="JSON options for fsspec/s3fs, or @FILE holding them.")
 def verify(out, num_csv_files, storage_options):
     """Check an output tree against the layout contract; exit 0 only if all holds."""
     from esm2dask.storage import parse_storage_options

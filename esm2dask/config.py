@@ -10,7 +10,7 @@ from typing import Any
 from dask.utils import parse_bytes
 
 from .errors import ConfigError
-from .storage import cpu_count, join
+from .storage import StorageOptions, cpu_count, join
 
 #: The seed workflow's download location.
 DEFAULT_RAW_DIR = "/workspace/data_from_ngc/uniref50_90_202104_esm2nv_v1.0"
@@ -161,24 +161,28 @@ class PreprocessConfig:
     overwrite: bool = False
     resume: bool = False
     copy_inputs: bool = True
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: hard links instead of copies: the input and the output's name for it are one file
+    link_inputs: bool = False
+    storage_options: dict[str, Any] = field(default_factory=StorageOptions)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self):
+        # credentials travel as task arguments: their repr (Dask's logs, dashboard) is masked
+        object.__setattr__(self, "storage_options", StorageOptions(self.storage_options))
         if self.split not in ("fasta", "random"):
             raise ConfigError(f"--split must be 'fasta' or 'random', not {self.split!r}")
         if not 1 <= self.num_csv_files <= 1000:
             raise ConfigError("--num-csv-files must be between 1 and 1000 (names are x000…x999)")
         if self.split == "random" and (self.val_size <= 0 or self.test_size <= 0):
             raise ConfigError("--split random needs --val-size and --test-size above 0")
+        if self.link_inputs and not self.copy_inputs:
+            raise ConfigError("--link-inputs and --no-copy-inputs exclude each other")
         if not 1 <= self.partition_bytes <= 1 << 30:
             raise ConfigError("--partition-size must be between 1 byte and 1GiB")
         if self.seed < 0:
             raise ConfigError(f"--seed must be 0 or more, not {self.seed}")
         if self.val_size < 0 or self.test_size < 0:
             raise ConfigError("--val-size and --test-size must be 0 or more")
-        if self.overwrite and self.resume:
-            raise ConfigError("--overwrite and --resume exclude each other")
 
     @classmethod
     def from_options(

@@ -90,6 +90,7 @@ class FlipConfig:
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        object.__setattr__(self, "storage_options", storage.StorageOptions(self.storage_options))
         if self.labels not in ("compat", "exact"):
             raise ConfigError("--labels must be 'compat' or 'exact'")
         if not 1 <= self.num_csv_files <= 1000:
@@ -121,7 +122,7 @@ def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
             raise InputError(path, "", f"FLIP task {task.name}: file not found in --source")
         return path
     url = config.source.rstrip("/") + f"/{task.name}/{filename}"
-    dest = os.path.join(config.cache_dir, task.name, filename)
+    dest = os.path.join(config.cache_dir, source_key(config.source), task.name, filename)
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -149,6 +150,18 @@ def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
             log.warning("download of %s failed (%s); retrying in %.1f s", url, err, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def source_key(source: str) -> str:
+    """The cache folder of one source: readable, and unique per source URL (a second
+    mirror never gets the first one's files).
+
+    >>> source_key("http://data.bioembeddings.com/public/FLIP/fasta/")
+    'data.bioembeddings.com-public-FLIP-fasta-fd81129e654d'
+    """
+    normalized = source.rstrip("/")
+    readable = re.sub(r"[^A-Za-z0-9._]+", "-", normalized.split("://", 1)[-1]).strip("-")[:60]
+    return f"{readable}-{hashlib.sha256(normalized.encode()).hexdigest()[:12]}"
 
 
 def _http_fs(timeout_s: float):

@@ -129,6 +129,7 @@ class RunLog:
         from . import storage
 
         self.storage_options = storage_options
+        self.published = False  # moved next to the manifest: keep() and discard() leave it
         self.staged_url = storage.join(staging_root, self.NAME)
         self.final_url = storage.join(output_dir, self.NAME)
         self.local = storage.is_local(staging_root)
@@ -156,6 +157,7 @@ class RunLog:
 
         logging.getLogger("esm2dask").info("publishing the log to %s", self.final_url)
         self._close()
+        self.published = True
         if self.local:
             os.replace(self.path, storage.local_path(self.final_url))
         else:
@@ -165,7 +167,7 @@ class RunLog:
     def keep(self) -> None:
         """The run stopped early: leave the log in the staging folder for ``--resume``."""
         self._close()
-        if not self.local:
+        if not self.local and not self.published:
             try:
                 self._upload(self.staged_url)
             except OSError:
@@ -173,7 +175,7 @@ class RunLog:
 
     def discard(self) -> None:
         self._close()
-        if not self.local:
+        if not self.local and not self.published:
             os.unlink(self.path)
 
     def _upload(self, url: str) -> None:

@@ -38,6 +38,21 @@ def line_number(f, offset: int) -> int:
     return newlines + 1
 
 
+def first_invalid_utf8(data: bytes) -> int | None:
+    """Offset of the first byte that is not valid UTF-8, or None (ASCII data: one pass).
+
+    >>> first_invalid_utf8(b"ok\\tA\\n"), first_invalid_utf8(b"ab\\xffc"), first_invalid_utf8("é".encode())
+    (None, 2, None)
+    """
+    if data.isascii():
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start
+    return None
+
+
 def _row_offset(data: bytes, row: int) -> int:
     """Offset within ``data`` of the ``row``-th line (0-based)."""
     newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
@@ -65,6 +80,12 @@ def parse_mapping_block(data: bytes, base_offset: int, url: str, locate) -> Mapp
     if b"\x01" in data:
         at = data.index(b"\x01")
         raise InputError(url, locate(base_offset + at), "control character in mapping line")
+    at = first_invalid_utf8(data)
+    if at is not None:
+        raise InputError(
+            url, locate(base_offset + at),
+            f"byte 0x{data[at]:02x} is not valid UTF-8 (mapping ids are ASCII); is this the right file?",
+        )
 
     def fail(row: int, message: str):
         raise InputError(url, locate(base_offset + _row_offset(data, row)), message)

@@ -5,10 +5,16 @@ Steps, each skipped when its result is already there and valid, so a job that hi
 
 1. ``download``: ``ngc registry resource download-version`` to local disk;
 2. ``copy-raw``: the raw folder onto the workspace;
-3. ``preprocess``: local → local (multi-node: workspace → workspace, on the job's cluster);
+3. ``preprocess``: local → local (multi-node: workspace → workspace, on the job's cluster),
+   with ``--resume --overwrite``: a preempted attempt is continued, not redone, and stale
+   staging folders are removed;
 4. ``flip`` (when asked);
 5. ``verify``;
 6. ``copy-back``: ``<name>_preproc`` onto the workspace.
+
+The raw inputs are on the workspace once (``copy-raw``): the output folder there gets them
+as reflinks of that copy where the file system has reflinks, and not at all otherwise (no
+second 49 GB); ``verify`` checks the names against the raw ``mapping.tsv`` either way.
 
 Everything is logged to ``<workspace>/logs/esm2dask-pipeline-<timestamp>.log``.
 """
@@ -25,7 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .config import ClusterConfig, PreprocessConfig
+from . import storage
+from .config import MAPPING_TSV, ClusterConfig, PreprocessConfig
 from .errors import Esm2DaskError
 from .layout import MANIFEST_NAME
 from .ngc import RESOURCE, RESOURCE_FOLDER, Ngc, NgcSettings, resource_download_cmd
@@ -97,6 +104,22 @@ def copy_tree(src: str, dest: str) -> None:
     os.replace(tmp, dest)
 
 
+def place_inputs(raw: str, out: str) -> str:
+    """The raw inputs beside the output as reflinks of ``raw`` (same file system, blocks
+    shared copy-on-write), never as a second full copy; says what was done."""
+    names = sorted(n for n in os.listdir(raw) if os.path.isfile(os.path.join(raw, n)))
+    placed = []
+    for name in names:
+        dest = os.path.join(out, name)
+        if os.path.lexists(dest):
+            continue
+        if storage.place_copy(os.path.join(raw, name), dest, copy=False) == "reflink":
+            placed.append(name)
+        else:
+            return f"inputs not copied beside the output (no reflinks here; they are in {raw})"
+    return f"inputs reflinked from {raw}" if placed else "inputs already beside the output"
+
+
 def _manifest(folder: str) -> dict | None:
     try:
         with open(os.path.join(folder, MANIFEST_NAME)) as f:
@@ -131,15 +154,19 @@ class Pipeline:
         self._step("download", lambda: os.path.exists(c.download_marker) and os.path.isdir(c.local_raw), self._download)
         self._step("copy-raw", lambda: same_files(c.local_raw, c.workspace_raw),
                    lambda: copy_tree(c.local_raw, c.workspace_raw))
-        self._step("preprocess", lambda: self._verified(out), lambda: self._preprocess(src_raw, out))
+        self._step("preprocess", lambda: self._verified(out, src_raw), lambda: self._preprocess(src_raw, out))
         if c.flip:
             self._step("flip", lambda: self._flip_done(out), lambda: self._flip(out))
-        self._step("verify", lambda: False, lambda: self._verify(out))
+        self._step("verify", lambda: False, lambda: self._verify(out, src_raw))
         if not self.multi_node:
             self._step("copy-back", lambda: _manifest(c.local_out) is not None and _manifest(c.local_out) == _manifest(c.workspace_out)
-                       and same_files(c.local_out, c.workspace_out),
-                       lambda: copy_tree(c.local_out, c.workspace_out))
+                       and same_files(c.local_out, c.workspace_out), self._copy_back)
         return self.results
+
+    def _copy_back(self) -> str:
+        c = self.config
+        copy_tree(c.local_out, c.workspace_out)
+        return place_inputs(c.workspace_raw, c.workspace_out)
 
     def _download(self) -> str:
         c = self.config
@@ -154,19 +181,25 @@ class Pipeline:
             json.dump(answer, f)
         return f"{answer.get('files_downloaded', '?')} file(s)"
 
-    def _verified(self, out: str) -> bool:
+    def _verified(self, out: str, raw: str) -> bool:
         from .verify import verify_tree
 
-        return _manifest(out) is not None and verify_tree(out).ok
+        return _manifest(out) is not None and verify_tree(out, mapping=os.path.join(raw, MAPPING_TSV)).ok
 
     def _preprocess(self, raw: str, out: str) -> str:
         from .preprocess import preprocess
 
-        cluster = ClusterConfig(workers=self.config.workers or os.cpu_count() or 1,
+        cluster = ClusterConfig(workers=self.config.workers or storage.cpu_count(),
                                 scheduler_file=self.config.scheduler_file, dashboard_address=":8787")
-        config = PreprocessConfig.from_options(raw_dir=raw, output_dir=out, overwrite=True, cluster=cluster)
+        # resume what a preempted attempt finished; start over (and drop stale staging
+        # folders) when the inputs changed; the inputs are placed by place_inputs
+        config = PreprocessConfig.from_options(raw_dir=raw, output_dir=out, overwrite=True, resume=True,
+                                               copy_inputs=False, cluster=cluster)
         result = preprocess(config)
-        return f"{result.input_bytes / 1e6:,.0f} MB at {result.mb_per_s:.0f} MB/s"
+        detail = f"{result.input_bytes / 1e6:,.0f} MB at {result.mb_per_s:.0f} MB/s"
+        if self.multi_node:
+            detail += "; " + place_inputs(raw, out)
+        return detail
 
     def _flip_done(self, out: str) -> bool:
         from .flip import verify_flip_tree
@@ -182,10 +215,10 @@ class Pipeline:
                             cache_dir=os.path.join(self.config.local_dir, ".flip-cache"))
         return ", ".join(f"{r.task}: {sum(r.rows.values())} rows" for r in run_flip(config))
 
-    def _verify(self, out: str) -> str:
+    def _verify(self, out: str, raw: str) -> str:
         from .verify import verify_tree
 
-        report = verify_tree(out)
+        report = verify_tree(out, mapping=os.path.join(raw, MAPPING_TSV))
         if not report.ok:
             raise Esm2DaskError(f"verify {out}: " + "; ".join(report.problems[:5]))
         return "all checks hold"

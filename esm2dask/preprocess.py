@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from distributed import as_completed
 
-from . import __version__, storage, tasks
+from . import __version__, receipts, storage, tasks
 from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report
 from .config import PreprocessConfig
 from .errors import ConfigError, Esm2DaskError, Interrupted
@@ -33,7 +33,7 @@ from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
-from .publish import Staging, write_manifest
+from .publish import Staging
 from .ranges import ByteRange
 from .tasks import Routing, Slice, Target
 
@@ -193,14 +193,14 @@ class _Run:
             # progress counts the input bytes a task reads: those of its byte range
             read = args[0].length if isinstance(args[0], ByteRange) else 0
             if receipt.rsplit("/", 1)[-1] in present:
-                handles.append(_Done(tasks.load_receipt(receipt, self.so)))
+                handles.append(_Done(receipts.load(receipt, self.so)))
                 self.reporter.skip(read)
                 self.skipped_read_bytes += read
                 self.skipped_tasks += 1
                 continue
             key = task_key(name, self._token, i)
             self._read_bytes[key] = read
-            handles.append(self.client.submit(tasks.recorded, fn, receipt, self.so, *args, key=key, pure=False))
+            handles.append(self.client.submit(receipts.recorded, fn, receipt, self.so, *args, key=key, pure=False))
         return handles
 
     def _wait(self, name: str, handles: list) -> list:
@@ -489,6 +489,12 @@ class _Run:
             out[d] += size
         return out
 
+    def checksums(self) -> dict[str, str]:
+        """SHA-256 of every staged output file, one task per file, for the manifest."""
+        files = list(self.staging.staged_files())
+        urls = [(storage.join(self.staging.tree_dir, rel), self.so) for rel in files]
+        return dict(zip(files, self._run("checksum", storage.sha256_file, urls)))
+
 
 def _kept_tasks(staging: Staging) -> int:
     """How many finished tasks an interrupted run leaves receipts for."""
@@ -521,6 +527,7 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
                 run = _Run(config, client, staging, reporter)
                 try:
                     rows, sizes, reports = run.execute(plan)
+                    digests = run.checksums()
                 except BaseException as err:
                     if isinstance(err, KeyboardInterrupt):
                         restore_interrupts = hold_interrupts()
@@ -530,43 +537,41 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
                     client.cancel(cancel)
                     run.settle()
                     raise
-        final_log = run_log.publish()
-        staging.publish(config)
-    except Esm2DaskError:
-        run_log.discard()
-        staging.discard()
-        raise
-    except KeyboardInterrupt:
+        result = PreprocessResult(
+            output_dir=config.output_dir,
+            rows=rows,
+            bytes=sizes,
+            input_bytes=sum(inputs.values()),
+            wall_seconds=time.perf_counter() - start,
+            streams=reports,
+            stage_seconds=run.stage_seconds,
+            read_bytes=run.read_bytes,
+            skipped_read_bytes=run.skipped_read_bytes,
+            skipped_tasks=run.skipped_tasks,
+            stage_tasks=run.stage_tasks,
+        )
+        result.log_url = run_log.publish()
+        result.manifest_url = staging.publish(config, result, digests, __version__)
+    except KeyboardInterrupt as err:
         restore_interrupts = restore_interrupts or hold_interrupts()
         run_log.keep()
+        failure = staging.failed(err, Reporter())  # undoes a half-done switch; keeps the work
+        if failure is not err:
+            raise failure from None
         raise Interrupted(
             f"{_kept_tasks(staging)} finished task(s) kept in {staging.root}; "
             f"run the same command with --resume to finish"
         ) from None
-    except BaseException:
-        run_log.keep()
-        reporter.message(
-            f"stopped; the finished part is kept in {staging.root}: "
-            f"run the same command with --resume to finish it"
-        )
-        raise
+    except BaseException as err:
+        if isinstance(err, Esm2DaskError):
+            run_log.discard()
+        else:
+            run_log.keep()
+        failure = staging.failed(err, reporter)
+        if failure is err:
+            raise
+        raise failure from None
     finally:
         if restore_interrupts:
             restore_interrupts()
-    wall = time.perf_counter() - start
-    result = PreprocessResult(
-        output_dir=config.output_dir,
-        rows=rows,
-        bytes=sizes,
-        input_bytes=sum(inputs.values()),
-        wall_seconds=wall,
-        streams=reports,
-        stage_seconds=run.stage_seconds,
-        log_url=final_log,
-        read_bytes=run.read_bytes,
-        skipped_read_bytes=run.skipped_read_bytes,
-        skipped_tasks=run.skipped_tasks,
-        stage_tasks=run.stage_tasks,
-    )
-    result.manifest_url = write_manifest(config, result, inputs, __version__)
     return result

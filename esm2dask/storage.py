@@ -6,10 +6,14 @@ its own file here.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -44,16 +48,55 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def parse_storage_options(text: str | None) -> dict[str, Any]:
+#: Keys of storage options whose values are never shown (repr, logs, error messages).
+SECRET_KEYS = ("secret", "key", "token", "password", "session", "credential", "sas", "signature")
+
+
+class StorageOptions(dict):
+    """fsspec storage options whose ``repr`` masks credentials.
+
+    Task arguments are shown by Dask (worker logs of a failed task, the dashboard's task
+    pages); the options travel as task arguments, so their repr must not carry a secret.
+    """
+
+    def __repr__(self) -> str:
+        return repr(mask_secrets(dict(self)))
+
+    __str__ = __repr__
+
+
+def mask_secrets(value):
+    """``value`` with every secret-looking option replaced by ``'***'`` (recursively)."""
+    if isinstance(value, dict):
+        return {
+            k: "***" if any(word in str(k).lower() for word in SECRET_KEYS) and v else mask_secrets(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(mask_secrets(v) for v in value)
+    return value
+
+
+def parse_storage_options(text: str | None) -> StorageOptions:
+    """``--storage-options``: a JSON object, or ``@FILE`` naming a file that holds one
+    (keeps keys off the command line, where ``ps`` and the shell history show them)."""
     if not text:
-        return {}
+        return StorageOptions()
+    source = "--storage-options"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            with open(os.path.expanduser(source), encoding="utf-8") as f:
+                text = f.read()
+        except OSError as err:
+            raise ConfigError(f"--storage-options {source}: cannot read it ({err.strerror or err})") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--storage-options is not valid JSON: {err}") from None
+        raise ConfigError(f"{source} is not valid JSON: {err}") from None
     if not isinstance(value, dict):
-        raise ConfigError("--storage-options must be a JSON object")
-    return value
+        raise ConfigError(f"{source} must hold a JSON object")
+    return StorageOptions(value)
 
 
 def file_size(url: str, storage_options: dict[str, Any] | None = None) -> int:
@@ -103,10 +146,95 @@ def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:
 
 
 def cpu_count() -> int:
+    """The CPUs this process may run on (a job's cgroup/affinity), not the machine's."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+#: fs.info keys that change when an object store's object is replaced, in order of trust.
+_OBJECT_VERSION_KEYS = ("VersionId", "generation", "ETag", "etag", "md5Hash", "LastModified", "mtime", "last_modified")
+
+
+def input_identity(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies one state of an input file: size, mtime and inode on a file system;
+    size with ETag / version on an object store. An input edited in place, even to the
+    same size, gets another identity, so a resumed run never mixes old and new bytes."""
+    if is_local(url):
+        st = os.stat(local_path(url))
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "device": st.st_dev}
+    fs, path = get_fs(url, storage_options)
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    identity: dict[str, Any] = {"bytes": int(info["size"])}
+    for key in _OBJECT_VERSION_KEYS:
+        if info.get(key) not in (None, ""):
+            identity[key] = str(info[key])
+    return identity
+
+
+def sha256_file(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Hex SHA-256 of a file (SHA-NI makes it the fastest of hashlib's here, ~1.2 GB/s/core;
+    ``sha256sum`` checks it independently)."""
+    fs, path = get_fs(url, storage_options)
+    with (open(local_path(url), "rb") if is_local(url) else fs.open(path, "rb")) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+#: ioctl(2) FICLONE: make ``dest`` share ``src``'s blocks, copy-on-write (btrfs, XFS, …).
+FICLONE = 0x40049409
+
+
+def reflink(src: str, dest: str) -> bool:
+    """Clone ``src`` into a new ``dest`` if the file system has reflinks; False if it has
+    not (``dest`` is then not left behind)."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            return True
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                raise
+    os.unlink(dest)
+    return False
+
+
+def place_copy(src: str, dest: str, hard_link: bool = False, copy: bool = True) -> str:
+    """Put a copy of local file ``src`` at the new name ``dest``; says how.
+
+    ``"reflink"`` where the file system shares blocks copy-on-write (free, and still two
+    files), else ``"copy"`` (the kernel copies, ``copy_file_range``). ``hard_link=True``:
+    ``"hardlink"`` — one file under two names, so writing one changes the other; only on
+    request. ``copy=False``: ``"skipped"`` when no reflink is possible.
+    """
+    if hard_link:
+        try:
+            os.link(src, dest)
+            return "hardlink"
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+    if reflink(src, dest):
+        return "reflink"
+    if not copy:
+        return "skipped"
+    shutil.copyfile(src, dest)
+    return "copy"
+
+
+#: errno values that mean the output location is full: retrying cannot help.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(err: BaseException) -> bool:
+    """The output location is full. polars and pyarrow report it in their own exception
+    types, with the OS's words, so the text counts too."""
+    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+        return True
+    text = str(err)
+    return any(words in text for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
+                                           f"os error {errno.ENOSPC}", f"os error {errno.EDQUOT}"))
 
 
 def open_for_write(url: str, storage_options: dict[str, Any] | None = None, mode: str = "wb"):
@@ -133,13 +261,17 @@ def retrying(fn):
                 return fn(*args, **kwargs)
             except PERMANENT_ERRORS:
                 raise
-            except (OSError, TimeoutError, ConnectionError) as err:
-                if attempt == RETRY_ATTEMPTS - 1:
+            except OSError as err:  # ConnectionError and TimeoutError too
+                if is_no_space(err) or err.errno == errno.EROFS or attempt == RETRY_ATTEMPTS - 1:
                     raise
-                delay = RETRY_BASE_DELAY_S * 2**attempt
-                logging.getLogger("esm2dask").warning(
-                    "%s failed (%s: %s); retrying in %.1f s", fn.__name__, type(err).__name__, err, delay
-                )
-                time.sleep(delay)
+                _log_retry(fn, err, attempt)
 
     return wrapper
+
+
+def _log_retry(fn, err: BaseException, attempt: int) -> None:
+    delay = RETRY_BASE_DELAY_S * 2**attempt
+    logging.getLogger("esm2dask").warning(
+        "%s failed (%s: %s); retrying in %.1f s", fn.__name__, type(err).__name__, err, delay
+    )
+    time.sleep(delay)

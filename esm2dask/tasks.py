@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from . import storage
+from . import receipts, storage
 from .errors import InputError
 from .kernel import Rows, as_array, convert_block, count_records
 from .layout import CSV_HEADER, shard_bounds, shard_name
@@ -130,6 +130,10 @@ class ScatterReceipt:
     index_url: str
     rows: list[int]
     bytes: list[int]
+
+
+#: what ``--resume`` may read back (as JSON data, never code): one line per new receipt type
+receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -659,30 +663,3 @@ def raise_missing(url: str, kind: str, n_missing: int, examples: list[str]) -> N
         f"{n_missing} {kind} id(s) named in the mapping are not in this FASTA "
         f"(first: {shown}); nothing was written",
     )
-
-
-def recorded(fn, receipt_url: str, storage_options: dict, *args):
-    """Run ``fn(*args)`` and keep its receipt, so that ``--resume`` can skip it next time."""
-    import pickle
-
-    result = fn(*args)
-    data = pickle.dumps(result)
-    if storage.is_local(receipt_url):
-        path = storage.local_path(receipt_url)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # a receipt is there whole or not at all
-    else:
-        with storage.open_for_write(receipt_url, storage_options) as f:
-            f.write(data)
-    return result
-
-
-def load_receipt(receipt_url: str, storage_options: dict):
-    import pickle
-
-    fs, path = storage.get_fs(receipt_url, storage_options)
-    with fs.open(path, "rb") as f:
-        return pickle.loads(f.read())

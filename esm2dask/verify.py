@@ -8,6 +8,7 @@ tree holds ``mapping.tsv``, the record names against it. Every problem is listed
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -29,16 +30,22 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     checked: list[str] = field(default_factory=list)
+    #: SHA-256 of each file read while checking, by path (checked against the manifest)
+    digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def read_csv_checked(fs, path: str, header: bytes, problems: list[str], label: str):
-    """Read one shard; returns a DataFrame or None (after adding problems)."""
+def read_csv_checked(fs, path: str, header: bytes, problems: list[str], label: str,
+                     digests: dict[str, str] | None = None):
+    """Read one shard; returns a DataFrame or None (after adding problems). With
+    ``digests``, records the file's SHA-256 there (the bytes are read once)."""
     with fs.open(path, "rb") as f:
         data = f.read()
+    if digests is not None:
+        digests[path] = hashlib.sha256(data).hexdigest()
     if not data.startswith(header):
         first = data.split(b"\n", 1)[0][:80]
         problems.append(f"{label}: header is {first!r}, expected {header.rstrip()!r}")
@@ -111,7 +118,8 @@ def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl
         return None
     frames, per_file = [], []
     for p in paths:
-        frame = read_csv_checked(fs, p, CSV_HEADER, report.problems, f"{split_dir}/{p.rsplit('/', 1)[-1]}")
+        frame = read_csv_checked(fs, p, CSV_HEADER, report.problems, f"{split_dir}/{p.rsplit('/', 1)[-1]}",
+                                 report.digests)
         if frame is None:
             return None
         _check_rows(frame, label, sum(per_file), report)
@@ -140,22 +148,29 @@ def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl
     return data
 
 
-def _read_array(fs, path: str, label: str, problems: list[str]) -> np.ndarray | None:
+def _read_array(fs, path: str, label: str, problems: list[str], digests: dict[str, str]) -> np.ndarray | None:
     if not fs.exists(path):
         problems.append(f"{label}: missing")
         return None
     with fs.open(path, "rb") as f:
         raw = f.read()
+    digests[path] = hashlib.sha256(raw).hexdigest()
     if len(raw) % 8:
         problems.append(f"{label}: {len(raw)} bytes, not a whole number of uint64 values")
         return None
     return np.frombuffer(raw, dtype="<u8")
 
 
-def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: int | None = None) -> VerifyReport:
-    """Check ``root`` (an esm2dask or BioNeMo output folder); never raises for content."""
+def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: int | None = None,
+                mapping: str | None = None) -> VerifyReport:
+    """Check ``root`` (an esm2dask or BioNeMo output folder); never raises for content.
+
+    Names are checked against ``mapping`` (a path or URL), else against the tree's own
+    ``mapping.tsv`` when it holds one.
+    """
     so = storage_options or {}
     fs, root_path = storage.get_fs(root, so)
+    fs.invalidate_cache(root_path)  # a long-lived process may have listed it before
     report = VerifyReport(root)
     if not fs.exists(root_path):
         report.problems.append(f"{root}: no such folder")
@@ -183,8 +198,10 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     train_dirs = (UF50_TRAIN,) if split == "fasta" else (UF50_TRAIN, UF50_VAL, UF50_TEST)
     all_counts, all_starts, all_ids = [], [], []
     for d in train_dirs:
-        counts = _read_array(fs, storage.join(root_path, d, "counts.mmap"), f"{d}/counts.mmap", report.problems)
-        starts = _read_array(fs, storage.join(root_path, d, "starts.mmap"), f"{d}/starts.mmap", report.problems)
+        counts = _read_array(fs, storage.join(root_path, d, "counts.mmap"), f"{d}/counts.mmap", report.problems,
+                             report.digests)
+        starts = _read_array(fs, storage.join(root_path, d, "starts.mmap"), f"{d}/starts.mmap", report.problems,
+                             report.digests)
         if counts is None or starts is None:
             continue
         n = report.rows.get(d)
@@ -213,10 +230,36 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
             )
         report.checked.append("counts/starts")
 
-    mapping_path = storage.join(root_path, "mapping.tsv")
-    if fs.exists(mapping_path) and all(data.get(d) is not None for d in train_dirs) and data.get(UF90) is not None:
-        _check_names(fs, mapping_path, data, train_dirs, report)
+    _check_checksums(fs, root_path, manifest.get("files"), report)
+    for name, entry in (manifest.get("copied_inputs") or {}).items():
+        path = storage.join(root_path, name)
+        if not fs.exists(path):
+            report.problems.append(f"{name}: input copy listed in the manifest but missing")
+        elif int(fs.info(path)["size"]) != entry.get("bytes"):
+            report.problems.append(f"{name}: {fs.info(path)['size']} bytes, the manifest says {entry.get('bytes')}")
+    mapping_fs, mapping_path = (fs, storage.join(root_path, "mapping.tsv")) if mapping is None else storage.get_fs(mapping, so)
+    if mapping_fs.exists(mapping_path) and all(data.get(d) is not None for d in train_dirs) and data.get(UF90) is not None:
+        _check_names(mapping_fs, mapping_path, data, train_dirs, report)
     return report
+
+
+def _check_checksums(fs, root_path: str, files: dict | None, report: VerifyReport) -> None:
+    """Each file's SHA-256 against the manifest's: a byte changed in place is found too."""
+    listed = {rel: entry["sha256"] for rel, entry in (files or {}).items()
+              if isinstance(entry, dict) and entry.get("sha256")}
+    if not listed:
+        return
+    for rel, want in listed.items():
+        path = storage.join(root_path, rel)
+        got = report.digests.get(path)
+        if got is None:
+            if not fs.exists(path):
+                continue  # reported as missing already
+            with fs.open(path, "rb") as f:
+                got = hashlib.file_digest(f, "sha256").hexdigest()
+        if got != want:
+            report.problems.append(f"{rel}: SHA-256 differs from the manifest's (changed after it was written)")
+    report.checked.append("checksums against the manifest")
 
 
 def _check_manifest_files(root: str, files: dict | None, report: VerifyReport, so: dict) -> None:
@@ -226,7 +269,8 @@ def _check_manifest_files(root: str, files: dict | None, report: VerifyReport, s
     from .publish import list_output_files
 
     present = list_output_files(root, so)
-    for name, size in files.items():
+    for name, entry in files.items():
+        size = entry["bytes"] if isinstance(entry, dict) else entry
         if name not in present:
             report.problems.append(f"{name}: listed in the manifest but missing")
         elif present[name] != size:

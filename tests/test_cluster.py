@@ -87,30 +87,36 @@ def test_external_cluster_gives_the_same_bytes(external_cluster, cluster_raw, re
     assert tree_digest(out) == reference_digest
 
 
-def test_worker_killed_mid_run(external_cluster, cluster_raw, reference_digest, tmp_path):
-    """SIGKILL one worker process once the join stage is under way; the nanny restarts it,
-    the scheduler reruns its tasks, and the output does not change."""
+def _run_killing_a_worker(sched_file, raw, out, when) -> None:
+    """Run preprocess on the external cluster; SIGKILL one worker process the first time
+    ``when(stage, done)`` holds (the nanny restarts it), then wait for both workers."""
     from distributed import Client
 
-    with Client(scheduler_file=external_cluster) as client:
+    with Client(scheduler_file=sched_file) as client:
         pids = client.run(os.getpid)
     victim = sorted(pids.values())[0]
     killed = threading.Event()
 
     class KillOnProgress(Reporter):
         def advance(self, name, done=1):
-            if name.startswith("join-uf90") and not killed.is_set():
+            if when(name, done) and not killed.is_set():
                 os.kill(victim, signal.SIGKILL)
                 killed.set()
 
-    out = tmp_path / "out"
-    config = PreprocessConfig.from_options(raw_dir=str(cluster_raw), output_dir=str(out),
-                                           cluster=_config(external_cluster), partition_size="20KB")
+    config = PreprocessConfig.from_options(raw_dir=str(raw), output_dir=str(out),
+                                           cluster=_config(sched_file), partition_size="20KB")
     preprocess(config, KillOnProgress())
     assert killed.is_set()
-    assert tree_digest(out) == reference_digest
-    with Client(scheduler_file=external_cluster) as client:
+    with Client(scheduler_file=sched_file) as client:
         client.wait_for_workers(2, timeout=60)
+
+
+def test_worker_killed_mid_run(external_cluster, cluster_raw, reference_digest, tmp_path):
+    """SIGKILL one worker process once the join stage is under way; the nanny restarts it,
+    the scheduler reruns its tasks, and the output does not change."""
+    _run_killing_a_worker(external_cluster, cluster_raw, tmp_path / "out",
+                          lambda stage, done: stage.startswith("join-uf90"))
+    assert tree_digest(tmp_path / "out") == reference_digest
 
 
 def test_driver_killed_then_resumed(external_cluster, cluster_raw, reference_digest, tmp_path):
@@ -138,3 +144,56 @@ def test_driver_killed_then_resumed(external_cluster, cluster_raw, reference_dig
     assert any(m.startswith("resuming") for m in messages)
     assert tree_digest(out) == reference_digest
     assert not [p for p in out.iterdir() if p.name.startswith(".esm2dask-staging")]
+
+
+def test_worker_killed_during_shard_assembly(external_cluster, cluster_raw, reference_digest, tmp_path):
+    """SIGKILL one worker while the shards are being assembled from their pieces: its shard
+    is assembled again elsewhere (a first piece cut back to its recorded size), same bytes."""
+    _run_killing_a_worker(external_cluster, cluster_raw, tmp_path / "out",
+                          lambda stage, done: stage == "assemble" and done == 1)
+    assert tree_digest(tmp_path / "out") == reference_digest
+
+
+def test_output_file_system_full(tmp_path, dask_cluster):
+    """A 2 MiB tmpfs as the output file system: a first small run fits; a bigger run with
+    --overwrite fills it: one clear error line, nothing published, no staging folder left,
+    the previous output intact and valid."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from esm2dask.synth import synth
+
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 2 MiB tmpfs here ({mounted.stderr.strip() or mounted.returncode}): "
+                    f"the full-disk drill needs `mount -t tmpfs` (root or CAP_SYS_ADMIN)")
+    try:
+        small, big = tmp_path / "small", tmp_path / "big"
+        synth(str(small), 100, seed=3)
+        synth(str(big), 1500, seed=3)
+        out = mnt / "out"
+        # few files: tmpfs spends a 4 KiB page on each
+        args = ["-o", out, "--scheduler-address", dask_cluster.scheduler_address, "--plain", "--num-csv-files", "2"]
+
+        def run(raw, *extra):
+            return CliRunner().invoke(cli, ["preprocess", str(raw), *map(str, args), *extra], catch_exceptions=False)
+
+        first = run(small)
+        assert first.exit_code == 0, first.output
+        before = tree_digest(out)
+        manifest = (out / "esm2dask-manifest.json").read_bytes()
+        result = run(big, "--overwrite")
+        assert result.exit_code == 1, result.output
+        lines = [l for l in result.output.splitlines() if l.startswith("esm2dask: error:")]
+        assert len(lines) == 1 and "no space left on the output file system" in lines[0], result.output
+        assert "Traceback" not in result.output and "--resume" not in result.output
+        assert tree_digest(out) == before and (out / "esm2dask-manifest.json").read_bytes() == manifest
+        assert not [p for p in out.iterdir() if p.name.startswith(".esm2dask")]
+        check = CliRunner().invoke(cli, ["verify", str(out)])
+        assert check.exit_code == 0, check.output
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mnt)], check=False)  # a worker still maps a file there

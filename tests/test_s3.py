@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -146,3 +147,126 @@ def test_flip_from_s3_to_s3_and_verify_in_place(s3_server, tmp_path):
     check = CliRunner().invoke(cli, ["verify", "s3://esm2dask-test/FLIP", "--storage-options", opts])
     assert check.exit_code == 0, check.output
     assert "checked: secondary_structure/test" in check.output
+
+
+# ----------------------------------------------------------------------------- publishing (issue 11)
+
+
+def _tree_state(fs, prefix: str, dest: Path) -> tuple[dict, bytes]:
+    fs.invalidate_cache()
+    return tree_digest(_download(fs, prefix, dest)), fs.cat(f"{prefix}/esm2dask-manifest.json")
+
+
+def _verify_s3(url: str, opts: dict):
+    return CliRunner().invoke(cli, ["verify", url, "--storage-options", json.dumps(opts)])
+
+
+@pytest.fixture(scope="module")
+def s3_published(s3_server, s3_raw, dask_cluster):
+    """A good tree at s3://esm2dask-test/pub (rebuilt by the tests that need it)."""
+    from esm2dask.config import ClusterConfig
+
+    def publish_good(prefix: str):
+        run_preprocess("s3://esm2dask-test/raw", f"s3://esm2dask-test/{prefix}",
+                       ClusterConfig(scheduler_address=dask_cluster.scheduler_address),
+                       partition_size="40KB", storage_options=s3_server, overwrite=True)
+
+    return publish_good
+
+
+def test_failed_overwrite_leaves_the_previous_tree_on_the_store(s3_server, s3_raw, s3_published, tmp_path,
+                                                                dask_cluster):
+    """A good tree, then an --overwrite run with a comma in val: the tree and its manifest
+    are as they were, and verify passes."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    s3_published("out3")
+    before = _tree_state(fs, "esm2dask-test/out3", tmp_path / "before")
+    bad = tmp_path / "bad"
+    shutil.copytree(s3_raw, bad)
+    val = bad / "uniref50_valid.fasta"
+    data = val.read_bytes()
+    line = data.index(b"\n") + 1
+    val.write_bytes(data[: line + 3] + b"," + data[line + 3 :])
+    fs.put(str(bad) + "/", "esm2dask-test/raw-comma/", recursive=True)
+    result = CliRunner().invoke(cli, [
+        "preprocess", "s3://esm2dask-test/raw-comma", "-o", "s3://esm2dask-test/out3", "--overwrite",
+        "--storage-options", json.dumps(s3_server), "--scheduler-address", dask_cluster.scheduler_address,
+        "--partition-size", "40KB", "--plain",
+    ])
+    assert result.exit_code == 1 and "uniref50_valid.fasta" in result.output and "Traceback" not in result.output
+    assert _tree_state(fs, "esm2dask-test/out3", tmp_path / "after") == before
+    assert not [p for p in fs.ls("esm2dask-test/out3") if ".esm2dask-staging" in p]
+    check = _verify_s3("s3://esm2dask-test/out3", s3_server)
+    assert check.exit_code == 0, check.output
+
+
+SECRET = "esm2dask-FAKE-SECRET-5f0d2c9a"
+
+
+def test_last_put_fails_previous_tree_intact_and_no_secret_anywhere(s3_server, s3_raw, s3_published, tmp_path,
+                                                                    dask_cluster, monkeypatch):
+    """The manifest PUT, the last of a run, fails: one error line, the previous tree and its
+    manifest unchanged, the converted tree kept; --resume (options from ``@file``) publishes it.
+    The secret is in no object, log, receipt, plan or report."""
+    import logging
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    s3_published("out4")
+    before = _tree_state(fs, "esm2dask-test/out4", tmp_path / "before")
+    options = {**s3_server, "secret": SECRET}
+    opts_file = tmp_path / "s3.json"
+    opts_file.write_text(json.dumps(options))
+    real_commit = s3fs.core.S3File.commit
+
+    def failing_commit(self):
+        if self.key == "out4/esm2dask-manifest.json":
+            raise OSError("simulated: the PUT of the manifest failed (503 Slow Down)")
+        return real_commit(self)
+
+    log_file = tmp_path / "run.log"
+    handler = logging.FileHandler(log_file)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    args = ["preprocess", str(s3_raw), "-o", "s3://esm2dask-test/out4", "--scheduler-address",
+            dask_cluster.scheduler_address, "--partition-size", "40KB", "--plain", "--num-csv-files", "7",
+            "--performance-report", str(tmp_path / "report.html")]
+    try:
+        monkeypatch.setattr(s3fs.core.S3File, "commit", failing_commit)
+        failed = CliRunner().invoke(cli, [*args, "--overwrite", "--storage-options", json.dumps(options)])
+        monkeypatch.undo()
+        lines = [l for l in failed.output.splitlines() if l.startswith("esm2dask: error:")]
+        assert failed.exit_code == 1 and len(lines) == 1, failed.output
+        assert "publishing failed" in lines[0] and "the previous output and its manifest are unchanged" in lines[0]
+        assert _tree_state(fs, "esm2dask-test/out4", tmp_path / "after") == before
+        assert _verify_s3("s3://esm2dask-test/out4", s3_server).exit_code == 0
+        fs.invalidate_cache()
+        staged = [p for p in fs.ls("esm2dask-test/out4") if ".esm2dask-staging" in p]
+        assert len(staged) == 1
+        kept = {p: fs.cat(p) for p in fs.find(staged[0]) if p.endswith(".json")}
+        assert any(p.endswith("plan.json") for p in kept) and any("/receipts/" in p for p in kept)
+        resumed = CliRunner().invoke(cli, [*args, "--resume", "--storage-options", f"@{opts_file}"])
+        assert resumed.exit_code == 0, resumed.output
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    check = _verify_s3("s3://esm2dask-test/out4", s3_server)
+    assert check.exit_code == 0, check.output
+    assert "checked: checksums against the manifest" in check.output
+    fs.invalidate_cache()
+    assert len(fs.ls("esm2dask-test/out4/uf90/uf90_csvs")) == 7
+    # nowhere: objects (manifest, plan, receipts), the CLI's output (what `2> run.log` keeps), the
+    # logging records of the driver, the performance report, the workers' and scheduler's logs
+    from distributed import Client
+
+    with Client(dask_cluster.scheduler_address) as client:
+        worker_logs = json.dumps(client.get_worker_logs()) + json.dumps(client.get_scheduler_logs())
+    places = {**kept, **{p: fs.cat(p) for p in fs.find("esm2dask-test/out4")},
+              "output": (failed.output + resumed.output).encode(), "log": log_file.read_bytes(),
+              "report": (tmp_path / "report.html").read_bytes(), "worker logs": worker_logs.encode()}
+    assert places["report"] and places["output"]
+    leaked = [where for where, data in places.items() if SECRET.encode() in data]
+    assert not leaked

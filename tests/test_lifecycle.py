@@ -1,0 +1,540 @@
+"""A run's life cycle: resume, overwrite, publish, input copies, bad bytes, receipts, secrets.
+
+Each test reproduces one defect of issue 11 (see notes) against real parts: a LocalCluster,
+real files, the command line in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from conftest import run_preprocess, tree_digest
+from esm2dask.config import MAPPING_TSV, UF50_FASTA, UF90_FASTA, VAL_FASTA, ClusterConfig, PreprocessConfig
+from esm2dask.errors import Interrupted, ConfigError, OutputError
+from esm2dask.layout import MANIFEST_NAME, STAGING_PREFIX
+from esm2dask.preprocess import preprocess
+from esm2dask.progress import Reporter
+from test_ngc import fake_ngc  # noqa: F401  (the fixture: a fake `ngc` on PATH)
+
+INPUTS = (UF50_FASTA, UF90_FASTA, MAPPING_TSV, VAL_FASTA, "README.md")
+
+
+@pytest.fixture(scope="module")
+def raw_set(tmp_path_factory):
+    from esm2dask.synth import synth
+
+    raw = tmp_path_factory.mktemp("lraw") / "raw"
+    synth(str(raw), 300, seed=5)
+    return raw
+
+
+@pytest.fixture
+def raw(raw_set, tmp_path):
+    """A private copy: tests edit their inputs."""
+    copy = tmp_path / "raw"
+    shutil.copytree(raw_set, copy)
+    return copy
+
+
+class StopAt(Reporter):
+    """Interrupts the run (as Ctrl-C would) when ``stage`` begins; keeps the messages."""
+
+    def __init__(self, stage: str | None = None):
+        super().__init__()
+        self.stop = stage
+        self.messages: list[str] = []
+
+    def message(self, text):
+        self.messages.append(text)
+
+    def advance(self, name, done=1):
+        if name == self.stop:
+            raise KeyboardInterrupt
+
+
+def _config(raw, out, cluster_config, **kw) -> PreprocessConfig:
+    return PreprocessConfig.from_options(raw_dir=str(raw), output_dir=str(out), cluster=cluster_config, **kw)
+
+
+def _stagings(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)) if out.exists() else []
+
+
+def _interrupted_run(raw, out, cluster_config, stage="assemble", **kw) -> Path:
+    with pytest.raises(Interrupted):
+        preprocess(_config(raw, out, cluster_config, **kw), StopAt(stage))
+    staged = _stagings(out)
+    assert len(staged) == 1
+    return staged[0]
+
+
+def _has_reflinks(folder: Path) -> bool:
+    """Whether ``folder``'s file system clones files (ioctl FICLONE), asked directly."""
+    import fcntl
+
+    (folder / "probe").write_bytes(b"x")
+    with open(folder / "probe", "rb") as src, open(folder / "probe2", "wb") as dest:
+        try:
+            fcntl.ioctl(dest.fileno(), 0x40049409, src.fileno())
+            return True
+        except OSError:
+            return False
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("esm2dask: error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_an_input_edited_in_place_and_changed_options(raw, tmp_path, cluster_config):
+    out = tmp_path / "out"
+    staged = _interrupted_run(raw, out, cluster_config)
+    # one residue changed in place: same size, same inode
+    path = raw / UF90_FASTA
+    with open(path, "r+b") as f:
+        data = f.read()
+        at = data.index(b"\n", data.index(b">")) + 1
+        f.seek(at)
+        f.write(b"W" if data[at : at + 1] != b"W" else b"Y")
+    assert path.stat().st_size == len(data)
+    with pytest.raises(OutputError) as err:
+        preprocess(_config(raw, out, cluster_config, resume=True))
+    message = str(err.value)
+    assert f"{path} changed since" in message and "mtime_ns" in message and "--overwrite" in message
+    assert _stagings(out) == [staged]
+    with pytest.raises(OutputError, match="--num-csv-files was 50, now 10"):
+        preprocess(_config(raw, out, cluster_config, resume=True, num_csv_files=10))
+    # --resume --overwrite: nothing to resume from these inputs, so a fresh run; the stale folder goes
+    preprocess(_config(raw, out, cluster_config, resume=True, overwrite=True))
+    assert not _stagings(out)
+    fresh = tmp_path / "fresh"
+    run_preprocess(raw, fresh, cluster_config)
+    assert tree_digest(out) == tree_digest(fresh)
+
+
+def test_resume_continues_the_matching_run(raw, tmp_path, cluster_config):
+    out = tmp_path / "out"
+    _interrupted_run(raw, out, cluster_config)
+    reporter = StopAt()
+    preprocess(_config(raw, out, cluster_config, resume=True), reporter)
+    assert any(m.startswith("resuming the run staged in") for m in reporter.messages)
+    fresh = tmp_path / "fresh"
+    run_preprocess(raw, fresh, cluster_config)
+    assert tree_digest(out) == tree_digest(fresh) and not _stagings(out)
+
+
+def test_resume_with_nothing_to_resume_touches_nothing(raw, tmp_path, cluster_config):
+    from esm2dask.synth import synth
+
+    out = tmp_path / "out"
+    run_preprocess(raw, out, cluster_config)
+    notes = out / "uf50" / "train" / "notes.txt"
+    notes.write_text("mine\n")
+    before = tree_digest(out)
+    other = tmp_path / "other"
+    synth(str(other), 200, seed=77)
+    with pytest.raises(OutputError, match="nothing to resume"):
+        run_preprocess(other, out, cluster_config, resume=True)
+    assert tree_digest(out) == before
+    # --overwrite too: still refused, since publishing would remove a file no manifest lists
+    with pytest.raises(OutputError, match="uf50/train/notes.txt: not written by esm2dask"):
+        run_preprocess(other, out, cluster_config, resume=True, overwrite=True)
+    assert tree_digest(out) == before and notes.read_text() == "mine\n"
+    notes.unlink()
+    run_preprocess(other, out, cluster_config, resume=True, overwrite=True)
+    fresh = tmp_path / "fresh"
+    run_preprocess(other, fresh, cluster_config)
+    assert tree_digest(out) == tree_digest(fresh)
+    assert _invoke("verify", out).exit_code == 0
+
+
+def test_overwrite_never_unlinks_a_file_it_did_not_write(raw, tmp_path, cluster_config):
+    out = tmp_path / "out"
+    run_preprocess(raw, out, cluster_config, copy_inputs=False)
+    mine = out / MAPPING_TSV
+    mine.write_text("my own notes\n")
+    with pytest.raises(OutputError, match="mapping.tsv: not written by esm2dask"):
+        run_preprocess(raw, out, cluster_config, overwrite=True)
+    assert mine.read_text() == "my own notes\n"
+
+
+def test_overwrite_replaces_exactly_what_the_manifest_lists(raw, tmp_path, cluster_config):
+    """A 50-file tree replaced by a 10-file one: x010…x049 go (the manifest listed them),
+    the input copies are replaced, a FLIP folder beside them stays."""
+    out = tmp_path / "out"
+    run_preprocess(raw, out, cluster_config)
+    (out / "FLIP").mkdir()
+    (out / "FLIP" / "keep.txt").write_text("stays\n")
+    run_preprocess(raw, out, cluster_config, overwrite=True, num_csv_files=10)
+    assert sorted(p.name for p in (out / "uf90/uf90_csvs").iterdir()) == [f"x{i:03d}.csv" for i in range(10)]
+    assert (out / "FLIP" / "keep.txt").read_text() == "stays\n"
+    assert _invoke("verify", out).exit_code == 0
+    assert not _stagings(out)
+
+
+# ----------------------------------------------------------------------------- publishing
+
+
+def _same_size_edit(path: Path) -> None:
+    """Change one residue of the first data row, in place, keeping the size."""
+    data = bytearray(path.read_bytes())
+    row = data.index(b"\n") + 1
+    at = data.index(b"\n", row) - 1  # last residue of the row
+    data[at] = ord("W") if data[at] != ord("W") else ord("Y")
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+
+
+def test_manifest_checksums_every_file_and_verify_checks_them(raw, tmp_path, cluster_config):
+    out = tmp_path / "out"
+    run_preprocess(raw, out, cluster_config)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    files = manifest["files"]
+    assert len(files) == 4 * 50 + 2
+    # an independent oracle: coreutils' sha256sum
+    listing = subprocess.run(["sha256sum", *files], cwd=out, capture_output=True, text=True, check=True).stdout
+    oracle = {name: digest for digest, name in (line.split() for line in listing.splitlines())}
+    assert {rel: entry["sha256"] for rel, entry in files.items()} == oracle
+    assert _invoke("verify", out).exit_code == 0
+    _same_size_edit(out / "uf90/uf90_csvs/x003.csv")
+    result = _invoke("verify", out)
+    assert result.exit_code == 1
+    assert "uf90/uf90_csvs/x003.csv: SHA-256 differs from the manifest's" in result.output
+
+
+def test_failed_switch_restores_the_previous_output(raw, tmp_path, cluster_config, monkeypatch):
+    """The manifest, the last write of a run, fails: the previous tree and manifest are back,
+    unchanged; the converted tree is kept and --resume publishes it."""
+    from esm2dask import publish
+
+    out = tmp_path / "out"
+    run_preprocess(raw, out, cluster_config)
+    before, manifest_before = tree_digest(out), (out / MANIFEST_NAME).read_bytes()
+
+    def fail(url, text, *a, **kw):
+        raise OSError("simulated: the manifest write failed")
+
+    monkeypatch.setattr(publish, "write_manifest_file", fail)
+    with pytest.raises(OutputError, match="publishing failed .*the previous output and its manifest are unchanged"):
+        run_preprocess(raw, out, cluster_config, overwrite=True, num_csv_files=10)
+    assert tree_digest(out) == before and (out / MANIFEST_NAME).read_bytes() == manifest_before
+    assert _invoke("verify", out).exit_code == 0
+    assert len(_stagings(out)) == 1
+    monkeypatch.undo()
+    run_preprocess(raw, out, cluster_config, resume=True, num_csv_files=10)
+    assert not _stagings(out)
+    assert len(list((out / "uf90/uf90_csvs").iterdir())) == 10
+    assert _invoke("verify", out).exit_code == 0
+
+
+def test_driver_killed_during_the_switch_is_undone_by_resume(raw, tmp_path, cluster_config, monkeypatch):
+    """Simulated: the switch stops after a few renames and nothing undoes it (the driver
+    died); the next --resume finds the journal, puts the previous files back, publishes."""
+    from esm2dask import publish
+
+    out = tmp_path / "out"
+    run_preprocess(raw, out, cluster_config)
+    installed = []
+    real_move = publish._move
+
+    def dying_move(src, dest):
+        if "/tree/" in src:  # the new files going in
+            if len(installed) == 3:
+                raise SystemExit("killed")
+            installed.append(dest)
+        real_move(src, dest)
+
+    monkeypatch.setattr(publish, "_move", dying_move)
+    monkeypatch.setattr(publish.Staging, "_undo", lambda self, journal: None)
+    with pytest.raises(SystemExit):
+        run_preprocess(raw, out, cluster_config, overwrite=True, num_csv_files=7)
+    assert not (out / MANIFEST_NAME).exists()  # half switched: not to be trusted
+    monkeypatch.undo()
+    run_preprocess(raw, out, cluster_config, resume=True, num_csv_files=7)
+    fresh = tmp_path / "fresh"
+    run_preprocess(raw, fresh, cluster_config, num_csv_files=7)
+    assert tree_digest(out) == tree_digest(fresh)
+    assert _invoke("verify", out).exit_code == 0 and not _stagings(out)
+
+
+# ----------------------------------------------------------------------------- inputs in OUT
+
+
+def test_inputs_in_the_output_are_copies_not_links(raw, tmp_path, cluster_config):
+    from esm2dask.synth import synth
+
+    out = tmp_path / "out"
+    run_preprocess(raw, out, cluster_config)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert sorted(manifest["copied_inputs"]) == sorted(INPUTS)
+    for name in INPUTS:
+        assert not os.path.samefile(raw / name, out / name)
+        assert (raw / name).stat().st_nlink == 1
+        assert manifest["copied_inputs"][name]["how"] in ("reflink", "copy")
+        assert (out / name).read_bytes() == (raw / name).read_bytes()
+    raw_mapping = (raw / MAPPING_TSV).read_bytes()
+    with open(out / MAPPING_TSV, "ab") as f:
+        f.write(b"UniRef50_X\tUniRef90_X\n")
+    assert (raw / MAPPING_TSV).read_bytes() == raw_mapping
+    # re-running synth over the raw folder leaves an earlier output alone
+    out2 = tmp_path / "out2"
+    run_preprocess(raw, out2, cluster_config)
+    kept = {name: (out2 / name).read_bytes() for name in INPUTS}
+    synth(str(raw), 300, seed=99, overwrite=True)
+    assert {name: (out2 / name).read_bytes() for name in INPUTS} == kept
+    assert _invoke("verify", out2).exit_code == 0
+
+
+def test_hard_links_only_on_request(raw, tmp_path, cluster_config):
+    out = tmp_path / "out"
+    run_preprocess(raw, out, cluster_config, link_inputs=True)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for name in INPUTS:
+        assert os.path.samefile(raw / name, out / name)
+        assert manifest["copied_inputs"][name]["how"] == "hardlink"
+    help_text = " ".join(_invoke("preprocess", "--help").output.split())
+    assert "--link-inputs" in help_text and "the two names are then ONE file" in help_text
+    with pytest.raises(ConfigError, match="exclude each other"):
+        _config(raw, out, None, link_inputs=True, copy_inputs=False)
+
+
+def test_place_copy_is_a_new_file(tmp_path):
+    from esm2dask.storage import place_copy
+
+    src = tmp_path / "a"
+    src.write_bytes(os.urandom(100_000))
+    how = place_copy(str(src), str(tmp_path / "b"))
+    assert how in ("reflink", "copy")
+    assert (tmp_path / "b").read_bytes() == src.read_bytes() and not os.path.samefile(src, tmp_path / "b")
+    assert place_copy(str(src), str(tmp_path / "c"), hard_link=True) == "hardlink"
+    assert os.path.samefile(src, tmp_path / "c")
+    if how == "copy":  # no reflinks here: with copy=False nothing is left behind
+        assert place_copy(str(src), str(tmp_path / "d"), copy=False) == "skipped"
+        assert not (tmp_path / "d").exists()
+
+
+# ----------------------------------------------------------------------------- bad bytes, failures
+
+
+def test_non_utf8_byte_in_mapping_is_one_error_and_leaves_nothing(raw, tmp_path, dask_cluster):
+    path = raw / MAPPING_TSV
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    lines[2] = lines[2].replace(b"\t", b"\t\xff", 1)
+    path.write_bytes(b"\n".join(lines))
+    offset = path.read_bytes().index(b"\xff")
+    out = tmp_path / "out"
+    result = _invoke("preprocess", raw, "-o", out, "--scheduler-address", dask_cluster.scheduler_address, "--plain")
+    line = _one_error_line(result)
+    assert f"{path} (line 3, byte {offset}):" in line and "0xff is not valid UTF-8" in line
+    assert "interrupted" not in result.output and "--resume" not in result.output
+    assert not out.exists()
+
+
+def test_a_failure_is_reported_as_what_it_is(raw, tmp_path, cluster_config, monkeypatch):
+    from esm2dask import preprocess as module
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("a bug in assembly")
+
+    monkeypatch.setattr(module._Run, "_assemble", broken)
+    reporter = StopAt()
+    with pytest.raises(RuntimeError, match="a bug in assembly"):
+        preprocess(_config(raw, tmp_path / "out", cluster_config), reporter)
+    assert not any("interrupted" in m for m in reporter.messages), reporter.messages
+    assert any(m.startswith("failed: RuntimeError: a bug in assembly") for m in reporter.messages)
+
+
+# ----------------------------------------------------------------------------- receipts
+
+
+def test_receipts_are_json_and_never_unpickled(raw, tmp_path, cluster_config):
+    out = tmp_path / "out"
+    staged = _interrupted_run(raw, out, cluster_config)
+    receipts = [p for p in (staged / "work" / "receipts").rglob("*") if p.is_file()]
+    assert receipts and not [p for p in receipts if p.suffix == ".pkl"]
+    for p in receipts:
+        if p.suffix == ".json":
+            json.loads(p.read_bytes())
+    # a forged receipt that would run code if it were unpickled
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    target = sorted((staged / "work" / "receipts" / "scan-mapping").iterdir())[0]
+    target.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(Exception, match="not a JSON receipt"):
+        preprocess(_config(raw, out, cluster_config, resume=True))
+    assert not marker.exists()
+
+
+def test_receipt_codec():
+    from esm2dask import receipts, tasks
+
+    examples = [
+        tasks.MappingReceipt(3, "a.arrow", "b.arrow", 10, 25, {"clusters": "h.npy"}, {"clusters": [0, 4, 10]}),
+        tasks.FastReceipt(False, 7, "record 'X' at byte 9"),
+        tasks.BucketReceipt("u", [0, 1, 2]),
+        tasks.JoinReceipt("j", [0, 5], 9, 1, 2, ["A", "B"], 2),
+        12, "digest", None, [1, 2],
+    ]
+    for value in examples:
+        assert receipts.decode(receipts.encode(value)) == value
+    with pytest.raises(receipts.ReceiptError, match="unknown receipt type 'Popen'"):
+        receipts.decode(json.dumps({"receipt": {"$receipt": "Popen", "fields": {"args": ["true"]}}}).encode())
+    with pytest.raises(receipts.ReceiptError, match="not FastReceipt's"):
+        receipts.decode(json.dumps({"receipt": {"$receipt": "FastReceipt", "fields": {"__init__": 1}}}).encode())
+    from dataclasses import dataclass
+
+    @dataclass
+    class Unregistered:
+        n: int
+
+    with pytest.raises(TypeError, match="not a registered receipt type"):
+        receipts.encode(Unregistered(1))
+
+
+# ----------------------------------------------------------------------------- secrets, CPUs, FLIP
+
+
+def test_storage_options_from_a_file_and_masked(tmp_path):
+    from esm2dask.storage import parse_storage_options
+
+    path = tmp_path / "s3.json"
+    path.write_text(json.dumps({"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "endpoint_url": "http://x"}))
+    options = parse_storage_options(f"@{path}")
+    assert options == {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "endpoint_url": "http://x"}
+    assert "s3cr3t-value" not in repr(options) and "AKIAEXAMPLE" not in str(options)
+    assert "http://x" in repr(options)
+    # what Dask shows of a task's arguments (worker logs, the dashboard's task pages)
+    from esm2dask.tasks import Routing
+
+    config = PreprocessConfig.from_options(raw_dir="/raw", storage_options=dict(options))
+    routing = Routing((), 50, "s3://b/work", None, config.storage_options)
+    assert "s3cr3t-value" not in repr(config) and "s3cr3t-value" not in repr(routing)
+    with pytest.raises(ConfigError, match=f"--storage-options {tmp_path}/missing.json: cannot read it"):
+        parse_storage_options(f"@{tmp_path}/missing.json")
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        parse_storage_options(f"@{path}")
+
+
+def test_workers_follow_the_cpus_this_process_may_use(monkeypatch, tmp_path):
+    """A job limited to 2 CPUs of a 64-core node gets 2 workers, in preprocess and the pipeline."""
+    import esm2dask.pipeline as pipeline_module
+    import esm2dask.preprocess as preprocess_module
+    from esm2dask.pipeline import Pipeline, PipelineConfig
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})
+    assert ClusterConfig().workers == 2
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(config, *a, **kw):
+        seen.append(config.cluster.workers)
+        raise Stop
+
+    monkeypatch.setattr(preprocess_module, "preprocess", capture)
+    with pytest.raises(Stop):
+        Pipeline(PipelineConfig(workspace=str(tmp_path / "ws"), local_dir=str(tmp_path)), ngc=object())._preprocess(
+            str(tmp_path / "raw"), str(tmp_path / "out"))
+    with pytest.raises(Stop):
+        CliRunner().invoke(cli, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "o")],
+                           catch_exceptions=False)
+    monkeypatch.setattr(pipeline_module, "run_multi_node", lambda config, env, n: seen.append(n) or [])
+    monkeypatch.setenv("NGC_CLI_ORG", "org")
+    result = CliRunner().invoke(cli, ["pipeline", "--multi-node", "--workspace", str(tmp_path / "ws")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert seen == [2, 2, 2]
+
+
+def test_flip_cache_is_kept_per_source(tmp_path):
+    from test_flip import _Server, flip, make_flip_tree
+
+    first, second = tmp_path / "one", tmp_path / "two"
+    make_flip_tree(first / "fasta")
+    make_flip_tree(second / "fasta")
+    scl = second / "fasta" / "scl" / "mixed_soft.fasta"
+    scl.write_text(scl.read_text().replace("Lysosome/Vacuole", "Mitochondrion"))
+    servers = [_Server(first), _Server(second)]
+    cache = tmp_path / "cache"
+    try:
+        a = flip("--tasks", "scl", "-o", tmp_path / "A", "--source", servers[0].url, "--cache-dir", cache)
+        b = flip("--tasks", "scl", "-o", tmp_path / "B", "--source", servers[1].url, "--cache-dir", cache)
+    finally:
+        for s in servers:
+            s.close()
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert (tmp_path / "A/scl/test/x000.csv").read_text().splitlines()[1] == "scl_2,PQRS,Lysosome"
+    assert (tmp_path / "B/scl/test/x000.csv").read_text().splitlines()[1] == "scl_2,PQRS,Mitochondrion"
+    assert servers[1].requests  # the second mirror was asked, not the first one's cache
+
+
+# ----------------------------------------------------------------------------- the NGC pipeline
+
+
+def test_pipeline_resumes_preprocess_and_keeps_one_copy_of_the_inputs(fake_ngc, tmp_path, monkeypatch, caplog):
+    """A preempted preprocess is resumed (not redone), stale staging folders are removed, and
+    the workspace holds the raw inputs once (reflinks beside the output, or nothing)."""
+    import logging
+
+    import esm2dask.preprocess as preprocess_module
+    from esm2dask.ngc import NgcSettings
+    from esm2dask.pipeline import Pipeline, PipelineConfig
+    from esm2dask.synth import synth
+
+    src = tmp_path / "resource"
+    synth(str(src), 200, seed=4)
+    monkeypatch.setenv("FAKE_NGC_RESOURCE_SRC", str(src))
+    ws, local = tmp_path / "ws", tmp_path / "local"
+    config = PipelineConfig(workspace=str(ws), local_dir=str(local), workers=1, settings=NgcSettings.resolve())
+
+    monkeypatch.setattr(preprocess_module, "Reporter", lambda: StopAt("assemble"))
+    with pytest.raises(Interrupted):
+        Pipeline(config).run()
+    monkeypatch.setattr(preprocess_module, "Reporter", Reporter)
+    out = Path(config.local_out)
+    assert len(_stagings(out)) == 1
+    stale = out / f"{STAGING_PREFIX}-20000101000000-abcdef" / "work"
+    stale.mkdir(parents=True)
+    (stale / "plan.json").write_text(json.dumps({"parameters": {}, "inputs": {}}))
+
+    caplog.set_level(logging.INFO, logger="esm2dask")
+    results = {r.name: r.status for r in Pipeline(config).run()}
+    assert results["preprocess"] == "done" and results["copy-back"] == "done"
+    assert any(m.startswith("resuming the run staged in") for m in caplog.messages), caplog.messages
+    assert not _stagings(out)
+    ws_raw, ws_out = Path(config.workspace_raw), Path(config.workspace_out)
+    assert _invoke("verify", ws_out).exit_code == 0
+    reflinks = _has_reflinks(tmp_path / "ws")
+    for name in INPUTS:
+        assert (ws_raw / name).exists()
+        if reflinks:
+            assert not os.path.samefile(ws_raw / name, ws_out / name)
+        else:
+            assert not (ws_out / name).exists(), f"a second full copy of {name} on the workspace"
