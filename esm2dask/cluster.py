@@ -10,9 +10,11 @@ the driver shuts the workers down.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,11 +25,45 @@ from .errors import ConfigError
 log = logging.getLogger("esm2dask")
 
 
+#: Set by ``-v`` for the worker processes a LocalCluster starts (they inherit it).
+VERBOSE_ENV = "ESM2DASK_VERBOSE"
+
+
+class _StderrToLog(io.TextIOBase):
+    """A worker process's stderr as log records (``distributed.worker.stderr``, WARNING):
+    they reach the driver's log file while the worker is connected, never the terminal."""
+
+    def __init__(self):
+        self._pending = ""
+        self._busy = False  # a failing handler writes to stderr: do not loop
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self._busy:
+            return len(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        self._busy = True
+        try:
+            for line in lines:
+                if line.strip():
+                    logging.getLogger("distributed.worker.stderr").warning(line)
+        finally:
+            self._busy = False
+        return len(text)
+
+
 def dask_setup(worker) -> None:
-    """Dask preload, run in each LocalCluster worker process as it starts: Ctrl-C is for
-    the driver, which shuts the workers down in order."""
+    """Dask preload, run in each LocalCluster worker process as it starts. Ctrl-C is for the
+    driver, which shuts the workers down in order; and what a worker would print on the way
+    out (a traceback from a shutdown race, say) goes to the log, not to the terminal,
+    unless the run is verbose."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not os.environ.get(VERBOSE_ENV):
+        sys.stderr = _StderrToLog()
 
 
 def wait_for_scheduler_file(path: str, timeout_s: float, say: Callable[[str], None]) -> None:

@@ -107,7 +107,9 @@ def set_verbose(verbose: bool = True) -> None:
             remove_sink(_warnings)
             _warnings = None
         _console = add_sink(logging.StreamHandler(sys.stderr))
+        os.environ["ESM2DASK_VERBOSE"] = "1"  # LocalCluster workers keep their stderr (cluster.VERBOSE_ENV)
     elif not verbose and _console is not None:
+        os.environ.pop("ESM2DASK_VERBOSE", None)
         remove_sink(_console)
         _console = None
         show_warnings()

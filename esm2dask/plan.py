@@ -188,11 +188,11 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
             StagePlan(f"gather-{name}", len(by_role[name].ranges), 0, when),
         ]
     uf50_dirs = (UF50_TRAIN, UF50_VAL, UF50_TEST)
+    n_shards, n_arrays = len(SPLIT_DIRS) * config.num_csv_files, 2 * (3 if config.split == "random" else 1)
     stages += [
-        StagePlan("assemble", len(SPLIT_DIRS) * config.num_csv_files, 0),
-        StagePlan("assemble-mmap", 2 * (3 if config.split == "random" else 1), 0),
-        # one SHA-256 task per output file, for the manifest
-        StagePlan("checksum", len(SPLIT_DIRS) * config.num_csv_files + 2 * (3 if config.split == "random" else 1), 0),
+        StagePlan("assemble", n_shards, 0),
+        StagePlan("assemble-mmap", n_arrays, 0),
+        StagePlan("checksum", n_shards + n_arrays, 0),  # sha256 of every output file, for the manifest
     ]
 
     files = [_shard_files(d, config.num_csv_files, with_arrays=d == UF50_TRAIN or config.split == "random")

@@ -511,7 +511,8 @@ def _kept_tasks(staging: Staging) -> int:
     """How many finished tasks an interrupted run leaves receipts for."""
     fs, path = storage.get_fs(storage.join(staging.work_dir, "receipts"), staging.so)
     try:
-        return sum(1 for p in fs.find(path) if p.endswith(".json"))
+        suffix = "." + staging.receipt_url("stage", 0).rsplit(".", 1)[-1]
+        return sum(1 for p in fs.find(path) if p.endswith(suffix))
     except OSError:
         return 0
 

@@ -44,10 +44,12 @@ def test_plan_refuses_too_many_ranges():
     from esm2dask.errors import ConfigError
 
     config = config_for(partition_size=1000)
-    sizes = sizes_for(config, uf90=1000 * MAX_RANGES_PER_INPUT, mapping=100_000)
-    make_plan(config, sizes)  # exactly at the limit
+    sizes = sizes_for(config, uf50=1_000_000, uf90=1000 * MAX_RANGES_PER_INPUT, mapping=125 * MAX_RANGES_PER_INPUT)
+    make_plan(config, sizes)  # exactly at the limit, the mapping too (cut 8 times finer)
     with pytest.raises(ConfigError, match="10,001 ranges"):
         make_plan(config, {**sizes, config.uf90: 1000 * MAX_RANGES_PER_INPUT + 1})
+    with pytest.raises(ConfigError, match="10,001 ranges .the mapping is cut 8 times finer"):
+        make_plan(config, {**sizes, config.mapping: 125 * MAX_RANGES_PER_INPUT + 1})
 
 
 def test_estimate_scales_with_workers_and_is_capped_by_cores():

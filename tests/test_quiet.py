@@ -104,7 +104,7 @@ def test_ctrl_c_is_one_line_and_resume_finishes_the_same_bytes(tmp_path, cluster
             "--partition-size", "64KiB", "--num-csv-files", "7"]
     proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for(".esm2dask-staging-*/work/receipts/count-uf90/*.json", out, proc)
+    _wait_for(".esm2dask-staging-*/work/receipts/count-uf90/00000.*", out, proc)
     # Ctrl-C at a terminal: SIGINT to the whole foreground process group (workers included)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=180)
@@ -150,3 +150,66 @@ def test_run_log_on_an_object_store_survives_a_resume():
     log.info("after publishing")  # no longer logged to the file
     text = fs.cat("/logtest/out/esm2dask.log").decode()
     assert text.index("first run") < text.index("second run") and "after publishing" not in text
+
+
+def _print_to_stderr(text):
+    import sys
+
+    print(text, file=sys.stderr)
+    sys.stderr.flush()
+    return True
+
+
+def test_a_worker_process_stderr_goes_to_the_log_not_the_terminal(capfd, monkeypatch):
+    """What a LocalCluster worker prints to stderr (a traceback on its way out, say) is a
+    log record forwarded to the driver, never terminal output."""
+    import logging
+
+    from esm2dask import logs
+    from esm2dask.cluster import dask_client
+    from esm2dask.config import ClusterConfig
+
+    monkeypatch.delenv("ESM2DASK_VERBOSE", raising=False)
+    logs.configure_dask_logging()
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    sink = logs.add_sink(Keep())
+    try:
+        with dask_client(ClusterConfig(workers=1, dashboard_address=None)) as client:
+            assert client.submit(_print_to_stderr, "boom from a worker", pure=False).result()
+            deadline = time.monotonic() + 30
+            while not any("boom from a worker" in r.getMessage() for r in records):
+                assert time.monotonic() < deadline, "the worker's stderr line never reached the driver"
+                time.sleep(0.1)
+    finally:
+        logs.remove_sink(sink)
+    assert "boom from a worker" not in capfd.readouterr().err
+    assert any(r.name == "distributed.worker.stderr" for r in records)
+
+
+def test_stderr_to_log_does_not_loop_on_a_failing_handler():
+    import logging
+
+    from esm2dask.cluster import _StderrToLog
+
+    writer = _StderrToLog()
+    seen = []
+
+    class Reenter(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+            writer.write("written while handling\n")  # as handleError would
+
+    logger = logging.getLogger("distributed.worker.stderr")
+    handler = Reenter()
+    logger.addHandler(handler)
+    try:
+        writer.write("line one\nline ")
+        writer.write("two\n\n")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["line one", "line two"]
