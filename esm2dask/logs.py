@@ -75,7 +75,10 @@ def add_sink(handler: logging.Handler) -> logging.Handler:
 def remove_sink(handler: logging.Handler) -> None:
     if handler in _sinks:
         _sinks.remove(handler)
-    handler.close()
+    try:
+        handler.close()
+    except OSError:  # a full disk cannot take the log's last lines: the run's error says why
+        pass
 
 
 _console: logging.Handler | None = None

@@ -34,7 +34,7 @@ def _pools():
 
 
 def test_local_cluster_workers_are_limited():
-    with dask_client(ClusterConfig(workers=1, threads_per_worker=1, dashboard_address=":0")) as client:
+    with dask_client(ClusterConfig(workers=1, threads_per_worker=1, processes=True, dashboard_address=":0")) as client:
         assert set(client.run(_pools()).values()) == {(1, "1", "1")}
 
 
