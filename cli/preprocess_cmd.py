@@ -68,7 +68,7 @@ def _human_bytes(n: int) -> str:
               help="Print the plan (inputs, ranges, tasks, files, a time estimate) and exit; starts no cluster.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the --plan) as one JSON object on stdout.")
 @click.option("--plain", is_flag=True, default=None, help="A plain progress line every few seconds instead of a bar.")
-@click.option("--format", "formats", multiple=True, default=("esm2nv",), show_default=True,
+@click.option("--format", "formats", multiple=True, default=("esm2nv",), show_default="esm2nv",
               metavar="FORMAT[,FORMAT…]",
               help="Layouts to publish, repeated or comma-separated: esm2nv (the CSV tree at OUT's root), "
                    "bionemo2 (OUT/bionemo2/: parquet clusters + SQLite for BioNeMo 2), hf (OUT/hf/: "

@@ -1,6 +1,6 @@
 """``--format bionemo2`` and ``--format hf``, read the way their consumers read them.
 
-BioNeMo 2's reader (``bionemo.esm2.data.dataset``, described in shared/spec/bionemo2.md) is
+BioNeMo 2's reader (``bionemo.esm2.data.dataset``, described in docs/bionemo2.md) is
 re-enacted here from its contract, with pandas and sqlite3 only: ``pd.read_parquet(path)["ur90_id"]``
 indexed by numpy integer labels, ``rng.choice`` of a member, ``SELECT sequence FROM protein WHERE id = ?``
 on a plain ``sqlite3.connect``. The ``hf`` tree is loaded with ``datasets.load_dataset``. Every

@@ -179,7 +179,7 @@ def test_a_worker_process_stderr_goes_to_the_log_not_the_terminal(capfd, monkeyp
 
     sink = logs.add_sink(Keep())
     try:
-        with dask_client(ClusterConfig(workers=1, dashboard_address=None)) as client:
+        with dask_client(ClusterConfig(workers=1, processes=True, dashboard_address=None)) as client:
             assert client.submit(_print_to_stderr, "boom from a worker", pure=False).result()
             deadline = time.monotonic() + 30
             while not any("boom from a worker" in r.getMessage() for r in records):
