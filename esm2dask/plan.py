@@ -30,17 +30,18 @@ MAX_RANGES_PER_INPUT = 10_000
 MAPPING_PARTITION_DIVISOR = 8
 
 #: Measured rates behind the estimate: ``benchmarks/results/input_order.md`` (2026-11-29;
-#: 1190 MB of ``esm2dask synth`` input, 2 workers on this project's 2-vCPU machine, 64 MiB
-#: partitions, pyfastx). Wall clock of the whole command, LocalCluster start included.
+#: 1190 MB of ``esm2dask synth`` input, 2 in-process workers on this project's 2-vCPU
+#: machine, 64 MiB partitions, the FASTA kernel). Wall clock of the whole command.
 MEASURED = {
     "source": "benchmarks/results/input_order.md",
     "input_mb": 1190.0,
     "workers": 2,
-    "wall_s_mapping_order": 10.7,
-    "wall_s_shuffled": 19.98,
+    "wall_s_mapping_order": 7.86,
+    "wall_s_shuffled": 17.16,
 }
-#: Starting a LocalCluster (spawning the worker processes) takes ~3 s on that machine.
-STARTUP_S = 3.0
+#: Imports and the in-process LocalCluster: about a second on that machine (a LocalCluster
+#: of worker processes adds ~3 s).
+STARTUP_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -198,10 +199,19 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
     files = [_shard_files(d, config.num_csv_files, with_arrays=d == UF50_TRAIN or config.split == "random")
              for d in uf50_dirs]
     files.append(_shard_files(UF90, config.num_csv_files, with_arrays=False))
+    if "esm2nv" not in config.formats:
+        files = []  # built in the staging folder for the other layouts, not published
+    if "bionemo2" in config.formats:
+        files.append("bionemo2/train_clusters.parquet, train.db, valid_clusters.parquet, validation.db"
+                     + (", test_clusters.parquet, test.db" if config.split == "random" else ""))
+    if "hf" in config.formats:
+        files.append("hf/train/part-NNNNN.parquet, hf/validation/part-NNNNN.parquet"
+                     + (", hf/test/part-NNNNN.parquet" if config.split == "random" else ""))
     files += [MANIFEST_NAME, RunLog.NAME]
     if config.copy_inputs:
         names = sorted({u.rstrip("/").rsplit("/", 1)[-1] for u in roles.values()})
-        files.append("the inputs, hard-linked where possible: " + ", ".join(names) + " (and README.md)")
+        how = "hard-linked (--link-inputs)" if config.link_inputs else "reflinked where the file system can, else copied"
+        files.append(f"the inputs, {how}: " + ", ".join(names) + " (and README.md)")
 
     external = config.cluster.external
     workers = None if external else config.cluster.workers
