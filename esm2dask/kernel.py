@@ -194,45 +194,27 @@ def _convert(buf, at_file_start, table, name_class, first_id, with_ids,
 
 
 @njit(nogil=True, cache=True)
-def _take_rows(out, row_starts, rows):
-    """Rows ``rows`` (indices, in the order given) of ``out``, copied into one buffer."""
+def _gather_rows(out, row_starts, rows, ids, with_ids):
+    """Rows ``rows`` (indices, in the order given) of ``out``, copied into one buffer;
+    with ``with_ids`` each prefixed with ``ids[j]`` and a comma (rows written without ids)."""
     total = 0
     for i in rows:
-        total += row_starts[i + 1] - row_starts[i]
-    taken = np.empty(total, dtype=np.uint8)
+        total += row_starts[i + 1] - row_starts[i] + (21 if with_ids else 0)
+    gathered = np.empty(total, dtype=np.uint8)
     starts = np.empty(len(rows) + 1, dtype=np.int64)
     t = 0
     starts[0] = 0
     for j in range(len(rows)):
         i = rows[j]
+        if with_ids:
+            t = _write_int(gathered, t, ids[j])
+            gathered[t] = 44
+            t += 1
         for k in range(row_starts[i], row_starts[i + 1]):
-            taken[t] = out[k]
+            gathered[t] = out[k]
             t += 1
         starts[j + 1] = t
-    return taken, starts
-
-
-@njit(nogil=True, cache=True)
-def _prefix_ids(out, row_starts, rows, ids):
-    """Rows ``rows`` of ``out`` (written without ids), each prefixed with ``ids[j]`` and
-    a comma, in the order given."""
-    total = 0
-    for i in rows:
-        total += row_starts[i + 1] - row_starts[i] + 21
-    prefixed = np.empty(total, dtype=np.uint8)
-    starts = np.empty(len(rows) + 1, dtype=np.int64)
-    t = 0
-    starts[0] = 0
-    for j in range(len(rows)):
-        i = rows[j]
-        t = _write_int(prefixed, t, ids[j])
-        prefixed[t] = 44
-        t += 1
-        for k in range(row_starts[i], row_starts[i + 1]):
-            prefixed[t] = out[k]
-            t += 1
-        starts[j + 1] = t
-    return prefixed[:t], starts
+    return gathered[:t], starts
 
 
 # ---------------------------------------------------------------------------- Python side
@@ -253,14 +235,17 @@ class Rows:
         return memoryview(self.data)[int(self.starts[lo]) : int(self.starts[hi])]
 
     def take(self, rows: np.ndarray) -> "Rows":
-        data, starts = _take_rows(self.data, self.starts, np.ascontiguousarray(rows, dtype=np.int64))
-        return Rows(data, starts)
+        """Rows ``rows``, in that order."""
+        return self._gather(rows, np.zeros(0, dtype=np.int64), False)
 
     def with_ids(self, rows: np.ndarray, ids: np.ndarray) -> "Rows":
         """Rows written without ids, in the order ``rows``, prefixed with ``ids``."""
-        data, starts = _prefix_ids(
+        return self._gather(rows, ids, True)
+
+    def _gather(self, rows, ids, with_ids: bool) -> "Rows":
+        data, starts = _gather_rows(
             self.data, self.starts, np.ascontiguousarray(rows, dtype=np.int64),
-            np.ascontiguousarray(ids, dtype=np.int64),
+            np.ascontiguousarray(ids, dtype=np.int64), with_ids,
         )
         return Rows(data, starts)
 
