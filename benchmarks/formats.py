@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile

@@ -189,7 +189,9 @@ class Pipeline:
     def _preprocess(self, raw: str, out: str) -> str:
         from .preprocess import preprocess
 
-        cluster = ClusterConfig(workers=self.config.workers or storage.cpu_count(),
+        # a DGX node has 128+ cores: one process per worker there, since in-process threads
+        # were measured on 2 cores only (benchmarks/results/engines.md)
+        cluster = ClusterConfig(workers=self.config.workers or storage.cpu_count(), processes=True,
                                 scheduler_file=self.config.scheduler_file, dashboard_address=":8787")
         # resume what a preempted attempt finished; start over (and drop stale staging
         # folders) when the inputs changed; the inputs are placed by place_inputs
