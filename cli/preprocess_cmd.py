@@ -188,8 +188,8 @@ def _print_plan(config, as_json: bool) -> None:
         when = f"fallback-{name}"
         click.echo(f"  if {name} is not in mapping order (hash join): + {plan.tasks(when):,} tasks reading "
                    f"{_human_bytes(plan.read_bytes(when))}")
-    kind = "worker process(es)" if config.cluster.processes else "worker(s), threads of this process"
-    where = (f"{plan.workers} local {kind} x {config.cluster.threads_per_worker} thread(s)" if plan.workers
+    kind = "as worker processes" if config.cluster.processes else "as threads of this process"
+    where = (f"{plan.workers} local worker(s) x {config.cluster.threads_per_worker} thread(s), {kind}" if plan.workers
              else f"the running cluster at {config.cluster.scheduler_address or config.cluster.scheduler_file}")
     click.echo(f"Workers: {where}")
     click.echo(f"Writes, in {plan.output_dir}:")
