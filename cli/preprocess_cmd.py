@@ -120,10 +120,11 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
         click.echo(json.dumps(_summary(result), sort_keys=True))
         return
     click.echo(f"Output: {result.output_dir}")
+    width = max(map(len, [*result.rows, *result.layouts, "x" * 16]))
     for d, n in result.rows.items():
-        click.echo(f"  {d:<16} {n:>12,} rows  {_human_bytes(result.bytes[d]):>10}")
+        click.echo(f"  {d:<{width}} {n:>12,} rows  {_human_bytes(result.bytes[d]):>10}")
     for path, info in result.layouts.items():
-        click.echo(f"  {path:<16} {info['rows']:>12,} rows  {_human_bytes(info['bytes']):>10}")
+        click.echo(f"  {path:<{width}} {info['rows']:>12,} rows  {_human_bytes(info['bytes']):>10}")
     for name, rep in result.streams.items():
         how = "fast path (mapping order)" if rep.fast_path else "hash join"
         click.echo(
