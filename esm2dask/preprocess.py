@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -151,7 +152,10 @@ class _Run:
         self.work = staging.work_dir
         self.stage_seconds: dict[str, float] = {}
         self.stage_tasks: dict[str, int] = {}
-        self._token = staging.token
+        # the staging token and this attempt's own number: a resumed run on a long-lived
+        # cluster must not reuse the keys of the attempt it resumes, which the scheduler
+        # may still be cancelling (the new futures would be cancelled with them)
+        self._token = f"{staging.token}-{secrets.randbelow(10**6):06d}"
         self._submitted = False
         self.layouts: dict[str, dict[str, int]] = {}
         self._read_bytes: dict = {}  # task key -> input bytes it reads, for progress
