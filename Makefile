@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: sample test test-all bench clean
+.PHONY: sample test drills test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ sample: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-## Everything, the slow tests too.
+## The long fault drills that `make test` skips (CI runs them after `make test`).
+drills: $(STAMP)
+	$(BIN)/python -m pytest -m drill; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+
+## Everything, the slow tests and the drills too.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
 
