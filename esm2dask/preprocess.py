@@ -37,7 +37,7 @@ from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
-from .publish import Staging
+from .publish import Staging, input_copies
 from .ranges import ByteRange
 from .tasks import Routing, Slice, Target
 
@@ -525,7 +525,10 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
     """Run the whole conversion and publish ``config.output_dir``; see the module doc."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
-    inputs = input_sizes(config)
+    inputs = input_sizes(config)  # every input the run reads: there, readable, not empty
+    for url, _ in input_copies(config):  # and what it copies beside the tree (the raw README)
+        if url not in inputs:
+            storage.read_head(url, 1, config.storage_options)
     plan = make_plan(config, inputs)  # refuses a partition size that makes too many tasks
     staging = Staging.create(config, inputs)
     run_log = RunLog(staging.root, config.output_dir, config.storage_options)
