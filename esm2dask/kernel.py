@@ -103,31 +103,67 @@ def _is_special(c):
     return (c < 33) | (c > 126) | (c == 44) | (c == 34)
 
 
+# The helpers below index with unsigned integers: numba then emits no wraparound for a
+# negative index, and LLVM sees plain consecutive loads it can vectorise.
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _copy_chunk(buf, k, seq, s, width, delta):
-    """``buf[k:k+width]`` into ``seq[s:]``, lower case minus ``delta`` (32 or 0); True if
-    any of the bytes is special. No branch inside: LLVM vectorises it."""
-    special = False
-    for i in range(width):
-        c = buf[k + i]
-        seq[s + i] = c - delta * ((c >= 97) & (c <= 122))
-        special |= _is_special(c)
-    return special
+    """``buf[k:k+width]`` into ``seq[s:]``, lower case minus ``delta`` (32 or 0); returns
+    the offset of the first special byte (``width`` if none). No branch inside: LLVM
+    vectorises it, the offset as a byte-wide minimum (``width`` is at most 255)."""
+    ku = np.uint64(k)
+    su = np.uint64(s)
+    w = np.uint8(width)
+    j = w
+    for i in range(np.uint64(width)):
+        c = buf[ku + i]
+        seq[su + i] = c - delta * ((c >= 97) & (c <= 122))
+        j = min(j, np.uint8(i) if _is_special(c) else w)
+    return np.int64(j)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _first_special(buf, k, width):
+    """Offset from ``k`` of the first special byte among ``width`` (``width`` if none;
+    at most 255)."""
+    ku = np.uint64(k)
+    w = np.uint8(width)
+    j = w
+    for i in range(np.uint64(width)):
+        j = min(j, np.uint8(i) if _is_special(buf[ku + i]) else w)
+    return np.int64(j)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _first_newline(buf, k, width):
+    """Offset from ``k`` of the first ``\n`` among ``width`` bytes (``width`` if none;
+    at most 255)."""
+    ku = np.uint64(k)
+    w = np.uint8(width)
+    j = w
+    for i in range(np.uint64(width)):
+        j = min(j, np.uint8(i) if buf[ku + i] == 10 else w)
+    return np.int64(j)
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _line_end(buf, e, n):
-    """The first ``\\n`` at or after ``e`` (``n`` if none), a chunk at a time."""
+    """The first ``\n`` at or after ``e`` (``n`` if none), a chunk at a time."""
     while e + CHUNK_BYTES <= n:
-        hit = False
-        for i in range(CHUNK_BYTES):
-            hit |= buf[e + i] == 10
-        if hit:
-            break
+        j = _first_newline(buf, e, CHUNK_BYTES)
+        if j < CHUNK_BYTES:
+            return e + j
         e += CHUNK_BYTES
-    while e < n and buf[e] != 10:
-        e += 1
-    return e
+    return e + _first_newline(buf, e, n - e)  # fewer than a chunk left
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy(src, dst, d, length):
+    """``src[:length]`` to ``dst[d:]``."""
+    du = np.uint64(d)
+    for i in range(np.uint64(length)):
+        dst[du + i] = src[i]
 
 
 @njit(nogil=True, cache=True)
@@ -164,16 +200,21 @@ def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
         # the name: first token after '>'
         p = pos + 1
         q = p
-        while q < n_bytes:
-            cls = name_class[buf[q]]
-            if cls == 2:
+        while q < n_bytes:  # legal name bytes are the legal sequence bytes
+            if q + CHUNK_BYTES <= n_bytes:
+                width = CHUNK_BYTES
+                j = _first_special(buf, q, CHUNK_BYTES)
+            else:
+                width = n_bytes - q
+                j = _first_special(buf, q, width)
+            q += j
+            if j < width:
                 break
-            if cls == 0:
-                err[0] = BAD_NAME_BYTE
-                err[1] = q
-                err[2] = n
-                return n
-            q += 1
+        if q < n_bytes and name_class[buf[q]] == 0:
+            err[0] = BAD_NAME_BYTE
+            err[1] = q
+            err[2] = n
+            return n
         if q == p:
             err[0] = EMPTY_NAME
             err[1] = pos
@@ -187,23 +228,18 @@ def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
         s = 0
         while k < n_bytes and buf[k] != 62:  # at a line start; '>' starts the next record
             while True:
-                if k + CHUNK_BYTES <= n_bytes:
+                if k + CHUNK_BYTES <= n_bytes:  # a constant trip count: fully vectorised
                     width = CHUNK_BYTES
-                    special = _copy_chunk(buf, k, seq, s, CHUNK_BYTES, delta)
+                    j = _copy_chunk(buf, k, seq, s, CHUNK_BYTES, delta)
                 else:
                     width = n_bytes - k
-                    special = _copy_chunk(buf, k, seq, s, width, delta)
-                if not special:
-                    k += width
-                    s += width
+                    j = _copy_chunk(buf, k, seq, s, width, delta)
+                k += j
+                s += j
+                if j == width:  # all sequence bytes
                     if k == n_bytes:
                         break
                     continue
-                j = 0
-                while not _is_special(buf[k + j]):
-                    j += 1
-                k += j
-                s += j
                 c = buf[k]
                 if c == 10:
                     k += 1
@@ -231,8 +267,7 @@ def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
         o = _write_int(out, o, s)
         out[o] = 44
         o += 1
-        for i in range(s):
-            out[o + i] = seq[i]
+        _copy(seq, out, o, s)
         o += s
         out[o] = 10
         o += 1
