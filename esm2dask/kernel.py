@@ -159,11 +159,12 @@ def _line_end(buf, e, n):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _copy(src, dst, d, length):
-    """``src[:length]`` to ``dst[d:]``."""
+def _copy(src, a, dst, d, length):
+    """``src[a:a+length]`` to ``dst[d:]``."""
+    au = np.uint64(a)
     du = np.uint64(d)
     for i in range(np.uint64(length)):
-        dst[du + i] = src[i]
+        dst[du + i] = src[au + i]
 
 
 @njit(nogil=True, cache=True)
@@ -257,17 +258,16 @@ def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
             o = _write_int(out, o, first_id + n)
             out[o] = 44
             o += 1
-        for i in range(p, q):
-            out[o] = buf[i]
-            names[no] = buf[i]
-            o += 1
-            no += 1
+        _copy(buf, p, out, o, q - p)
+        _copy(buf, p, names, no, q - p)
+        o += q - p
+        no += q - p
         out[o] = 44
         o += 1
         o = _write_int(out, o, s)
         out[o] = 44
         o += 1
-        _copy(seq, out, o, s)
+        _copy(seq, 0, out, o, s)
         o += s
         out[o] = 10
         o += 1
