@@ -78,21 +78,21 @@ def count_records(buf: np.ndarray) -> int:
 
 @njit(nogil=True, cache=True, inline="always")
 def _write_int(out, o, value):
-    """Decimal digits of ``value`` (>= 0) at ``out[o:]``; returns the new end."""
+    """Decimal digits of ``value`` (>= 0) at ``out[o:]``; returns the new end. Unsigned
+    arithmetic: a division by 10 is then a multiply and a shift, with no sign fix-up."""
+    v = np.uint64(value)
+    ten = np.uint64(10)
     digits = 1
-    v = value // 10
-    while v:
+    bound = ten
+    while v >= bound and digits < 20:
         digits += 1
-        v //= 10
+        bound *= ten
     end = o + digits
-    k = end - 1
-    v = value
-    while True:
-        out[k] = 48 + v % 10
-        v //= 10
-        if k == o:
-            break
-        k -= 1
+    k = np.uint64(end - 1)
+    for _ in range(digits):
+        out[k] = np.uint8(np.uint64(48) + v % ten)
+        v //= ten
+        k -= np.uint64(1)
     return end
 
 
