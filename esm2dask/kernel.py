@@ -13,10 +13,14 @@ This is the only FASTA parser of the product. It implements the record rules of
   sequence line (``+ @ ; # >`` and digits included); anything else there is an error
   naming the byte. The rest of a header line (the description) is free text.
 
-One pass over the bytes validates, upper-cases and copies a record's sequence into the
-row; the length, known only at the end, is then written in front of it and the sequence
-moved up (a plain memory move). No Python object is made per record; the caller gets a
-few numpy arrays back.
+One pass over the bytes validates, upper-cases and copies a record's sequence into a
+scratch buffer, ``CHUNK_BYTES`` at a time in a branch-free loop that LLVM vectorises; a
+chunk that holds a special byte (a line end, a trailing ``\r``, a bad byte) is kept up
+to that byte, which is then dealt with on its own, so the first bad byte is found exactly
+where a byte-by-byte walk finds it. The row is then written: id, name, the length (known
+now) and the sequence copied from the scratch buffer. No Python object is made per
+record; the caller gets a few numpy arrays back. Error messages are built apart, in
+Python (:func:`_error`), from the code, byte and record the kernel reports.
 """
 
 from __future__ import annotations
