@@ -31,8 +31,8 @@ import time
 
 import numpy as np
 
-from . import kernel_before
-from .common import RESULTS, StudyClock, add_small, apply_small, bars, dataset
+from . import common, kernel_before
+from .common import StudyClock, add_small, apply_small, bars, dataset
 
 MEMBER_FASTA = "uniref90membersandreps_ur50trainfiltreps.fasta"
 
@@ -225,9 +225,10 @@ def main(argv=None):
     lines += ["", "Speed-up of the convert pass (CPU time, now ÷ before): " + ", ".join(
         f"{inp} {speedup(inp, 'convert, before', 'convert, now'):.2f}×" for inp in inputs) + "; of the count "
         f"task from the file: {speedup('synth, 80 columns, file', *task.keys()):.2f}×.", "", clock.line()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"kernel{suffix}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"kernel{suffix}.json").write_text(json.dumps(
+    results = common.RESULTS  # looked up now: the smoke test points it elsewhere
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"kernel{suffix}.md").write_text("\n".join(lines) + "\n")
+    (results / f"kernel{suffix}.json").write_text(json.dumps(
         {"command": command, "identical": identical, "rows": rows}, indent=2) + "\n")
     picked = [r for r in rows if r["case"].startswith(("convert", "count task"))]
     bars("kernel" + suffix, "the FASTA kernel alone, one core (MB/s of input, CPU time)",
