@@ -13,10 +13,14 @@ This is the only FASTA parser of the product. It implements the record rules of
   sequence line (``+ @ ; # >`` and digits included); anything else there is an error
   naming the byte. The rest of a header line (the description) is free text.
 
-One pass over the bytes validates, upper-cases and copies a record's sequence into the
-row; the length, known only at the end, is then written in front of it and the sequence
-moved up (a plain memory move). No Python object is made per record; the caller gets a
-few numpy arrays back.
+One pass over the bytes validates, upper-cases and copies a record's sequence into a
+scratch buffer, ``CHUNK_BYTES`` at a time in a branch-free loop that LLVM vectorises; a
+chunk that holds a special byte (a line end, a trailing ``\r``, a bad byte) is kept up
+to that byte, which is then dealt with on its own, so the first bad byte is found exactly
+where a byte-by-byte walk finds it. The row is then written: id, name, the length (known
+now) and the sequence copied from the scratch buffer. No Python object is made per
+record; the caller gets a few numpy arrays back. Error messages are built apart, in
+Python (:func:`_error`), from the code, byte and record the kernel reports.
 """
 
 from __future__ import annotations
@@ -36,19 +40,17 @@ _NAME_CLASS[0x21:0x7F] = 1
 _NAME_CLASS[[ord(","), ord('"')]] = 0
 _NAME_CLASS[[ord(" "), ord("\t"), ord("\r"), 0x0B, 0x0C, ord("\n")]] = 2
 
-#: Output byte of each sequence byte (0 = illegal), kept as it is or upper-cased.
-_SEQ_KEEP = np.zeros(256, dtype=np.uint8)
-_SEQ_KEEP[0x21:0x7F] = np.arange(0x21, 0x7F, dtype=np.uint8)
-_SEQ_KEEP[[ord(","), ord('"')]] = 0
-_SEQ_UPPER = _SEQ_KEEP.copy()
-_SEQ_UPPER[ord("a") : ord("z") + 1] -= 32
-
 #: Error codes the kernel reports (with the byte and the record index).
 OK, TEXT_BEFORE_HEADER, EMPTY_NAME, BAD_NAME_BYTE, BAD_SEQUENCE_BYTE = 0, 1, 2, 3, 4
 
-#: Bytes a row can take beyond its name and sequence: a 20-digit id, 3 commas, \n and
-#: the 21 bytes kept free for the length while the sequence is copied.
+#: Bytes a row can take beyond its name and sequence: a 20-digit id, a 20-digit length,
+#: 3 commas and \n.
 _ROW_OVERHEAD = 48
+
+#: Bytes validated, upper-cased and copied per step of the sequence loop. A fixed trip
+#: count lets LLVM turn the step into a few vector instructions (AVX2: one 32-byte
+#: register); a step that meets a line end or a bad byte is finished byte by byte.
+CHUNK_BYTES = 32
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -56,46 +58,130 @@ _ROW_OVERHEAD = 48
 
 @njit(nogil=True, cache=True)
 def count_records(buf: np.ndarray) -> int:
-    """Records in an owned block: ``>`` at byte 0 or right after ``\\n``."""
+    """Records in an owned block: ``>`` at byte 0 or right after ``\\n``.
+
+    Branch-free: each step adds ``(buf[i] == '\\n') & (buf[i + 1] == '>')`` over a fixed
+    number of bytes, which LLVM vectorises (about memory speed; benchmarks/kernel.py).
+    """
     n = len(buf)
     if n == 0:
         return 0
     count = 1 if buf[0] == 62 else 0
-    for i in range(n - 1):
-        if buf[i] == 10 and buf[i + 1] == 62:
-            count += 1
+    i = 0
+    step = 4096
+    while i + step < n:
+        part = 0
+        for j in range(i, i + step):
+            part += (buf[j] == 10) & (buf[j + 1] == 62)
+        count += part
+        i += step
+    for j in range(i, n - 1):
+        count += (buf[j] == 10) & (buf[j + 1] == 62)
     return count
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _write_int(out, o, value):
-    """Decimal digits of ``value`` (>= 0) at ``out[o:]``; returns the new end."""
+    """Decimal digits of ``value`` (>= 0) at ``out[o:]``; returns the new end. Unsigned
+    arithmetic: a division by 10 is then a multiply and a shift, with no sign fix-up."""
+    v = np.uint64(value)
+    ten = np.uint64(10)
     digits = 1
-    v = value // 10
-    while v:
+    bound = ten
+    while v >= bound and digits < 20:
         digits += 1
-        v //= 10
+        bound *= ten
     end = o + digits
-    k = end - 1
-    v = value
-    while True:
-        out[k] = 48 + v % 10
-        v //= 10
-        if k == o:
-            break
-        k -= 1
+    k = np.uint64(end - 1)
+    for _ in range(digits):
+        out[k] = np.uint8(np.uint64(48) + v % ten)
+        v //= ten
+        k -= np.uint64(1)
     return end
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _is_special(c):
+    """Not a legal sequence byte: outside ``!``..``~``, or ``,`` or ``"`` (``\\n`` and
+    ``\\r`` included, so that a clean chunk holds sequence bytes only)."""
+    return (c < 33) | (c > 126) | (c == 44) | (c == 34)
+
+
+# The helpers below index with unsigned integers: numba then emits no wraparound for a
+# negative index, and LLVM sees plain consecutive loads it can vectorise.
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy_chunk(buf, k, seq, s, width, delta):
+    """``buf[k:k+width]`` into ``seq[s:]``, lower case minus ``delta`` (32 or 0); returns
+    the offset of the first special byte (``width`` if none). No branch inside: LLVM
+    vectorises it, the offset as a byte-wide minimum (``width`` is at most 255)."""
+    ku = np.uint64(k)
+    su = np.uint64(s)
+    w = np.uint8(width)
+    j = w
+    for i in range(np.uint64(width)):
+        c = buf[ku + i]
+        seq[su + i] = c - delta * ((c >= 97) & (c <= 122))
+        j = min(j, np.uint8(i) if _is_special(c) else w)
+    return np.int64(j)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _first_special(buf, k, width):
+    """Offset from ``k`` of the first special byte among ``width`` (``width`` if none;
+    at most 255)."""
+    ku = np.uint64(k)
+    w = np.uint8(width)
+    j = w
+    for i in range(np.uint64(width)):
+        j = min(j, np.uint8(i) if _is_special(buf[ku + i]) else w)
+    return np.int64(j)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _first_newline(buf, k, width):
+    """Offset from ``k`` of the first ``\n`` among ``width`` bytes (``width`` if none;
+    at most 255)."""
+    ku = np.uint64(k)
+    w = np.uint8(width)
+    j = w
+    for i in range(np.uint64(width)):
+        j = min(j, np.uint8(i) if buf[ku + i] == 10 else w)
+    return np.int64(j)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _line_end(buf, e, n):
+    """The first ``\n`` at or after ``e`` (``n`` if none), a chunk at a time."""
+    while e + CHUNK_BYTES <= n:
+        j = _first_newline(buf, e, CHUNK_BYTES)
+        if j < CHUNK_BYTES:
+            return e + j
+        e += CHUNK_BYTES
+    return e + _first_newline(buf, e, n - e)  # fewer than a chunk left
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy(src, a, dst, d, length):
+    """``src[a:a+length]`` to ``dst[d:]``."""
+    au = np.uint64(a)
+    du = np.uint64(d)
+    for i in range(np.uint64(length)):
+        dst[du + i] = src[au + i]
+
+
 @njit(nogil=True, cache=True)
-def _convert(buf, at_file_start, table, name_class, first_id, with_ids,
-             out, row_starts, names, name_starts, headers, err):
+def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
+             out, seq, row_starts, names, name_starts, headers, err):
     """Parse ``buf`` and write its CSV rows; returns the number of records.
 
     ``row_starts``/``name_starts`` get n+1 offsets into ``out``/``names``; ``headers``
-    the offset of each record's ``>``. On bad input ``err`` = (code, byte, record).
+    the offset of each record's ``>``. ``seq`` is scratch room for one record's
+    sequence (as long as ``buf`` plus a chunk). On bad input ``err`` = (code, byte, record).
     """
     n_bytes = len(buf)
+    delta = np.uint8(32 if uppercase else 0)
     pos = 0
     if at_file_start:
         # blank lines may precede the first header; anything else may not
@@ -119,71 +205,74 @@ def _convert(buf, at_file_start, table, name_class, first_id, with_ids,
         # the name: first token after '>'
         p = pos + 1
         q = p
-        while q < n_bytes:
-            cls = name_class[buf[q]]
-            if cls == 2:
+        while q < n_bytes:  # legal name bytes are the legal sequence bytes
+            if q + CHUNK_BYTES <= n_bytes:
+                width = CHUNK_BYTES
+                j = _first_special(buf, q, CHUNK_BYTES)
+            else:
+                width = n_bytes - q
+                j = _first_special(buf, q, width)
+            q += j
+            if j < width:
                 break
-            if cls == 0:
-                err[0] = BAD_NAME_BYTE
-                err[1] = q
-                err[2] = n
-                return n
-            q += 1
+        if q < n_bytes and name_class[buf[q]] == 0:
+            err[0] = BAD_NAME_BYTE
+            err[1] = q
+            err[2] = n
+            return n
         if q == p:
             err[0] = EMPTY_NAME
             err[1] = pos
             err[2] = n
             return n
         # the rest of the header line is free text
-        e = q
-        while e < n_bytes and buf[e] != 10:
-            e += 1
-        body = e + 1
-        # the name, then the sequence copied 21 bytes on (room for its length, written
-        # once known, and a comma); one pass validates, upper-cases and copies it
+        k = _line_end(buf, q, n_bytes) + 1
+        # the sequence, line by line, into the scratch room: each chunk is copied
+        # (upper-cased) whole; at a chunk that holds a special byte the copy is kept up
+        # to that byte, which is then a line end, a trailing \r, or the first bad byte
+        s = 0
+        while k < n_bytes and buf[k] != 62:  # at a line start; '>' starts the next record
+            while True:
+                if k + CHUNK_BYTES <= n_bytes:  # a constant trip count: fully vectorised
+                    width = CHUNK_BYTES
+                    j = _copy_chunk(buf, k, seq, s, CHUNK_BYTES, delta)
+                else:
+                    width = n_bytes - k
+                    j = _copy_chunk(buf, k, seq, s, width, delta)
+                k += j
+                s += j
+                if j == width:  # all sequence bytes
+                    if k == n_bytes:
+                        break
+                    continue
+                c = buf[k]
+                if c == 10:
+                    k += 1
+                    break
+                if c == 13 and (k + 1 == n_bytes or buf[k + 1] == 10):
+                    k += 1  # a line's one trailing \r
+                    continue
+                err[0] = BAD_SEQUENCE_BYTE
+                err[1] = k
+                err[2] = n
+                return n
+        end = min(k, n_bytes)
+        # the row: id, name, length (known now), sequence
         if with_ids:
             o = _write_int(out, o, first_id + n)
             out[o] = 44
             o += 1
-        for k in range(p, q):
-            out[o] = buf[k]
-            names[no] = buf[k]
-            o += 1
-            no += 1
+        _copy(buf, p, out, o, q - p)
+        _copy(buf, p, names, no, q - p)
+        o += q - p
+        no += q - p
         out[o] = 44
         o += 1
-        seq = o + 21
-        s = seq
-        k = body
-        at_next = k < n_bytes and buf[k] == 62  # no sequence lines: the next record follows
-        while not at_next and k < n_bytes:
-            c = buf[k]
-            v = table[c]
-            if v != 0:
-                out[s] = v
-                s += 1
-                k += 1
-                continue
-            if c == 10:
-                k += 1
-                if k < n_bytes and buf[k] == 62:
-                    break
-                continue
-            if c == 13 and (k + 1 == n_bytes or buf[k + 1] == 10):
-                k += 1
-                continue
-            err[0] = BAD_SEQUENCE_BYTE
-            err[1] = k
-            err[2] = n
-            return n
-        end = min(k, n_bytes)
-        length = s - seq
-        o = _write_int(out, o, length)
+        o = _write_int(out, o, s)
         out[o] = 44
         o += 1
-        for j in range(length):  # moves left: a forward copy is safe
-            out[o + j] = out[seq + j]
-        o += length
+        _copy(seq, 0, out, o, s)
+        o += s
         out[o] = 10
         o += 1
         n += 1
@@ -291,15 +380,16 @@ def convert_block(data, base_offset: int, url: str, *, uppercase: bool, first_id
     buf = as_array(data)
     n_max = count_records(buf) + 1
     out = np.empty(len(buf) + _ROW_OVERHEAD * n_max, dtype=np.uint8)
+    seq = np.empty(len(buf) + CHUNK_BYTES, dtype=np.uint8)
     row_starts = np.empty(n_max + 1, dtype=np.int64)
     names = np.empty(len(buf), dtype=np.uint8)
     name_starts = np.empty(n_max + 1, dtype=np.int64)
     headers = np.empty(n_max, dtype=np.int64)
     err = np.zeros(3, dtype=np.int64)
     n = _convert(
-        buf, base_offset == 0, _SEQ_UPPER if uppercase else _SEQ_KEEP, _NAME_CLASS,
+        buf, base_offset == 0, uppercase, _NAME_CLASS,
         first_id if first_id is not None else 0, first_id is not None,
-        out, row_starts, names, name_starts, headers, err,
+        out, seq, row_starts, names, name_starts, headers, err,
     )
     if err[0] != OK:
         raise _error(buf, base_offset, url, int(err[0]), int(err[1]), headers[int(err[2])] if err[0] != TEXT_BEFORE_HEADER else 0)

@@ -71,3 +71,13 @@ def test_formats_smoke(bench):
     table = (bench / "formats.md").read_text()
     assert "| esm2nv + bionemo2 + hf |" in table and "byte-identical in every run: yes" in table
     assert "merge, the single writer" in table and (bench / "formats.png").stat().st_size > 0
+
+
+def test_kernel_study_smoke(bench):
+    """The kernel before and now on the same tiny blocks: identical rows and counts."""
+    from benchmarks import kernel
+
+    kernel.main(["--clusters", "300", "--block-size", "16KiB", "--blocks", "2", "--repeats", "1"])
+    table = (bench / "kernel.md").read_text()
+    assert "Rows and counts identical between before and now: yes" in table and "Study run time:" in table
+    assert "| 60 columns | convert, now |" in table and (bench / "kernel.png").stat().st_size > 0

@@ -38,9 +38,9 @@ line_starts = st.sampled_from([b"", b"+", b"@", b";", b"#", b"!", b"0", b"a"])
 
 
 @st.composite
-def sequences(draw) -> bytes:
+def sequences(draw, long_ones: bool = True) -> bytes:
     """Short (0-13), medium, or over 100,000 characters, any legal byte, lower case too."""
-    kind = draw(st.sampled_from(["short"] * 4 + ["medium"] * 3 + ["long"]))
+    kind = draw(st.sampled_from(["short"] * 4 + ["medium"] * 3 + ["long"] * long_ones))
     if kind == "short":
         return draw(legal_text.map(lambda b: b[: draw(st.integers(0, 13))]))
     chunk = draw(legal_text.filter(bool))
@@ -49,13 +49,13 @@ def sequences(draw) -> bytes:
 
 
 @st.composite
-def fasta_files(draw) -> bytes:
+def fasta_files(draw, long_ones: bool = True) -> bytes:
     out = []
     if draw(st.booleans()):
         out.append(draw(st.sampled_from([b"\n", b"\n\n", b"\r\n", b" \n"])))  # blank lines first
     for _ in range(draw(st.integers(0, 8))):
         out.append(b">" + draw(names) + draw(descriptions) + draw(st.sampled_from([b"\n", b"\r\n"])))
-        seq = draw(st.sampled_from([b"", b"+", b"@", b";", b"#"])) + draw(sequences())
+        seq = draw(st.sampled_from([b"", b"+", b"@", b";", b"#"])) + draw(sequences(long_ones))
         width = draw(st.integers(1, 90))
         for i in range(0, len(seq), width):
             line = seq[i : i + width]
@@ -212,3 +212,115 @@ def test_a_range_whose_count_differs_is_an_error(tmp_path):
     with pytest.raises(InputError) as err:
         tasks._convert(byte_range, {}, uppercase=True, first_id=1, expected=3)
     assert err.value.where == "bytes 0-12" and "2 records parsed but 3 counted" in err.value.message
+
+
+# ------------------------------------------------------------------ the kernel's fast paths
+# The kernel validates and copies CHUNK_BYTES at a time and finishes a chunk that holds a
+# line end or a bad byte byte by byte; names and header line ends are found a chunk at a
+# time too. These tests put every line length, every bad byte and every byte value at
+# every place relative to those chunks, and at the block's end.
+
+from esm2dask.kernel import CHUNK_BYTES  # noqa: E402
+
+#: Every line length from empty to past two chunks.
+LINE_LENGTHS = range(0, 2 * CHUNK_BYTES + 2)
+
+
+def _legal_line(length: int, salt: int) -> bytes:
+    """``length`` legal bytes, lower case and ``> + @ ; #`` included, none of them the same
+    pattern for two salts."""
+    return bytes(LEGAL_BYTES[(salt * 7 + i * 13) % len(LEGAL_BYTES)] for i in range(length))
+
+
+def _outcome(data: bytes, uppercase: bool):
+    """The oracle's rows, or ('error', byte offset); the kernel's the same way."""
+    try:
+        want = csv_rows(parse_fasta_bytes(data, uppercase))
+    except OracleError as err:
+        want = ("error", err.offset)
+    try:
+        got = bytes(convert_block(data, 0, "f.fa", uppercase=uppercase, first_id=1).rows.data)
+    except InputError as err:
+        assert err.path == "f.fa"
+        got = ("error", int(err.where.split(",")[0].removeprefix("byte ")))
+    return want, got
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_lines_of_every_length_around_the_chunk_width(eol):
+    """Records whose lines have every length 0..2×chunk+1, alone, wrapped, and at the end
+    of the block with and without a final line end, both cases."""
+    for length in LINE_LENGTHS:
+        lines = [_legal_line(length, salt).replace(b">", b"+") for salt in range(3)]
+        wrapped = b">w" + eol + eol.join(lines) + eol
+        single = b">s desc" + eol + lines[0] + eol
+        for data in (single + wrapped, wrapped + single, single + wrapped.rstrip(b"\r\n"),
+                     wrapped + b">last" + eol + lines[1], b">h" * 0 + single.rstrip(b"\r\n")):
+            for uppercase in (True, False):
+                want, got = _outcome(data, uppercase)
+                assert got == want, (length, data)
+                assert count_records(as_array(data)) == data.count(b"\n>") + 1
+
+
+def test_names_and_descriptions_of_every_length_around_the_chunk_width():
+    for length in range(1, 2 * CHUNK_BYTES + 2):
+        name = _legal_line(length, length)
+        for data in (b">" + name, b">" + name + b"\n", b">" + name + b"\r\nAC\n",
+                     b">" + name + b" " + b"d" * length + b"\nAC\n>b\nGG",
+                     b">a\tx\n>" + name + b"\x0c" + b"\xff" * length):
+            for uppercase in (True, False):
+                want, got = _outcome(data, uppercase)
+                assert got == want, (length, data)
+
+
+#: One of each kind of illegal byte: control, space, the two CSV bytes, DEL, non-ASCII.
+ILLEGAL_SAMPLES = b"\x00\x01\t\x0b\x0c \x1f,\"\x7f\x80\xc3\xff"
+
+
+@pytest.mark.parametrize("length", [1, 2, CHUNK_BYTES - 1, CHUNK_BYTES, CHUNK_BYTES + 1, 2 * CHUNK_BYTES + 1, 100])
+def test_an_illegal_byte_at_every_position_of_a_line(length):
+    """The error names the same byte as the oracle (the first bad byte of the file) for
+    every position of a sequence line or a name, every kind of bad byte, and a stray \\r."""
+    line = _legal_line(length, 1).replace(b">", b"+")
+    head = b">first\nACDE\n>rec desc\n"
+    for at in range(length):
+        for bad_byte in ILLEGAL_SAMPLES + b"\r":
+            bad_line = line[:at] + bytes([bad_byte]) + line[at + 1 :]
+            trailing_cr = bad_byte == 13 and at == length - 1  # legal: one trailing \r
+            cases = [(head + bad_line + b"\n" + line + b"\n", len(head) + at),
+                     (head + line + b"\n" + bad_line, len(head) + length + 1 + at)]
+            if bad_byte not in b"\t\x0b\x0c \r":  # these would end the name
+                cases.append((b">" + bad_line + b"\nAC\n", 1 + at))
+            for data, offset in cases:
+                want, got = _outcome(data, True)
+                assert got == want == (csv_rows(parse_fasta_bytes(data, True)) if trailing_cr else ("error", offset)), (at, bad_byte, data)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fasta_files(long_ones=False), st.integers(0, 255), st.integers(0, 10**9), st.booleans())
+def test_every_byte_value_at_any_position(data, value, where, uppercase):
+    """Any byte value (0..255) put anywhere: the kernel agrees with the oracle, rows or
+    the byte of the error."""
+    assume(data)
+    at = where % len(data)
+    changed = data[:at] + bytes([value]) + data[at + 1 :]
+    want, got = _outcome(changed, uppercase)
+    assert got == want
+
+
+def test_every_byte_value_at_each_chunk_edge():
+    """Each of the 256 byte values at the places where a chunk starts or ends, in a name,
+    a description and a sequence line (deterministic, so every value is seen)."""
+    seq = _legal_line(3 * CHUNK_BYTES, 5).replace(b">", b"+")
+    name = _legal_line(2 * CHUNK_BYTES, 9).replace(b">", b"+")
+    data = b">" + name + b" desc\n" + seq + b"\n" + seq[:50] + b"\r\n>n2\n" + seq
+    body = data.index(b"\n") + 1
+    places = {0, 1, 2, CHUNK_BYTES, CHUNK_BYTES + 1, 2 * CHUNK_BYTES, 2 * CHUNK_BYTES + 1, 2 * CHUNK_BYTES + 2,
+              body - 1, body, body + CHUNK_BYTES - 1, body + CHUNK_BYTES, body + 2 * CHUNK_BYTES,
+              body + len(seq), body + len(seq) + 1, body + len(seq) + 51, len(data) - CHUNK_BYTES, len(data) - 1}
+    for at in sorted(places):
+        for value in range(256):
+            changed = data[:at] + bytes([value]) + data[at + 1 :]
+            for uppercase in (True, False):
+                want, got = _outcome(changed, uppercase)
+                assert got == want, (at, value)

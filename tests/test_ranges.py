@@ -109,3 +109,36 @@ def test_arrow_slices_read_the_same_locally_and_from_a_remote_store(tmp_path):
             for url in (local, remote):
                 got = tasks.read_slices([tasks.Slice(url, lo, hi)], {})
                 assert got.equals(want), (url, lo, hi)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(records, st.integers(1, 70), st.booleans(), st.integers(1, 300))
+def test_the_count_task_maps_a_local_file_and_counts_what_each_range_owns(tmp_path, recs, width, crlf, partition):
+    """``count_fasta`` maps a local file: range by range, its counts are the records the
+    kernel parses from the same range read into memory, and they sum to the file's."""
+    from esm2dask.tasks import count_fasta
+
+    data = render(recs, width, crlf)
+    path = tmp_path / "f.fa"
+    path.write_bytes(data)
+    counts = []
+    with open(path, "rb") as f:
+        for r in plan_ranges(str(path), len(data), partition):
+            _, block = read_owned_bytes(f, r)
+            counts.append(count_fasta(r, {}))
+            assert counts[-1] == len(convert_block(block, 0, "f.fa", uppercase=False, first_id=None))
+    assert sum(counts) == len(recs)
+
+
+def test_the_count_task_refuses_a_file_that_shrank(tmp_path):
+    import pytest
+
+    from esm2dask.tasks import count_fasta
+
+    path = tmp_path / "f.fa"
+    path.write_bytes(b">a\nAC\n>b\nGG\n")
+    byte_range = ByteRange(str(path), 0, 12, 0, 12)
+    assert count_fasta(byte_range, {}) == 2
+    path.write_bytes(b">a\nAC\n")
+    with pytest.raises(OSError, match="short read at byte 0"):
+        count_fasta(byte_range, {})
