@@ -27,6 +27,7 @@ merges one block of consecutive positions from every range and writes its pieces
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
@@ -92,6 +93,16 @@ class MappingReceipt:
     #: hash bucket begins in them
     hash_urls: dict = field(default_factory=dict)
     hash_bounds: dict = field(default_factory=dict)
+    #: :func:`content_digest` of the bytes the range owns, as this task read them
+    digest: str = ""
+
+
+@dataclass
+class CountReceipt:
+    """Records one FASTA range owns, and the :func:`content_digest` of its bytes as read."""
+
+    n_records: int
+    digest: str = ""
 
 
 @dataclass
@@ -133,7 +144,7 @@ class ScatterReceipt:
 
 
 #: what ``--resume`` may read back (as JSON data, never code): one line per new receipt type
-receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt)
+receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt, CountReceipt)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -203,6 +214,22 @@ def _read_range(byte_range: ByteRange, storage_options: dict, marker: bytes = b"
     fs, path = storage.get_fs(byte_range.url, storage_options)
     with fs.open(path, "rb") as f:
         return read_owned_bytes(f, byte_range, marker)
+
+
+def content_digest(url: str, data) -> str:
+    """BLAKE2b-128 of the bytes a range owns, for a local input: what ``--resume`` compares
+    to know that the bytes earlier tasks read are the bytes there now (an edit in place,
+    even of the same size and with the mtime put back, changes it). Empty for an object
+    store, whose ETag/version already changes with every write."""
+    if not storage.is_local(url):
+        return ""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b">") -> str:
+    """:func:`content_digest` of the bytes ``byte_range`` owns now."""
+    _, data = _read_range(byte_range, storage_options, marker)
+    return content_digest(byte_range.url, data)
 
 
 def _labels(routing: Routing) -> np.ndarray | None:
@@ -345,7 +372,8 @@ def scan_mapping(
     _write_ipc(clusters_url, block.clusters, storage_options)
     _write_ipc(members_url, block.members, storage_options)
     receipt = MappingReceipt(
-        byte_range.index, clusters_url, members_url, len(block.clusters), len(block.members)
+        byte_range.index, clusters_url, members_url, len(block.clusters), len(block.members),
+        digest=content_digest(byte_range.url, data),
     )
     for kind, frame in (("clusters", block.clusters), ("members", block.members)):
         hashes = np.sort(frame["id"].hash(seed=0).to_numpy())
@@ -357,10 +385,11 @@ def scan_mapping(
     return receipt
 
 
-def count_fasta(byte_range: ByteRange, storage_options: dict) -> int:
-    """Number of records ``byte_range`` owns (the kernel's count, at memory speed)."""
+def count_fasta(byte_range: ByteRange, storage_options: dict) -> CountReceipt:
+    """Number of records ``byte_range`` owns (the kernel's count, at memory speed), and the
+    digest of the bytes counted."""
     _, data = _read_range(byte_range, storage_options)
-    return count_records(as_array(data))
+    return CountReceipt(count_records(as_array(data)), content_digest(byte_range.url, data))
 
 
 def write_counts(
