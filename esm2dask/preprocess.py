@@ -410,7 +410,8 @@ class _Run:
             self.esm2nv_files = []
         # what is published: the files the run built, named from the plan (never a listing)
         self.staging.expected = self.esm2nv_files + [
-            f"{rel}/{hf_part_name(i)}" for rel, entry in self.layouts.items() for i in range(entry["files"])
+            f"{rel}/{hf_part_name(i)}" for rel, entry in self.layouts.items() if "files" in entry
+            for i in range(entry["files"])
         ] + [rel for rel, entry in self.layouts.items() if "files" not in entry]
         return rows, sizes_out, reports
 

@@ -140,8 +140,11 @@ def _remove_temporaries(folder: str) -> int:
     for root, _, files in os.walk(folder):
         for name in files:
             if name.endswith(TMP_SUFFIX):
-                os.unlink(os.path.join(root, name))
-                removed += 1
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:  # its writer (a task of the killed run) just renamed it
+                    pass
     return removed
 
 
@@ -649,6 +652,8 @@ class Staging:
                     f"{self.previous_dir}, the new tree in {self.tree_dir}; run the same command with --resume "
                     f"to finish"
                 ) from None
+            if self.local:
+                _remove_empty_dirs(storage.local_path(out_path))  # folders the switch made for new files
             if not isinstance(err, Exception):
                 raise
             raise PublishError(
