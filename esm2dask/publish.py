@@ -21,6 +21,12 @@ the next ``--resume`` undoes the half switch first.
 Files that no manifest lists (a user's notes in ``uf50/train/``, a folder written by
 something else) are never removed or replaced: the run refuses before it starts.
 
+Nothing outside OUT is touched: every name read back from an output (the manifest, the
+journal, the record of input copies, a receipt's files) is checked to be a plain relative
+path inside it (:func:`checked_name`), and no symbolic link under OUT is followed (each part
+``lstat``-ed; a staging folder holding a link is never resumed). One run at a time holds OUT
+(:class:`OutputLock`); a half switch left by a killed run is undone before anything else.
+
 ``--resume`` picks up the newest staging folder whose plan (parameters, and each input's
 identity: size, mtime and inode, or ETag/version) equals the current one. One whose plan
 differs is refused with what changed; ``--resume`` with nothing to resume is refused unless
@@ -302,16 +308,20 @@ class OutputLock:
 
     def _take_lease(self) -> None:
         fs, path = storage.get_fs(self.url, self.so)
-        for attempt in range(2):
-            try:
-                self._put_lease(fs, path, create=True)
-                break
-            except FileExistsError:
-                holder = _read_json(fs, path)
-                expired = not isinstance(holder, dict) or float(holder.get("expires", 0)) < _now()
-                if not expired or attempt:
-                    raise self._refusal(holder) from None
-                fs.rm(path)  # best effort: a lease nobody renewed (its run was killed)
+        try:
+            for attempt in range(2):
+                try:
+                    self._put_lease(fs, path, create=True)
+                    break
+                except FileExistsError:
+                    holder = _read_json(fs, path)
+                    expired = not isinstance(holder, dict) or _float(holder.get("expires")) < _now()
+                    if not expired or attempt:
+                        raise self._refusal(holder) from None
+                    fs.rm(path)  # best effort: a lease nobody renewed (its run was killed)
+        except OSError as err:
+            raise OutputError(f"{self.output_dir}: cannot write the output location's lease ({_short(err)}); "
+                              f"does the bucket exist, and may these credentials write there?") from None
         self._renewer = _Renewer(self, fs, path)
         self._renewer.start()
 
@@ -372,6 +382,13 @@ class _Renewer:
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _now() -> float:

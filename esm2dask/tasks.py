@@ -217,13 +217,14 @@ def _read_range(byte_range: ByteRange, storage_options: dict, marker: bytes = b"
 
 
 def content_digest(url: str, data) -> str:
-    """BLAKE2b-128 of the bytes a range owns, for a local input: what ``--resume`` compares
+    """SHA-256 of the bytes a range owns, for a local input (SHA-NI makes it hashlib's
+    fastest here, see ``benchmarks/results/digest_cost.md``): what ``--resume`` compares
     to know that the bytes earlier tasks read are the bytes there now (an edit in place,
     even of the same size and with the mtime put back, changes it). Empty for an object
     store, whose ETag/version already changes with every write."""
     if not storage.is_local(url):
         return ""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b">") -> str:
