@@ -38,7 +38,7 @@ from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_nam
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
-from .publish import OutputLock, StaleStaging, Staging
+from .publish import OutputLock, StaleStaging, Staging, refuse_output_in_input
 from .ranges import ByteRange
 from .tasks import Routing, Slice, Target
 
@@ -569,6 +569,7 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
     start = time.perf_counter()
     inputs = input_sizes(config)
     plan = make_plan(config, inputs)  # refuses a partition size that makes too many tasks
+    refuse_output_in_input(config)  # before the lock file is made there
     with OutputLock.acquire(config.output_dir, config.storage_options):
         try:
             return _preprocess_locked(config, reporter, start, inputs, plan)

@@ -304,7 +304,15 @@ class OutputLock:
         except OSError as err:
             if self._fd is None and self.created_output:
                 _rmdir_quietly(out)
-            raise OutputError(f"{self.output_dir}: cannot lock the output folder ({_short(err)})") from None
+            if os.path.lexists(out) and not os.path.isdir(out):
+                why = "it exists and is not a folder; choose another --output-dir"
+            elif isinstance(err, PermissionError):
+                why = "permission denied; choose a folder you may write"
+            elif storage.is_no_space(err):
+                why = "no space left on the output file system"
+            else:
+                why = f"cannot create {path} there ({err.strerror or 'I/O error'})"
+            raise OutputError(f"{self.output_dir}: {why}") from None
 
     def _take_lease(self) -> None:
         fs, path = storage.get_fs(self.url, self.so)
@@ -440,6 +448,17 @@ def input_copies(config) -> list[tuple[str, str]]:
     return out
 
 
+def refuse_output_in_input(config) -> None:
+    """OUT may not be the input folder or inside it (checked before the lock is taken there)."""
+    out = config.output_dir
+    if storage.is_local(out) and storage.is_local(config.raw_dir):
+        if _inside(storage.local_path(out), storage.local_path(config.raw_dir)):
+            raise OutputError(
+                f"{out}: the output folder may not be the input folder or inside it "
+                f"(esm2dask never writes into {config.raw_dir}); choose another --output-dir"
+            )
+
+
 class Staging:
     """The hidden folder (or prefix) one run writes into before publishing."""
 
@@ -470,12 +489,7 @@ class Staging:
         out = config.output_dir
         so = config.storage_options
         fs, out_path = storage.get_fs(out, so)
-        if storage.is_local(out) and storage.is_local(config.raw_dir):
-            if _inside(storage.local_path(out), storage.local_path(config.raw_dir)):
-                raise OutputError(
-                    f"{out}: the output folder may not be the input folder or inside it "
-                    f"(esm2dask never writes into {config.raw_dir}); choose another --output-dir"
-                )
+        refuse_output_in_input(config)
         try:
             fs.invalidate_cache(out_path)
             listing = fs.ls(out_path, detail=False) if fs.exists(out_path) else []

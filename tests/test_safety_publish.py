@@ -503,3 +503,15 @@ def test_resume_refuses_an_input_edited_in_place_with_its_mtime_put_back(raw, tm
     fresh = tmp_path / "fresh"
     run_preprocess(raw, fresh, cluster_config)
     assert tree_digest(out) == tree_digest(fresh) and not _stagings(out)
+
+
+def test_the_lock_is_never_made_in_the_input_folder_or_over_a_file(raw, tmp_path, dask_cluster):
+    before = _snapshot(raw)
+    line = _one_error_line(_preprocess_cli(raw, raw / "out", dask_cluster))
+    assert "may not be the input folder or inside it" in line
+    assert _snapshot(raw) == before and not (raw / LOCK_NAME).exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    line = _one_error_line(_preprocess_cli(raw, a_file, dask_cluster))
+    assert f"{a_file}: it exists and is not a folder" in line, line
+    assert a_file.read_text() == "mine\n"
