@@ -56,6 +56,17 @@ def parse_formats(values: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f in names)
 
 
+def has_own_test_split(split: str, val: str, test: str) -> bool:
+    """Whether a run writes test data of its own, beside validation: a random split
+    draws both; a FASTA split converts one FASTA into both unless ``--test`` names
+    another. The rule every layout (and ``verify``, and ``--plan``) follows.
+
+    >>> has_own_test_split("fasta", "v.fasta", "v.fasta"), has_own_test_split("random", "v", "v")
+    (False, True)
+    """
+    return split == "random" or test != val
+
+
 #: The smallest --memory-limit that leaves a worker room to work (a worker process alone
 #: takes ~150 MB; a 64 MiB range needs ~0.5 GB at its peak, benchmarks/results/partition_sweep.md).
 MIN_MEMORY_LIMIT = 256 * 2**20
@@ -205,6 +216,22 @@ class PreprocessConfig:
             raise ConfigError(f"--seed must be 0 or more, not {self.seed}")
         if self.val_size < 0 or self.test_size < 0:
             raise ConfigError("--val-size and --test-size must be 0 or more")
+
+    @property
+    def has_own_test_split(self) -> bool:
+        """See :func:`has_own_test_split`."""
+        return has_own_test_split(self.split, self.val, self.test)
+
+    def input_roles(self) -> dict[str, str]:
+        """The inputs this run reads, by role, in reading order: the mapping and both
+        train FASTAs always; the validation FASTA (and a separate test FASTA) only with
+        ``--split fasta``, since the random split draws val/test from the clusters."""
+        roles = {"mapping": self.mapping, "uf50": self.uf50, "uf90": self.uf90}
+        if self.split == "fasta":
+            roles["val"] = self.val
+            if self.test != self.val:
+                roles["test"] = self.test
+        return roles
 
     @classmethod
     def from_options(

@@ -50,3 +50,20 @@ class Interrupted(Esm2DaskError):
     """Ctrl-C: the run stopped; the message says what was kept and how to go on."""
 
     exit_code = 130
+
+
+def describe_os_error(err: OSError) -> str:
+    """An I/O failure in words, naming the file: ``/out/x.csv: no space left on device``;
+    never the exception's class name or its ``[Errno N]`` prefix.
+
+    >>> describe_os_error(FileNotFoundError(2, "No such file or directory", "/raw/a.fasta"))
+    '/raw/a.fasta: no such file or directory'
+    >>> describe_os_error(OSError("connection reset"))
+    'connection reset'
+    """
+    what = err.strerror or (str(err.args[0]) if err.args else "input/output error")
+    what = what[:1].lower() + what[1:]
+    where = err.filename if err.filename is not None else None
+    if where is not None and err.filename2 is not None:
+        where = f"{where} -> {err.filename2}"
+    return f"{where}: {what}" if where is not None else what

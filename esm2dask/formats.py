@@ -391,9 +391,10 @@ def write_bionemo2_eval(shard_urls: list[str], clusters_url: str, db_url: str,
     return [Written(clusters_url, len(frame), clusters_bytes), Written(db_url, len(records), db_bytes)]
 
 
-def write_hf_eval_part(part: ShardPart, out_url: str, storage_options: dict) -> Written:
-    """One ``hf/validation`` (``hf/test``) part: ``ur50_id``, ``ur90_id`` null, ``sequence`` upper-cased."""
-    frame = read_shard_rows(part.shard_url, part.row_lo, part.n_rows, storage_options)
+def write_hf_eval_part(pieces: list[ShardPart], out_url: str, storage_options: dict) -> Written:
+    """One ``hf/validation`` (``hf/test``) part from consecutive shard rows (``pieces``, in
+    row order): ``ur50_id``, ``ur90_id`` null, ``sequence`` upper-cased."""
+    frame = pl.concat([read_shard_rows(p.shard_url, p.row_lo, p.n_rows, storage_options) for p in pieces])
     table = _string_table(frame.select(
         pl.col("record_name").alias("ur50_id"),
         pl.lit(None, dtype=pl.String).alias("ur90_id"),
@@ -427,11 +428,34 @@ def hf_part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def plan_row_parts(n_rows: int, num_files: int, max_rows: int) -> list[list[tuple[int, int, int]]]:
+    """The pieces ``(shard, row_lo, n_rows)`` of every part when a split's rows are cut
+    into the fewest parts of at most ``max_rows`` rows, whatever the shards: 50 rows in
+    50 shards make one part of 50 pieces; no part is empty, none is made for no rows.
+
+    >>> plan_row_parts(5, 5, max_rows=3)
+    [[(0, 0, 1), (1, 0, 1), (2, 0, 1)], [(3, 0, 1), (4, 0, 1)]]
+    >>> plan_row_parts(0, 50, max_rows=3)
+    []
+    """
+    shards = shard_bounds(n_rows, num_files)
+    cuts = shard_bounds(n_rows, math.ceil(n_rows / max_rows)) if n_rows else np.zeros(1, dtype=np.int64)
+    parts = []
+    for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        pieces = []
+        for shard in range(num_files):
+            a, b = max(lo, int(shards[shard])), min(hi, int(shards[shard + 1]))
+            if a < b:
+                pieces.append((shard, a - int(shards[shard]), b - a))
+        parts.append(pieces)
+    return parts
+
+
 def eval_splits(config) -> list[tuple[str, str, str, str]]:
     """``(esm2nv folder, hf split, bionemo2 clusters file, bionemo2 database)`` of each
     evaluation split to write: validation, and test where it is its own data."""
     splits = [(UF50_VAL, "validation", "valid_clusters.parquet", "validation.db")]
-    if config.split == "random" or config.test != config.val:
+    if config.has_own_test_split:
         splits.append((UF50_TEST, "test", "test_clusters.parquet", "test.db"))
     return splits
 
@@ -538,11 +562,12 @@ class _Derivation:
 
     def hf(self, out: dict) -> None:
         for split_dir, split, _, _ in eval_splits(self.cfg):
-            parts = plan_parts(self.rows[split_dir], self.cfg.num_csv_files, PART_ROWS)
+            # parts sized by rows, not by esm2nv shard: 50 validation rows are one part
+            parts = plan_row_parts(self.rows[split_dir], self.cfg.num_csv_files, PART_ROWS)
             self._later(f"hf-{split}", write_hf_eval_part, [
-                (ShardPart(i, self._shard_url(split_dir, k), lo, n),
+                ([ShardPart(i, self._shard_url(split_dir, k), lo, n) for k, lo, n in pieces],
                  storage.join(self.tree, HF_DIR, split, hf_part_name(i)), self.so)
-                for i, (k, lo, n) in enumerate(parts)
+                for i, pieces in enumerate(parts)
             ], lambda results, split=split: self._record(out, results, f"{HF_DIR}/{split}"))
 
     def finish(self, out: dict) -> None:

@@ -101,16 +101,6 @@ class RunPlan:
         return d
 
 
-def input_roles(config: PreprocessConfig) -> dict[str, str]:
-    """The inputs a run reads, by role; the test FASTA only when it is not the val one."""
-    roles = {"mapping": config.mapping, "uf50": config.uf50, "uf90": config.uf90}
-    if config.split == "fasta":
-        roles["val"] = config.val
-        if config.test != config.val:
-            roles["test"] = config.test
-    return roles
-
-
 def input_sizes(config: PreprocessConfig) -> dict[str, int]:
     """The size of every input (each checked: there, not empty, not compressed).
 
@@ -118,7 +108,7 @@ def input_sizes(config: PreprocessConfig) -> dict[str, int]:
     """
     raw = config.raw_dir
     if storage.is_local(raw) and not os.path.isdir(storage.local_path(raw)):
-        missing = [u for u in input_roles(config).values() if u.startswith(raw + "/")]
+        missing = [u for u in config.input_roles().values() if u.startswith(raw + "/")]
         if missing:
             if raw == os.environ.get("ESM2DASK_RAW_DIR", "").rstrip("/"):
                 why = "RAW_DIR was not given, so it came from $ESM2DASK_RAW_DIR"
@@ -128,7 +118,7 @@ def input_sizes(config: PreprocessConfig) -> dict[str, int]:
             else:
                 why = "the RAW_DIR argument"
             raise InputError(raw, "", f"no such folder ({why}); pass the raw folder: esm2dask preprocess RAW_DIR")
-    return {url: storage.check_input_file(url, config.storage_options) for url in dict.fromkeys(input_roles(config).values())}
+    return {url: storage.check_input_file(url, config.storage_options) for url in dict.fromkeys(config.input_roles().values())}
 
 
 def _checked_ranges(role: str, url: str, size: int, partition_bytes: int) -> list[ByteRange]:
@@ -159,7 +149,7 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
     """
     cpu_count = cpu_count or storage.cpu_count()
     part = config.partition_bytes
-    roles = input_roles(config)
+    roles = config.input_roles()
     inputs = tuple(
         InputPlan(role, url, sizes[url], tuple(_checked_ranges(role, url, sizes[url], part)))
         for role, url in roles.items()
@@ -203,10 +193,10 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
         files = []  # built in the staging folder for the other layouts, not published
     if "bionemo2" in config.formats:
         files.append("bionemo2/train_clusters.parquet, train.db, valid_clusters.parquet, validation.db"
-                     + (", test_clusters.parquet, test.db" if config.split == "random" else ""))
+                     + (", test_clusters.parquet, test.db" if config.has_own_test_split else ""))
     if "hf" in config.formats:
         files.append("hf/train/part-NNNNN.parquet, hf/validation/part-NNNNN.parquet"
-                     + (", hf/test/part-NNNNN.parquet" if config.split == "random" else ""))
+                     + (", hf/test/part-NNNNN.parquet" if config.has_own_test_split else ""))
     files += [MANIFEST_NAME, RunLog.NAME]
     if config.copy_inputs:
         names = sorted({u.rstrip("/").rsplit("/", 1)[-1] for u in roles.values()})

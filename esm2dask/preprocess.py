@@ -38,7 +38,7 @@ from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_nam
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
-from .publish import OutputLock, StaleStaging, Staging, refuse_output_in_input
+from .publish import OutputLock, StaleStaging, Staging, input_copies, refuse_output_in_input
 from .ranges import ByteRange
 from .tasks import Routing, Slice, Target
 
@@ -567,7 +567,10 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
     One run at a time per output folder: a second is refused (:class:`OutputLock`)."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
-    inputs = input_sizes(config)
+    inputs = input_sizes(config)  # every input the run reads: there, readable, not empty
+    for url, _ in input_copies(config):  # and what it copies beside the tree (the raw README)
+        if url not in inputs:
+            storage.read_head(url, 1, config.storage_options)
     plan = make_plan(config, inputs)  # refuses a partition size that makes too many tasks
     refuse_output_in_input(config)  # before the lock file is made there
     with OutputLock.acquire(config.output_dir, config.storage_options):

@@ -47,7 +47,7 @@ import numpy as np
 
 from . import storage
 from .config import RAW_README
-from .errors import Esm2DaskError, OutputError
+from .errors import Esm2DaskError, OutputError, describe_os_error
 from .layout import LOCK_NAME, MANIFEST_NAME, STAGING_PREFIX, TMP_SUFFIX, TOP_DIRS
 from .logs import RunLog
 
@@ -432,7 +432,9 @@ def input_copies(config) -> list[tuple[str, str]]:
     """(source URL, name in OUT) of each raw input this run copies beside the tree."""
     if not config.copy_inputs:
         return []
-    inputs = [config.uf50, config.uf90, config.mapping, config.val, config.test]
+    # the inputs this run reads, no others: a random split reads no validation FASTA
+    roles = config.input_roles()
+    inputs = [roles[r] for r in ("uf50", "uf90", "mapping", "val", "test") if r in roles]
     readme = storage.join(config.raw_dir, RAW_README)
     out, seen = [], set()
     for url in dict.fromkeys([*inputs, readme]):
@@ -864,9 +866,9 @@ class Staging:
             )
             return err
         kept = f"the finished part is kept in {self.root}: once the cause is fixed, --resume continues"
-        if isinstance(err, OSError):  # an I/O failure: one line
-            return OutputError(f"{self.output_dir}: {type(err).__name__}: {_short(err)}; nothing was published; {kept}")
-        reporter.message(f"failed: {type(err).__name__}: {_short(err)}; nothing was published; {kept}")
+        if isinstance(err, OSError):  # an I/O failure: one line, in words
+            return OutputError(f"{self.output_dir}: {describe_os_error(err)}; nothing was published; {kept}")
+        reporter.message(f"failed: {_short(err)}; nothing was published; {kept}")
         return err
 
     def discard(self) -> None:

@@ -113,14 +113,26 @@ def file_size(url: str, storage_options: dict[str, Any] | None = None) -> int:
     return int(info["size"])
 
 
+def read_head(url: str, n_bytes: int, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The first bytes of a file: proof, before a cluster starts, that it can be read."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read(n_bytes)
+    except PermissionError:
+        raise InputError(url, "", "cannot be read: permission denied (check its mode and owner)") from None
+    except IsADirectoryError:
+        raise InputError(url, "", "is a directory, expected a file") from None
+    except FileNotFoundError:
+        raise InputError(url, "", "no such file (or no such bucket)") from None
+
+
 def check_input_file(url: str, storage_options: dict[str, Any] | None = None) -> int:
     """Size of an input file after checking it exists, is not empty and is not compressed."""
     size = file_size(url, storage_options)
     if size == 0:
         raise InputError(url, "byte 0", "file is empty")
-    fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as f:
-        head = f.read(8)
+    head = read_head(url, 8, storage_options)
     for magic, name in COMPRESSED_MAGIC.items():
         if head.startswith(magic):
             raise InputError(

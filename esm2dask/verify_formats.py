@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from . import storage
+from .config import has_own_test_split
 from .formats import PROTEIN_DDL
 from .layout import BIONEMO2_DIR, FORMATS, HF_DIR, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
 
@@ -47,7 +48,7 @@ def _eval_splits(params: dict, fs, root_path: str) -> list[tuple[str, str, str, 
     splits = [(UF50_VAL, "validation", "valid_clusters.parquet", "validation.db")]
     test = (UF50_TEST, "test", "test_clusters.parquet", "test.db")
     if params:
-        if params.get("split") == "random" or params.get("test") != params.get("val"):
+        if has_own_test_split(params.get("split"), params.get("val"), params.get("test")):
             splits.append(test)
     elif fs.exists(storage.join(root_path, BIONEMO2_DIR, test[2])) or fs.exists(storage.join(root_path, HF_DIR, "test")):
         splits.append(test)
