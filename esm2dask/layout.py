@@ -22,6 +22,10 @@ TOP_DIRS = ("uf50", "uf90", BIONEMO2_DIR, HF_DIR)
 
 MANIFEST_NAME = "esm2dask-manifest.json"
 STAGING_PREFIX = ".esm2dask-staging"
+#: held while a run writes OUT (a lock file, or a lease object on an object store)
+LOCK_NAME = ".esm2dask.lock"
+#: the ending of a file being written under a temporary name (``NAME.<pid>-<thread>.tmp``)
+TMP_SUFFIX = ".tmp"
 
 
 def shard_name(index: int) -> str:

@@ -133,6 +133,7 @@ class RunLog:
 
         self.storage_options = storage_options
         self.published = False  # moved next to the manifest: keep() and discard() leave it
+        self.sealed = False  # closed, whole in the staging folder, for the switch to move in
         self.staged_url = storage.join(staging_root, self.NAME)
         self.final_url = storage.join(output_dir, self.NAME)
         self.local = storage.is_local(staging_root)
@@ -167,10 +168,21 @@ class RunLog:
             self._upload(self.final_url)
         return self.final_url
 
+    def seal(self) -> str:
+        """The run is about to publish: close the log and leave it whole in the staging
+        folder, from where the switch moves it next to the manifest with the tree (a failed
+        switch leaves it there, and OUT's previous log in place). Returns its staged URL."""
+        logging.getLogger("esm2dask").info("publishing the log to %s", self.final_url)
+        self._close()
+        if not self.local and not self.sealed:
+            self._upload(self.staged_url)
+        self.sealed = True
+        return self.staged_url
+
     def keep(self) -> None:
         """The run stopped early: leave the log in the staging folder for ``--resume``."""
         self._close()
-        if not self.local and not self.published:
+        if not self.local and not self.published and not self.sealed:
             try:
                 self._upload(self.staged_url)
             except OSError:
@@ -178,7 +190,7 @@ class RunLog:
 
     def discard(self) -> None:
         self._close()
-        if not self.local and not self.published:
+        if not self.local and not self.published and not self.sealed:
             os.unlink(self.path)
 
     def _upload(self, url: str) -> None:

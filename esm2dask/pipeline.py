@@ -95,13 +95,23 @@ def same_files(src: str, dest: str) -> bool:
 
 
 def copy_tree(src: str, dest: str) -> None:
-    """Copy into ``dest`` through a temporary sibling, renamed when complete."""
-    tmp = dest + ".esm2dask-partial"
+    """Copy into ``dest`` through a temporary sibling; then switch: the previous ``dest``
+    is renamed aside, the copy renamed into place, and only then is the previous one
+    removed. A preemption at any point leaves a whole tree at ``dest`` or aside (put back
+    by the next call), never none."""
+    tmp, old = dest + ".esm2dask-partial", dest + ".esm2dask-previous"
+    if os.path.lexists(old):
+        if not os.path.lexists(dest):
+            os.replace(old, dest)  # stopped between the two renames: the previous tree comes back
+        else:
+            shutil.rmtree(old)  # stopped after the switch: the previous tree is no longer needed
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".esm2dask-staging*"))
-    if os.path.exists(dest):
-        shutil.rmtree(dest)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".esm2dask-staging*", ".esm2dask.lock"))
+    if os.path.lexists(dest):
+        os.replace(dest, old)
     os.replace(tmp, dest)
+    if os.path.lexists(old):
+        shutil.rmtree(old)
 
 
 def place_inputs(raw: str, out: str) -> str:

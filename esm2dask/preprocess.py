@@ -19,6 +19,7 @@ Stages (each a set of parallel tasks):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -32,12 +33,12 @@ from . import __version__, receipts, storage, tasks
 from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report
 from .config import PreprocessConfig
 from .errors import ConfigError, Esm2DaskError, Interrupted
-from .formats import SplitLabels, derive_layouts
-from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
+from .formats import SplitLabels, derive_layouts, hf_part_name
+from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
-from .publish import Staging, input_copies
+from .publish import OutputLock, StaleStaging, Staging, input_copies, refuse_output_in_input
 from .ranges import ByteRange
 from .tasks import Routing, Slice, Target
 
@@ -203,7 +204,7 @@ class _Run:
             # progress counts the input bytes a task reads: those of its byte range
             read = args[0].length if isinstance(args[0], ByteRange) else 0
             if receipt.rsplit("/", 1)[-1] in present:
-                handles.append(_Done(receipts.load(receipt, self.so)))
+                handles.append(_Done(receipts.load(receipt, self.so, inside=self.staging.root)))
                 self.reporter.skip(read)
                 self.skipped_read_bytes += read
                 self.skipped_tasks += 1
@@ -261,7 +262,10 @@ class _Run:
             if name != "mapping"
         }
         mapping = self._wait("scan-mapping", mapping_futures)
-        counts = {name: self._wait(f"count-{name}", futs) for name, futs in count_futures.items()}
+        counted = {name: self._wait(f"count-{name}", futs) for name, futs in count_futures.items()}
+        self._check_unchanged(plans, {"mapping": (mapping_futures, mapping),
+                                      **{name: (count_futures[name], got) for name, got in counted.items()}})
+        counts = {name: [c.n_records for c in got] for name, got in counted.items()}
 
         cluster_first = np.concatenate(([0], np.cumsum([m.n_clusters for m in mapping])))
         member_first = np.concatenate(([0], np.cumsum([m.n_members for m in mapping])))
@@ -403,7 +407,43 @@ class _Run:
         self.layouts = derive_layouts(self, mapping, labels, rows, sizes_out)
         if "esm2nv" not in cfg.formats:  # built for the others, not published
             rows, sizes_out = {}, {}
+            self.esm2nv_files = []
+        # what is published: the files the run built, named from the plan (never a listing)
+        self.staging.expected = self.esm2nv_files + [
+            f"{rel}/{hf_part_name(i)}" for rel, entry in self.layouts.items() if "files" in entry
+            for i in range(entry["files"])
+        ] + [rel for rel, entry in self.layouts.items() if "files" not in entry]
         return rows, sizes_out, reports
+
+    def _check_unchanged(self, plans: dict[str, list[ByteRange]], stage1: dict[str, tuple[list, list]]) -> None:
+        """``--resume``: every range whose first-stage receipt an interrupted run left is read
+        again, and the digest of its bytes compared with the one that run recorded as it
+        read them. Any difference (an edit in place, whatever its size and mtime) refuses the
+        staging folder before anything of it is reused."""
+        jobs = []
+        for name, (handles, results) in stage1.items():
+            for rng, handle, result in zip(plans[name], handles, results):
+                if isinstance(handle, _Done) and result.digest:
+                    jobs.append((rng, result.digest, b"" if name == "mapping" else b">"))
+        if not jobs:
+            return
+        futures = []
+        for i, (rng, _, marker) in enumerate(jobs):
+            key = task_key("check-inputs", self._token, i)
+            self._read_bytes[key] = rng.length
+            futures.append(self.client.submit(tasks.range_digest, rng, self.so, marker, key=key, pure=False))
+        extra = sum(rng.length for rng, _, _ in jobs)
+        self.read_bytes += extra
+        self.reporter.grow(extra)
+        now = self._wait("check-inputs", futures)
+        changed = [rng for (rng, digest, _), digest_now in zip(jobs, now) if digest_now != digest]
+        if changed:
+            rng = changed[0]
+            raise StaleStaging(
+                f"{self.config.output_dir}: cannot resume {self.staging.root}: {rng.url} changed since "
+                f"(bytes {rng.start}-{rng.stop} differ from what the interrupted run read, though size and "
+                f"mtime are the same); restore it, or pass --overwrite as well to start over"
+            )
 
     def _join(self, name, ranges: list[ByteRange], counts, mapping, kind, key_first, n_buckets, n_keys, rt,
               report: StreamReport):
@@ -502,6 +542,7 @@ class _Run:
         )
         for (d, _), size in zip(arrays, array_sizes):
             out[d] += size
+        self.esm2nv_files = [f"{d}/{shard_name(k)}" for d, k in jobs] + [f"{d}/{name}.mmap" for d, name in arrays]
         return out
 
     def checksums(self) -> dict[str, str]:
@@ -522,7 +563,8 @@ def _kept_tasks(staging: Staging) -> int:
 
 
 def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> PreprocessResult:
-    """Run the whole conversion and publish ``config.output_dir``; see the module doc."""
+    """Run the whole conversion and publish ``config.output_dir``; see the module doc.
+    One run at a time per output folder: a second is refused (:class:`OutputLock`)."""
     reporter = reporter or Reporter()
     start = time.perf_counter()
     inputs = input_sizes(config)  # every input the run reads: there, readable, not empty
@@ -530,6 +572,19 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
         if url not in inputs:
             storage.read_head(url, 1, config.storage_options)
     plan = make_plan(config, inputs)  # refuses a partition size that makes too many tasks
+    refuse_output_in_input(config)  # before the lock file is made there
+    with OutputLock.acquire(config.output_dir, config.storage_options):
+        try:
+            return _preprocess_locked(config, reporter, start, inputs, plan)
+        except StaleStaging as err:
+            if not (config.resume and config.overwrite):
+                raise
+            reporter.message(f"{err}; starting over")  # --resume --overwrite: resume if possible, else start over
+            return _preprocess_locked(dataclasses.replace(config, resume=False), reporter, start, inputs, plan)
+
+
+def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: float, inputs: dict[str, int],
+                       plan: RunPlan) -> PreprocessResult:
     staging = Staging.create(config, inputs)
     run_log = RunLog(staging.root, config.output_dir, config.storage_options)
     log.info("esm2dask %s: %s -> %s", __version__, config.raw_dir, config.output_dir)
@@ -570,8 +625,9 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
             stage_tasks=run.stage_tasks,
             layouts=run.layouts,
         )
-        result.log_url = run_log.publish()
+        run_log.seal()  # the switch moves it in with the tree, or leaves it in staging
         result.manifest_url = staging.publish(config, result, digests, __version__)
+        result.log_url = run_log.final_url
     except KeyboardInterrupt as err:
         restore_interrupts = restore_interrupts or hold_interrupts()
         run_log.keep()

@@ -21,6 +21,12 @@ the next ``--resume`` undoes the half switch first.
 Files that no manifest lists (a user's notes in ``uf50/train/``, a folder written by
 something else) are never removed or replaced: the run refuses before it starts.
 
+Nothing outside OUT is touched: every name read back from an output (the manifest, the
+journal, the record of input copies, a receipt's files) is checked to be a plain relative
+path inside it (:func:`checked_name`), and no symbolic link under OUT is followed (each part
+``lstat``-ed; a staging folder holding a link is never resumed). One run at a time holds OUT
+(:class:`OutputLock`); a half switch left by a killed run is undone before anything else.
+
 ``--resume`` picks up the newest staging folder whose plan (parameters, and each input's
 identity: size, mtime and inode, or ETag/version) equals the current one. One whose plan
 differs is refused with what changed; ``--resume`` with nothing to resume is refused unless
@@ -34,6 +40,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from dataclasses import asdict
 
 import numpy as np
@@ -41,7 +48,8 @@ import numpy as np
 from . import storage
 from .config import RAW_README
 from .errors import Esm2DaskError, OutputError, describe_os_error
-from .layout import MANIFEST_NAME, STAGING_PREFIX, TOP_DIRS
+from .layout import LOCK_NAME, MANIFEST_NAME, STAGING_PREFIX, TMP_SUFFIX, TOP_DIRS
+from .logs import RunLog
 
 PLAN_NAME = "plan.json"
 JOURNAL_NAME = "switch.json"
@@ -52,6 +60,10 @@ class PublishError(OutputError):
     """The switch into OUT failed; the previous output is back and the staging folder is kept."""
 
 
+class StaleStaging(OutputError):
+    """The staging folder ``--resume`` chose was built from other bytes: refused, and kept."""
+
+
 def _inside(child: str, parent: str) -> bool:
     child, parent = os.path.realpath(child), os.path.realpath(parent)
     return child == parent or child.startswith(parent.rstrip("/") + "/")
@@ -59,6 +71,87 @@ def _inside(child: str, parent: str) -> bool:
 
 def _name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def checked_name(name, where: str) -> str:
+    """``name`` if it is a plain relative path (``uf50/train/x000.csv``): no ``..``, ``.``
+    or empty part, not absolute, no backslash or NUL. Every name read back from an output
+    (manifest, journal, input record) passes here before anything is moved or removed;
+    ``where`` names the file it came from.
+
+    >>> checked_name("uf50/train/x000.csv", "m")
+    'uf50/train/x000.csv'
+    >>> checked_name("../victim.txt", "OUT/esm2dask-manifest.json")
+    Traceback (most recent call last):
+    ...
+    esm2dask.errors.OutputError: OUT/esm2dask-manifest.json: entry '../victim.txt' is not a plain relative path inside the output folder; esm2dask never touches anything outside it: remove the entry (or the whole file) and run again
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not parts or "\\" in name or "\0" in name or name.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise OutputError(
+            f"{where}: entry {name!r} is not a plain relative path inside the output folder; esm2dask "
+            f"never touches anything outside it: remove the entry (or the whole file) and run again"
+        )
+    return name
+
+
+def refuse_links_on_the_way(base: str, rel: str, where: str) -> None:
+    """No symbolic link (nor anything but folders and, last, a regular file) from local
+    folder ``base`` down to ``base/rel``: each part is checked with ``lstat``, never
+    followed. A part that does not exist ends the check."""
+    path = base
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        path = os.path.join(path, part)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        last = i == len(parts) - 1
+        if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or (last and stat.S_ISREG(mode))):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file or folder"
+            raise OutputError(
+                f"{path}: {what} ({where} names {rel!r}); esm2dask never follows links under the "
+                f"output folder: remove it and run again"
+            )
+
+
+def refuse_links_in(folder: str, what: str) -> None:
+    """No symbolic link (or FIFO, device, socket) anywhere in local ``folder``: a staging
+    folder, or a tree about to be published, holds plain files and folders only."""
+    try:
+        top = os.lstat(folder).st_mode
+    except FileNotFoundError:
+        return
+    entries = [folder] if stat.S_ISLNK(top) or not stat.S_ISDIR(top) else []
+    if not entries:
+        for root, dirs, files in os.walk(folder):
+            for name in (*dirs, *files):
+                mode = os.lstat(os.path.join(root, name)).st_mode
+                if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                    entries.append(os.path.join(root, name))
+    if entries:
+        kind = "a symbolic link" if os.path.islink(entries[0]) else "not a plain file or folder"
+        raise OutputError(
+            f"{entries[0]}: {kind} in {what}; esm2dask never follows links under the output folder: "
+            f"remove {folder} and run again"
+        )
+
+
+def _remove_temporaries(folder: str) -> int:
+    """Remove the ``*.tmp`` files of writers that died (a killed run; this run holds the
+    lock, so no live writer of OUT has one); returns how many."""
+    removed = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(TMP_SUFFIX):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:  # its writer (a task of the killed run) just renamed it
+                    pass
+    return removed
 
 
 def run_plan(config, identities: dict[str, dict]) -> dict:
@@ -108,11 +201,19 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def manifest_listed(manifest: dict | None) -> set[str]:
-    """Paths relative to OUT that a manifest says esm2dask wrote (tree and input copies)."""
+def manifest_listed(manifest: dict | None, where: str = MANIFEST_NAME) -> set[str]:
+    """Paths relative to OUT that a manifest says esm2dask wrote (tree and input copies),
+    each checked to be a plain relative path (:func:`checked_name`)."""
     if not manifest:
         return set()
-    return set(manifest.get("files") or {}) | set(manifest.get("copied_inputs") or {})
+    names = set()
+    for key in ("files", "copied_inputs"):
+        entries = manifest.get(key) or {}
+        if not isinstance(entries, dict):
+            raise OutputError(f"{where}: {key!r} is not a JSON object of file names; remove the manifest "
+                              f"(or the output folder) and run again")
+        names |= {checked_name(name, f"{where} ({key})") for name in entries}
+    return names
 
 
 def list_output_files(output_dir: str, storage_options: dict) -> dict[str, int]:
@@ -126,6 +227,205 @@ def list_output_files(output_dir: str, storage_options: dict) -> dict[str, int]:
             for path, info in fs.find(base, detail=True).items():
                 files[path[len(root.rstrip("/")) + 1 :]] = int(info["size"])
     return dict(sorted(files.items()))
+
+
+#: an object-store lease lasts this long unless its holder renews it (every third of it)
+LEASE_SECONDS = 600
+
+
+class OutputLock:
+    """One run at a time per OUT: held from before the staging folder is chosen until the
+    run has published or failed.
+
+    On a file system, ``OUT/.esm2dask.lock`` locked with ``flock`` (on NFS Linux maps it to
+    a POSIX byte-range lock, which NFS servers share between clients); the kernel releases
+    it when the process dies, so a killed run never leaves a stale lock. On an object
+    store, a lease object with its owner and expiry, created only if absent (a conditional
+    PUT, ``If-None-Match: *``) and renewed while the run lives; a killed run's lease
+    expires after :data:`LEASE_SECONDS`. A second run is refused with one line.
+    """
+
+    def __init__(self, output_dir: str, storage_options: dict | None = None):
+        self.output_dir = output_dir
+        self.so = storage_options or {}
+        self.url = storage.join(output_dir, LOCK_NAME)
+        self.local = storage.is_local(output_dir)
+        self.created_output = False
+        self.owner = {"host": os.uname().nodename, "pid": os.getpid(), "token": secrets.token_hex(8),
+                      "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        self._fd: int | None = None
+        self._renewer = None
+
+    @classmethod
+    def acquire(cls, output_dir: str, storage_options: dict | None = None) -> "OutputLock":
+        lock = cls(output_dir, storage_options)
+        if lock.local:
+            lock._lock_file()
+        else:
+            lock._take_lease()
+        return lock
+
+    def _refusal(self, holder: dict | None) -> OutputError:
+        who = ""
+        if isinstance(holder, dict) and holder.get("pid"):
+            who = f" (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})"
+        return OutputError(
+            f"{self.output_dir}: another esm2dask run{who} is writing this output folder; only one run at "
+            f"a time may: wait for it to finish (or stop it), then run again"
+        )
+
+    def _lock_file(self) -> None:
+        import fcntl
+
+        out = storage.local_path(self.output_dir)
+        path = os.path.join(out, LOCK_NAME)
+        try:
+            self.created_output = not os.path.lexists(out)
+            os.makedirs(out, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    try:
+                        holder = json.loads(os.pread(fd, 4096, 0) or b"null")
+                    except ValueError:
+                        holder = None
+                    os.close(fd)
+                    raise self._refusal(holder) from None
+                # the holder before us removes the file as it lets go: lock the file that is there
+                held, now = os.fstat(fd), _lstat(path)
+                if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+                    break
+                os.close(fd)
+            self._fd = fd
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self.owner).encode(), 0)
+        except OSError as err:
+            if self._fd is None and self.created_output:
+                _rmdir_quietly(out)
+            if os.path.lexists(out) and not os.path.isdir(out):
+                why = "it exists and is not a folder; choose another --output-dir"
+            elif isinstance(err, PermissionError):
+                why = "permission denied; choose a folder you may write"
+            elif storage.is_no_space(err):
+                why = "no space left on the output file system"
+            else:
+                why = f"cannot create {path} there ({err.strerror or 'I/O error'})"
+            raise OutputError(f"{self.output_dir}: {why}") from None
+
+    def _take_lease(self) -> None:
+        fs, path = storage.get_fs(self.url, self.so)
+        try:
+            for attempt in range(2):
+                try:
+                    self._put_lease(fs, path, create=True)
+                    break
+                except FileExistsError:
+                    holder = _read_json(fs, path)
+                    expired = not isinstance(holder, dict) or _float(holder.get("expires")) < _now()
+                    if not expired or attempt:
+                        raise self._refusal(holder) from None
+                    fs.rm(path)  # best effort: a lease nobody renewed (its run was killed)
+        except OSError as err:
+            raise OutputError(f"{self.output_dir}: cannot write the output location's lease ({_short(err)}); "
+                              f"does the bucket exist, and may these credentials write there?") from None
+        self._renewer = _Renewer(self, fs, path)
+        self._renewer.start()
+
+    def _put_lease(self, fs, path: str, create: bool) -> None:
+        body = json.dumps({**self.owner, "expires": _now() + LEASE_SECONDS}).encode()
+        fs.pipe_file(path, body, mode="create" if create else "overwrite")
+
+    def release(self) -> None:
+        """Let go (the lock file or lease object is removed); a folder the lock created for
+        a run that left nothing in it is removed too."""
+        if self._fd is not None:
+            out = storage.local_path(self.output_dir)
+            try:
+                os.unlink(os.path.join(out, LOCK_NAME))
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+            if self.created_output:
+                _rmdir_quietly(out)
+        if self._renewer is not None:
+            self._renewer.stop()
+            self._renewer = None
+            fs, path = storage.get_fs(self.url, self.so)
+            try:
+                if (_read_json(fs, path) or {}).get("token") == self.owner["token"]:
+                    fs.rm(path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _Renewer:
+    """Renews an object-store lease every third of its life, from a daemon thread."""
+
+    def __init__(self, lock: OutputLock, fs, path: str):
+        import threading
+
+        self.lock, self.fs, self.path = lock, fs, path
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="esm2dask-lease", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(LEASE_SECONDS / 3):
+            try:
+                self.lock._put_lease(self.fs, self.path, create=False)
+            except OSError:
+                pass  # a passing outage; the next renewal tries again
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _lstat(path: str):
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _read_json(fs, path: str):
+    try:
+        fs.invalidate_cache(path)
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _rmdir_quietly(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def input_copies(config) -> list[tuple[str, str]]:
@@ -150,6 +450,17 @@ def input_copies(config) -> list[tuple[str, str]]:
     return out
 
 
+def refuse_output_in_input(config) -> None:
+    """OUT may not be the input folder or inside it (checked before the lock is taken there)."""
+    out = config.output_dir
+    if storage.is_local(out) and storage.is_local(config.raw_dir):
+        if _inside(storage.local_path(out), storage.local_path(config.raw_dir)):
+            raise OutputError(
+                f"{out}: the output folder may not be the input folder or inside it "
+                f"(esm2dask never writes into {config.raw_dir}); choose another --output-dir"
+            )
+
+
 class Staging:
     """The hidden folder (or prefix) one run writes into before publishing."""
 
@@ -168,6 +479,9 @@ class Staging:
         self.previous_dir = storage.join(self.root, "previous")
         self.fs, _ = storage.get_fs(output_dir, storage_options)
         self.identities: dict[str, dict] = {}
+        #: the files the run builds, relative to the tree (set once they are built): what is
+        #: published, whatever else the folder holds (a dead writer's ``*.tmp``)
+        self.expected: list[str] | None = None
 
     # ------------------------------------------------------------------ starting a run
 
@@ -177,22 +491,23 @@ class Staging:
         out = config.output_dir
         so = config.storage_options
         fs, out_path = storage.get_fs(out, so)
-        if storage.is_local(out) and storage.is_local(config.raw_dir):
-            if _inside(storage.local_path(out), storage.local_path(config.raw_dir)):
-                raise OutputError(
-                    f"{out}: the output folder may not be the input folder or inside it "
-                    f"(esm2dask never writes into {config.raw_dir}); choose another --output-dir"
-                )
+        refuse_output_in_input(config)
         try:
             fs.invalidate_cache(out_path)
             listing = fs.ls(out_path, detail=False) if fs.exists(out_path) else []
         except (PermissionError, OSError) as err:
             raise OutputError(f"{out}: cannot read the output location ({err.__class__.__name__}: {err})") from None
-        names = [_name(p) for p in listing]
+        names = [_name(p) for p in listing if _name(p) != LOCK_NAME]
         stagings = sorted(n for n in names if n.startswith(STAGING_PREFIX))
-        existing = [n for n in names if not n.startswith(STAGING_PREFIX)]
         identities = {url: storage.input_identity(url, so) for url in inputs}
         plan = run_plan(config, identities)
+        # a driver killed while publishing left a half switch: undo it (from its journal)
+        # before anything else looks at OUT or removes a staging folder
+        for name in stagings:
+            cls(out, name[len(STAGING_PREFIX) + 1 :], so, False).recover()
+        fs.invalidate_cache(out_path)
+        names = [_name(p) for p in fs.ls(out_path, detail=False) if _name(p) != LOCK_NAME] if listing else []
+        existing = [n for n in names if not n.startswith(STAGING_PREFIX)]
 
         chosen = cls._resumable(config, stagings, plan) if config.resume else None
         if chosen is None and existing and not config.overwrite:
@@ -200,8 +515,8 @@ class Staging:
                 f"{out}: output folder exists and is not empty; pass --overwrite to replace "
                 f"its uf50/ and uf90/ (or --resume to finish an interrupted run)"
             )
-        if chosen is not None:
-            chosen.recover()  # a driver killed while publishing left a half switch
+        if chosen is not None and chosen.local:
+            _remove_temporaries(storage.local_path(chosen._path(chosen.root)))  # of writers the kill stopped
         _refuse_foreign_files(config, fs, out_path)
         if config.overwrite:  # stale attempts: this run does not need them
             for name in stagings:
@@ -233,6 +548,13 @@ class Staging:
         candidates = [cls(out, n[len(STAGING_PREFIX) + 1 :], config.storage_options, False, resumed=True)
                       for n in reversed(stagings)]
         chosen = next((c for c in candidates if c.read_plan() == plan), None)
+        if chosen is not None and chosen.local:
+            try:  # a link planted in it would make this run write (or read) outside OUT
+                refuse_links_in(storage.local_path(chosen._path(chosen.root)), "the staging folder of an interrupted run")
+            except OutputError:
+                if not config.overwrite:
+                    raise
+                chosen = None  # --overwrite: start over; the folder is removed as stale (links unfollowed)
         if chosen is not None or config.overwrite:
             return chosen
         if candidates:
@@ -253,8 +575,11 @@ class Staging:
         return self._path(storage.join(self.output_dir, rel))
 
     def read_plan(self) -> dict | None:
+        path = self._path(storage.join(self.work_dir, PLAN_NAME))
+        if self.local and (_lstat(path) is None or not stat.S_ISREG(_lstat(path).st_mode)):
+            return None  # missing, or a link: never followed
         try:
-            with self.fs.open(self._path(storage.join(self.work_dir, PLAN_NAME)), "r") as f:
+            with self.fs.open(path, "r") as f:
                 return json.load(f)
         except (OSError, json.JSONDecodeError):
             return None
@@ -298,8 +623,25 @@ class Staging:
             self.fs.makedirs(self._path(storage.join(self.tree_dir, d)), exist_ok=True)
 
     def staged_files(self) -> dict[str, int]:
-        """The finished tree in staging: size by path relative to OUT."""
-        return list_output_files(self.tree_dir, self.so)
+        """The finished tree in staging: size by path relative to OUT. Once the run has said
+        which files it builds (:attr:`expected`), exactly those, each a plain file; before,
+        what the tree holds, less temporary names."""
+        if self.expected is None:
+            return {rel: size for rel, size in list_output_files(self.tree_dir, self.so).items()
+                    if not rel.endswith(TMP_SUFFIX)}
+        sizes = {}
+        for rel in self.expected:
+            path = self._path(storage.join(self.tree_dir, checked_name(rel, "the run's file list")))
+            if self.local:
+                st = _lstat(path)
+                if st is None:
+                    raise RuntimeError(f"{path}: the run built no such file")  # a defect, not bad input
+                if not stat.S_ISREG(st.st_mode):
+                    refuse_links_on_the_way(self._path(self.tree_dir), rel, "the staged tree")
+                sizes[rel] = st.st_size
+            else:
+                sizes[rel] = int(self.fs.info(path)["size"])
+        return dict(sorted(sizes.items()))
 
     # ------------------------------------------------------------------ publishing
 
@@ -316,9 +658,19 @@ class Staging:
         manifest = build_manifest(config, result, self.identities, tree, digests, copies, version)
         # the manifest first: from its move on, OUT is not to be trusted until the new one is there
         old = [MANIFEST_NAME] if fs.exists(self._out(MANIFEST_NAME)) else []
-        old += sorted(r for r in manifest_listed(previous) if fs.exists(self._out(r)))
-        new = sorted(tree) + sorted(copies)
-        journal = {"old": old, "new": new, "sources": {n: c["source"] for n, c in copies.items()}}
+        # the run's log goes in with the tree (and the previous one is put back if that fails)
+        at_root = [RunLog.NAME] if fs.exists(self._path(storage.join(self.root, RunLog.NAME))) else []
+        if at_root and fs.exists(self._out(RunLog.NAME)):
+            old.append(RunLog.NAME)
+        where = storage.join(out, MANIFEST_NAME)
+        old += sorted(r for r in manifest_listed(previous, where) if fs.exists(self._out(r)))
+        new = sorted(tree) + sorted(copies) + at_root
+        journal = {"old": old, "new": new, "sources": {n: c["source"] for n, c in copies.items()},
+                   "at_root": at_root}
+        if self.local:
+            refuse_links_in(storage.local_path(self._path(self.root)), "the staging folder")
+            for rel in old + new:
+                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
         with storage.open_for_write(storage.join(self.root, JOURNAL_NAME), self.so, "w") as f:
             json.dump(journal, f)
         try:
@@ -333,12 +685,14 @@ class Staging:
                     f"{self.previous_dir}, the new tree in {self.tree_dir}; run the same command with --resume "
                     f"to finish"
                 ) from None
+            if self.local:
+                _remove_empty_dirs(storage.local_path(out_path))  # folders the switch made for new files
             if not isinstance(err, Exception):
                 raise
             raise PublishError(
                 f"{out}: publishing failed ({type(err).__name__}: {_short(err)}); the previous output and its "
-                f"manifest are unchanged; the converted tree is kept in {self.root}: run the same command "
-                f"with --resume to publish it"
+                f"manifest are unchanged; the converted tree and this run's log are kept in {self.root}: run "
+                f"the same command with --resume to publish it"
             ) from None
         _remove_quietly(self.fs, self._path(self.root))
         if self.local:
@@ -349,6 +703,8 @@ class Staging:
     def _source(self, rel: str, journal: dict) -> str:
         """Where a new file comes from: the staged tree, staged inputs or (object store,
         same store) the input itself."""
+        if rel in journal.get("at_root", ()):
+            return self._path(storage.join(self.root, rel))
         if rel in journal["sources"]:
             staged = storage.join(self.inputs_dir, rel)
             if self.local or self.fs.exists(self._path(staged)):
@@ -403,12 +759,38 @@ class Staging:
         _remove_quietly(fs, self._path(storage.join(self.root, JOURNAL_NAME)))
 
     def recover(self) -> None:
-        """Undo the half switch of a driver killed while publishing (its journal is there)."""
+        """Undo the half switch of a driver killed while publishing (its journal is there).
+
+        Every name in the journal is checked first (a plain relative path; no link on the
+        way in OUT, none in the staging folder): a bad one is an error and nothing moves."""
         path = self._path(storage.join(self.root, JOURNAL_NAME))
-        if not self.fs.exists(path):
+        if self.local:
+            root = storage.local_path(self._path(self.root))
+            if _lstat(root) is None or not stat.S_ISDIR(_lstat(root).st_mode):
+                return  # not a folder (a link named like one is never followed)
+            if _lstat(path) is None:
+                return
+            refuse_links_in(root, "the staging folder of a half-done switch")
+        elif not self.fs.exists(path):
             return
-        with self.fs.open(path, "r") as f:
-            journal = json.load(f)
+        where = storage.join(self.root, JOURNAL_NAME)
+        try:
+            with self.fs.open(path, "r") as f:
+                journal = json.load(f)
+        except (OSError, ValueError):
+            journal = None
+        if (not isinstance(journal, dict) or not isinstance(journal.get("old"), list)
+                or not isinstance(journal.get("new"), list) or not isinstance(journal.get("sources", {}), dict)
+                or not isinstance(journal.get("at_root", []), list)):
+            raise OutputError(f"{where}: not a journal esm2dask wrote; nothing was moved: move OUT's files back "
+                              f"from {self.previous_dir} by hand, or remove the staging folder")
+        journal = {"old": [checked_name(r, where) for r in journal["old"]],
+                   "new": [checked_name(r, where) for r in journal["new"]],
+                   "sources": {checked_name(k, where): str(v) for k, v in journal.get("sources", {}).items()},
+                   "at_root": [r for r in journal.get("at_root", []) if r == RunLog.NAME]}
+        if self.local:
+            for rel in journal["old"] + journal["new"]:
+                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
         self._undo(journal)
 
     def _stage_inputs(self, config) -> dict[str, dict]:
@@ -416,11 +798,16 @@ class Staging:
         switch, server-side); returns what the manifest says about each."""
         record = storage.join(self.work_dir, "inputs.json")
         fs = self.fs
+        wanted = dict((name, url) for url, name in input_copies(config))
         try:
             with fs.open(self._path(record), "r") as f:
                 copies = json.load(f)  # placed by an earlier attempt of this run
         except (OSError, ValueError):
             copies = {}
+        # read back from OUT: only the copies this run makes, of the inputs it names
+        copies = {n: c for n, c in (copies.items() if isinstance(copies, dict) else ())
+                  if n in wanted and isinstance(c, dict) and c.get("source") == wanted[n]
+                  and isinstance(c.get("bytes"), int) and isinstance(c.get("how"), str)}
         for url, name in input_copies(config):
             if name in copies:
                 continue
@@ -459,7 +846,7 @@ class Staging:
         back, the staging folder kept. Anything else is reported as the failure it is; its
         finished part is kept, since the cause may be passing (a lost connection).
         """
-        if isinstance(err, PublishError):
+        if isinstance(err, (PublishError, StaleStaging)):
             return err
         if isinstance(err, Esm2DaskError):
             self.discard()
@@ -524,8 +911,13 @@ def _remove_empty_dirs(out: str) -> None:
 
 
 def _refuse_foreign_files(config, fs, out_path: str) -> None:
-    """Refuse to start when publishing would replace or remove a file no manifest lists."""
-    listed = manifest_listed(read_manifest(config.output_dir, config.storage_options))
+    """Refuse to start when publishing would replace or remove a file no manifest lists,
+    or a file the manifest lists lies behind a link (local)."""
+    where = storage.join(config.output_dir, MANIFEST_NAME)
+    listed = manifest_listed(read_manifest(config.output_dir, config.storage_options), where)
+    if storage.is_local(config.output_dir):
+        for rel in (*TOP_DIRS, *sorted(listed)):
+            refuse_links_on_the_way(out_path, rel, where)
     present = set(list_output_files(config.output_dir, config.storage_options))
     for _, name in input_copies(config):
         if fs.exists(storage.join(out_path, name)):

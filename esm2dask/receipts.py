@@ -129,8 +129,35 @@ def recorded(fn, receipt_url: str, storage_options: dict, *args):
     return result
 
 
-def load(receipt_url: str, storage_options: dict):
-    """A receipt written by :func:`recorded`, decoded as data."""
+def load(receipt_url: str, storage_options: dict, inside: str | None = None):
+    """A receipt written by :func:`recorded`, decoded as data. With ``inside`` (the run's
+    staging folder), every file a receipt names (fields ``url``, ``path``, ``*_url``,
+    ``*_urls``) must lie in that folder, by a plain path: a receipt never sends a task to
+    read or write anywhere else."""
     fs, path = storage.get_fs(receipt_url, storage_options)
     with fs.open(path, "rb") as f:
-        return decode(f.read(), receipt_url)
+        value = decode(f.read(), receipt_url)
+    if inside is not None:
+        _check_urls(value, inside.rstrip("/") + "/", receipt_url)
+    return value
+
+
+def _is_file_field(name: str) -> bool:
+    return name in ("url", "path") or name.endswith("_url") or name.endswith("_urls")
+
+
+def _check_urls(value, prefix: str, where: str, field_name: str = "") -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _check_urls(getattr(value, f.name), prefix, where, f.name)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_urls(v, prefix, where, field_name)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_urls(v, prefix, where, field_name)
+    elif _is_file_field(field_name) and value is not None:
+        rest = value[len(prefix):] if isinstance(value, str) and value.startswith(prefix) else None
+        if rest is None or any(p in ("", ".", "..") for p in rest.split("/")) or "\\" in rest:
+            raise ReceiptError(f"{where}: names {value!r}, outside this run's staging folder; run without "
+                               f"--resume (with --overwrite) to start over")

@@ -27,6 +27,7 @@ merges one block of consecutive positions from every range and writes its pieces
 
 from __future__ import annotations
 
+import hashlib
 import io
 import mmap
 import os
@@ -93,6 +94,16 @@ class MappingReceipt:
     #: hash bucket begins in them
     hash_urls: dict = field(default_factory=dict)
     hash_bounds: dict = field(default_factory=dict)
+    #: :func:`content_digest` of the bytes the range owns, as this task read them
+    digest: str = ""
+
+
+@dataclass
+class CountReceipt:
+    """Records one FASTA range owns, and the :func:`content_digest` of its bytes as read."""
+
+    n_records: int
+    digest: str = ""
 
 
 @dataclass
@@ -134,7 +145,7 @@ class ScatterReceipt:
 
 
 #: what ``--resume`` may read back (as JSON data, never code): one line per new receipt type
-receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt)
+receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt, CountReceipt)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -204,6 +215,23 @@ def _read_range(byte_range: ByteRange, storage_options: dict, marker: bytes = b"
     fs, path = storage.get_fs(byte_range.url, storage_options)
     with fs.open(path, "rb") as f:
         return read_owned_bytes(f, byte_range, marker)
+
+
+def content_digest(url: str, data) -> str:
+    """SHA-256 of the bytes a range owns, for a local input (SHA-NI makes it hashlib's
+    fastest here, see ``benchmarks/results/digest_cost.md``): what ``--resume`` compares
+    to know that the bytes earlier tasks read are the bytes there now (an edit in place,
+    even of the same size and with the mtime put back, changes it). Empty for an object
+    store, whose ETag/version already changes with every write."""
+    if not storage.is_local(url):
+        return ""
+    return hashlib.sha256(data).hexdigest()
+
+
+def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b">") -> str:
+    """:func:`content_digest` of the bytes ``byte_range`` owns now."""
+    _, data = _read_range(byte_range, storage_options, marker)
+    return content_digest(byte_range.url, data)
 
 
 def _labels(routing: Routing) -> np.ndarray | None:
@@ -346,7 +374,8 @@ def scan_mapping(
     _write_ipc(clusters_url, block.clusters, storage_options)
     _write_ipc(members_url, block.members, storage_options)
     receipt = MappingReceipt(
-        byte_range.index, clusters_url, members_url, len(block.clusters), len(block.members)
+        byte_range.index, clusters_url, members_url, len(block.clusters), len(block.members),
+        digest=content_digest(byte_range.url, data),
     )
     for kind, frame in (("clusters", block.clusters), ("members", block.members)):
         hashes = np.sort(frame["id"].hash(seed=0).to_numpy())
@@ -358,20 +387,22 @@ def scan_mapping(
     return receipt
 
 
-def count_fasta(byte_range: ByteRange, storage_options: dict) -> int:
-    """Number of records ``byte_range`` owns (the kernel's count, at memory speed).
+def count_fasta(byte_range: ByteRange, storage_options: dict) -> CountReceipt:
+    """Number of records ``byte_range`` owns (the kernel's count, at memory speed), and the
+    :func:`content_digest` of the bytes counted.
 
-    A local file is mapped, not read: the count walks the page cache in place, with no
-    copy of the range and no fresh memory to fault in (benchmarks/results/kernel.md).
+    A local file is mapped, not read: the count and the digest walk the page cache in
+    place, with no copy of the range and no fresh memory to fault in
+    (benchmarks/results/kernel.md).
     """
     if not storage.is_local(byte_range.url):
         _, data = _read_range(byte_range, storage_options)
-        return count_records(as_array(data))
+        return CountReceipt(count_records(as_array(data)), content_digest(byte_range.url, data))
     with open(storage.local_path(byte_range.url), "rb") as f:
         begin = find_record_start(f, byte_range.start, byte_range.file_size)
         end = find_record_start(f, byte_range.stop, byte_range.file_size)
         if end <= begin:
-            return 0
+            return CountReceipt(0, content_digest(byte_range.url, b""))
         size = os.fstat(f.fileno()).st_size
         if size < end:
             raise OSError(
@@ -382,7 +413,7 @@ def count_fasta(byte_range: ByteRange, storage_options: dict) -> int:
             mapped.madvise(mmap.MADV_SEQUENTIAL, begin - begin % mmap.PAGESIZE)
             view = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin)
             try:
-                return count_records(view)
+                return CountReceipt(count_records(view), content_digest(byte_range.url, view))
             finally:
                 del view  # the map closes only once no view of it is left
 
