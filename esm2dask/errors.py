@@ -6,6 +6,8 @@ message names what failed (a file, a byte offset or line) and, where there is on
 
 from __future__ import annotations
 
+import errno
+
 
 class Esm2DaskError(Exception):
     """Base class: a failure the user can act on. Printed without a traceback."""
@@ -50,3 +52,40 @@ class Interrupted(Esm2DaskError):
     """Ctrl-C: the run stopped; the message says what was kept and how to go on."""
 
     exit_code = 130
+
+
+class UnexpectedError(Esm2DaskError):
+    """A failure esm2dask did not foresee (a library's or its own): one line on the terminal;
+    its traceback goes to the run's log file."""
+
+
+#: How an OSError reads in a message: words, never ``[Errno 13]`` or a class name.
+_OS_ERROR_WORDS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EISDIR: "is a folder",
+    errno.ENOSPC: "no space left on the file system",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.ELOOP: "too many symbolic links",
+    errno.ENAMETOOLONG: "name too long",
+    errno.EIO: "input/output error",
+    errno.ETIMEDOUT: "timed out",
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+}
+
+
+def reason(err: BaseException) -> str:
+    """What went wrong, in words for a message: no class name, no errno number."""
+    if isinstance(err, OSError) and err.errno in _OS_ERROR_WORDS:
+        return _OS_ERROR_WORDS[err.errno]
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror[:1].lower() + err.strerror[1:]
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    if text.startswith("[Errno") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text or "no message"

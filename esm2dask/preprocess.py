@@ -23,7 +23,7 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from distributed import as_completed
@@ -31,7 +31,7 @@ from distributed import as_completed
 from . import __version__, receipts, storage, tasks
 from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report
 from .config import PreprocessConfig
-from .errors import ConfigError, Esm2DaskError, Interrupted
+from .errors import ConfigError, Esm2DaskError, Interrupted, UnexpectedError
 from .formats import SplitLabels, derive_layouts
 from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
 from .logs import RunLog
@@ -527,6 +527,10 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
     start = time.perf_counter()
     inputs = input_sizes(config)
     plan = make_plan(config, inputs)  # refuses a partition size that makes too many tasks
+    if plan.workers is not None and plan.workers < config.cluster.workers:
+        reporter.message(plan.notes[0])  # more workers than byte ranges: capped
+        config = replace(config, cluster=replace(config.cluster, workers=plan.workers))
+    storage.check_output_location(config.output_dir, config.storage_options)
     staging = Staging.create(config, inputs)
     run_log = RunLog(staging.root, config.output_dir, config.storage_options)
     log.info("esm2dask %s: %s -> %s", __version__, config.raw_dir, config.output_dir)
@@ -583,10 +587,14 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
         if isinstance(err, Esm2DaskError):
             run_log.discard()
         else:
+            if isinstance(err, Exception):  # its traceback goes to the log, never the terminal
+                log.error("the run failed", exc_info=err)
             run_log.keep()
         failure = staging.failed(err, reporter)
         if failure is err:
             raise
+        if isinstance(failure, UnexpectedError):
+            raise UnexpectedError(f"{failure}; the traceback is in {run_log.staged_url}") from None
         raise failure from None
     finally:
         if restore_interrupts:

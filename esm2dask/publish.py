@@ -40,7 +40,7 @@ import numpy as np
 
 from . import storage
 from .config import RAW_README
-from .errors import Esm2DaskError, OutputError
+from .errors import Esm2DaskError, OutputError, UnexpectedError, reason
 from .layout import MANIFEST_NAME, STAGING_PREFIX, TOP_DIRS
 
 PLAN_NAME = "plan.json"
@@ -181,6 +181,8 @@ class Staging:
                     f"{out}: the output folder may not be the input folder or inside it "
                     f"(esm2dask never writes into {config.raw_dir}); choose another --output-dir"
                 )
+        if storage.is_local(out) and os.path.lexists(out_path) and not os.path.isdir(out_path):
+            raise OutputError(f"{out}: is a file, not a folder; --output-dir names the folder to write into")
         try:
             fs.invalidate_cache(out_path)
             listing = fs.ls(out_path, detail=False) if fs.exists(out_path) else []
@@ -464,7 +466,9 @@ class Staging:
             return err
         if storage.is_no_space(err):
             self.discard()
-            where = f" (writing {err.filename})" if getattr(err, "filename", None) else ""
+            # a copy's error names its source first: the file being written is the second name
+            written = getattr(err, "filename2", None) or getattr(err, "filename", None)
+            where = f" (writing {written})" if written else f" (writing in {self.root})"
             return OutputError(
                 f"{self.output_dir}: no space left on the output file system{where}; nothing was published "
                 f"and the previous output is unchanged; free space (a run needs about twice its output "
@@ -478,9 +482,12 @@ class Staging:
             return err
         kept = f"the finished part is kept in {self.root}: once the cause is fixed, --resume continues"
         if isinstance(err, OSError):  # an I/O failure: one line
-            return OutputError(f"{self.output_dir}: {type(err).__name__}: {_short(err)}; nothing was published; {kept}")
-        reporter.message(f"failed: {type(err).__name__}: {_short(err)}; nothing was published; {kept}")
-        return err
+            where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+            return OutputError(f"{self.output_dir}: {where}{reason(err)}; nothing was published; {kept}")
+        if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+            return OutputError(f"{self.output_dir}: object storage request failed ({reason(err)}); nothing was "
+                               f"published; {kept}")
+        return UnexpectedError(f"{self.output_dir}: the run failed ({reason(err)}); nothing was published; {kept}")
 
     def discard(self) -> None:
         _remove_quietly(self.fs, self._path(self.root))
