@@ -540,7 +540,9 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
     restore_interrupts = None
     try:
         with dask_client(config.cluster, reporter.message) as client:
-            link = dashboard_link(client, None if config.cluster.scheduler_address or config.cluster.scheduler_file else config.cluster.dashboard_address)
+            external = config.cluster.external
+            link = (None if not external and config.cluster.dashboard_address is None  # none: no dashboard
+                    else dashboard_link(client, None if external else config.cluster.dashboard_address))
             if link:
                 reporter.message(f"Dask dashboard: {link}")
             with maybe_performance_report(config.cluster.performance_report):

@@ -196,7 +196,7 @@ def test_dashboard_none_listens_nowhere_and_the_default_is_loopback():
 
     assert ClusterConfig().dashboard_address == "127.0.0.1:8787"
     before = _listening_ports()
-    with dask_client(ClusterConfig(workers=2, processes=False, dashboard_address=None)):
+    with dask_client(ClusterConfig(workers=2, processes=False, dashboard_address=None)) as client:
         opened = _listening_ports() - before
     assert opened == set(), opened
     with dask_client(ClusterConfig(workers=2, processes=False, dashboard_address="127.0.0.1:0")) as client:
@@ -588,6 +588,7 @@ def test_a_fasta_of_headers_only_is_legal_and_said(raw, tmp_path, caplog):
         done = invoke("preprocess", *qc_args(raw), "-o", out, "--val", val, "--dashboard-address", "none",
                       "--workers", "2")
     assert done.returncode == 0, done.stdout[-3000:]
+    assert "Dask dashboard" not in done.stdout  # --dashboard-address none: no link to a closed port
     warnings = [r.getMessage() for r in caplog.records if "empty sequence" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(f"{val} (byte 0, record 'EMPTY_0')"), warnings
     assert "300 record(s)" in warnings[0]
