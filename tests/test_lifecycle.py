@@ -456,7 +456,7 @@ def test_workers_follow_the_cpus_this_process_may_use(monkeypatch, tmp_path):
     assert ClusterConfig().workers == 2
     seen = []
 
-    class Stop(Exception):
+    class Stop(BaseException):  # not an Exception: the CLI turns those into one error line
         pass
 
     def capture(config, *a, **kw):
