@@ -18,7 +18,7 @@ import textwrap  # noqa: E402
 import click  # noqa: E402
 
 from esm2dask import __version__  # noqa: E402
-from esm2dask.errors import Esm2DaskError, Interrupted  # noqa: E402
+from esm2dask.errors import Esm2DaskError, Interrupted, reason  # noqa: E402
 
 from .flip_cmd import flip  # noqa: E402
 from .ngc_cmd import ngc, pipeline  # noqa: E402
@@ -66,14 +66,21 @@ class Esm2DaskGroup(click.Group):
         try:
             return super().invoke(ctx)
         except Interrupted as err:
-            click.echo(f"esm2dask: interrupted: {err}", err=True)
+            click.echo(logs.redact(f"esm2dask: interrupted: {err}"), err=True)
             sys.exit(err.exit_code)
         except Esm2DaskError as err:
-            click.echo(f"esm2dask: error: {err}", err=True)
+            click.echo(logs.redact(f"esm2dask: error: {err}"), err=True)
             sys.exit(getattr(err, "exit_code", 1))
         except KeyboardInterrupt:
             click.echo("esm2dask: interrupted", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as err:  # not foreseen: one line here, the traceback in a file
+            where = logs.record_failure(err)
+            click.echo(logs.redact(f"esm2dask: error: unexpected failure: {reason(err)}; the details are in "
+                                   f"{where}; please report it"), err=True)
+            sys.exit(1)
 
 
 def _set_verbose(ctx, param, value):

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import click
 
-from esm2dask.config import DEFAULT_PARTITION_SIZE
+from esm2dask.config import DEFAULT_DASHBOARD_ADDRESS, DEFAULT_PARTITION_SIZE
 from esm2dask.plan import MAX_RANGES_PER_INPUT
 from esm2dask.progress import human_amount, human_seconds
 
@@ -47,8 +47,9 @@ def _human_bytes(n: int) -> str:
 @click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file (waited for up to --scheduler-timeout).")
 @click.option("--scheduler-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for --scheduler-file to appear and the scheduler to answer.")
-@click.option("--dashboard-address", default=":8787", show_default=True,
-              help="LocalCluster dashboard: [HOST]:PORT (port 0: any free port), or 'none'.")
+@click.option("--dashboard-address", default=DEFAULT_DASHBOARD_ADDRESS, show_default=True,
+              help="LocalCluster dashboard: HOST:PORT (port 0: any free port; no HOST, e.g. :8787: every "
+                   "interface), or 'none' for no dashboard and no HTTP listener at all.")
 @click.option("--performance-report", type=click.Path(dir_okay=False), help="Write Dask's HTML performance report here.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the uf50/ and uf90/ of an earlier run (only files its manifest lists). With --resume: "

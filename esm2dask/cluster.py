@@ -13,11 +13,14 @@ import contextlib
 import io
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+
+from distributed.diagnostics.plugin import ForwardLoggingPlugin
 
 from .config import ClusterConfig
 from .errors import ConfigError
@@ -125,7 +128,10 @@ def dask_client(config: ClusterConfig, say: Callable[[str], None] = log.info) ->
         except (OSError, ValueError, TypeError) as err:
             raise ConfigError(f"cannot start a local Dask cluster: {err}") from None
         try:
-            with Client(cluster) as client, _forwarding(client):
+            if not config.processes or config.dashboard_address is None:
+                _close_http_servers(cluster, dashboard=config.dashboard_address is not None,
+                                    thread_workers=not config.processes)
+            with Client(cluster) as client, _forwarding(client, in_process=not config.processes):
                 if config.processes:
                     client.register_plugin(ThreadLimits())
                 yield client
@@ -133,11 +139,46 @@ def dask_client(config: ClusterConfig, say: Callable[[str], None] = log.info) ->
             cluster.close()
 
 
+#: Tells this process apart from every other: a worker plugin that carries it and finds
+#: the same value where it is set up runs inside this very process.
+PROCESS_TOKEN = secrets.token_hex(8)
+FORWARD_PLUGIN = "esm2dask-forward-logging"
+FORWARD_TOPIC = "esm2dask-forwarded-log-record"
+
+
+class ForwardWorkerLogs(ForwardLoggingPlugin):
+    """Dask's log forwarding, except in a worker that runs inside the driver's own process
+    (a LocalCluster of threads, or a cluster the driver's process hosts): there a worker's
+    records reach the driver's log already, and a forwarding handler on the shared root
+    logger would send each forwarded record back to it again, forever."""
+
+    def __init__(self, level, topic: str, process_token: str):
+        super().__init__(None, level, topic)
+        self.process_token = process_token
+
+    def setup(self, worker):
+        if self.process_token == PROCESS_TOKEN:  # read in the worker's process
+            return
+        super().setup(worker)
+
+
+def _handle_forwarded(event) -> None:
+    _, attributes = event
+    record = logging.makeLogRecord(attributes)
+    logging.getLogger(record.name).handle(record)
+
+
 @contextlib.contextmanager
-def _forwarding(client):
-    """Workers' warnings and errors come to this process's log (file, and stderr with -v)."""
+def _forwarding(client, in_process: bool = False):
+    """Workers' warnings and errors come to this process's log (file, and stderr with -v),
+    each exactly once. Workers that are threads of this process log here already."""
+    if in_process:
+        yield
+        return
     try:
-        client.forward_logging(level=logging.WARNING)
+        client.subscribe_topic(FORWARD_TOPIC, _handle_forwarded)
+        client.register_plugin(ForwardWorkerLogs(logging.WARNING, FORWARD_TOPIC, PROCESS_TOKEN),
+                               name=FORWARD_PLUGIN)
     except Exception:  # pragma: no cover - an older scheduler without the event topic
         log.debug("worker log forwarding not available", exc_info=True)
         yield
@@ -146,9 +187,29 @@ def _forwarding(client):
         yield
     finally:
         try:  # a shared cluster keeps no plugin of this run
-            client.unforward_logging()
+            client.unsubscribe_topic(FORWARD_TOPIC)
+            client.unregister_worker_plugin(FORWARD_PLUGIN)
         except Exception:
             log.debug("could not stop worker log forwarding", exc_info=True)
+
+
+def _close_http_servers(cluster, dashboard: bool, thread_workers: bool) -> None:
+    """No listener that was not asked for: without a dashboard (``--dashboard-address
+    none``) the scheduler's HTTP server is closed too (Dask starts one whatever it is
+    told), and workers that are threads of this process never need theirs."""
+    from distributed.utils import sync
+
+    servers = [] if dashboard else [cluster.scheduler]
+    if thread_workers:
+        servers += list(cluster.workers.values())
+
+    async def close():
+        for node in servers:
+            server = getattr(node, "http_server", None)
+            if server is not None:
+                server.stop()
+
+    sync(cluster.loop, close)
 
 
 def dashboard_link(client, dashboard_address: str | None = None) -> str | None:

@@ -70,6 +70,7 @@ def has_own_test_split(split: str, val: str, test: str) -> bool:
 #: The smallest --memory-limit that leaves a worker room to work (a worker process alone
 #: takes ~150 MB; a 64 MiB range needs ~0.5 GB at its peak, benchmarks/results/partition_sweep.md).
 MIN_MEMORY_LIMIT = 256 * 2**20
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 SCHEDULER_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
 
 
@@ -142,7 +143,9 @@ class ClusterConfig:
     memory_limit: str | None = None
     scheduler_address: str | None = None
     scheduler_file: str | None = None
-    dashboard_address: str | None = ":8787"
+    #: loopback only by default: the dashboard shows task arguments and file names, and
+    #: anyone who can reach the port sees it; ``:8787`` (no host) means every interface
+    dashboard_address: str | None = DEFAULT_DASHBOARD_ADDRESS
     performance_report: str | None = None
     #: How long to wait for --scheduler-file to appear and for the scheduler to answer.
     scheduler_timeout_s: float = 60.0

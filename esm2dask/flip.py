@@ -317,6 +317,10 @@ def run_flip(config: FlipConfig) -> list[FlipTaskResult]:
     out = config.output_dir
     remote_out = _is_remote(out)
     out_fs, out_path = storage.get_fs(out, config.storage_options)
+    links = [t.name for t in config.tasks if not remote_out and os.path.islink(os.path.join(out, t.name))]
+    if links:  # never replaced, followed or emptied: the link may lead outside OUT
+        raise OutputError(f"{os.path.join(out, links[0])}: is a symbolic link (to {os.readlink(os.path.join(out, links[0]))}); "
+                          f"esm2dask does not write through links: remove it, or choose another --output-dir")
     existing = [t.name for t in config.tasks if out_fs.exists(storage.join(out_path, t.name))]
     if existing and not config.overwrite:
         raise OutputError(f"{out}: task folder(s) {', '.join(existing)} exist; pass --overwrite to replace them")

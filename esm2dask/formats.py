@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from . import receipts, storage
+from . import npyfile, receipts, storage
 from .errors import ConfigError, Esm2DaskError
 from .layout import BIONEMO2_DIR, HF_DIR, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds, shard_name
 from .tasks import Slice, _write_ipc, read_slices
@@ -164,7 +164,7 @@ def read_shard_rows(url: str, row_lo: int, n_rows: int | None, storage_options: 
     staged CSV shard (all rows when ``n_rows`` is None); an empty sequence reads as ``""``."""
     columns = ["record_id", "record_name", "sequence"]
     if storage.is_local(url):
-        frame = pl.scan_csv(storage.local_path(url), schema=_CSV_SCHEMA, quote_char=None)
+        frame = pl.scan_csv(storage.local_path(url), schema=_CSV_SCHEMA, quote_char=None, glob=False)
         if n_rows is not None:
             frame = frame.slice(row_lo, n_rows)
         frame = frame.select(columns).collect()
@@ -178,11 +178,7 @@ def read_shard_rows(url: str, row_lo: int, n_rows: int | None, storage_options: 
 
 
 def _load_labels(labels: SplitLabels, storage_options: dict) -> np.ndarray:
-    if storage.is_local(labels.url):
-        return np.load(storage.local_path(labels.url), mmap_mode="r")
-    fs, path = storage.get_fs(labels.url, storage_options)
-    with fs.open(path, "rb") as f:
-        return np.load(io.BytesIO(f.read()))
+    return npyfile.load(labels.url, storage_options)  # not np.load: see npyfile
 
 
 def _string_table(frame: pl.DataFrame):

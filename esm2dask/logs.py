@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 #: The Dask ``logging`` config (Python's dictConfig schema), set before dask is imported.
@@ -36,6 +37,70 @@ DASK_LOGGING = {
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 _sinks: list[logging.Handler] = []
+
+#: Environment variables that hold secrets, whatever their value looks like.
+SECRET_ENV = ("NGC_CLI_API_KEY", "NGC_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "AWS_SECURITY_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "HF_TOKEN")
+#: Other variables whose name says they hold a secret (``MY_API_KEY``, ``GITHUB_TOKEN``).
+_SECRET_NAME = re.compile(r"(API_?KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+#: A shorter value is not masked when only its variable's name says it is secret: masking
+#: "1" or "yes" everywhere would garble every message and hide nothing.
+_MIN_SECRET_CHARS = 6
+MASK = "****"
+_registered: set[str] = set()
+
+
+def register_secret(value) -> None:
+    """A secret this process knows (a storage option's key, say): masked in every output."""
+    if isinstance(value, str) and len(value) >= 4:  # shorter ones would garble messages, hide nothing
+        _registered.add(value)
+
+
+def secret_values(env=None) -> list[str]:
+    """Every secret value known now, longest first (so that one inside another goes too)."""
+    env = os.environ if env is None else env
+    values = set(_registered)
+    for name, value in env.items():
+        if not value:
+            continue
+        if name in SECRET_ENV or (_SECRET_NAME.search(name) and len(value) >= _MIN_SECRET_CHARS):
+            values.add(value)
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, env=None) -> str:
+    """``text`` with every known secret value replaced by ``****``."""
+    for value in secret_values(env):
+        if value in text:
+            text = text.replace(value, MASK)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every sink's formatter: no secret value ever reaches a log file or the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class _QuietOnFailure:
+    """A sink that cannot write (a full disk, a closed pipe) drops its records silently:
+    logging's default prints "--- Logging error ---" and a traceback for every record, a
+    storm of lines that buries the one error that says what happened (the run reports a
+    full disk itself)."""
+
+    write_failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.write_failed = True
+
+
+class FileSink(_QuietOnFailure, logging.FileHandler):
+    pass
+
+
+class StreamSink(_QuietOnFailure, logging.StreamHandler):
+    pass
 
 
 class Dispatch(logging.Handler):
@@ -60,7 +125,7 @@ def configure_dask_logging() -> None:
 
 
 def _formatted(handler: logging.Handler) -> logging.Handler:
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     return handler
 
 
@@ -85,9 +150,12 @@ _console: logging.Handler | None = None
 _warnings: logging.Handler | None = None
 
 
-class _Esm2DaskOnly(logging.Filter):
+class _Esm2DaskWarningsOnly(logging.Filter):
+    """esm2dask's warnings; its errors are the one error line the CLI prints, their
+    tracebacks go to the log file."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.name == "esm2dask" or record.name.startswith("esm2dask.")
+        return record.levelno < logging.ERROR and (record.name == "esm2dask" or record.name.startswith("esm2dask."))
 
 
 def show_warnings() -> None:
@@ -95,10 +163,10 @@ def show_warnings() -> None:
     reach stderr, as one line each; Dask's do not."""
     global _warnings
     if _warnings is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StreamSink(sys.stderr)
         handler.setLevel(logging.WARNING)
-        handler.addFilter(_Esm2DaskOnly())
-        handler.setFormatter(logging.Formatter("esm2dask: warning: %(message)s"))
+        handler.addFilter(_Esm2DaskWarningsOnly())
+        handler.setFormatter(RedactingFormatter("esm2dask: warning: %(message)s"))
         _warnings = add_sink(handler)
 
 
@@ -109,13 +177,44 @@ def set_verbose(verbose: bool = True) -> None:
         if _warnings is not None:  # the verbose sink shows them, once
             remove_sink(_warnings)
             _warnings = None
-        _console = add_sink(logging.StreamHandler(sys.stderr))
+        _console = add_sink(StreamSink(sys.stderr))
         os.environ["ESM2DASK_VERBOSE"] = "1"  # LocalCluster workers keep their stderr (cluster.VERBOSE_ENV)
     elif not verbose and _console is not None:
         os.environ.pop("ESM2DASK_VERBOSE", None)
         remove_sink(_console)
         _console = None
         show_warnings()
+
+
+def failure_log_path() -> str:
+    """Where :func:`record_failure` writes: the user's cache folder, else the temporary one."""
+    import tempfile
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    for folder in (os.path.join(base, "esm2dask"), os.path.join(tempfile.gettempdir(), f"esm2dask-{os.getuid()}")):
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK | os.X_OK):
+            return os.path.join(folder, "last-failure.log")
+    return os.devnull
+
+
+def record_failure(err: BaseException) -> str:
+    """The traceback of an unexpected failure: logged (a run's log file, stderr with ``-v``)
+    and written, secrets masked, to :func:`failure_log_path`; returns that path."""
+    import traceback
+
+    logging.getLogger("esm2dask").error("unexpected failure", exc_info=err)
+    path = failure_log_path()
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(redact(text))
+    except OSError:
+        return "the log (run with -v to see it)"
+    return path
 
 
 class RunLog:
@@ -148,7 +247,7 @@ class RunLog:
             if fs.exists(staged):  # the log of the run this one resumes
                 with fs.open(staged, "rb") as src, open(self.path, "wb") as dst:
                     dst.write(src.read())
-        self.handler: logging.Handler | None = add_sink(logging.FileHandler(self.path, mode="a", delay=False))
+        self.handler: logging.Handler | None = add_sink(FileSink(self.path, mode="a", delay=False))
 
     def _close(self) -> None:
         if self.handler is not None:

@@ -53,6 +53,26 @@ def first_invalid_utf8(data: bytes) -> int | None:
     return None
 
 
+def describe_bad_char(text: str) -> str:
+    """The first character of ``text`` an id may not hold, in words.
+
+    >>> describe_bad_char("P\u00e9p"), describe_bad_char("a b"), describe_bad_char('a"')
+    ('a non-ASCII byte 0xc3 (UTF-8 of \'é\')', 'a space', "a '\"'")
+    """
+    for ch in text:
+        if ch == " ":
+            return "a space"
+        if ch == "\t":
+            return "a tab"
+        if ord(ch) > 0x7E:
+            return f"a non-ASCII byte 0x{ch.encode('utf-8')[0]:02x} (UTF-8 of {ch!r})"
+        if ord(ch) < 0x21:
+            return f"the control byte 0x{ord(ch):02x}"
+        if ch in ',"':
+            return f"a {ch!r}"
+    return "an illegal character"
+
+
 def _row_offset(data: bytes, row: int) -> int:
     """Offset within ``data`` of the ``row``-th line (0-based)."""
     newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
@@ -116,7 +136,9 @@ def parse_mapping_block(data: bytes, base_offset: int, url: str, locate) -> Mapp
             fail(int(empty.arg_true()[0]), f"malformed mapping line: empty {name}")
     bad = cluster.str.contains(ID_PATTERN_BAD)
     if bad.any():
-        fail(int(bad.arg_true()[0]), "malformed mapping line: cluster id has whitespace, ',' or '\"'")
+        row = int(bad.arg_true()[0])
+        fail(row, f"malformed mapping line: cluster id {cluster[row]!r} holds {describe_bad_char(cluster[row])} "
+                  f"(ids are printable ASCII without space, ',' or '\"')")
     member_lists = members_text.str.split(",")
     member_ids = member_lists.explode().alias("id")
     bad = (member_ids.str.len_bytes() == 0) | member_ids.str.contains(ID_PATTERN_BAD)
@@ -124,10 +146,12 @@ def parse_mapping_block(data: bytes, base_offset: int, url: str, locate) -> Mapp
         row_of_member = np.repeat(
             np.arange(len(member_lists)), member_lists.list.len().to_numpy()
         )
+        member = member_ids[int(bad.arg_true()[0])]
+        what = f"member id {member!r} holds {describe_bad_char(member)}" if member else "an empty member id"
         fail(
             int(row_of_member[int(bad.arg_true()[0])]),
-            "malformed mapping line: empty member id or one with whitespace or '\"' "
-            "(members are separated by ',' with no spaces)",
+            f"malformed mapping line: {what} (ids are printable ASCII without space or '\"'; members are "
+            f"separated by ',' with no spaces)",
         )
     counts = member_lists.list.len().cast(pl.UInt64).alias("count")
     return MappingBlock(pl.DataFrame([cluster, counts]), pl.DataFrame([member_ids]))

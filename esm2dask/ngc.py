@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import ConfigError, Esm2DaskError, ExternalCommandError
+from .logs import redact
 
 log = logging.getLogger("esm2dask")
 
@@ -178,8 +179,9 @@ def api_key(env: dict[str, str] | None = None) -> str | None:
 
 
 def mask(text: str, env: dict[str, str] | None = None) -> str:
-    key = api_key(env)
-    return text.replace(key, "****") if key else text
+    """``text`` without any secret value: both NGC key variables (either may be set, or
+    both, to different keys) and every other secret :func:`esm2dask.logs.redact` knows."""
+    return redact(text, env)
 
 
 def render(cmd: list[str]) -> str:

@@ -205,10 +205,18 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
 
     external = config.cluster.external
     workers = None if external else config.cluster.workers
-    effective = min(workers or config.cluster.workers, cpu_count) if not external else config.cluster.workers
     notes = []
-    if not external and config.cluster.workers > cpu_count:
-        notes.append(f"{config.cluster.workers} workers on {cpu_count} cores: the estimate counts {cpu_count}")
+    n_ranges = sum(len(i.ranges) for i in inputs)
+    useful = max(1, math.ceil(n_ranges / config.cluster.threads_per_worker))
+    if workers is not None and workers > useful:
+        # each worker of a LocalCluster costs time to start and memory; past one thread per
+        # byte range the extra ones only wait (500 of them made no progress for minutes)
+        notes.append(f"--workers {workers}: capped at {useful}, one per byte range of the input "
+                     f"(a smaller --partition-size makes more ranges)")
+        workers = useful
+    effective = min(workers or config.cluster.workers, cpu_count) if not external else config.cluster.workers
+    if not external and workers > cpu_count:
+        notes.append(f"{workers} workers on {cpu_count} cores: the estimate counts {cpu_count}")
     if external:
         notes.append(f"a running cluster: --plan does not contact it; the estimate assumes {effective} worker(s)")
     return RunPlan(

@@ -24,7 +24,7 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from distributed import as_completed
@@ -32,7 +32,7 @@ from distributed import as_completed
 from . import __version__, receipts, storage, tasks
 from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report
 from .config import PreprocessConfig
-from .errors import ConfigError, Esm2DaskError, Interrupted
+from .errors import ConfigError, Esm2DaskError, Interrupted, UnexpectedError
 from .formats import SplitLabels, derive_layouts, hf_part_name
 from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
 from .logs import RunLog
@@ -572,6 +572,10 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
         if url not in inputs:
             storage.read_head(url, 1, config.storage_options)
     plan = make_plan(config, inputs)  # refuses a partition size that makes too many tasks
+    if plan.workers is not None and plan.workers < config.cluster.workers:
+        reporter.message(plan.notes[0])  # more workers than byte ranges: capped
+        config = replace(config, cluster=replace(config.cluster, workers=plan.workers))
+    storage.check_output_location(config.output_dir, config.storage_options)
     refuse_output_in_input(config)  # before the lock file is made there
     with OutputLock.acquire(config.output_dir, config.storage_options):
         try:
@@ -594,7 +598,9 @@ def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: floa
     restore_interrupts = None
     try:
         with dask_client(config.cluster, reporter.message) as client:
-            link = dashboard_link(client, None if config.cluster.scheduler_address or config.cluster.scheduler_file else config.cluster.dashboard_address)
+            external = config.cluster.external
+            link = (None if not external and config.cluster.dashboard_address is None  # none: no dashboard
+                    else dashboard_link(client, None if external else config.cluster.dashboard_address))
             if link:
                 reporter.message(f"Dask dashboard: {link}")
             with maybe_performance_report(config.cluster.performance_report):
@@ -642,10 +648,14 @@ def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: floa
         if isinstance(err, Esm2DaskError):
             run_log.discard()
         else:
+            if isinstance(err, Exception):  # its traceback goes to the log, never the terminal
+                log.error("the run failed", exc_info=err)
             run_log.keep()
         failure = staging.failed(err, reporter)
         if failure is err:
             raise
+        if isinstance(failure, UnexpectedError):
+            raise UnexpectedError(f"{failure}; the traceback is in {run_log.staged_url}") from None
         raise failure from None
     finally:
         if restore_interrupts:

@@ -47,7 +47,7 @@ import numpy as np
 
 from . import storage
 from .config import RAW_README
-from .errors import Esm2DaskError, OutputError, describe_os_error
+from .errors import Esm2DaskError, OutputError, UnexpectedError, describe_os_error, reason
 from .layout import LOCK_NAME, MANIFEST_NAME, STAGING_PREFIX, TMP_SUFFIX, TOP_DIRS
 from .logs import RunLog
 
@@ -328,7 +328,7 @@ class OutputLock:
                         raise self._refusal(holder) from None
                     fs.rm(path)  # best effort: a lease nobody renewed (its run was killed)
         except OSError as err:
-            raise OutputError(f"{self.output_dir}: cannot write the output location's lease ({_short(err)}); "
+            raise OutputError(f"{self.output_dir}: cannot write the output location's lease ({reason(err)}); "
                               f"does the bucket exist, and may these credentials write there?") from None
         self._renewer = _Renewer(self, fs, path)
         self._renewer.start()
@@ -451,7 +451,8 @@ def input_copies(config) -> list[tuple[str, str]]:
 
 
 def refuse_output_in_input(config) -> None:
-    """OUT may not be the input folder or inside it (checked before the lock is taken there)."""
+    """OUT may not be the input folder or inside it, nor a file (checked before the lock is
+    taken there)."""
     out = config.output_dir
     if storage.is_local(out) and storage.is_local(config.raw_dir):
         if _inside(storage.local_path(out), storage.local_path(config.raw_dir)):
@@ -459,6 +460,8 @@ def refuse_output_in_input(config) -> None:
                 f"{out}: the output folder may not be the input folder or inside it "
                 f"(esm2dask never writes into {config.raw_dir}); choose another --output-dir"
             )
+    if storage.is_local(out) and os.path.lexists(storage.local_path(out)) and not os.path.isdir(storage.local_path(out)):
+        raise OutputError(f"{out}: is a file, not a folder; --output-dir names the folder to write into")
 
 
 class Staging:
@@ -496,7 +499,7 @@ class Staging:
             fs.invalidate_cache(out_path)
             listing = fs.ls(out_path, detail=False) if fs.exists(out_path) else []
         except (PermissionError, OSError) as err:
-            raise OutputError(f"{out}: cannot read the output location ({err.__class__.__name__}: {err})") from None
+            raise OutputError(f"{out}: cannot read the output location ({reason(err)})") from None
         names = [_name(p) for p in listing if _name(p) != LOCK_NAME]
         stagings = sorted(n for n in names if n.startswith(STAGING_PREFIX))
         identities = {url: storage.input_identity(url, so) for url in inputs}
@@ -537,7 +540,7 @@ class Staging:
             staging.discard()
             if storage.is_no_space(err):
                 raise OutputError(f"{out}: no space left on the output file system") from None
-            raise OutputError(f"{out}: cannot write the output folder ({err.__class__.__name__}: {err})") from None
+            raise OutputError(f"{out}: cannot write the output folder ({reason(err)})") from None
         return staging
 
     @classmethod
@@ -680,8 +683,8 @@ class Staging:
                 self._undo(journal)
             except Exception as undo_err:
                 raise PublishError(
-                    f"{out}: publishing failed ({type(err).__name__}: {err}) and putting the previous output "
-                    f"back failed too ({type(undo_err).__name__}: {undo_err}); its files are in "
+                    f"{out}: publishing failed ({reason(err)}) and putting the previous output "
+                    f"back failed too ({reason(undo_err)}); its files are in "
                     f"{self.previous_dir}, the new tree in {self.tree_dir}; run the same command with --resume "
                     f"to finish"
                 ) from None
@@ -690,7 +693,7 @@ class Staging:
             if not isinstance(err, Exception):
                 raise
             raise PublishError(
-                f"{out}: publishing failed ({type(err).__name__}: {_short(err)}); the previous output and its "
+                f"{out}: publishing failed ({reason(err)}); the previous output and its "
                 f"manifest are unchanged; the converted tree and this run's log are kept in {self.root}: run "
                 f"the same command with --resume to publish it"
             ) from None
@@ -853,7 +856,9 @@ class Staging:
             return err
         if storage.is_no_space(err):
             self.discard()
-            where = f" (writing {err.filename})" if getattr(err, "filename", None) else ""
+            # a copy's error names its source first: the file being written is the second name
+            written = getattr(err, "filename2", None) or getattr(err, "filename", None)
+            where = f" (writing {written})" if written else f" (writing in {self.root})"
             return OutputError(
                 f"{self.output_dir}: no space left on the output file system{where}; nothing was published "
                 f"and the previous output is unchanged; free space (a run needs about twice its output "
@@ -868,8 +873,10 @@ class Staging:
         kept = f"the finished part is kept in {self.root}: once the cause is fixed, --resume continues"
         if isinstance(err, OSError):  # an I/O failure: one line, in words
             return OutputError(f"{self.output_dir}: {describe_os_error(err)}; nothing was published; {kept}")
-        reporter.message(f"failed: {_short(err)}; nothing was published; {kept}")
-        return err
+        if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+            return OutputError(f"{self.output_dir}: object storage request failed ({reason(err)}); nothing was "
+                               f"published; {kept}")
+        return UnexpectedError(f"{self.output_dir}: the run failed ({reason(err)}); nothing was published; {kept}")
 
     def discard(self) -> None:
         _remove_quietly(self.fs, self._path(self.root))
@@ -880,11 +887,6 @@ class Staging:
                     self.fs.rmdir(out)
             except OSError:
                 pass
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _move(src: str, dest: str) -> None:

@@ -120,8 +120,12 @@ def recorded(fn, receipt_url: str, storage_options: dict, *args):
         path = storage.local_path(receipt_url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as err:  # a full disk's error names no file: say which one was written
+            err.filename = err.filename or tmp
+            raise
         os.replace(tmp, path)  # a receipt is there whole or not at all
     else:
         with storage.open_for_write(receipt_url, storage_options) as f:

@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OutputError, reason
 
 #: Magic numbers of compressed formats we refuse (byte ranges need plain text).
 COMPRESSED_MAGIC = {
@@ -32,7 +32,14 @@ COMPRESSED_MAGIC = {
 
 
 def get_fs(url: str, storage_options: dict[str, Any] | None = None):
-    """The filesystem and the path within it for ``url`` (a local path or any fsspec URL)."""
+    """The filesystem and the path within it for ``url`` (a local path or any fsspec URL).
+
+    A path without ``://`` is a local path taken literally: fsspec would read ``a::b`` as
+    the chained URL ``b`` seen through a filesystem ``a`` (and ``[`` as a glob elsewhere),
+    which is never what a local file name means."""
+    if "://" not in url:
+        fs = fsspec.filesystem("file")
+        return fs, fs._strip_protocol(url)
     return url_to_fs(url, **(storage_options or {}))
 
 
@@ -96,7 +103,34 @@ def parse_storage_options(text: str | None) -> StorageOptions:
         raise ConfigError(f"{source} is not valid JSON: {err}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{source} must hold a JSON object")
+    for botocore_name, s3fs_name in BOTOCORE_NAMES.items():
+        if botocore_name in value:
+            raise ConfigError(
+                f"{source}: {botocore_name!r} is botocore's name; s3fs takes it as {s3fs_name!r} "
+                f"(write {{\"{s3fs_name}\": …}}), or leave the keys out and set AWS_ACCESS_KEY_ID / "
+                f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            )
+    _register_secrets(value)
     return StorageOptions(value)
+
+
+#: botocore's names of the credentials, and what s3fs calls them in its options.
+BOTOCORE_NAMES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token"}
+
+
+def _register_secrets(value) -> None:
+    """Every secret option's value is masked in all output (logs, error lines)."""
+    from .logs import register_secret
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if any(word in str(k).lower() for word in SECRET_KEYS) and isinstance(v, str):
+                register_secret(v)
+            else:
+                _register_secrets(v)
+    elif isinstance(value, list):
+        for v in value:
+            _register_secrets(v)
 
 
 def file_size(url: str, storage_options: dict[str, Any] | None = None) -> int:
@@ -106,10 +140,14 @@ def file_size(url: str, storage_options: dict[str, Any] | None = None) -> int:
         info = fs.info(path)
     except FileNotFoundError:
         raise InputError(url, "", "no such file (or no such bucket)") from None
-    except PermissionError as err:
-        raise InputError(url, "", f"access denied ({err})") from None
+    except PermissionError:
+        raise InputError(url, "", "access denied: this user may not read it (check its permissions, or the "
+                                  "bucket's policy)") from None
     if info.get("type") == "directory":
         raise InputError(url, "", "is a directory, expected a file")
+    if info.get("type") not in (None, "file"):
+        raise InputError(url, "", "is not a regular file (a FIFO, socket or device?): esm2dask reads inputs "
+                                  "in byte ranges, from several workers, so each must be a regular file")
     return int(info["size"])
 
 
@@ -120,7 +158,8 @@ def read_head(url: str, n_bytes: int, storage_options: dict[str, Any] | None = N
         with fs.open(path, "rb") as f:
             return f.read(n_bytes)
     except PermissionError:
-        raise InputError(url, "", "cannot be read: permission denied (check its mode and owner)") from None
+        raise InputError(url, "", "not readable by this user (check its permissions: "
+                                  "`chmod a+r` or run as its owner)") from None
     except IsADirectoryError:
         raise InputError(url, "", "is a directory, expected a file") from None
     except FileNotFoundError:
@@ -145,11 +184,32 @@ def check_input_file(url: str, storage_options: dict[str, Any] | None = None) ->
 
 
 def open_file(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None):
-    return fsspec.open(url, mode, **(storage_options or {})).open()
+    fs, path = get_fs(url, storage_options)
+    return fs.open(path, mode)
 
 
 def local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
+
+
+def check_output_location(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Before anything is written: an object-store output's bucket must exist already.
+    fsspec's ``makedirs`` would create a missing bucket (in whatever region and with
+    whatever policy the credentials allow), and a typo would then "succeed"."""
+    if is_local(url):
+        return
+    fs, path = get_fs(url, storage_options)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.invalidate_cache(bucket)
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise OutputError(f"{url}: no bucket {bucket!r} (esm2dask never creates buckets): create it first, "
+                          f"or fix the URL") from None
+    except PermissionError:
+        return  # credentials for a prefix only may not look at the bucket: the writes will tell
+    except Exception as err:  # botocore's and aiohttp's errors are no OSError
+        raise OutputError(f"{url}: cannot reach the object store ({reason(err)})") from None
 
 
 def makedirs(url: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import mmap
 import os
 import threading
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from . import receipts, storage
+from . import npyfile, receipts, storage
 from .errors import InputError
 from .kernel import Rows, as_array, convert_block, count_records
 from .layout import CSV_HEADER, shard_bounds, shard_name
@@ -167,8 +168,8 @@ def _write_ipc(url: str, frame: pl.DataFrame, storage_options: dict) -> None:
 
 @storage.retrying
 def _read_ipc(url: str, storage_options: dict) -> pl.DataFrame:
-    if storage.is_local(url):
-        return pl.read_ipc(storage.local_path(url))
+    if storage.is_local(url):  # glob=False: a '[' in OUT's path is a name, not a pattern
+        return pl.scan_ipc(storage.local_path(url), glob=False).collect()
     fs, path = storage.get_fs(url, storage_options)
     with fs.open(path, "rb") as f:
         return pl.read_ipc(io.BytesIO(f.read()))
@@ -237,11 +238,7 @@ def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b
 def _labels(routing: Routing) -> np.ndarray | None:
     if routing.labels_url is None:
         return None
-    if storage.is_local(routing.labels_url):
-        return np.load(storage.local_path(routing.labels_url), mmap_mode="r")
-    fs, path = storage.get_fs(routing.labels_url, routing.storage_options)
-    with fs.open(path, "rb") as f:
-        return np.load(io.BytesIO(f.read()))
+    return npyfile.load(routing.labels_url, routing.storage_options)  # not np.load: see npyfile
 
 
 def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int, n_bytes: int) -> str:
@@ -348,11 +345,7 @@ def _write_npy(url: str, array: np.ndarray, storage_options: dict) -> None:
 
 
 def _read_npy_slice(s: "Slice", storage_options: dict) -> np.ndarray:
-    if storage.is_local(s.url):
-        return np.asarray(np.load(storage.local_path(s.url), mmap_mode="r")[s.lo : s.hi])
-    fs, path = storage.get_fs(s.url, storage_options)
-    with fs.open(path, "rb") as f:
-        return np.load(io.BytesIO(f.read()))[s.lo : s.hi]
+    return np.asarray(npyfile.load(s.url, storage_options)[s.lo : s.hi])  # not np.load: see npyfile
 
 
 def scan_mapping(
@@ -442,6 +435,25 @@ def _convert(byte_range: ByteRange, storage_options: dict, *, uppercase: bool,
     return block
 
 
+def warn_empty_sequences(block, url: str) -> int:
+    """Say how many records of a converted range have an empty sequence (a header with no
+    sequence line): legal under the layout's record rules, written as BioNeMo writes them
+    (``sequence_length`` 0), but rarely what a user meant. Returns how many."""
+    ends = block.rows.starts[1:]
+    if len(ends) == 0:
+        return 0
+    # a row ends "<last residue>\n", or ",\n" when the sequence is empty (',' is never a residue)
+    empty = np.flatnonzero(block.rows.data[ends - 2] == ord(","))
+    if len(empty):
+        i = int(empty[0])
+        logging.getLogger("esm2dask").warning(
+            "%s (byte %d, record %r): empty sequence (%d record(s) of this byte range have none); written "
+            "with sequence_length 0, as the layout's record rules allow (docs/esm2-layout.md)",
+            url, int(block.headers[i]), block.name(i), len(empty),
+        )
+    return len(empty)
+
+
 def convert_in_file_order(
     byte_range: ByteRange, first_position: int, expected: int, uppercase: bool, routing: Routing
 ) -> int:
@@ -449,6 +461,7 @@ def convert_in_file_order(
     block = _convert(byte_range, routing.storage_options, uppercase=uppercase,
                      first_id=first_position + 1, expected=expected)
     if len(block):
+        warn_empty_sequences(block, byte_range.url)
         write_rows(block.rows, first_position, routing)
     return len(block)
 
@@ -483,6 +496,7 @@ def convert_in_order(
             False, len(block),
             f"record {block.name(i)!r} at byte {int(block.headers[i])} where the mapping has {expected_ids[i]!r}",
         )
+    warn_empty_sequences(block, byte_range.url)
     write_rows(block.rows, first_position, routing)
     return FastReceipt(True, len(block))
 
@@ -579,6 +593,7 @@ def scatter_fasta(
         frame = pl.DataFrame(schema={"rec": pl.Int64, "pos": pl.Int64})
     frame = frame.sort("pos")
     block = _convert(byte_range, storage_options, uppercase=True, first_id=None, expected=expected)
+    warn_empty_sequences(block, byte_range.url)
     positions = frame["pos"].to_numpy()
     local = frame["rec"].to_numpy() & ((1 << RANGE_SHIFT) - 1)
     rows = block.rows.with_ids(local, positions + 1)

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from . import storage
+from .errors import InputError
 from .layout import CSV_HEADER, MANIFEST_NAME, SPLIT_DIRS, TOP_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds
 from .verify_formats import check_layouts, layouts_present
 
@@ -179,8 +180,7 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     manifest = {}
     mpath = storage.join(root_path, MANIFEST_NAME)
     if fs.exists(mpath):
-        with fs.open(mpath, "r") as f:
-            manifest = json.load(f)
+        manifest = _load_manifest(fs, mpath, storage.join(root, MANIFEST_NAME))
     params = manifest.get("parameters", {})
     if not manifest and not storage.is_local(root):
         report.problems.append(
@@ -247,6 +247,33 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
         _check_names(mapping_fs, mapping_path, data, train_dirs, report)
     check_layouts(fs, root_path, params, layouts, data, report)
     return report
+
+
+def _load_manifest(fs, path: str, shown: str) -> dict:
+    """The manifest as esm2dask writes it: a JSON object whose ``files`` and
+    ``copied_inputs`` map names to objects with ``bytes``; anything else is one error."""
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:  # not JSON, or not UTF-8
+        where = f"line {err.lineno}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise InputError(shown, where, "not valid JSON: not a manifest esm2dask wrote") from None
+    if not isinstance(manifest, dict):
+        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(manifest), "a number")
+        raise InputError(shown, "", f"holds {kind}, expected a JSON object (not a manifest esm2dask wrote)")
+    for section in ("files", "copied_inputs"):
+        entries = manifest.get(section)
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise InputError(shown, f"'{section}'", "expected an object mapping names to entries")
+        for name, entry in entries.items():
+            size = entry.get("bytes") if isinstance(entry, dict) else entry if section == "files" else None
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InputError(shown, f"'{section}' entry {name!r}",
+                                 "has no 'bytes' (a whole number of bytes)")
+    return manifest
 
 
 def _check_checksums(fs, root_path: str, files: dict | None, report: VerifyReport) -> None:

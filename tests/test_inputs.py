@@ -161,5 +161,5 @@ def test_errors_in_words():
     from esm2dask.errors import describe_os_error
 
     text = describe_os_error(FileNotFoundError(2, "No such file or directory", "/x/a.fasta"))
-    assert text == "/x/a.fasta: no such file or directory"
+    assert text == "/x/a.fasta: no such file or folder"
     assert "Errno" not in describe_os_error(OSError(28, "No space left on device"))

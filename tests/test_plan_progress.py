@@ -57,7 +57,8 @@ def test_estimate_scales_with_workers_and_is_capped_by_cores():
 
     one, four = estimate(10**9, 1), estimate(10**9, 4)
     assert one.seconds_in_order - STARTUP_S == pytest.approx(4 * (four.seconds_in_order - STARTUP_S))
-    config = config_for(cluster=ClusterConfig(workers=64))
+    # ranges enough for 64 workers (fewer would cap them: test_errors_and_logs)
+    config = config_for(cluster=ClusterConfig(workers=64), partition_size="256KB")
     plan = make_plan(config, sizes_for(config), cpu_count=2)
     assert plan.estimate.workers == 2 and "64 workers on 2 cores" in plan.notes[0]
 
