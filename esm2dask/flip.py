@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import storage
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, InputError, OutputError, reason
 from .layout import shard_bounds, shard_name
 
 log = logging.getLogger("esm2dask")
@@ -144,7 +144,7 @@ def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
             if attempt == config.retries:
                 raise InputError(
                     url, "", f"FLIP task {task.name}: download failed after {attempt + 1} attempt(s): "
-                    f"{err.__class__.__name__}: {err}"
+                    f"{reason(err)}"
                 ) from None
             delay = 0.5 * 2**attempt
             log.warning("download of %s failed (%s); retrying in %.1f s", url, err, delay)
