@@ -27,16 +27,26 @@ ALL = ("esm2nv", "bionemo2", "hf")
 MANIFEST = "esm2dask-manifest.json"
 
 
+def _test_fasta(qc_dir: Path, path: Path) -> Path:
+    """The first 300 records of the training FASTA, some residues lower case (a test FASTA
+    of its own: uf50/test keeps its case, bionemo2/test.db and hf/test upper-case it)."""
+    records = (qc_dir / "uniref50_train_filt.fasta").read_text().split(">")[1:301]
+    path.write_text("".join(">" + (r if i % 7 else r[: r.index("\n") + 1] + r[r.index("\n") + 1 :].lower())
+                            for i, r in enumerate(records)))
+    return path
+
+
 @pytest.fixture(scope="module")
 def qc_tree(qc_dir, tmp_path_factory, dask_cluster):
     """NVIDIA's QC sample in all three layouts, from one run, inputs copied beside it."""
     from esm2dask.config import ClusterConfig
 
-    out = tmp_path_factory.mktemp("contract") / "out"
-    train = str(qc_dir / "uniref50_train_filt.fasta")
+    base = tmp_path_factory.mktemp("contract")
+    test = _test_fasta(qc_dir, base / "test_records.fasta")
+    out = base / "out"
     cluster = ClusterConfig(scheduler_address=dask_cluster.scheduler_address, dashboard_address=None)
     run_preprocess(qc_dir, out, cluster, formats=ALL, uf90=str(qc_dir / "ur90_ur50_sampler.fasta"),
-                   val=train, test=train)
+                   val=str(qc_dir / "uniref50_train_filt.fasta"), test=str(test))
     return out
 
 
@@ -107,41 +117,66 @@ def lower_one(seq: str) -> str:
 
 
 def test_untouched_tree_passes(tree):
+    assert "a" <= min((tree / "uf50/test/x000.csv").read_text().split("\n")[1].split(",")[3]), \
+        "uf50/test keeps the lower case of its FASTA"
     result = verify(tree)
     assert result.exit_code == 0, result.output
-    assert "checked: input copies against the manifest" in result.output
+    for what in ("input copies against the manifest", "counts against mapping.tsv", "bionemo2", "hf"):
+        assert f"checked: {what}" in result.output
 
 
 def test_manifest_lists_every_copy_with_its_sha256(qc_tree, qc_dir):
     manifest = json.loads((qc_tree / MANIFEST).read_text())
     copies = manifest["copied_inputs"]
-    assert set(copies) == {"README.md", "mapping.tsv", "uniref50_train_filt.fasta", "ur90_ur50_sampler.fasta"}
+    assert set(copies) == {"README.md", "mapping.tsv", "uniref50_train_filt.fasta", "ur90_ur50_sampler.fasta",
+                           "test_records.fasta"}
     for name, entry in copies.items():
         # an independent digest of the input itself (the copy must hold exactly its bytes)
-        assert entry["sha256"] == hashlib.sha256((qc_dir / name).read_bytes()).hexdigest(), name
+        source = qc_dir / name if name != "test_records.fasta" else qc_tree.parent / name
+        assert entry["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest(), name
 
 
 # ----------------------------------------------------------------------------- the copies
 
 
-@pytest.mark.parametrize("name", ["README.md", "uniref50_train_filt.fasta", "mapping.tsv"])
-def test_a_byte_changed_in_a_copy_is_found(tree, name):
-    path = tree / name
-    data = bytearray(path.read_bytes())
-    i = len(data) // 2
-    data[i] = ord("x") if data[i] != ord("x") else ord("y")  # same size
-    path.write_bytes(bytes(data))
-    assert_caught(verify(tree), f"{name}: SHA-256 differs from the manifest's")
+def test_a_byte_changed_in_a_copy_is_found(tree):
+    names = ["README.md", "uniref50_train_filt.fasta", "mapping.tsv"]
+    for name in names:
+        path = tree / name
+        data = bytearray(path.read_bytes())
+        i = len(data) // 2
+        data[i] = ord("x") if data[i] != ord("x") else ord("y")  # same size
+        path.write_bytes(bytes(data))
+    result = verify(tree)
+    for name in names:
+        assert_caught(result, f"{name}: SHA-256 differs from the manifest's")
 
 
 # ----------------------------------------------------------------------------- ESM2nv rows
 
 
-@pytest.mark.parametrize("rel, line", [("uf50/train/x003.csv", 5), ("uf90/uf90_csvs/x010.csv", 17)])
-def test_lower_case_residue_in_train_and_uf90(tree, rel, line):
-    name, _ = edit_row(tree / rel, line, lower_one)
-    reseal(tree, rel)
-    assert_caught(verify(tree), f"{rel}: line {line}", name, "lower case")
+def test_lower_case_and_illegal_characters_in_rows(tree):
+    """Each in a file of its own (verify names the first bad row of each kind per file)."""
+    tampered, expected = [], []
+    for rel, line in (("uf50/train/x003.csv", 5), ("uf90/uf90_csvs/x010.csv", 17)):
+        name, _ = edit_row(tree / rel, line, lower_one)
+        tampered.append(rel)
+        expected.append((f"{rel}: line {line}", repr(name), "lower case"))
+    for rel, char in (("uf50/val/x001.csv", "\x01"), ("uf50/test/x004.csv", "é"), ("uf90/uf90_csvs/x000.csv", "\x7f"),
+                      ("uf50/train/x007.csv", " ")):
+        name, _ = edit_row(tree / rel, 4, lambda s: s[:5] + char + s[6:])
+        tampered.append(rel)
+        expected.append((f"{rel}: line 4", repr(name), f"sequence has {char!r} at position 6, not a legal"))
+    rel = "uf50/test/x001.csv"
+    lines = (tree / rel).read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b",UniRef50_", b",UniRef50\x02", 1)
+    (tree / rel).write_bytes(b"\n".join(lines))
+    tampered.append(rel)
+    expected.append((f"{rel}: line 3", "record_name", "not a legal name"))
+    reseal(tree, *tampered)
+    result = verify(tree)
+    for needles in expected:
+        assert_caught(result, *needles)
 
 
 def test_lower_case_in_val_is_kept_and_passes(tree):
@@ -154,115 +189,74 @@ def test_lower_case_in_val_is_kept_and_passes(tree):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("rel, char", [("uf50/val/x001.csv", "\x01"), ("uf50/test/x004.csv", "é"),
-                                       ("uf90/uf90_csvs/x000.csv", "\x7f")])
-def test_illegal_character_in_a_sequence(tree, rel, char):
-    name, _ = edit_row(tree / rel, 4, lambda s: s[:5] + char + s[6:])
-    reseal(tree, rel)
-    assert_caught(verify(tree), f"{rel}: line 4", name, "not a legal sequence character")
-
-
-def test_illegal_character_in_a_name(tree):
-    rel = "uf50/test/x001.csv"
-    lines = (tree / rel).read_bytes().split(b"\n")
-    lines[2] = lines[2].replace(b",UniRef50_", b",UniRef50\x02", 1)
-    (tree / rel).write_bytes(b"\n".join(lines))
-    reseal(tree, rel)
-    assert_caught(verify(tree), f"{rel}: line 3", "record_name")
-
-
 # ----------------------------------------------------------------------------- counts/starts
-
-
-def _swap_counts(out: Path, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-    counts_path, starts_path = out / "uf50/train/counts.mmap", out / "uf50/train/starts.mmap"
-    counts = np.fromfile(counts_path, dtype="<u8")
-    assert counts[i] != counts[j]
-    counts[[i, j]] = counts[[j, i]]
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype("<u8")  # consistent with the swap
-    counts.tofile(counts_path)
-    starts.tofile(starts_path)
-    reseal(out, "uf50/train/counts.mmap", "uf50/train/starts.mmap")
-    return counts, starts
 
 
 def test_swapped_counts_are_found_against_the_mapping(tree):
     keep_layouts(tree, "esm2nv")  # bionemo2's train_clusters.parquet would give it away too
-    assert verify(tree).exit_code == 0
-    _swap_counts(tree, 4, 5)  # counts 1 and 2 (docs/esm2-layout.md: counts[:10] = 1 1 1 1 1 2 …)
-    line = assert_caught(verify(tree), "uf50/train/counts.mmap", "cluster 4", "mapping.tsv")
-    assert "UniRef50_" in line
+    counts_path, starts_path = tree / "uf50/train/counts.mmap", tree / "uf50/train/starts.mmap"
+    counts = np.fromfile(counts_path, dtype="<u8")
+    assert counts[4] == 1 and counts[5] == 2  # docs/esm2-layout.md: counts[:10] = 1 1 1 1 1 2 …
+    counts[[4, 5]] = counts[[5, 4]]
+    counts.tofile(counts_path)
+    np.concatenate(([0], np.cumsum(counts)[:-1])).astype("<u8").tofile(starts_path)  # consistent with the swap
+    reseal(tree, "uf50/train/counts.mmap", "uf50/train/starts.mmap")
+    line = assert_caught(verify(tree), "uf50/train/counts.mmap", "cluster 4", "mapping.tsv line 6 lists 1")
+    assert "(2 such clusters)" in line
 
 
 # ----------------------------------------------------------------------------- bionemo2 / hf
 
 
-def _change_db_sequence(path: Path, rowid: int) -> str:
+def _change_db_sequence(path: Path, rowid: int, new=None) -> str:
     con = sqlite3.connect(str(path), isolation_level=None)
     ident, seq = con.execute("SELECT id, sequence FROM protein WHERE rowid = ?", (rowid,)).fetchone()
-    new = seq[:-1] + ("A" if seq[-1] != "A" else "C")  # still legal and upper case
+    new = new or seq[:-1] + ("A" if seq[-1] != "A" else "C")  # still legal and upper case
     con.execute("UPDATE protein SET sequence = ? WHERE rowid = ?", (new, rowid))
     con.close()
     return ident
 
 
-@pytest.mark.parametrize("db, reference", [("train.db", "uf90/uf90_csvs"), ("validation.db", "uf50/val")])
-def test_changed_sequence_in_a_database(tree, db, reference):
-    ident = _change_db_sequence(tree / "bionemo2" / db, 37)
-    reseal(tree, f"bionemo2/{db}")
-    assert_caught(verify(tree), f"bionemo2/{db}", repr(ident), f"differs from {reference}")
-
-
-def test_changed_sequence_in_the_test_database(qc_dir, tmp_path, cluster_config):
-    """``test.db`` (a --test FASTA of its own) against ``uf50/test``."""
-    out = tmp_path / "out"
-    run_preprocess(qc_dir, out, cluster_config, formats=("esm2nv", "bionemo2"),
-                   uf90=str(qc_dir / "ur90_ur50_sampler.fasta"), val=str(qc_dir / "uniref50_train_filt.fasta"),
-                   test=str(qc_dir / "ur90_ur50_sampler.fasta"), copy_inputs=False)
-    assert verify(out).exit_code == 0
-    ident = _change_db_sequence(out / "bionemo2/test.db", 1000)
-    reseal(out, "bionemo2/test.db")
-    assert_caught(verify(out), "bionemo2/test.db", repr(ident), "differs from uf50/test")
-
-
-def _change_hf_sequence(path: Path, row: int) -> None:
+def _change_hf_sequence(path: Path, row: int, new=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     seqs = table.column("sequence").to_pylist()
-    seqs[row] = seqs[row][::-1] if seqs[row] != seqs[row][::-1] else seqs[row] + "A"
+    seqs[row] = new or (seqs[row][::-1] if seqs[row] != seqs[row][::-1] else seqs[row] + "A")
     pq.write_table(table.set_column(2, "sequence", pa.array(seqs, pa.string())), path)
 
 
-@pytest.mark.parametrize("rel, reference", [("hf/train/part-00003.parquet", "uf90/uf90_csvs"),
-                                            ("hf/validation/part-00001.parquet", "uf50/val")])
-def test_changed_sequence_in_an_hf_part(tree, rel, reference):
-    _change_hf_sequence(tree / rel, 7)
-    reseal(tree, rel)
-    assert_caught(verify(tree), f"{rel}: row 7", f"differs from {reference}")
+def test_changed_sequences_in_bionemo2_and_hf(tree):
+    """Legal, upper-case, ids untouched: only the comparison with the ESM2nv rows finds them."""
+    expected = []
+    for db, rowid, reference in (("train.db", 37, "uf90/uf90_csvs"), ("validation.db", 40, "uf50/val"),
+                                 ("test.db", 12, "uf50/test")):
+        ident = _change_db_sequence(tree / "bionemo2" / db, rowid)
+        reseal(tree, f"bionemo2/{db}")
+        expected.append((f"bionemo2/{db}: the sequence of {ident!r} differs from {reference} ({reference}/x",))
+    for rel, reference in (("hf/train/part-00003.parquet", "uf90/uf90_csvs/x003.csv line 9"),
+                           ("hf/validation/part-00001.parquet", "uf50/val/x001.csv line 9"),
+                           ("hf/test/part-00000.parquet", "uf50/test/x000.csv line 4")):
+        row = int(reference.rsplit(" ", 1)[1]) - 2
+        _change_hf_sequence(tree / rel, row)
+        reseal(tree, rel)
+        expected.append((f"{rel}: row {row}: sequence differs from {reference.split('/x')[0]} ({reference})",))
+    result = verify(tree)
+    for needles in expected:
+        assert_caught(result, *needles)
 
 
-@pytest.mark.parametrize("seq", ["MKV,LA", "MKV LA", "MKV\x01A", "MKVÉA", "MKVlA"])
-def test_without_the_esm2nv_tree_sequences_are_legal_and_upper_case(tree, seq):
+def test_without_the_esm2nv_tree_sequences_are_legal_and_upper_case(tree):
     keep_layouts(tree, "bionemo2", "hf")
-    con = sqlite3.connect(str(tree / "bionemo2/train.db"), isolation_level=None)
-    ident = con.execute("SELECT id FROM protein WHERE rowid = 5").fetchone()[0]
-    con.execute("UPDATE protein SET sequence = ? WHERE rowid = 5", (seq,))
-    con.close()
-    reseal(tree, "bionemo2/train.db")
-    assert_caught(verify(tree), "bionemo2/train.db", repr(ident))
-
-
-def test_without_the_esm2nv_tree_hf_sequences_are_legal(tree):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    keep_layouts(tree, "hf")
-    rel = "hf/train/part-00002.parquet"
-    table = pq.read_table(tree / rel)
-    seqs = table.column("sequence").to_pylist()
-    seqs[4] = seqs[4][:3] + "*" + "\x03" + seqs[4][5:]
-    pq.write_table(table.set_column(2, "sequence", pa.array(seqs, pa.string())), tree / rel)
-    reseal(tree, rel)
-    assert_caught(verify(tree), f"{rel}: row 4", "not a legal sequence character")
+    train = _change_db_sequence(tree / "bionemo2/train.db", 5, "MKV,LA")
+    val = _change_db_sequence(tree / "bionemo2/validation.db", 6, "MKVlA")
+    _change_hf_sequence(tree / "hf/train/part-00002.parquet", 4, "MK*\x03LA")
+    _change_hf_sequence(tree / "hf/test/part-00000.parquet", 2, "MKVÉA")
+    reseal(tree, "bionemo2/train.db", "bionemo2/validation.db", "hf/train/part-00002.parquet",
+           "hf/test/part-00000.parquet")
+    result = verify(tree)
+    assert_caught(result, f"bionemo2/train.db: the sequence of {train!r} has ','", "not a legal sequence character")
+    assert_caught(result, f"bionemo2/validation.db: the sequence of {val!r} has lower case")
+    assert_caught(result, "hf/train/part-00002.parquet: row 4: sequence has '\\x03' at position 4")
+    assert_caught(result, "hf/test/part-00000.parquet: row 2: sequence has 'É' at position 4")
