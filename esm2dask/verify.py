@@ -135,9 +135,10 @@ def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl
     paths = list_shards(fs, storage.join(root, split_dir), label, report.problems, expected_files)
     if not paths:
         return None
-    # val and test keep their FASTA's case; the other layouts hold them upper-cased, so
-    # their sequences are compared upper-cased
-    upper = split_dir in (UF50_TRAIN, UF90)
+    # val and test converted from their FASTAs keep its case (the other layouts hold them
+    # upper-cased, so their sequences are compared upper-cased); drawn at random, they are
+    # uf50 rows, upper-cased
+    upper = split_dir in (UF50_TRAIN, UF90) or not consecutive
     frames, per_file = [], []
     for p in paths:
         file_label = f"{split_dir}/{p.rsplit('/', 1)[-1]}"
