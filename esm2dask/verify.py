@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -211,7 +212,7 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
             f"{root}: no {MANIFEST_NAME}: on an object store a tree is complete only once its manifest is written"
         )
     _check_manifest_files(root, manifest.get("files"), report, so)
-    copies = {n: e for n, e in (manifest.get("copied_inputs") or {}).items() if isinstance(e, dict)}
+    copies = _plain_copies(root, manifest.get("copied_inputs"), report)
     copy_digests = _hash_copies(fs, root_path, copies)
     split = params.get("split", "fasta")
     expected_files = num_csv_files or params.get("num_csv_files")
@@ -273,6 +274,22 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     check_layouts(fs, root_path, params, layouts, data, report)
     _check_copies(fs, root_path, copies, copy_digests, report)
     return report
+
+
+def _plain_copies(root: str, listed, report: VerifyReport) -> dict:
+    """The manifest's input copies that are plain files directly inside the tree; any other
+    name (a path, ``..``, a link) is a problem and is never opened."""
+    copies = {}
+    for name, entry in (listed or {}).items() if isinstance(listed, dict) else ():
+        if not isinstance(entry, dict):
+            continue
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            report.problems.append(f"{name!r}: an input copy must be a file name inside the tree; not read")
+        elif storage.is_local(root) and os.path.islink(os.path.join(storage.local_path(root), name)):
+            report.problems.append(f"{name}: input copy is a symbolic link; not followed")
+        else:
+            copies[name] = entry
+    return copies
 
 
 def _hash_copies(fs, root_path: str, copies: dict) -> dict:

@@ -260,3 +260,16 @@ def test_without_the_esm2nv_tree_sequences_are_legal_and_upper_case(tree):
     assert_caught(result, f"bionemo2/validation.db: the sequence of {val!r} has lower case")
     assert_caught(result, "hf/train/part-00002.parquet: row 4: sequence has '\\x03' at position 4")
     assert_caught(result, "hf/test/part-00000.parquet: row 2: sequence has 'É' at position 4")
+
+
+def test_a_copy_named_outside_the_tree_is_never_read(tree):
+    (tree.parent / "victim.txt").write_text("outside OUT\n")
+    (tree / "linked.fasta").symlink_to(tree.parent / "victim.txt")
+    manifest = json.loads((tree / MANIFEST).read_text())
+    for name in ("../victim.txt", "linked.fasta"):
+        manifest["copied_inputs"][name] = {"bytes": 12, "sha256": "0" * 64}
+    (tree / MANIFEST).write_text(json.dumps(manifest))
+    result = verify(tree)
+    assert_caught(result, "'../victim.txt': an input copy must be a file name inside the tree; not read")
+    assert_caught(result, "linked.fasta: input copy is a symbolic link; not followed")
+    assert not any("SHA-256" in p for p in problems(result)), result.output
