@@ -10,8 +10,8 @@ id, count and sequence is checked against it: the train clusters against ``uf50/
 and ``counts.mmap``, their members against ``uf90/uf90_csvs``, the evaluation ids against
 ``uf50/val`` (``uf50/test``); each database row's sequence against the ESM2nv row of its
 id, each ``hf`` row's against the ESM2nv row at its position (upper-cased for val/test).
-Sequences are compared as 64-bit hashes computed as each file is read, so no layout is
-held in memory whole.
+Sequences are compared as 64-bit hashes computed as each file is read, so no layout's
+sequences are held in memory.
 """
 
 from __future__ import annotations
