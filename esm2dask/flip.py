@@ -211,13 +211,22 @@ def read_fasta(path: str, task: str) -> list[tuple[str, str, str]]:
     records: list[tuple[str, str, list[str]]] = []
     with open(path, "rb") as f:
         raw = f.read()
-    for n, line in enumerate(raw.decode("utf-8", "replace").split("\n"), 1):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:  # never replaced: a U+FFFD would reach the CSV unseen
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(path, f"line {line}, byte {err.start}",
+                         f"FLIP task {task}: byte 0x{raw[err.start]:02x} is not UTF-8") from None
+    for n, line in enumerate(text.split("\n"), 1):
         line = line.rstrip("\r")
         if line.startswith(">"):
             header = line[1:]
             ident = header.split(maxsplit=1)[0] if header.strip() and not header[0].isspace() else ""
             if not ident:
                 raise InputError(path, f"line {n}", f"FLIP task {task}: empty record id after '>'")
+            if "," in ident or '"' in ident:  # the id is the CSV's first field, never quoted
+                raise InputError(path, f"line {n}", f"FLIP task {task}: record id {ident!r} holds ',' or '\"', "
+                                 f"which would corrupt the CSV")
             records.append((ident, header, []))
         elif line.strip():
             if not records:
@@ -374,8 +383,25 @@ def run_flip(config: FlipConfig) -> list[FlipTaskResult]:
     return results
 
 
+def _row_problem(line: str, task: FlipTask) -> str | None:
+    """What is wrong with one CSV row of ``task``, or None."""
+    if '"' in line:
+        return "'\"' found (fields are never quoted)"
+    if "\ufffd" in line:
+        return "U+FFFD found (a byte of the source that was not UTF-8, replaced)"
+    fields = line.split(",")
+    if len(fields) != len(task.header):
+        return f"{len(fields)} fields, expected {len(task.header)}"
+    if fields[1] != fields[1].upper():
+        return "sequence has lower case (sequences are upper-cased)"
+    if task.labels and len(fields[2]) != len(fields[1]):
+        return "label length differs from sequence length"
+    return None
+
+
 def verify_flip_tree(root: str, storage_options=None, num_csv_files=None):
-    """Check a FLIP tree: task folders, split folders, headers, line ends, field counts."""
+    """Check a FLIP tree: task folders, split folders, headers, line ends, UTF-8, field
+    counts, no quotes, upper-case sequences, per-residue label lengths."""
     from .verify import VerifyReport, list_shards
 
     report = VerifyReport(root)
@@ -398,15 +424,19 @@ def verify_flip_tree(root: str, storage_options=None, num_csv_files=None):
                 if not data.startswith(head.encode()):
                     report.problems.append(f"{label}/{os.path.basename(p)}: header is not {head.strip()!r}")
                     continue
+                file_label = f"{label}/{os.path.basename(p)}"
                 if not data.endswith(b"\n") or b"\r" in data:
-                    report.problems.append(f"{label}/{os.path.basename(p)}: lines must end with '\\n' only")
-                for i, line in enumerate(data.decode().split("\n")[1:-1], 2):
-                    fields = line.split(",")
-                    if len(fields) != len(task.header):
-                        report.problems.append(f"{label}/{os.path.basename(p)}: line {i}: {len(fields)} fields, expected {len(task.header)}")
-                        break
-                    if task.labels and len(fields[2]) != len(fields[1]):
-                        report.problems.append(f"{label}/{os.path.basename(p)}: line {i}: label length differs from sequence length")
+                    report.problems.append(f"{file_label}: lines must end with '\\n' only")
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    line = data.count(b"\n", 0, err.start) + 1
+                    report.problems.append(f"{file_label}: line {line}: not UTF-8 (byte {err.start})")
+                    continue
+                for i, line in enumerate(text.split("\n")[1:-1], 2):
+                    problem = _row_problem(line, task)
+                    if problem:
+                        report.problems.append(f"{file_label}: line {i}: {problem}")
                         break
                     n += 1
             report.rows[label] = n

@@ -546,10 +546,15 @@ class _Run:
         return out
 
     def checksums(self) -> dict[str, str]:
-        """SHA-256 of every staged output file, one task per file, for the manifest."""
+        """SHA-256 of every staged output file and of every raw input copied beside the
+        tree (by the copy's name: the copy holds the input's bytes), one task per file,
+        for the manifest."""
         files = list(self.staging.staged_files())
         urls = [(storage.join(self.staging.tree_dir, rel), self.so) for rel in files]
-        return dict(zip(files, self._run("checksum", storage.sha256_file, urls)))
+        copies = input_copies(self.config)
+        urls += [(url, self.so) for url, _ in copies]
+        names = files + [name for _, name in copies]
+        return dict(zip(names, self._run("checksum", storage.sha256_file, urls)))
 
 
 def _kept_tasks(staging: Staging) -> int:

@@ -657,6 +657,9 @@ class Staging:
         _refuse_foreign_files(config, fs, out_path)
         tree = self.staged_files()
         copies = self._stage_inputs(config)
+        for name, entry in copies.items():  # hashed from the inputs by the run's checksum stage
+            if name in digests:
+                entry[CHECKSUM] = digests[name]
         previous = read_manifest(out, self.so)
         manifest = build_manifest(config, result, self.identities, tree, digests, copies, version)
         # the manifest first: from its move on, OUT is not to be trusted until the new one is there

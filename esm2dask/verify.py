@@ -2,8 +2,12 @@
 
 Checks the invariants of ``docs/esm2-layout.md`` that can be seen from the output
 alone (file names and count, header, line endings, field shape, record_id order, row
-spread across files, ``counts``/``starts`` against the uf90 row count) and, when the
-tree holds ``mapping.tsv``, the record names against it. Every problem is listed.
+spread across files, legal characters in every name and sequence, upper case in
+``uf50/train`` and ``uf90``, ``sequence_length``, ``counts``/``starts`` against the uf90
+row count and as running sums) and, when the tree holds ``mapping.tsv``, the record names
+and each cluster's count against it. Every file, input copies included, is checked
+against the manifest's size and SHA-256; the contract is checked whatever the digests
+say. Each file is read once. Every problem is listed, with the file and the line.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +26,7 @@ import polars as pl
 from . import storage
 from .errors import InputError
 from .layout import CSV_HEADER, MANIFEST_NAME, SPLIT_DIRS, TOP_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds
-from .verify_formats import check_layouts, layouts_present
+from .verify_formats import HASH_SEED, ILLEGAL, check_layouts, first_illegal, layouts_present, sequence_problems, such_rows
 
 _SHARD_RE = re.compile(r"^x(\d{3})\.csv$")
 _SCHEMA = {"record_id": pl.Int64, "record_name": pl.String, "sequence_length": pl.Int64, "sequence": pl.String}
@@ -34,6 +40,15 @@ class VerifyReport:
     checked: list[str] = field(default_factory=list)
     #: SHA-256 of each file read while checking, by path (checked against the manifest)
     digests: dict[str, str] = field(default_factory=dict)
+    #: rows of each shard of each ESM2nv folder, in file order (to name a row's file and line)
+    shard_rows: dict[str, list[int]] = field(default_factory=dict)
+
+    def place(self, split_dir: str, row: int) -> str:
+        """``uf90/uf90_csvs/x003.csv line 17`` for 0-based ``row`` of a folder."""
+        ends = np.cumsum(self.shard_rows[split_dir])
+        k = int(np.searchsorted(ends, row, side="right"))
+        first = int(ends[k - 1]) if k else 0
+        return f"{split_dir}/x{k:03d}.csv line {row - first + 2}"
 
     @property
     def ok(self) -> bool:
@@ -94,21 +109,25 @@ def list_shards(fs, path: str, label: str, problems: list[str], expected_files: 
     return [f"{path}/{n}" for n in expected if n in shards]
 
 
-def _check_rows(frame: pl.DataFrame, label: str, first_row: int, report: VerifyReport) -> None:
-    """The per-row checks of one file (``first_row`` = rows before it in the split)."""
+def _check_rows(frame: pl.DataFrame, label: str, upper: bool, report: VerifyReport) -> None:
+    """The per-row checks of one file; ``label`` is the file, a row's line is its index + 2."""
+    names = frame["record_name"]
     lengths = frame["sequence"].str.len_chars()
     bad = (lengths != frame["sequence_length"]).arg_true()
     if len(bad):
         i = int(bad[0])
         report.problems.append(
-            f"{label}: row {first_row + i + 1} ({frame['record_name'][i]}): sequence_length "
-            f"{frame['sequence_length'][i]} but the sequence has {lengths[i]} characters"
+            f"{label}: line {i + 2} (record {names[i]!r}): sequence_length "
+            f"{frame['sequence_length'][i]} but the sequence has {lengths[i]} characters{such_rows(len(bad))}"
         )
-    for col, pattern in (("record_name", r"[\s,\"]|^$"), ("sequence", r"[\s,\"]")):
-        hits = frame[col].str.contains(pattern)
-        if hits.any():
-            i = int(hits.arg_true()[0])
-            report.problems.append(f"{label}: row {first_row + i + 1}: empty {col} or one with whitespace/','/'\"'")
+    bad_names = (names.str.contains(ILLEGAL) | (names.str.len_bytes() == 0)).arg_true()
+    if len(bad_names):
+        i = int(bad_names[0])
+        what = "is empty" if not names[i] else "has {1} at position {0}".format(*first_illegal(names[i]))
+        report.problems.append(f"{label}: line {i + 2}: record_name {names[i]!r} {what}, not a legal name "
+                               f"(printable ASCII but ',', '\"' and space){such_rows(len(bad_names))}")
+    for i, what in sequence_problems(frame["sequence"], upper):
+        report.problems.append(f"{label}: line {i + 2} (record {names[i]!r}): {what}")
 
 
 def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl.DataFrame | None:
@@ -118,18 +137,24 @@ def _check_split(fs, root, split_dir, expected_files, consecutive, report) -> pl
     paths = list_shards(fs, storage.join(root, split_dir), label, report.problems, expected_files)
     if not paths:
         return None
+    # val and test converted from their FASTAs keep its case (the other layouts hold them
+    # upper-cased, so their sequences are compared upper-cased); drawn at random, they are
+    # uf50 rows, upper-cased
+    upper = split_dir in (UF50_TRAIN, UF90) or not consecutive
     frames, per_file = [], []
     for p in paths:
-        frame = read_csv_checked(fs, p, CSV_HEADER, report.problems, f"{split_dir}/{p.rsplit('/', 1)[-1]}",
-                                 report.digests)
+        file_label = f"{split_dir}/{p.rsplit('/', 1)[-1]}"
+        frame = read_csv_checked(fs, p, CSV_HEADER, report.problems, file_label, report.digests)
         if frame is None:
             return None
-        _check_rows(frame, label, sum(per_file), report)
-        frames.append(frame.select("record_id", "record_name"))
+        _check_rows(frame, file_label, upper, report)
+        seqs = frame["sequence"] if upper else frame["sequence"].str.to_uppercase()
+        frames.append(frame.select("record_id", "record_name").with_columns(seq_hash=seqs.hash(HASH_SEED)))
         per_file.append(len(frame))
     data = pl.concat(frames)
     n = len(data)
     report.rows[split_dir] = n
+    report.shard_rows[split_dir] = per_file
     want = np.diff(shard_bounds(n, len(paths))).tolist()
     if per_file != want:
         report.problems.append(
@@ -187,6 +212,8 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
             f"{root}: no {MANIFEST_NAME}: on an object store a tree is complete only once its manifest is written"
         )
     _check_manifest_files(root, manifest.get("files"), report, so)
+    copies = _plain_copies(root, manifest.get("copied_inputs"), report)
+    copy_digests = _hash_copies(fs, root_path, copies)
     split = params.get("split", "fasta")
     expected_files = num_csv_files or params.get("num_csv_files")
 
@@ -194,6 +221,7 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     layouts = layouts_present(fs, root_path, params)
     if "esm2nv" not in layouts:  # only --format bionemo2 / hf
         check_layouts(fs, root_path, params, layouts, data, report)
+        _check_copies(fs, root_path, copies, copy_digests, report)
         return report
     for d in SPLIT_DIRS:
         consecutive = d == UF90 or split == "fasta"
@@ -201,7 +229,8 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     uf90_rows = report.rows.get(UF90)
 
     train_dirs = (UF50_TRAIN,) if split == "fasta" else (UF50_TRAIN, UF50_VAL, UF50_TEST)
-    all_counts, all_starts, all_ids = [], [], []
+    all_counts, all_starts, all_ids, all_dirs = [], [], [], []
+    cluster_counts = None  # (counts in mapping order, the folder of each cluster)
     for d in train_dirs:
         counts = _read_array(fs, storage.join(root_path, d, "counts.mmap"), f"{d}/counts.mmap", report.problems,
                              report.digests)
@@ -217,11 +246,13 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
             all_counts.append(counts)
             all_starts.append(starts)
             all_ids.append(data[d]["record_id"].to_numpy())
+            all_dirs.append(np.full(len(counts), len(all_dirs), dtype=np.int8))
     if all_counts and len(all_counts) == len(train_dirs):
         ids = np.concatenate(all_ids)
         order = np.argsort(ids, kind="stable")
         counts = np.concatenate(all_counts)[order]
         starts = np.concatenate(all_starts)[order]
+        cluster_counts = (counts, np.array(train_dirs)[np.concatenate(all_dirs)[order]])
         prefix = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.uint64)
         bad = np.flatnonzero(starts != prefix)
         if len(bad):
@@ -236,17 +267,71 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
         report.checked.append("counts/starts")
 
     _check_checksums(fs, root_path, manifest.get("files"), report)
-    for name, entry in (manifest.get("copied_inputs") or {}).items():
+    mapping_fs, mapping_path = (fs, storage.join(root_path, "mapping.tsv")) if mapping is None else storage.get_fs(mapping, so)
+    if mapping_fs.exists(mapping_path) and all(data.get(d) is not None for d in train_dirs) and data.get(UF90) is not None:
+        _check_names(mapping_fs, mapping_path, data, train_dirs, cluster_counts, report,
+                     own_copy=mapping is None)
+    check_layouts(fs, root_path, params, layouts, data, report)
+    _check_copies(fs, root_path, copies, copy_digests, report)
+    return report
+
+
+def _plain_copies(root: str, listed, report: VerifyReport) -> dict:
+    """The manifest's input copies that are plain files directly inside the tree; any other
+    name (a path, ``..``, a link) is a problem and is never opened."""
+    copies = {}
+    for name, entry in (listed or {}).items() if isinstance(listed, dict) else ():
+        if not isinstance(entry, dict):
+            continue
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            report.problems.append(f"{name!r}: an input copy must be a file name inside the tree; not read")
+        elif storage.is_local(root) and os.path.islink(os.path.join(storage.local_path(root), name)):
+            report.problems.append(f"{name}: input copy is a symbolic link; not followed")
+        else:
+            copies[name] = entry
+    return copies
+
+
+def _hash_copies(fs, root_path: str, copies: dict) -> dict:
+    """SHA-256 of each input copy the manifest gives one for, hashed in threads while the
+    tree is checked (hashlib releases the GIL); ``mapping.tsv`` is left to
+    :func:`_check_names`, which reads it anyway. Returns name → future."""
+    names = [n for n, e in copies.items() if isinstance(e, dict) and e.get("sha256") and n != "mapping.tsv"
+             and fs.exists(storage.join(root_path, n))]
+    if not names:
+        return {}
+    pool = ThreadPoolExecutor(max_workers=min(4, len(names)), thread_name_prefix="esm2dask-verify")
+    futures = {n: pool.submit(_file_sha256, fs, storage.join(root_path, n)) for n in names}
+    pool.shutdown(wait=False)
+    return futures
+
+
+def _file_sha256(fs, path: str) -> str:
+    with fs.open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_copies(fs, root_path: str, copies: dict, futures: dict, report: VerifyReport) -> None:
+    """Each input copy is there with the manifest's size and, where it gives one, SHA-256."""
+    for name, entry in copies.items():
         path = storage.join(root_path, name)
         if not fs.exists(path):
             report.problems.append(f"{name}: input copy listed in the manifest but missing")
-        elif int(fs.info(path)["size"]) != entry.get("bytes"):
+            continue
+        if int(fs.info(path)["size"]) != entry.get("bytes"):
             report.problems.append(f"{name}: {fs.info(path)['size']} bytes, the manifest says {entry.get('bytes')}")
-    mapping_fs, mapping_path = (fs, storage.join(root_path, "mapping.tsv")) if mapping is None else storage.get_fs(mapping, so)
-    if mapping_fs.exists(mapping_path) and all(data.get(d) is not None for d in train_dirs) and data.get(UF90) is not None:
-        _check_names(mapping_fs, mapping_path, data, train_dirs, report)
-    check_layouts(fs, root_path, params, layouts, data, report)
-    return report
+        want = entry.get("sha256")
+        if want:
+            try:
+                got = futures[name].result() if name in futures else report.digests.get(path) or _file_sha256(fs, path)
+            except OSError as err:
+                report.problems.append(f"{name}: input copy cannot be read")
+                continue
+            if got != want:
+                report.problems.append(f"{name}: SHA-256 differs from the manifest's (the input copy was "
+                                       f"changed after it was written)")
+    if copies:
+        report.checked.append("input copies against the manifest")
 
 
 def _load_manifest(fs, path: str, shown: str) -> dict:
@@ -325,15 +410,19 @@ def _first_difference(got: pl.Series, want: pl.Series) -> str | None:
     return f"first difference at row {i + 1}: {got[i]!r}, mapping has {want[i]!r}"
 
 
-def _check_names(fs, mapping_path, data, train_dirs, report) -> None:
+def _check_names(fs, mapping_path, data, train_dirs, cluster_counts, report, own_copy: bool) -> None:
+    """Names in mapping order, and each cluster's count against its member list."""
     with fs.open(mapping_path, "rb") as f:
         raw = f.read()
+    if own_copy:
+        report.digests[mapping_path] = hashlib.sha256(raw).hexdigest()
     table = pl.read_csv(
         io.BytesIO(raw), has_header=True, separator="\t", quote_char=None,
         truncate_ragged_lines=True, infer_schema=False,
     )
     clusters = table[:, 0]
-    members = table[:, 1].str.split(",").explode()
+    member_lists = table[:, 1].str.split(",")
+    members = member_lists.explode()
     uf50 = pl.concat([data[d].select("record_id", "record_name") for d in train_dirs]).sort("record_id")
     for label, got, want in (
         ("uf50", uf50["record_name"], clusters),
@@ -342,6 +431,17 @@ def _check_names(fs, mapping_path, data, train_dirs, report) -> None:
         where = _first_difference(got, want)
         if where:
             report.problems.append(f"{label} names do not follow mapping.tsv ({where})")
+    if cluster_counts is not None and len(cluster_counts[0]) == len(member_lists):
+        counts, dirs = cluster_counts
+        listed = member_lists.list.len().fill_null(0).to_numpy().astype(np.uint64)
+        bad = np.flatnonzero(counts != listed)
+        if len(bad):
+            i = int(bad[0])
+            report.problems.append(
+                f"{dirs[i]}/counts.mmap: cluster {i} ({clusters[i]}) has count {counts[i]}, but mapping.tsv "
+                f"line {i + 2} lists {listed[i]} member(s){such_rows(len(bad), 'clusters')}"
+            )
+        report.checked.append("counts against mapping.tsv")
     report.checked.append("names against mapping.tsv")
 
 

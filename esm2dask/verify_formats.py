@@ -4,10 +4,14 @@ What BioNeMo 2's reader and ``datasets`` rely on, seen from the files alone: par
 schemas and types (no stored pandas index, no dictionary strings), at least 2 rows per
 clusters file, no empty list, the SQLite table's DDL, TEXT ids and sequences, upper case,
 ``journal_mode=delete``, every id of a clusters file a key of its database; ``hf`` parts
-named ``part-00000.parquet`` on, with the three string columns. When the ESM2nv tree is
-there too, every id and count is checked against it: the train clusters against
-``uf50/train`` and ``counts.mmap``, their members against ``uf90/uf90_csvs``, the
-evaluation ids against ``uf50/val`` (``uf50/test``).
+named ``part-00000.parquet`` on, with the three string columns; every sequence legal
+(printable ASCII but ``,``, ``"`` and space). When the ESM2nv tree is there too, every
+id, count and sequence is checked against it: the train clusters against ``uf50/train``
+and ``counts.mmap``, their members against ``uf90/uf90_csvs``, the evaluation ids against
+``uf50/val`` (``uf50/test``); each database row's sequence against the ESM2nv row of its
+id, each ``hf`` row's against the ESM2nv row at its position (upper-cased for val/test).
+Sequences are compared as 64-bit hashes computed as each file is read, so no layout's
+sequences are held in memory.
 """
 
 from __future__ import annotations
@@ -29,6 +33,43 @@ from .layout import BIONEMO2_DIR, FORMATS, HF_DIR, UF50_TEST, UF50_TRAIN, UF50_V
 #: Ids fetched from a database at a time (few Python strings alive at once).
 FETCH_ROWS = 1_000_000
 _PART_RE = re.compile(r"^part-(\d{5})\.parquet$")
+#: A character that is not legal in a name or a sequence: anything but printable ASCII,
+#: and ``"``, ``,`` and space within it (docs/esm2-layout.md, "Rules for every CSV file").
+ILLEGAL = r"[^\x21\x23-\x2B\x2D-\x7E]"
+#: Seed of the 64-bit hashes that compare sequences across layouts (one process: stable).
+HASH_SEED = 20
+
+
+def first_illegal(text: str) -> tuple[int, str]:
+    """1-based position and repr of the first illegal character of ``text``."""
+    i = next(i for i, c in enumerate(text) if not ("!" <= c <= "~" and c not in ',"'))
+    return i + 1, repr(text[i])
+
+
+def sequence_problems(seqs: pl.Series, upper: bool) -> list[tuple[int, str]]:
+    """(0-based row, what is wrong) for the first sequence with an illegal character and the
+    first with lower case (``upper``), each with how many such rows ``seqs`` holds."""
+    out = []
+    seqs = seqs.fill_null("")
+    illegal = seqs.str.contains(ILLEGAL).arg_true()
+    if len(illegal):
+        i = int(illegal[0])
+        pos, char = first_illegal(seqs[i])
+        out.append((i, f"sequence has {char} at position {pos}, not a legal sequence character "
+                       f"(printable ASCII but ',', '\"' and space){such_rows(len(illegal))}"))
+    if upper:
+        lower = seqs.str.contains("[a-z]").arg_true()
+        if len(lower):
+            i = int(lower[0])
+            pos = next(p for p, c in enumerate(seqs[i], 1) if "a" <= c <= "z")
+            out.append((i, f"sequence has lower case ({seqs[i][pos - 1]!r} at position {pos}); it must be "
+                           f"upper-cased here{such_rows(len(lower))}"))
+    return out
+
+
+def such_rows(n: int, what: str = "rows") -> str:
+    """`` (n such rows)`` when there is more than one."""
+    return f" ({n} such {what})" if n > 1 else ""
 
 
 def layouts_present(fs, root_path: str, params: dict) -> tuple[str, ...]:
@@ -62,7 +103,7 @@ class _Expected:
         self.data = data
         self.train_names = _names(data, UF50_TRAIN)
         self.member_names = _names(data, UF90)
-        self.counts = self.members = self.member_clusters = None
+        self.counts = self.members = self.member_clusters = self.member_rows = None
         path = storage.join(root_path, UF50_TRAIN, "counts.mmap")
         if self.train_names is not None and fs.exists(path):
             with fs.open(path, "rb") as f:
@@ -76,11 +117,30 @@ class _Expected:
             if len(starts) == len(self.counts) and (len(starts) == 0 or starts[-1] + self.counts[-1] <= len(self.member_names)):
                 # uf90 positions of the training clusters' members, cluster by cluster
                 first = np.repeat(starts - np.concatenate(([0], np.cumsum(self.counts)[:-1])), self.counts)
-                self.members = self.member_names.gather(first + np.arange(int(self.counts.sum())))
+                self.member_rows = first + np.arange(int(self.counts.sum()))
+                self.members = self.member_names.gather(self.member_rows)
                 self.member_clusters = self.train_names.gather(np.repeat(np.arange(len(self.counts)), self.counts))
 
     def eval_names(self, split_dir: str) -> pl.Series | None:
         return _names(self.data, split_dir)
+
+    def hashes(self, split_dir: str) -> pl.Series | None:
+        """The 64-bit hash of each row's sequence (upper-cased) of an ESM2nv folder."""
+        frame = self.data.get(split_dir)
+        return None if frame is None else frame["seq_hash"]
+
+    def member_hashes(self) -> pl.Series | None:
+        """Sequence hashes of the training members, in ``hf/train`` order."""
+        hashes = self.hashes(UF90)
+        return None if hashes is None or self.member_rows is None else hashes.gather(self.member_rows)
+
+    def by_name(self, split_dir: str) -> pl.DataFrame | None:
+        """(name, seq_hash, row) of an ESM2nv folder, the first row of each name."""
+        frame = self.data.get(split_dir)
+        if frame is None:
+            return None
+        return (frame.select(pl.col("record_name").alias("id"), "seq_hash")
+                .with_row_index("row").unique("id", keep="first"))
 
 
 def _names(data: dict, split_dir: str) -> pl.Series | None:
@@ -181,8 +241,9 @@ def _local_copy(fs, path: str):
         yield local
 
 
-def _check_db(fs, path: str, label: str, report) -> pl.Series | None:
-    """DDL, journal mode, types, upper case; returns the ids (sorted) or None."""
+def _check_db(fs, path: str, label: str, report) -> pl.DataFrame | None:
+    """DDL, journal mode, types, legal upper-case sequences; returns (id, seq_hash) sorted
+    by id, or None."""
     if not fs.exists(path):
         report.problems.append(f"{label}: missing")
         return None
@@ -198,7 +259,7 @@ def _check_db(fs, path: str, label: str, report) -> pl.Series | None:
             return None
 
 
-def _db_checks(con: sqlite3.Connection, label: str, report) -> pl.Series | None:
+def _db_checks(con: sqlite3.Connection, label: str, report) -> pl.DataFrame | None:
     mode = con.execute("PRAGMA journal_mode").fetchone()[0]
     if mode != "delete":
         report.problems.append(f"{label}: journal_mode={mode}, expected delete (a {mode} database on "
@@ -217,22 +278,42 @@ def _db_checks(con: sqlite3.Connection, label: str, report) -> pl.Series | None:
     if bad:
         report.problems.append(f"{label}: id {bad[0]!r} is stored as {bad[1]}/{bad[2]}, expected text/text "
                                f"(a BLOB never matches a text id)")
-    lower = con.execute("SELECT id FROM protein WHERE sequence GLOB '*[a-z]*' LIMIT 1").fetchone()
-    if lower:
-        report.problems.append(f"{label}: the sequence of {lower[0]!r} has lower case (the tokenizer "
-                               f"maps it to the unknown token)")
     report.rows[label] = con.execute("SELECT count(*) FROM protein").fetchone()[0]
     # a key stored as anything but text matches no query: it counts as absent
-    cursor = con.execute("SELECT id FROM protein WHERE typeof(id) = 'text' ORDER BY id")
-    chunks = [pl.Series("id", [r[0] for r in batch], dtype=pl.String)
-              for batch in iter(lambda: cursor.fetchmany(FETCH_ROWS), [])]
-    return pl.concat(chunks) if chunks else pl.Series("id", [], dtype=pl.String)
+    cursor = con.execute("SELECT id, CAST(sequence AS TEXT) FROM protein WHERE typeof(id) = 'text' ORDER BY id")
+    chunks, found = [], {}
+    for batch in iter(lambda: cursor.fetchmany(FETCH_ROWS), []):
+        ids = pl.Series("id", [r[0] for r in batch], dtype=pl.String)
+        seqs = pl.Series("sequence", [r[1] for r in batch], dtype=pl.String)
+        for i, what in sequence_problems(seqs, upper=True):
+            kind = "illegal" if "legal" in what else "lower"
+            if kind not in found:  # the first of each kind, in id order
+                found[kind] = f"{label}: the sequence of {ids[i]!r} " + what.removeprefix("sequence ")
+        chunks.append(pl.DataFrame({"id": ids, "seq_hash": seqs.hash(HASH_SEED)}))
+    report.problems += found.values()
+    if not chunks:
+        return pl.DataFrame({"id": [], "seq_hash": []}, schema={"id": pl.String, "seq_hash": pl.UInt64})
+    return pl.concat(chunks)
 
 
-def _check_keys(ids: pl.Series, db_ids: pl.Series | None, label: str, db_label: str, report) -> None:
-    """Every id is a key of the database, and the database holds no other row."""
-    if db_ids is None:
+def _check_db_sequences(db: pl.DataFrame | None, label: str, want: pl.DataFrame | None, split_dir: str,
+                        report) -> None:
+    """Each row's sequence equals that of the ESM2nv row of its id (``want``: id, seq_hash, row)."""
+    if db is None or want is None:
         return
+    joined = db.join(want, on="id", how="inner", suffix="_want")
+    differs = joined.filter(pl.col("seq_hash") != pl.col("seq_hash_want")).sort("id")
+    if len(differs):
+        first = differs.row(0, named=True)
+        report.problems.append(f"{label}: the sequence of {first['id']!r} differs from {split_dir} "
+                               f"({report.place(split_dir, first['row'])}){such_rows(len(differs), 'ids')}")
+
+
+def _check_keys(ids: pl.Series, db: pl.DataFrame | None, label: str, db_label: str, report) -> None:
+    """Every id is a key of the database, and the database holds no other row."""
+    if db is None:
+        return
+    db_ids = db["id"]
     distinct = ids.unique().sort()
     if distinct.equals(db_ids):  # both sorted and distinct: the common case, no hash set
         return
@@ -265,16 +346,18 @@ def _check_bionemo2(fs, base: str, splits, expected: _Expected, report) -> None:
                               {"ur90_id": (_is_string_list, "list<string>")}, report)
         if table is not None:
             ids = _check_train_clusters(table, label, expected, report)
-    db_ids = _check_db(fs, storage.join(base, "train.db"), f"{BIONEMO2_DIR}/train.db", report)
+    db = _check_db(fs, storage.join(base, "train.db"), f"{BIONEMO2_DIR}/train.db", report)
     if ids is not None:
-        _check_keys(ids, db_ids, label, f"{BIONEMO2_DIR}/train.db", report)
+        _check_keys(ids, db, label, f"{BIONEMO2_DIR}/train.db", report)
+    _check_db_sequences(db, f"{BIONEMO2_DIR}/train.db", expected.by_name(UF90), UF90, report)
     for split_dir, _, clusters_name, db_name in splits:
         label = f"{BIONEMO2_DIR}/{clusters_name}"
         if clusters_name not in present:
             report.problems.append(f"{label}: missing")
             continue
         table = _read_checked(fs, storage.join(base, clusters_name), label, {"ur50_id": (_is_string, "string")}, report)
-        db_ids = _check_db(fs, storage.join(base, db_name), f"{BIONEMO2_DIR}/{db_name}", report)
+        db = _check_db(fs, storage.join(base, db_name), f"{BIONEMO2_DIR}/{db_name}", report)
+        _check_db_sequences(db, f"{BIONEMO2_DIR}/{db_name}", expected.by_name(split_dir), split_dir, report)
         if table is None:
             continue
         ids = pl.from_arrow(table.column("ur50_id")).alias("id")
@@ -288,7 +371,7 @@ def _check_bionemo2(fs, base: str, splits, expected: _Expected, report) -> None:
             where = _first_mismatch(ids, want, label, "rows")
             if where:
                 report.problems.append(where)
-        _check_keys(ids.drop_nulls(), db_ids, label, f"{BIONEMO2_DIR}/{db_name}", report)
+        _check_keys(ids.drop_nulls(), db, label, f"{BIONEMO2_DIR}/{db_name}", report)
     report.checked.append(BIONEMO2_DIR)
 
 
@@ -331,14 +414,20 @@ def _check_hf(fs, base: str, splits, expected: _Expected, report) -> None:
     for name in sorted(present - wanted):
         report.problems.append(f"{HF_DIR}/{name}: unexpected (datasets would read it as a split)")
     want = {"ur90_id": expected.members, "ur50_id": expected.member_clusters}
-    _check_hf_split(fs, base, "train", want, False, report)
+    _check_hf_split(fs, base, "train", want, (UF90, expected.member_hashes(), expected.member_rows), False, report)
     for split_dir, split, _, _ in splits:
-        _check_hf_split(fs, base, split, {"ur50_id": expected.eval_names(split_dir)}, True, report)
+        hashes = expected.hashes(split_dir)
+        rows = None if hashes is None else np.arange(len(hashes))
+        _check_hf_split(fs, base, split, {"ur50_id": expected.eval_names(split_dir)}, (split_dir, hashes, rows),
+                        True, report)
     report.checked.append(HF_DIR)
 
 
-def _check_hf_split(fs, base: str, split: str, want: dict, evaluation: bool, report) -> None:
-    """Parts ``part-00000.parquet`` on; schema; ids in order against the ESM2nv tree."""
+def _check_hf_split(fs, base: str, split: str, want: dict, sequences: tuple, evaluation: bool, report) -> None:
+    """Parts ``part-00000.parquet`` on; schema; legal sequences; ids in order and sequences
+    against the ESM2nv tree (``sequences``: its folder, the hash of each row's sequence, and
+    the row of that folder each hf row comes from)."""
+    split_dir, want_hashes, want_rows = sequences
     label = f"{HF_DIR}/{split}"
     folder = storage.join(base, split)
     if not fs.exists(folder):
@@ -367,9 +456,16 @@ def _check_hf_split(fs, base: str, split: str, want: dict, evaluation: bool, rep
                 report.problems.append(f"{part_label}: {n} null {c}")
         if evaluation and nulls["ur90_id"] != len(frame):
             report.problems.append(f"{part_label}: ur90_id is set in an evaluation split (it is null there)")
-        lower = frame["sequence"].str.contains("[a-z]").fill_null(False).arg_true()
-        if len(lower):
-            report.problems.append(f"{part_label}: row {int(lower[0])}: sequence has lower case")
+        for i, what in sequence_problems(frame["sequence"], upper=True):
+            report.problems.append(f"{part_label}: row {i}: {what}")
+        got = frame["sequence"].hash(HASH_SEED)
+        first = rows - len(frame)
+        if want_hashes is not None and rows <= len(want_hashes):
+            differs = (got != want_hashes.slice(first, len(frame))).arg_true()
+            if len(differs):
+                i = int(differs[0])
+                report.problems.append(f"{part_label}: row {i}: sequence differs from {split_dir} "
+                                       f"({report.place(split_dir, int(want_rows[first + i]))}){such_rows(len(differs))}")
         for c in want:
             ids[c].append(frame[c])
     report.rows[label] = rows

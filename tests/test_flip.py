@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from conftest import assert_one_line_error
 from esm2dask.flip import TASKS
 
 SPLIT_HEADERS = [
@@ -198,3 +199,50 @@ def test_malformed_fasta(tmp_path):
 def test_unknown_task(tmp_path):
     result = flip("--tasks", "nope", "-o", tmp_path / "o")
     assert result.exit_code == 1 and "unknown FLIP task" in result.output
+
+
+@pytest.mark.parametrize("bad_id", ['gb1,0', 'gb1"0', '"gb1_0"'])
+def test_id_with_comma_or_quote_is_an_error(tmp_path, bad_id):
+    """An id is written into the CSV as it is: a ',' would make 4 fields, a '"' a quoted one."""
+    src = tmp_path / "src"
+    make_flip_tree(src)
+    f = src / "gb1/two_vs_rest.fasta"
+    f.write_text(f.read_text().replace(">gb1_0 ", f">{bad_id} "))
+    out = tmp_path / "o"
+    result = flip("--tasks", "gb1", "-o", out, "--source", src)
+    line = assert_one_line_error(result, str(f), "line 1", repr(bad_id))
+    assert "',' or '\"'" in line
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("task, name, line", [("gb1", "two_vs_rest.fasta", 4), ("bind", "from_publication.fasta", 2)])
+def test_non_utf8_byte_is_an_error(tmp_path, task, name, line):
+    src = tmp_path / "src"
+    make_flip_tree(src)
+    f = src / task / name
+    lines = f.read_bytes().split(b"\n")
+    assert not lines[line - 1].startswith(b">")
+    lines[line - 1] = lines[line - 1][:2] + b"\xff" + lines[line - 1][3:]  # a sequence (gb1), a label (bind)
+    f.write_bytes(b"\n".join(lines))
+    out = tmp_path / "o"
+    result = flip("--tasks", task, "-o", out, "--source", src)
+    assert_one_line_error(result, str(f), f"line {line}", "not UTF-8")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("old, new, needle", [
+    (b"aav_0", b'aav"0', "line 2: '\"' found"),
+    (b"MKVLAA", b"MK\xffLAA", "line 2: not UTF-8"),
+    (b"MKVLAA", "MK\ufffdLAA".encode(), "line 2: U+FFFD"),
+    (b"aav_0", b"aav,0", "line 2: 4 fields, expected 3"),
+    (b"MKVLAA", b"MKVLaA", "line 2: sequence has lower case"),
+], ids=["quote", "not-utf8", "replacement-char", "comma", "lower-case"])
+def test_verify_catches_bad_flip_rows(flip_server, tmp_path, old, new, needle):
+    out = tmp_path / "FLIP"
+    assert flip("--tasks", "aav", "-o", out, "--source", flip_server.url, "--cache-dir", tmp_path / "c").exit_code == 0
+    path = out / "aav/train/x000.csv"
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+    result = CliRunner().invoke(cli, ["verify", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert f"PROBLEM: aav/train/x000.csv: {needle}" in result.output, result.output
