@@ -341,7 +341,7 @@ TAMPER = {
     "hf-wrong-column": (lambda o: _rewrite_parquet(
         o / "hf/train/part-00003.parquet", lambda t: t.rename_columns(["ur50_id", "id", "sequence"])),
         "hf/train/part-00003.parquet: columns"),
-    "hf-missing-part": (lambda o: (o / "hf/validation/part-00001.parquet").unlink(), "parts are not part-00000"),
+    "hf-missing-part": (lambda o: (o / "hf/train/part-00001.parquet").unlink(), "parts are not part-00000"),
     "not-parquet": (lambda o: (o / "bionemo2/valid_clusters.parquet").write_bytes(b"ur50_id\nUniRef50_A\n"),
                     "valid_clusters.parquet: cannot be read as parquet"),
 }

@@ -235,10 +235,10 @@ def test_changed_sequences_in_bionemo2_and_hf(tree):
         ident = _change_db_sequence(tree / "bionemo2" / db, rowid)
         reseal(tree, f"bionemo2/{db}")
         expected.append((f"bionemo2/{db}: the sequence of {ident!r} differs from {reference} ({reference}/x",))
-    for rel, reference in (("hf/train/part-00003.parquet", "uf90/uf90_csvs/x003.csv line 9"),
-                           ("hf/validation/part-00001.parquet", "uf50/val/x001.csv line 9"),
-                           ("hf/test/part-00000.parquet", "uf50/test/x000.csv line 4")):
-        row = int(reference.rsplit(" ", 1)[1]) - 2
+    # hf/validation is one part (5,001 rows), x000.csv holds its first 101: x001.csv line 9 is row 108
+    for rel, reference, row in (("hf/train/part-00003.parquet", "uf90/uf90_csvs/x003.csv line 9", 7),
+                                ("hf/validation/part-00000.parquet", "uf50/val/x001.csv line 9", 101 + 7),
+                                ("hf/test/part-00000.parquet", "uf50/test/x000.csv line 4", 2)):
         _change_hf_sequence(tree / rel, row)
         reseal(tree, rel)
         expected.append((f"{rel}: row {row}: sequence differs from {reference.split('/x')[0]} ({reference})",))
