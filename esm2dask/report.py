@@ -70,6 +70,8 @@ LETTER_EXAMPLES = 3
 TOP_CLUSTERS = 20
 #: Bytes of input per SQLite piece (rowid range).
 DB_PIECE_BYTES = 64 * 2**20
+#: Small pieces are read by one task up to this many bytes together.
+BATCH_BYTES = 32 * 2**20
 
 TRAIN, UF50_TRAIN, VAL, TEST = "train", "uf50-train", "val", "test"
 SPLITS = (TRAIN, UF50_TRAIN, VAL, TEST)
@@ -538,6 +540,26 @@ def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
     return stats
 
 
+def stats_batch(pieces: list[Piece], scratch: str, n_buckets: int) -> list[PieceStats]:
+    """Task: :func:`piece_stats` of a few small pieces (one task each would cost more to
+    schedule than to run)."""
+    return [piece_stats(p, scratch, n_buckets) for p in pieces]
+
+
+def batch_pieces(pieces: list[Piece], batch_bytes: int = BATCH_BYTES) -> list[list[Piece]]:
+    """Consecutive pieces in batches of about ``batch_bytes`` (a big piece alone)."""
+    batches: list[list[Piece]] = []
+    size = 0
+    for p in pieces:
+        if batches and size + p.size_bytes <= batch_bytes:
+            batches[-1].append(p)
+            size += p.size_bytes
+        else:
+            batches.append([p])
+            size = p.size_bytes
+    return batches
+
+
 def _cluster_stats(stats: PieceStats, sizes: np.ndarray, ids) -> None:
     values, counts = np.unique(sizes, return_counts=True)
     for v, c in zip(values.tolist(), counts.tolist()):
@@ -917,11 +939,14 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
             workers = max(1, sum(client.nthreads().values()))
             n_buckets = _n_buckets(pieces, workers)
             reporter.begin(sum(p.size_bytes for p in pieces) + sum(p.size_bytes for p in pieces))
-            futures = [client.submit(piece_stats, p, scratch, n_buckets, key=(f"report_stats-{token}", p.index),
-                                     pure=False) for p in pieces]
+            total_bytes = sum(p.size_bytes for p in pieces)
+            batches = batch_pieces(pieces, min(BATCH_BYTES, max(1, total_bytes // (4 * workers))))
+            futures = [client.submit(stats_batch, b, scratch, n_buckets, key=(f"report_stats-{token}", i),
+                                     pure=False) for i, b in enumerate(batches)]
             cluster_future = (client.submit(bionemo2_cluster_stats, clusters_file, key=(f"report_clusters-{token}", 0),
                                             pure=False) if clusters_file else None)
-            stats = _gather(client, reporter, "report-stats", futures, [p.size_bytes for p in pieces])
+            stats = [s for batch in _gather(client, reporter, "report-stats", futures,
+                                            [sum(p.size_bytes for p in b) for b in batches]) for s in batch]
             by_split: dict[str, list[PieceStats]] = {}
             for p, s in zip(pieces, stats):
                 by_split.setdefault(p.split, []).append(s)
