@@ -150,10 +150,15 @@ def _pct(value: float) -> str:
     return f"{value * 100:.3f}%"
 
 
-def _table(head: list[str], rows: list[list], left: int = 1) -> str:
-    th = "".join(f"<th class='l'>{_e(h)}</th>" if i < left else f"<th>{_e(h)}</th>" for i, h in enumerate(head))
+def _table(head: list[str], rows: list[list], left: int = 1, text_from: int | None = None) -> str:
+    """Numbers right-aligned; the first ``left`` columns, and those from ``text_from`` on, left."""
+    def is_left(i):
+        return i < left or (text_from is not None and i >= text_from)
+
+    th = "".join(f"<th class='l'>{_e(h)}</th>" if is_left(i) else f"<th>{_e(h)}</th>" for i, h in enumerate(head))
     body = "".join(
-        "<tr>" + "".join(f"<td class='l'>{c}</td>" if i < left else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        "<tr>" + "".join(f"<td class='l'>{c}</td>" if is_left(i) else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
         for r in rows
     )
     return f"<table><tr>{th}</tr>{body}</table>"
@@ -177,6 +182,10 @@ def render_html(report: dict, plots: list[tuple[str, str]], folder: str) -> str:
         f"{report['files_read']:,} files, {report['bytes_read']:,} bytes; esm2dask {_e(report['version'])}. "
         f"ESM-2 crops sequences to {crop_tokens} tokens, BOS and EOS included: {crop_residues} residues.</p>",
     ]
+    m = report.get("manifest")
+    if m:
+        parts.append(f"<p>Tree made {_e(m['created'])} by esm2dask {_e(m['version'])} (manifest SHA-256 "
+                     f"<code>{_e(m['sha256'][:16])}…</code>).</p>")
     for note in report["notes"]:
         parts.append(f"<p>Note: {_e(note)}</p>")
 
@@ -202,7 +211,7 @@ def render_html(report: dict, plots: list[tuple[str, str]], folder: str) -> str:
         for letter, n in s["nonstandard"]["letters"].items():
             rows.append([_e(split), f"<code>{_e(letter)}</code>", _n(n),
                          ", ".join(f"<code>{_e(i)}</code>" for i in s["nonstandard"]["examples"][letter])])
-    parts.append(_table(["split", "letter", "residues", "examples (ids)"], rows, left=2) if rows
+    parts.append(_table(["split", "letter", "residues", "examples (ids)"], rows, left=2, text_from=3) if rows
                  else "<p>None: every residue is one of the 20 standard amino acids.</p>")
 
     parts.append("<h2>Plots</h2>")
@@ -238,11 +247,11 @@ def render_html(report: dict, plots: list[tuple[str, str]], folder: str) -> str:
         parts.append(_table(
             ["pair", "length", "ids, first split", "ids, second split"],
             [[_e(e["pair"]), _n(e["length"]), _ids(e["a"]["ids"], e["a"]["rows"]), _ids(e["b"]["ids"], e["b"]["rows"])]
-             for e in lk["between_splits_examples"][:50]], left=1))
+             for e in lk["between_splits_examples"][:50]], left=1, text_from=2))
     if lk["ids_in_two_splits_examples"]:
         parts.append(_table(["pair", "id", "records, first split", "records, second split"],
                             [[_e(e["pair"]), f"<code>{_e(e['id'])}</code>", _e(e["a_records"]), _e(e["b_records"])]
-                             for e in lk["ids_in_two_splits_examples"][:50]], left=2))
+                             for e in lk["ids_in_two_splits_examples"][:50]], left=2, text_from=2))
     parts.append("<h3>Inside each split</h3>")
     rows = [[_e(s), _n(v["groups"]), _n(v["rows"]), _n(v["extra_rows"]), _n(lk["repeated_ids"][s]["ids"])]
             for s, v in lk["within_split"].items()]
@@ -251,11 +260,11 @@ def render_html(report: dict, plots: list[tuple[str, str]], folder: str) -> str:
         parts.append(_table(["split", "length", "ids (records)"],
                             [[_e(e["split"]), _n(e["length"]),
                               _ids([f"{i} ({r})" for i, r in zip(e["ids"], e["records"])], e["rows"])]
-                             for e in lk["within_split_examples"][:50]], left=1))
+                             for e in lk["within_split_examples"][:50]], left=1, text_from=2))
     if lk["repeated_id_examples"]:
         parts.append(_table(["split", "id", "records"],
                             [[_e(e["split"]), f"<code>{_e(e['id'])}</code>", _e(e["records"])]
-                             for e in lk["repeated_id_examples"][:50]], left=2))
+                             for e in lk["repeated_id_examples"][:50]], left=2, text_from=2))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -71,3 +71,11 @@ def test_formats_smoke(bench):
     table = (bench / "formats.md").read_text()
     assert "| esm2nv + bionemo2 + hf |" in table and "byte-identical in every run: yes" in table
     assert "merge, the single writer" in table and (bench / "formats.png").stat().st_size > 0
+
+
+def test_report_smoke(bench):
+    from benchmarks import report
+
+    report.main(["--clusters", "300", "--workers", "1", "--repeats", "1", "--format", "esm2nv,hf"])
+    table = (bench / "report.md").read_text()
+    assert "| report | esm2nv |" in table and "| report | hf |" in table and "Study run time:" in table

@@ -142,6 +142,25 @@ def test_the_layouts_agree(planted, dask_cluster):
     assert reports["hf"]["clusters"]["largest"] == reports["esm2nv"]["clusters"]["largest"]
 
 
+def test_random_split_counts_only_the_train_clusters_members(planted, tmp_path, dask_cluster):
+    """v1.0's random split: uf90 holds every cluster's members, training only the train clusters'."""
+    raw = planted.parent / "raw"
+    out = tmp_path / "random"
+    run_preprocess(raw, out, _cluster(dask_cluster), split="random", val_size=3, test_size=2, seed=1)
+    report = _report(out, dask_cluster)
+    lines = (raw / "mapping.tsv").read_text().split("\n")[1:]
+    members = {c: m.split(",") for c, m in (line.split("\t") for line in lines if line)}
+    held_out = [row[1] for d in ("uf50/val", "uf50/test") for p in sorted((out / d).glob("x*.csv"))
+                for row in list(csv.reader(open(p)))[1:]]
+    assert len(held_out) == 5
+    excluded = {m for c in held_out for m in members[c]}
+    train = report["splits"]["train"]
+    assert train["rows"] == 24 - len(excluded) and train["excluded_rows"] == len(excluded)
+    named = {i for e in report["leakage"]["within_split_examples"] for i in e["ids"]}
+    assert named == ({"M2_0", "M7_1"} if not {"M2_0", "M7_1"} & excluded else set())
+    assert report["clusters"]["clusters"] == 12 - 5
+
+
 # ----------------------------------------------------------------------------- the QC sample
 
 
@@ -290,6 +309,13 @@ def test_a_symlink_under_out_is_never_followed(planted, tmp_path, dask_cluster):
     result = invoke("report", out, "--scheduler-address", dask_cluster.scheduler_address)
     assert_one_line_error(result, "uf50/val/x001.csv is a symbolic link")
     assert _snapshot(out) == before and not (out / "esm2dask-report").exists()
+    # a link higher up: the system would follow it in the middle of a path
+    shutil.move(out / "uf90", tmp_path / "uf90-elsewhere")
+    os.symlink(tmp_path / "uf90-elsewhere", out / "uf90")
+    result = invoke("report", out, "--scheduler-address", dask_cluster.scheduler_address)
+    assert_one_line_error(result, "uf90 is a symbolic link")
+    os.remove(out / "uf90")
+    shutil.move(tmp_path / "uf90-elsewhere", out / "uf90")
     # a bad shard: one line naming it, and nothing left behind
     os.remove(out / "uf50/val/x001.csv")
     (out / "uf50/val/x001.csv").write_text("id,seq\n1,AAA\n")
