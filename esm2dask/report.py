@@ -9,8 +9,8 @@ else ``hf``; ``--layout`` chooses), on the Dask cluster, each file once:
    every sequence length and of every letter (upper-cased), the sequences beyond ESM-2's
    crop, examples of non-standard letters, and — for training clusters — the members per
    cluster. It also writes two Arrow files into the report's temporary folder: a 128-bit
-   blake2b digest of every upper-cased sequence (with the sequence, its id and row), and
-   one of every id, each sorted into hash buckets, one record batch per bucket.
+   digest (MurmurHash3 x64_128) of every upper-cased sequence, with the sequence, its id
+   and row; and one of every id; each sorted into hash buckets, one record batch per bucket.
 3. One task per bucket reads that bucket's batch from every piece, groups the rows whose
    digests repeat, confirms each group by comparing the sequences (ids) themselves, and
    returns counts and a bounded number of examples: duplicates inside a split, sequences
@@ -690,43 +690,53 @@ def bionemo2_cluster_stats(path: str) -> PieceStats:
 
 
 def _load_bucket(scratch: str, kind: str, bucket: int, pieces: list[tuple[int, str, int]]):
-    """Bucket ``bucket`` of every included piece: rows with split, piece, 1-based row."""
+    """The rows of bucket ``bucket`` of every included piece whose digest repeats, with
+    split and 1-based row; None when no digest repeats. Only the digests are read in full:
+    ids and sequences stay in the mapped files unless their digest repeats."""
     import polars as pl
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    frames = []
+    batches, codes, rows = [], [], []
     for index, split, first_row in pieces:
-        # left open: the frame's columns are views of the mapped file
+        # left open: the arrays are views of the mapped file
         src = pa.memory_map(os.path.join(scratch, f"{kind}-{index:05d}.arrow"))
         batch = ipc.open_file(src).get_batch(bucket)
         if batch.num_rows == 0:
             continue
-        frame = pl.from_arrow(pa.Table.from_batches([batch]))
-        frames.append(frame.with_columns(
-            pl.lit(split).alias("split"),
-            (pl.col("row").cast(pl.Int64) + first_row + 1).alias("row"),
-        ))
-    return pl.concat(frames) if frames else None
+        batches.append(batch)
+        codes.append(np.full(batch.num_rows, SPLITS.index(split), dtype=np.int8))
+        rows.append(batch.column("row").to_numpy().astype(np.int64) + first_row + 1)
+    if not batches:
+        return None
+    table = pa.Table.from_batches(batches)
+    repeated = pl.from_arrow(table.column("h")).is_duplicated().to_numpy()
+    if not repeated.any():
+        return None
+    idx = np.flatnonzero(repeated)
+    frame = pl.from_arrow(table.take(pa.array(idx)))
+    return frame.with_columns(
+        pl.Series("split", [SPLITS[c] for c in np.concatenate(codes)[idx].tolist()], dtype=pl.String),
+        pl.Series("row", np.concatenate(rows)[idx]),
+    )
 
 
 def _group_rows(frame, key: str):
-    """Groups of rows whose digest and ``key`` column are equal (confirmed), with ≥ 2 rows;
-    and the number of digests shared by different values (hash collisions)."""
+    """Groups of rows whose digest and ``key`` column are equal (confirmed), with ≥ 2 rows,
+    each with its rows per split (``n_<split>``); and the number of digests shared by
+    different values (hash collisions)."""
     import polars as pl
 
-    dup = frame.filter(pl.col("h").is_duplicated())
-    if dup.height == 0:
-        return [], 0
-    distinct = dup.select("h", key).unique().group_by("h").len()
+    distinct = frame.select("h", key).unique().group_by("h").len()
     collisions = int((distinct["len"] - 1).sum())
     groups = (
-        dup.sort("split", "row")
+        frame.sort("split", "row")
         .group_by("h", key, maintain_order=True)
-        .agg(pl.col("split"), pl.col("row"), pl.col("id").alias("ids"))
+        .agg(pl.col("split"), pl.col("row"), pl.col("id").alias("ids"),
+             *[(pl.col("split") == s).sum().alias(f"n_{s}") for s in SPLITS])
         .filter(pl.col("split").list.len() > 1)
     )
-    return groups.iter_rows(named=True), collisions
+    return groups, collisions
 
 
 def _side(rows: list[tuple[str, int, str]], split: str) -> dict:
@@ -735,60 +745,65 @@ def _side(rows: list[tuple[str, int, str]], split: str) -> dict:
             "records": [r for r, _ in mine[:IDS_PER_GROUP]]}
 
 
+def _rows_of(g: dict) -> list[tuple[str, int, str]]:
+    return list(zip(g["split"], g["row"], g["ids"]))
+
+
 def join_bucket(bucket: int, scratch: str, pieces: list[tuple[int, str, int]]) -> BucketResult:
-    """Task: the duplicate sequences and ids of one hash bucket, confirmed on the values."""
+    """Task: the duplicate sequences and ids of one hash bucket, confirmed on the values.
+
+    Counting is done on whole columns; only the examples kept (at most EXAMPLES_MAX of
+    each kind) become Python objects: a training set whose representatives are also
+    members has one harmless group per cluster."""
+    import polars as pl
+
     result = BucketResult()
+    present = {s for _, s, _ in pieces}
+    pairs = [(a, b) for a, b in PAIRS if a in present and b in present]
     seqs = _load_bucket(scratch, "seq", bucket, pieces)
     if seqs is not None:
         groups, result.hash_collisions = _group_rows(seqs, "seq")
-        for g in groups:
-            rows = list(zip(g["split"], g["row"], g["ids"]))
-            per_split = Counter(s for s, _, _ in rows)
-            length = len(g["seq"])
-            for split, n in per_split.items():
-                if n > 1:
-                    w = result.within.setdefault(split, {"groups": 0, "rows": 0, "extra_rows": 0})
-                    w["groups"] += 1
-                    w["rows"] += n
-                    w["extra_rows"] += n - 1
-                    if w["groups"] <= EXAMPLES_MAX:
-                        result.within_examples.append({"split": split, "length": length, **_side(rows, split)})
-            for a, b in PAIRS:
-                if per_split.get(a) and per_split.get(b):
-                    key = f"{a}/{b}"
-                    x = result.between.setdefault(key, {"sequences": 0, a + "_rows": 0, b + "_rows": 0})
-                    x["sequences"] += 1
-                    x[a + "_rows"] += per_split[a]
-                    x[b + "_rows"] += per_split[b]
-                    if x["sequences"] <= EXAMPLES_MAX:
-                        result.between_examples.append({"pair": key, "length": length,
-                                                        "a": _side(rows, a), "b": _side(rows, b)})
+        for split in present:
+            hit = groups.filter(pl.col(f"n_{split}") > 1)
+            if hit.height:
+                n = int(hit[f"n_{split}"].sum())
+                result.within[split] = {"groups": hit.height, "rows": n, "extra_rows": n - hit.height}
+                for g in hit.head(EXAMPLES_MAX).iter_rows(named=True):
+                    result.within_examples.append({"split": split, "length": len(g["seq"]), **_side(_rows_of(g), split)})
+        for a, b in pairs:
+            hit = groups.filter((pl.col(f"n_{a}") > 0) & (pl.col(f"n_{b}") > 0))
+            if hit.height:
+                key = f"{a}/{b}"
+                result.between[key] = {"sequences": hit.height, a + "_rows": int(hit[f"n_{a}"].sum()),
+                                       b + "_rows": int(hit[f"n_{b}"].sum())}
+                for g in hit.head(EXAMPLES_MAX).iter_rows(named=True):
+                    rows = _rows_of(g)
+                    result.between_examples.append({"pair": key, "length": len(g["seq"]),
+                                                    "a": _side(rows, a), "b": _side(rows, b)})
     ids = _load_bucket(scratch, "id", bucket, pieces)
     if ids is not None:
         groups, collisions = _group_rows(ids, "id")
         result.hash_collisions += collisions
-        for g in groups:
-            rows = list(zip(g["split"], g["row"], g["ids"]))
-            per_split = Counter(s for s, _, _ in rows)
-            for split, n in per_split.items():
-                if n > 1:
-                    r = result.repeated_ids.setdefault(split, {"ids": 0, "rows": 0})
-                    r["ids"] += 1
-                    r["rows"] += n
-                    if r["ids"] <= EXAMPLES_MAX:
-                        result.repeated_id_examples.append(
-                            {"split": split, "id": g["id"],
-                             "records": [x for s, x, _ in rows if s == split][:IDS_PER_GROUP]})
-            for a, b in PAIRS:
-                if per_split.get(a) and per_split.get(b):
-                    key = f"{a}/{b}"
-                    result.shared_ids[key] = result.shared_ids.get(key, 0) + 1
-                    if result.shared_ids[key] <= EXAMPLES_MAX:
-                        result.shared_id_examples.append({
-                            "pair": key, "id": g["id"],
-                            "a_records": [x for s, x, _ in rows if s == a][:IDS_PER_GROUP],
-                            "b_records": [x for s, x, _ in rows if s == b][:IDS_PER_GROUP],
-                        })
+        for split in present:
+            hit = groups.filter(pl.col(f"n_{split}") > 1)
+            if hit.height:
+                result.repeated_ids[split] = {"ids": hit.height, "rows": int(hit[f"n_{split}"].sum())}
+                for g in hit.head(EXAMPLES_MAX).iter_rows(named=True):
+                    result.repeated_id_examples.append(
+                        {"split": split, "id": g["id"],
+                         "records": [r for s, r, _ in _rows_of(g) if s == split][:IDS_PER_GROUP]})
+        for a, b in pairs:
+            hit = groups.filter((pl.col(f"n_{a}") > 0) & (pl.col(f"n_{b}") > 0))
+            if hit.height:
+                key = f"{a}/{b}"
+                result.shared_ids[key] = hit.height
+                for g in hit.head(EXAMPLES_MAX).iter_rows(named=True):
+                    rows = _rows_of(g)
+                    result.shared_id_examples.append({
+                        "pair": key, "id": g["id"],
+                        "a_records": [r for s, r, _ in rows if s == a][:IDS_PER_GROUP],
+                        "b_records": [r for s, r, _ in rows if s == b][:IDS_PER_GROUP],
+                    })
     _cap(result)
     return result
 

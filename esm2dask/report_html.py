@@ -12,7 +12,7 @@ import os
 
 SPLIT_TITLES = {
     "train": "train (uf90 members)",
-    "uf50-train": "uf50 train (cluster representatives)",
+    "uf50-train": "uf50 train (representatives)",
     "val": "validation",
     "test": "test",
 }
@@ -51,12 +51,13 @@ def plot_lengths(split: str, summary: dict, crop: dict, folder: str) -> str:
     ax.set_xlim(shown[0], max(shown[-1], crop_residues * 4))
     ax.axvline(crop_residues, color="#d62728", linestyle="--", linewidth=1.5)
     b = summary["beyond_crop"]
-    ax.text(crop_residues * 1.08, 0.95, f"crop: {crop_residues} residues ({crop_tokens} tokens)\n"
-            f"beyond: {b['rows_share'] * 100:.2f}% of sequences,\n{b['residues_share'] * 100:.2f}% of residues",
-            transform=ax.get_xaxis_transform(), va="top", ha="left", fontsize=9, color="#d62728")
+    ax.text(crop_residues * 1.08, 0.95, f"crop: {crop_residues} residues\n({crop_tokens} tokens)\n"
+            f"beyond it:\n{b['rows_share'] * 100:.2f}% of sequences,\n{b['residues_share'] * 100:.2f}% of residues",
+            transform=ax.get_xaxis_transform(), va="top", ha="left", fontsize=8.5, color="#d62728")
     ax.set_xlabel("sequence length (residues, log scale)")
     ax.set_ylabel("sequences per bin")
-    ax.set_title(f"Sequence lengths: {SPLIT_TITLES.get(split, split)}, {summary['rows']:,} sequences")
+    ax.set_title(f"Sequence lengths: {SPLIT_TITLES.get(split, split)}, {summary['rows']:,} sequences",
+                 fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
     return _save(fig, folder, f"lengths-{split}.png")
 
@@ -235,7 +236,7 @@ def render_html(report: dict, plots: list[tuple[str, str]], folder: str) -> str:
 
     parts.append("<h2>Leakage and duplicates</h2>")
     parts.append(
-        "<p>Sequences are compared upper-cased, by a 128-bit blake2b digest, each match confirmed on the sequences "
+        "<p>Sequences are compared upper-cased, by a 128-bit digest (MurmurHash3 x64_128), each match confirmed on the sequences "
         f"themselves ({lk['hash_collisions']} digest collisions). Pairs compared: "
         f"{_e(', '.join(lk['pairs_compared']) or 'none')}. Up to {lk['examples_max']:,} examples of each kind are "
         "listed in report.json; the counts are complete.</p>"

@@ -48,6 +48,26 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+# ----------------------------------------------------------------------------- the digest
+
+
+def test_the_digest_is_murmurhash3_x64_128():
+    """The numba digest equals the reference C implementation (mmh3) at every tail length,
+    on a sliced array too (offsets not starting at 0)."""
+    mmh3 = pytest.importorskip("mmh3")
+    import polars as pl
+
+    from esm2dask.report import digests_of
+
+    r = random.Random(3)
+    values = ["".join(r.choices("ACDEFGHIKLMNPQRSTVWYXBZUO,-#", k=n)) for n in range(70)]
+    values += ["".join(r.choices(STANDARD, k=r.randint(0, 3000))) for _ in range(300)]
+    series = pl.Series(values)
+    for lo, hi in ((0, len(values)), (5, 77), (69, 70)):
+        want = b"".join(mmh3.hash_bytes(v.encode(), 0, True) for v in values[lo:hi])
+        assert digests_of(series.slice(lo, hi - lo)) == want
+
+
 # ----------------------------------------------------------------------------- the planted tree
 
 rng = random.Random(19)
