@@ -1047,40 +1047,47 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
         raise OutputError(f"{root}: cannot write the report folder there ({err.strerror})") from None
     try:
         with dask_client(config.cluster, reporter.message) as client:
-            workers = max(1, sum(client.nthreads().values()))
-            n_buckets = _n_buckets(pieces, workers)
-            reporter.begin(sum(p.size_bytes for p in pieces) + sum(p.size_bytes for p in pieces))
-            total_bytes = sum(p.size_bytes for p in pieces)
-            batches = batch_pieces(pieces, min(BATCH_BYTES, max(1, total_bytes // (4 * workers))))
-            futures = [client.submit(stats_batch, b, scratch, n_buckets, key=(f"report_stats-{token}", i),
-                                     pure=False) for i, b in enumerate(batches)]
-            cluster_future = (client.submit(bionemo2_cluster_stats, clusters_file, key=(f"report_clusters-{token}", 0),
-                                            pure=False) if clusters_file else None)
-            stats = [s for batch in _gather(client, reporter, "report-stats", futures,
-                                            [sum(p.size_bytes for p in b) for b in batches]) for s in batch]
-            by_split: dict[str, list[PieceStats]] = {}
-            for p, s in zip(pieces, stats):
-                by_split.setdefault(p.split, []).append(s)
-            same_as = {}
-            if VAL in by_split and TEST in by_split and \
-                    [s.digest for s in by_split[VAL]] == [s.digest for s in by_split[TEST]]:
-                same_as[TEST] = VAL
-                notes.append("uf50/test holds the same records as uf50/val (the validation FASTA served as both); "
-                             "test is left out of the leakage comparison")
-            first_rows, seen = {}, Counter()
-            for p, s in zip(pieces, stats):
-                first_rows[p.index] = seen[p.split]
-                seen[p.split] += s.rows + s.excluded_rows
-            included = [(p.index, p.split, first_rows[p.index]) for p in pieces if p.split not in same_as]
-            join_futures = [client.submit(join_bucket, b, scratch, included, key=(f"report_join-{token}", b),
-                                          pure=False) for b in range(n_buckets)]
-            per_bucket = sum(p.size_bytes for p in pieces) // n_buckets
-            amounts = [per_bucket] * n_buckets
-            amounts[-1] += sum(p.size_bytes for p in pieces) - per_bucket * n_buckets
-            buckets = _gather(client, reporter, "report-join", join_futures, amounts)
-            cluster_stats = [cluster_future.result()] if cluster_future else \
-                [s for p, s in zip(pieces, stats) if p.split in (UF50_TRAIN, TRAIN) and
-                 (p.counts is not None or p.cluster_column)]
+            try:
+                workers = max(1, sum(client.nthreads().values()))
+                n_buckets = _n_buckets(pieces, workers)
+                reporter.begin(sum(p.size_bytes for p in pieces) + sum(p.size_bytes for p in pieces))
+                total_bytes = sum(p.size_bytes for p in pieces)
+                batches = batch_pieces(pieces, min(BATCH_BYTES, max(1, total_bytes // (4 * workers))))
+                futures = [client.submit(stats_batch, b, scratch, n_buckets, key=(f"report_stats-{token}", i),
+                                         pure=False) for i, b in enumerate(batches)]
+                cluster_future = (client.submit(bionemo2_cluster_stats, clusters_file,
+                                                key=(f"report_clusters-{token}", 0), pure=False)
+                                  if clusters_file else None)
+                stats = [s for batch in _gather(client, reporter, "report-stats", futures,
+                                                [sum(p.size_bytes for p in b) for b in batches]) for s in batch]
+                by_split: dict[str, list[PieceStats]] = {}
+                for p, s in zip(pieces, stats):
+                    by_split.setdefault(p.split, []).append(s)
+                same_as = {}
+                if VAL in by_split and TEST in by_split and \
+                        [s.digest for s in by_split[VAL]] == [s.digest for s in by_split[TEST]]:
+                    same_as[TEST] = VAL
+                    notes.append("uf50/test holds the same records as uf50/val (the validation FASTA served as both); "
+                                 "test is left out of the leakage comparison")
+                first_rows, seen = {}, Counter()
+                for p, s in zip(pieces, stats):
+                    first_rows[p.index] = seen[p.split]
+                    seen[p.split] += s.rows + s.excluded_rows
+                included = [(p.index, p.split, first_rows[p.index]) for p in pieces if p.split not in same_as]
+                join_futures = [client.submit(join_bucket, b, scratch, included, key=(f"report_join-{token}", b),
+                                              pure=False) for b in range(n_buckets)]
+                per_bucket = sum(p.size_bytes for p in pieces) // n_buckets
+                amounts = [per_bucket] * n_buckets
+                amounts[-1] += sum(p.size_bytes for p in pieces) - per_bucket * n_buckets
+                buckets = _gather(client, reporter, "report-join", join_futures, amounts)
+                cluster_stats = [cluster_future.result()] if cluster_future else \
+                    [s for p, s in zip(pieces, stats) if p.split in (UF50_TRAIN, TRAIN) and
+                     (p.counts is not None or p.cluster_column)]
+            except BaseException:
+                # tasks already running would write into the folder removed below
+                client.cancel([f for f in client.futures.values() if token in str(f.key)])
+                _settle(client, token)
+                raise
         splits = [s for s in SPLITS if s in by_split]
         compared = [s for s in splits if s not in same_as]
         report = {
@@ -1113,6 +1120,22 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
         raise
     shutil.rmtree(work, ignore_errors=True)
     return report, final
+
+
+def _settle(client, token: str, timeout_s: float = 60.0) -> None:
+    """Wait until no worker runs a task of this report (a running task cannot be stopped)."""
+    def running(dask_worker):
+        return [str(ts.key) for ts in dask_worker.state.tasks.values()
+                if token in str(ts.key) and ts.state in ("executing", "cancelled", "long-running", "resumed")]
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not any(client.run(running).values()):
+                return
+        except Exception:  # workers gone: nothing left running
+            return
+        time.sleep(0.1)
 
 
 def _manifest_identity(root: str) -> dict | None:
