@@ -53,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--format", default="esm2nv", help="--format of the preprocess run; the report reads each "
                                                        "layout of it in turn")
+    ap.add_argument("--name", default="report", help="results file name (benchmarks/results/NAME.md)")
     add_small(ap, clusters=20_000, repeats=1)
     args = ap.parse_args(argv)
     clock = StudyClock()
@@ -71,7 +72,7 @@ def main(argv=None):
                 best_report[layout] = (wall, report["seconds"])
                 reports[layout] = report
         shutil.rmtree(out.parent)
-    name = f"report{suffix}"
+    name = f"{args.name}{suffix}"
     command = "python -m benchmarks.report " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"# `esm2dask report` against `preprocess`, side by side", "",
