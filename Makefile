@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.profile_run
 	$(BIN)/python -m benchmarks.storage_and_cluster
 	$(BIN)/python -m benchmarks.formats
+	$(BIN)/python -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) sample .pytest_cache

@@ -23,6 +23,7 @@ from esm2dask.errors import Esm2DaskError, Interrupted, reason  # noqa: E402
 from .flip_cmd import flip  # noqa: E402
 from .ngc_cmd import ngc, pipeline  # noqa: E402
 from .preprocess_cmd import preprocess, synth, verify  # noqa: E402
+from .report_cmd import report  # noqa: E402
 
 VERBOSE_HELP = "Show esm2dask's and Dask's log messages on stderr (a run's log file always has them)."
 
@@ -100,7 +101,7 @@ def cli() -> None:
     """Prepare BioNeMo ESM2nv pre-training data (UniRef50/90 CSV shards) on Dask."""
 
 
-for command in (preprocess, verify, synth, flip, ngc, pipeline):
+for command in (preprocess, verify, report, synth, flip, ngc, pipeline):
     cli.add_command(command)
 
 

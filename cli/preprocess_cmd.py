@@ -75,10 +75,14 @@ def _human_bytes(n: int) -> str:
                    "bionemo2 (OUT/bionemo2/: parquet clusters + SQLite for BioNeMo 2), hf (OUT/hf/: "
                    "Hugging Face parquet). The FASTAs are read once; the esm2nv tree is always built "
                    "(the others derive from it) but published only when asked for.")
+@click.option("--report", "with_report", is_flag=True,
+              help="After a successful run, write OUTPUT_DIR/esm2dask-report/ as `esm2dask report` does "
+                   "(with --json, the summary gains a 'report' key).")
 def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_size, test_size, seed,
                num_csv_files, workers, processes, threads_per_worker, memory_limit, partition_size,
                scheduler_address, scheduler_file, scheduler_timeout, dashboard_address, performance_report,
-               overwrite, resume, no_copy_inputs, link_inputs, storage_options, plan_only, as_json, plain, formats):
+               overwrite, resume, no_copy_inputs, link_inputs, storage_options, plan_only, as_json, plain, formats,
+               with_report):
     """Convert RAW_DIR into the ESM2nv layout (uf50/{train,val,test}, uf90/uf90_csvs).
 
     RAW_DIR defaults to $ESM2DASK_RAW_DIR, else
@@ -112,13 +116,27 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
         return
     from esm2dask.preprocess import preprocess as run_preprocess
 
+    report_config = None
+    if with_report:  # checked before the run: a report needs a local output folder
+        from esm2dask.report import ReportConfig
+
+        report_config = ReportConfig(output_dir=config.output_dir, cluster=cluster)
     reporter = make_reporter(plain)
     try:
         result = run_preprocess(config, reporter)
     finally:
         reporter.close()
     if as_json:
-        click.echo(json.dumps(_summary(result), sort_keys=True))
+        summary = _summary(result)
+        if report_config:
+            from esm2dask.report import build_report
+
+            reporter = make_reporter(plain)
+            try:
+                summary["report"], _ = build_report(report_config, reporter)
+            finally:
+                reporter.close()
+        click.echo(json.dumps(summary, sort_keys=True))
         return
     click.echo(f"Output: {result.output_dir}")
     width = max(map(len, [*result.rows, *result.layouts, "x" * 16]))
@@ -145,6 +163,10 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
         f"  {_human_bytes(result.input_bytes)} in {result.wall_seconds:.1f} s ({rate}); "
         f"manifest: {result.manifest_url}; log: {result.log_url}"
     )
+    if report_config:
+        from .report_cmd import run_and_print
+
+        run_and_print(report_config, plain, as_json=False)
 
 
 def _summary(result) -> dict:

@@ -81,3 +81,11 @@ def test_kernel_study_smoke(bench):
     table = (bench / "kernel.md").read_text()
     assert "Rows and counts identical between before and now: yes" in table and "Study run time:" in table
     assert "| 60 columns | convert, now |" in table and (bench / "kernel.png").stat().st_size > 0
+
+
+def test_report_smoke(bench):
+    from benchmarks import report
+
+    report.main(["--clusters", "300", "--workers", "1", "--repeats", "1", "--format", "esm2nv,hf"])
+    table = (bench / "report.md").read_text()
+    assert "| report | esm2nv |" in table and "| report | hf |" in table and "Study run time:" in table

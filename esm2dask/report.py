@@ -1,0 +1,1181 @@
+"""``report``: what a conversion produced, and whether validation leaks into training.
+
+The report reads one layout of an output tree (``esm2nv`` if present, else ``bionemo2``,
+else ``hf``; ``--layout`` chooses), on the Dask cluster, each file once:
+
+1. The driver lists the files (never following a symbolic link under OUT) and plans one
+   *piece* per file (a CSV shard, a parquet part, a rowid range of a SQLite table).
+2. One task per piece reads it and returns small statistics: rows, residues, the count of
+   every sequence length and of every letter (upper-cased), the sequences beyond ESM-2's
+   crop, examples of non-standard letters, and — for training clusters — the members per
+   cluster. It also writes two Arrow files into the report's temporary folder: a 128-bit
+   digest (MurmurHash3 x64_128) of every upper-cased sequence, with the sequence, its id
+   and row; and one of every id; each sorted into hash buckets, one record batch per bucket.
+3. One task per bucket reads that bucket's batch from every piece, groups the rows whose
+   digests repeat, confirms each group by comparing the sequences (ids) themselves, and
+   returns counts and a bounded number of examples: duplicates inside a split, sequences
+   shared by training and validation/test, ids in two splits.
+
+The driver merges these records into the report (:func:`build_report`), and
+:mod:`esm2dask.report_html` draws it. Everything is built in ``OUT/.esm2dask-report-*`` and
+renamed to ``OUT/esm2dask-report`` at the end; nothing else in OUT is touched.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import stat
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+from . import __version__
+from .cluster import dask_client
+from .config import ClusterConfig
+from .errors import ConfigError, Esm2DaskError, InputError, OutputError
+from .layout import CSV_HEADER, FORMATS, shard_bounds
+from .progress import Reporter
+
+log = logging.getLogger("esm2dask")
+
+REPORT_DIR = "esm2dask-report"
+TMP_PREFIX = ".esm2dask-report-"
+#: ESM-2 crops a sequence to 1024 tokens, BOS and EOS included: 1022 residues.
+CROP_RESIDUES = 1022
+CROP_TOKENS = 1024
+STANDARD = "ACDEFGHIKLMNPQRSTVWY"
+#: Sequence-length histogram bins, the same for every split: ``[edge[i], edge[i+1])``,
+#: about four per doubling; the last bin also holds anything longer.
+LENGTH_EDGES = [0] + sorted({int(round(2 ** (k / 4))) for k in range(0, 4 * 20 + 1)})
+#: Examples kept per kind of finding (the counts are always complete).
+EXAMPLES_MAX = 1000
+#: Ids shown per side of one duplicate group.
+IDS_PER_GROUP = 10
+#: Examples of each non-standard letter.
+LETTER_EXAMPLES = 3
+TOP_CLUSTERS = 20
+#: Bytes of input per SQLite piece (rowid range).
+DB_PIECE_BYTES = 64 * 2**20
+#: Small pieces are read by one task up to this many bytes together.
+BATCH_BYTES = 32 * 2**20
+
+TRAIN, UF50_TRAIN, VAL, TEST = "train", "uf50-train", "val", "test"
+SPLITS = (TRAIN, UF50_TRAIN, VAL, TEST)
+#: The pairs of splits compared for leakage (the two training views are one training set).
+PAIRS = ((TRAIN, VAL), (TRAIN, TEST), (UF50_TRAIN, VAL), (UF50_TRAIN, TEST), (VAL, TEST))
+_SHARD_RE = re.compile(r"^x\d{3}\.csv$")
+_PART_RE = re.compile(r"^part-\d{5}\.parquet$")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """One ``report`` run: the output tree (a local folder), the layout to read, the cluster."""
+
+    output_dir: str
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    #: ``esm2nv``, ``bionemo2`` or ``hf``; None: the first of those present.
+    layout: str | None = None
+
+    def __post_init__(self):
+        if "://" in self.output_dir and not self.output_dir.startswith("file://"):
+            raise ConfigError(
+                f"{self.output_dir}: esm2dask report reads and writes a local folder only; "
+                f"copy the tree to a local disk first"
+            )
+        if self.layout is not None and self.layout not in FORMATS:
+            raise ConfigError(f"--layout {self.layout!r} is not one of {', '.join(FORMATS)}")
+
+    @property
+    def root(self) -> str:
+        path = self.output_dir[len("file://"):] if self.output_dir.startswith("file://") else self.output_dir
+        return os.path.abspath(path)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One task's share of the reading: a CSV shard, a parquet part or a rowid range."""
+
+    index: int
+    split: str
+    kind: str  # "csv", "parquet", "sqlite"
+    path: str
+    rel: str
+    size_bytes: int
+    #: uf50 train shards: (counts.mmap path, first row, last row + 1) of its clusters
+    counts: tuple[str, int, int] | None = None
+    #: hf train parts: count the runs of ur50_id (clusters stand together, in uf90 order)
+    cluster_column: bool = False
+    #: sqlite: rowids [lo, hi)
+    rowids: tuple[int, int] | None = None
+    #: uf90 of a random split: its first global row, and row intervals [lo, hi) of val/test
+    #: clusters' members, which are not training rows
+    first_row: int = 0
+    exclude: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass
+class PieceStats:
+    """What one piece returns to the driver: small, whatever the piece's size."""
+
+    index: int
+    rows: int = 0
+    residues: int = 0
+    lengths: dict[int, int] = field(default_factory=dict)
+    letters: dict[str, int] = field(default_factory=dict)
+    lowercase_residues: int = 0
+    letter_examples: dict[str, list[str]] = field(default_factory=dict)
+    beyond_rows: int = 0
+    beyond_residues: int = 0
+    excluded_rows: int = 0
+    digest: str = ""
+    #: cluster sizes: members → clusters; the largest (members, id); for hf the first and
+    #: last run of ur50_id (they may continue in the neighbouring part)
+    cluster_sizes: dict[int, int] = field(default_factory=dict)
+    top_clusters: list[tuple[int, str]] = field(default_factory=list)
+    edge_runs: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class BucketResult:
+    """Duplicates found in one hash bucket: complete counts, bounded examples."""
+
+    within: dict[str, dict[str, int]] = field(default_factory=dict)
+    within_examples: list[dict] = field(default_factory=list)
+    between: dict[str, dict[str, int]] = field(default_factory=dict)
+    between_examples: list[dict] = field(default_factory=list)
+    repeated_ids: dict[str, dict[str, int]] = field(default_factory=dict)
+    repeated_id_examples: list[dict] = field(default_factory=list)
+    shared_ids: dict[str, int] = field(default_factory=dict)
+    shared_id_examples: list[dict] = field(default_factory=list)
+    hash_collisions: int = 0
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _regular(path: str, rel: str) -> int:
+    """The size of a regular file; a link or anything else is refused (never followed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise InputError(path, "", "no such file") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise InputError(path, "", f"{rel} is a symbolic link; esm2dask report never follows links under OUT")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(path, "", f"{rel} is not a regular file")
+    return st.st_size
+
+
+def _real_dir(path: str) -> bool:
+    """A folder that is not a symbolic link (a link to one is not read)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _folder(root: str, rel: str) -> bool:
+    """Whether ``root/rel`` is a folder, refusing a symbolic link at any level below root
+    (the system would follow a link in the middle of a path without telling)."""
+    path = root
+    for part in rel.split("/"):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise InputError(path, "", f"{os.path.relpath(path, root)} is a symbolic link; esm2dask report never "
+                                       f"follows links under OUT")
+        if not _real_dir(path):
+            return False
+    return True
+
+
+def _names(folder: str, pattern: re.Pattern) -> list[str]:
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if pattern.match(e.name))
+
+
+def layouts_found(root: str) -> tuple[str, ...]:
+    """The layouts whose files are in ``root``, in the order of ``FORMATS``."""
+    found = {
+        "esm2nv": _real_dir(os.path.join(root, "uf50", "train")) or _real_dir(os.path.join(root, "uf90", "uf90_csvs")),
+        "bionemo2": os.path.lexists(os.path.join(root, "bionemo2", "train.db"))
+        or os.path.lexists(os.path.join(root, "bionemo2", "validation.db")),
+        "hf": _real_dir(os.path.join(root, "hf", "train")) or _real_dir(os.path.join(root, "hf", "validation")),
+    }
+    return tuple(f for f in FORMATS if found[f])
+
+
+def _read_u64(path: str, rel: str, first: int | None = None, count: int | None = None) -> np.ndarray:
+    size = _regular(path, rel)
+    if size % 8:
+        raise InputError(path, "", f"{size} bytes, not a whole number of uint64 values")
+    with open(path, "rb") as f:
+        if first is not None:
+            f.seek(8 * first)
+            return np.frombuffer(f.read(8 * count), dtype="<u8").astype(np.int64)
+        return np.frombuffer(f.read(), dtype="<u8").astype(np.int64)
+
+
+def _plan_esm2nv(root: str) -> tuple[list[Piece], dict[str, str], list[str]]:
+    pieces: list[Piece] = []
+    sources: dict[str, str] = {}
+    notes: list[str] = []
+    folders = {TRAIN: "uf90/uf90_csvs", UF50_TRAIN: "uf50/train", VAL: "uf50/val", TEST: "uf50/test"}
+    shards = {}
+    for split, rel in folders.items():
+        folder = os.path.join(root, rel)
+        if _folder(root, rel):
+            shards[split] = _names(folder, _SHARD_RE)
+            if not shards[split]:
+                raise InputError(folder, "", f"{rel} holds no x000.csv …: not an ESM2nv folder")
+            sources[split] = rel
+    if UF50_TRAIN not in shards and TRAIN not in shards:
+        raise InputError(root, "", "neither uf50/train nor uf90/uf90_csvs is there")
+    counts_rel = "uf50/train/counts.mmap"
+    train_bounds = None
+    if UF50_TRAIN in shards and os.path.lexists(os.path.join(root, counts_rel)):
+        n = _regular(os.path.join(root, counts_rel), counts_rel)
+        if n % 8:
+            raise InputError(os.path.join(root, counts_rel), "", f"{n} bytes, not a whole number of uint64 values")
+        train_bounds = shard_bounds(n // 8, len(shards[UF50_TRAIN]))
+    # A random split (v1.0) keeps counts/starts in val and test too, and uf90 holds the
+    # members of every cluster: only the train clusters' members are training rows.
+    exclude: list[tuple[int, int]] = []
+    uf90_bounds = None
+    if TRAIN in shards and os.path.lexists(os.path.join(root, "uf50/val/counts.mmap")):
+        total = 0
+        for d in ("uf50/train", "uf50/val", "uf50/test"):
+            c_rel, s_rel = f"{d}/counts.mmap", f"{d}/starts.mmap"
+            if not os.path.lexists(os.path.join(root, c_rel)):
+                continue
+            n = _regular(os.path.join(root, c_rel), c_rel) // 8
+            if n == 0:
+                continue
+            if d == "uf50/train":  # its last value only: the tasks read the rest
+                counts = _read_u64(os.path.join(root, c_rel), c_rel, n - 1, 1)
+                starts = _read_u64(os.path.join(root, s_rel), s_rel, n - 1, 1)
+            else:
+                counts = _read_u64(os.path.join(root, c_rel), c_rel)
+                starts = _read_u64(os.path.join(root, s_rel), s_rel)
+                exclude.extend(zip(starts.tolist(), (starts + counts).tolist()))
+            total = max(total, int(starts[-1] + counts[-1]))
+        exclude.sort()
+        exclude_starts = [a for a, _ in exclude]
+        uf90_bounds = shard_bounds(total, len(shards[TRAIN]))
+        notes.append("random split: uf90/uf90_csvs holds the members of every cluster; only the train "
+                     "clusters' members count as training rows here")
+    for split in SPLITS:
+        for k, name in enumerate(shards.get(split, [])):
+            rel = f"{folders[split]}/{name}"
+            path = os.path.join(root, rel)
+            extra = {}
+            if split == UF50_TRAIN and train_bounds is not None:
+                extra["counts"] = (os.path.join(root, counts_rel), int(train_bounds[k]), int(train_bounds[k + 1]))
+            if split == TRAIN and uf90_bounds is not None:
+                lo, hi = int(uf90_bounds[k]), int(uf90_bounds[k + 1])
+                # the intervals are sorted and disjoint: from the last one starting at or
+                # before lo, up to the first one starting at or after hi
+                i = max(bisect.bisect_right(exclude_starts, lo) - 1, 0)
+                j = bisect.bisect_left(exclude_starts, hi)
+                mine = [(a, b) for a, b in exclude[i:j] if b > lo]
+                extra["first_row"], extra["exclude"] = lo, tuple(mine)
+            pieces.append(Piece(len(pieces), split, "csv", path, rel, _regular(path, rel), **extra))
+    return pieces, sources, notes
+
+
+def _db_pieces(root: str, rel: str, split: str, first_index: int) -> list[Piece]:
+    path = os.path.join(root, rel)
+    size = _regular(path, rel)
+    with _connect(path) as con:
+        try:
+            lo, hi = con.execute("SELECT min(rowid), max(rowid) FROM protein").fetchone()
+        except sqlite3.DatabaseError:
+            raise InputError(path, "", "not a SQLite database with a protein table (id, sequence)") from None
+    if lo is None:
+        lo, hi = 1, 0
+    n = max(1, min(math.ceil(size / DB_PIECE_BYTES), hi - lo + 1))
+    edges = np.linspace(lo, hi + 1, n + 1).astype(np.int64)
+    return [
+        Piece(first_index + i, split, "sqlite", path, rel, size // n, rowids=(int(edges[i]), int(edges[i + 1])))
+        for i in range(n)
+    ]
+
+
+def _plan_bionemo2(root: str) -> tuple[list[Piece], dict[str, str], list[str]]:
+    pieces: list[Piece] = []
+    sources = {}
+    for split, name in ((TRAIN, "train.db"), (VAL, "validation.db"), (TEST, "test.db")):
+        rel = f"bionemo2/{name}"
+        if _folder(root, "bionemo2") and os.path.lexists(os.path.join(root, rel)):
+            pieces.extend(_db_pieces(root, rel, split, len(pieces)))
+            sources[split] = rel
+    return pieces, sources, []
+
+
+def _plan_hf(root: str) -> tuple[list[Piece], dict[str, str], list[str]]:
+    pieces: list[Piece] = []
+    sources = {}
+    for split, name in ((TRAIN, "train"), (VAL, "validation"), (TEST, "test")):
+        rel_dir = f"hf/{name}"
+        folder = os.path.join(root, rel_dir)
+        if not _folder(root, rel_dir):
+            continue
+        sources[split] = rel_dir
+        for part in _names(folder, _PART_RE):
+            rel = f"{rel_dir}/{part}"
+            path = os.path.join(root, rel)
+            pieces.append(Piece(len(pieces), split, "parquet", path, rel, _regular(path, rel),
+                                cluster_column=split == TRAIN))
+    return pieces, sources, []
+
+
+def plan_report(config: ReportConfig) -> tuple[str, list[Piece], dict[str, str], list[str], str | None]:
+    """The layout read, the pieces, each split's source, notes, and the bionemo2 clusters file."""
+    root = config.root
+    if not os.path.isdir(root):  # OUT itself may be a link; nothing under it is followed
+        raise OutputError(f"{config.output_dir}: no such folder")
+    found = layouts_found(root)
+    if not found:
+        raise OutputError(
+            f"{config.output_dir}: not an output of esm2dask preprocess (no uf50/train, uf90/uf90_csvs, "
+            f"bionemo2/train.db or hf/train in it)"
+        )
+    layout = config.layout or found[0]
+    if layout not in found:
+        raise OutputError(f"{config.output_dir}: no {layout} layout in it (found: {', '.join(found)})")
+    planner = {"esm2nv": _plan_esm2nv, "bionemo2": _plan_bionemo2, "hf": _plan_hf}[layout]
+    pieces, sources, notes = planner(root)
+    clusters_file = None
+    if layout == "bionemo2" and os.path.lexists(os.path.join(root, "bionemo2/train_clusters.parquet")):
+        clusters_file = os.path.join(root, "bionemo2/train_clusters.parquet")
+        _regular(clusters_file, "bionemo2/train_clusters.parquet")
+    if not pieces:
+        raise OutputError(f"{config.output_dir}: the {layout} layout holds no data files")
+    return layout, pieces, sources, notes, clusters_file
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    """Read-only and immutable: no journal, no lock file, nothing written beside it."""
+    uri = f"file:{urllib.parse.quote(path)}?mode=ro&immutable=1"
+    return sqlite3.connect(uri, uri=True)
+
+
+def _read_piece(piece: Piece):
+    """(ids, sequences, ur50 ids or None) of a piece, as polars Series of strings."""
+    import polars as pl
+
+    if piece.kind == "csv":
+        with open(piece.path, "rb") as f:
+            data = f.read()
+        if not data.startswith(CSV_HEADER):
+            raise InputError(piece.path, "line 1", f"not the header {CSV_HEADER.decode().strip()!r} of an ESM2nv shard")
+        try:
+            frame = pl.read_csv(io.BytesIO(data), has_header=True, quote_char=None, infer_schema=False,
+                                columns=["record_name", "sequence"])
+        except Exception:
+            raise InputError(piece.path, "", "not a CSV shard of the ESM2nv layout (the rows do not parse)") from None
+        return frame["record_name"].fill_null(""), frame["sequence"].fill_null(""), None
+    if piece.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with open(piece.path, "rb") as f:
+            try:
+                names = pq.read_schema(f).names
+                f.seek(0)
+                wanted = ["ur90_id" if piece.split == TRAIN else "ur50_id", "sequence"]
+                if piece.cluster_column:
+                    wanted.append("ur50_id")
+                if not set(wanted) <= set(names):
+                    raise InputError(piece.path, "", f"not an hf part of esm2dask: columns {names}, "
+                                                     f"expected {sorted(set(wanted))}")
+                table = pq.read_table(f, columns=list(dict.fromkeys(wanted)))
+            except InputError:
+                raise
+            except Exception:
+                raise InputError(piece.path, "", "not a readable parquet file") from None
+        frame = pl.from_arrow(table)
+        ids = frame[wanted[0]].cast(pl.String).fill_null("")
+        seqs = frame["sequence"].cast(pl.String).fill_null("")
+        ur50 = frame["ur50_id"].cast(pl.String).fill_null("") if piece.cluster_column else None
+        return ids, seqs, ur50
+    lo, hi = piece.rowids
+    with _connect(piece.path) as con:
+        try:
+            rows = con.execute(
+                "SELECT id, sequence FROM protein WHERE rowid >= ? AND rowid < ? ORDER BY rowid", (lo, hi)
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            raise InputError(piece.path, "", "not a SQLite database with a protein table (id, sequence)") from None
+    ids = pl.Series("id", [r[0] for r in rows], dtype=pl.String).fill_null("")
+    seqs = pl.Series("sequence", [r[1] for r in rows], dtype=pl.String).fill_null("")
+    return ids, seqs, None
+
+
+def _buffers(series) -> tuple[np.ndarray, memoryview]:
+    """Offsets (from 0) and the data bytes of a string Series, as one contiguous buffer."""
+    import pyarrow as pa
+
+    arr = series.to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.cast(pa.large_string())
+    if len(arr) == 0:
+        return np.zeros(1, dtype=np.int64), memoryview(b"")
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
+    return offsets - offsets[0], data[offsets[0] : offsets[-1]]
+
+
+@njit(nogil=True, cache=True)
+def count_bytes(data: np.ndarray) -> np.ndarray:
+    """How often each byte value occurs (``np.bincount`` would first widen every byte to 8)."""
+    counts = np.zeros(256, dtype=np.int64)
+    for b in data:
+        counts[b] += 1
+    return counts
+
+
+_M = np.uint64(0xFFFFFFFFFFFFFFFF)
+_C1 = np.uint64(0x87C37B91114253D5)
+_C2 = np.uint64(0x4CF5AD432745937F)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rotl(x, r):
+    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _fmix(k):
+    k ^= k >> np.uint64(33)
+    k *= np.uint64(0xFF51AFD7ED558CCD)
+    k ^= k >> np.uint64(33)
+    k *= np.uint64(0xC4CEB9FE1A85EC53)
+    k ^= k >> np.uint64(33)
+    return k
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _word(data, p, n):
+    """``n`` bytes from ``p`` as a little-endian integer."""
+    k = np.uint64(0)
+    for j in range(n):
+        k |= np.uint64(data[p + j]) << np.uint64(8 * j)
+    return k
+
+
+@njit(nogil=True, cache=True)
+def murmur3_128(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """MurmurHash3 x64_128 (seed 0) of every value ``data[offsets[i]:offsets[i + 1]]``:
+    ``out[i] = (h1, h2)``, the digest's two little-endian halves."""
+    n = len(offsets) - 1
+    out = np.empty((n, 2), dtype=np.uint64)
+    for i in range(n):
+        start, length = offsets[i], offsets[i + 1] - offsets[i]
+        h1 = np.uint64(0)
+        h2 = np.uint64(0)
+        blocks = length // 16
+        for b in range(blocks):
+            p = start + 16 * b
+            k1 = _word(data, p, 8)
+            k2 = _word(data, p + 8, 8)
+            k1 *= _C1
+            k1 = _rotl(k1, 31)
+            k1 *= _C2
+            h1 ^= k1
+            h1 = _rotl(h1, 27)
+            h1 += h2
+            h1 = h1 * np.uint64(5) + np.uint64(0x52DCE729)
+            k2 *= _C2
+            k2 = _rotl(k2, 33)
+            k2 *= _C1
+            h2 ^= k2
+            h2 = _rotl(h2, 31)
+            h2 += h1
+            h2 = h2 * np.uint64(5) + np.uint64(0x38495AB5)
+        tail = start + 16 * blocks
+        rest = length - 16 * blocks
+        if rest > 8:
+            k2 = _word(data, tail + 8, rest - 8)
+            k2 *= _C2
+            k2 = _rotl(k2, 33)
+            k2 *= _C1
+            h2 ^= k2
+        if rest > 0:
+            k1 = _word(data, tail, min(rest, 8))
+            k1 *= _C1
+            k1 = _rotl(k1, 31)
+            k1 *= _C2
+            h1 ^= k1
+        h1 ^= np.uint64(length)
+        h2 ^= np.uint64(length)
+        h1 += h2
+        h2 += h1
+        h1 = _fmix(h1)
+        h2 = _fmix(h2)
+        h1 += h2
+        h2 += h1
+        out[i, 0] = h1
+        out[i, 1] = h2
+    return out
+
+
+def digests_of(series) -> bytes:
+    """16-byte MurmurHash3 x64_128 digests of every value, concatenated.
+
+    A cryptographic digest is not needed (every match is confirmed on the values), and
+    blake2b called once per row from Python took two thirds of the report's time."""
+    offsets, data = _buffers(series)
+    return murmur3_128(np.frombuffer(data, dtype=np.uint8), offsets).astype("<u8").tobytes()
+
+
+def _bucket_of(digests: bytes, n_buckets: int) -> np.ndarray:
+    return (np.frombuffer(digests, dtype="<u8")[::2] % np.uint64(n_buckets)).astype(np.int64)
+
+
+def _write_buckets(path: str, columns: dict, digests: bytes, n_buckets: int) -> None:
+    """An Arrow file with one record batch per bucket (empty batches included)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    n = len(digests) // 16
+    buckets = _bucket_of(digests, n_buckets)
+    order = np.argsort(buckets, kind="stable")
+    h = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(digests)])
+    arrays = {"h": h, **columns}
+    batch = pa.RecordBatch.from_pydict(arrays).take(pa.array(order))
+    bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f, ipc.new_file(f, batch.schema) as writer:
+        for b in range(n_buckets):
+            writer.write_batch(batch.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])))
+    os.replace(tmp, path)
+
+
+def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
+    """Task: read one piece once; return its statistics, write its hash buckets."""
+    import polars as pl
+    import pyarrow as pa
+
+    ids, seqs, ur50 = _read_piece(piece)
+    stats = PieceStats(piece.index)
+    row = np.arange(len(seqs), dtype=np.int64)
+    if piece.exclude:
+        keep = np.ones(len(seqs), dtype=bool)
+        for a, b in piece.exclude:
+            keep[max(a - piece.first_row, 0) : max(b - piece.first_row, 0)] = False
+        stats.excluded_rows = int((~keep).sum())
+        mask = pl.Series(keep)
+        ids, seqs, row = ids.filter(mask), seqs.filter(mask), row[keep]
+    _, raw = _buffers(seqs)
+    raw_counts = count_bytes(np.frombuffer(raw, dtype=np.uint8))
+    lower = raw_counts[ord("a") : ord("z") + 1]
+    stats.lowercase_residues = int(lower.sum())
+    upper = seqs.str.to_uppercase() if stats.lowercase_residues else seqs
+    letter_counts = raw_counts.copy()  # upper-casing moves a-z onto A-Z, nothing else (ASCII)
+    letter_counts[ord("A") : ord("Z") + 1] += lower
+    letter_counts[ord("a") : ord("z") + 1] = 0
+    lengths = seqs.str.len_bytes().cast(pl.Int64).to_numpy()
+    stats.rows = len(upper)
+    stats.residues = int(lengths.sum())
+    values, counts = np.unique(lengths, return_counts=True)
+    stats.lengths = dict(zip(values.tolist(), counts.tolist()))
+    beyond = lengths > CROP_RESIDUES
+    stats.beyond_rows = int(beyond.sum())
+    stats.beyond_residues = int((lengths[beyond] - CROP_RESIDUES).sum())
+    stats.letters = {chr(c): int(n) for c, n in enumerate(letter_counts.tolist()) if n}
+    for letter in sorted(set(stats.letters) - set(STANDARD)):
+        hits = ids.filter(upper.str.contains(letter, literal=True)).head(LETTER_EXAMPLES)
+        stats.letter_examples[letter] = hits.to_list()
+    if piece.split in (VAL, TEST):  # to tell a test split that repeats validation
+        h = hashlib.blake2b(digest_size=16)
+        for series in (ids, upper):
+            offsets, buf = _buffers(series)
+            h.update(offsets.astype("<i8").tobytes())
+            h.update(buf)
+        stats.digest = h.hexdigest()
+
+    if piece.counts is not None:
+        path, lo, hi = piece.counts
+        counts_here = _read_u64(path, "uf50/train/counts.mmap", lo, hi - lo)
+        if len(counts_here) != len(ids):
+            raise InputError(path, f"rows {lo}-{hi}", f"{len(counts_here)} counts for the {len(ids)} rows of {piece.rel}")
+        _cluster_stats(stats, counts_here, ids)
+    if ur50 is not None:
+        rle = ur50.rle()
+        run_ids, run_lengths = rle.struct.field("value"), rle.struct.field("len").cast(pl.Int64).to_numpy()
+        if len(run_lengths) == 1:
+            stats.edge_runs = [(run_ids[0], int(run_lengths[0]))]
+        elif len(run_lengths) > 1:
+            stats.edge_runs = [(run_ids[0], int(run_lengths[0])), (run_ids[-1], int(run_lengths[-1]))]
+            if len(run_lengths) > 2:
+                _cluster_stats(stats, run_lengths[1:-1], run_ids[1:-1])
+
+    rows = pa.array(row.astype(np.uint32))
+    _write_buckets(os.path.join(scratch, f"seq-{piece.index:05d}.arrow"),
+                   {"row": rows, "id": ids.to_arrow(), "seq": upper.to_arrow()}, digests_of(upper), n_buckets)
+    _write_buckets(os.path.join(scratch, f"id-{piece.index:05d}.arrow"),
+                   {"row": rows, "id": ids.to_arrow()}, digests_of(ids), n_buckets)
+    return stats
+
+
+def stats_batch(pieces: list[Piece], scratch: str, n_buckets: int) -> list[PieceStats]:
+    """Task: :func:`piece_stats` of a few small pieces (one task each would cost more to
+    schedule than to run)."""
+    return [piece_stats(p, scratch, n_buckets) for p in pieces]
+
+
+def batch_pieces(pieces: list[Piece], batch_bytes: int = BATCH_BYTES) -> list[list[Piece]]:
+    """Consecutive pieces in batches of about ``batch_bytes`` (a big piece alone)."""
+    batches: list[list[Piece]] = []
+    size = 0
+    for p in pieces:
+        if batches and size + p.size_bytes <= batch_bytes:
+            batches[-1].append(p)
+            size += p.size_bytes
+        else:
+            batches.append([p])
+            size = p.size_bytes
+    return batches
+
+
+def _cluster_stats(stats: PieceStats, sizes: np.ndarray, ids) -> None:
+    values, counts = np.unique(sizes, return_counts=True)
+    for v, c in zip(values.tolist(), counts.tolist()):
+        stats.cluster_sizes[v] = stats.cluster_sizes.get(v, 0) + c
+    k = min(TOP_CLUSTERS, len(sizes))
+    # the k largest by (size, id): the global top k is within the union of every piece's
+    if k:
+        threshold = np.partition(sizes, len(sizes) - k)[len(sizes) - k]
+        idx = np.flatnonzero(sizes >= threshold)
+        cand = sorted(((-int(sizes[i]), ids[int(i)]) for i in idx))[: max(k, 0)]
+        stats.top_clusters.extend((-m, name) for m, name in cand)
+
+
+def bionemo2_cluster_stats(path: str) -> PieceStats:
+    """Task: members per cluster of ``train_clusters.parquet`` (its first member names it)."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    with open(path, "rb") as f:
+        try:
+            table = pq.read_table(f, columns=["ur90_id"])
+        except Exception:
+            raise InputError(path, "", "not a train_clusters.parquet with a ur90_id column") from None
+    lists = pl.from_arrow(table)["ur90_id"]
+    stats = PieceStats(-1)
+    sizes = lists.list.len().fill_null(0).cast(pl.Int64).to_numpy()
+    _cluster_stats(stats, sizes, lists.list.first().fill_null(""))
+    return stats
+
+
+# ----------------------------------------------------------------------------- the join
+
+
+def _load_bucket(scratch: str, kind: str, bucket: int, pieces: list[tuple[int, str, int]]):
+    """The rows of bucket ``bucket`` of every included piece whose digest repeats, with
+    split and 1-based row; None when no digest repeats. Only the digests are read in full:
+    ids and sequences stay in the mapped files unless their digest repeats."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    batches, codes, rows = [], [], []
+    for index, split, first_row in pieces:
+        # left open: the arrays are views of the mapped file
+        src = pa.memory_map(os.path.join(scratch, f"{kind}-{index:05d}.arrow"))
+        batch = ipc.open_file(src).get_batch(bucket)
+        if batch.num_rows == 0:
+            continue
+        batches.append(batch)
+        codes.append(np.full(batch.num_rows, SPLITS.index(split), dtype=np.int8))
+        rows.append(batch.column("row").to_numpy().astype(np.int64) + first_row + 1)
+    if not batches:
+        return None
+    table = pa.Table.from_batches(batches)
+    repeated = pl.from_arrow(table.column("h")).is_duplicated().to_numpy()
+    if not repeated.any():
+        return None
+    idx = np.flatnonzero(repeated)
+    frame = pl.from_arrow(table.take(pa.array(idx)))
+    return frame.with_columns(
+        pl.Series("split", [SPLITS[c] for c in np.concatenate(codes)[idx].tolist()], dtype=pl.String),
+        pl.Series("row", np.concatenate(rows)[idx]),
+    )
+
+
+def _group_rows(frame, key: str):
+    """Groups of rows whose digest and ``key`` column are equal (confirmed), with ≥ 2 rows,
+    each with its rows per split (``n_<split>``); and the number of digests shared by
+    different values (hash collisions)."""
+    import polars as pl
+
+    distinct = frame.select("h", key).unique().group_by("h").len()
+    collisions = int((distinct["len"] - 1).sum())
+    groups = (
+        frame.sort("split", "row")
+        .group_by("h", key, maintain_order=True)
+        .agg(pl.col("split"), pl.col("row"), pl.col("id").alias("ids"),
+             *[(pl.col("split") == s).sum().alias(f"n_{s}") for s in SPLITS])
+        .filter(pl.col("split").list.len() > 1)
+    )
+    return groups, collisions
+
+
+def _side(rows: list[tuple[str, int, str]], split: str) -> dict:
+    mine = [(r, i) for s, r, i in rows if s == split]
+    return {"rows": len(mine), "ids": [i for _, i in mine[:IDS_PER_GROUP]],
+            "records": [r for r, _ in mine[:IDS_PER_GROUP]]}
+
+
+def _rows_of(g: dict) -> list[tuple[str, int, str]]:
+    return list(zip(g["split"], g["row"], g["ids"]))
+
+
+def join_bucket(bucket: int, scratch: str, pieces: list[tuple[int, str, int]]) -> BucketResult:
+    """Task: the duplicate sequences and ids of one hash bucket, confirmed on the values.
+
+    Counting is done on whole columns; only the examples kept (at most EXAMPLES_MAX of
+    each kind) become Python objects: a training set whose representatives are also
+    members has one harmless group per cluster."""
+    import polars as pl
+
+    result = BucketResult()
+    present = {s for _, s, _ in pieces}
+    pairs = [(a, b) for a, b in PAIRS if a in present and b in present]
+    seqs = _load_bucket(scratch, "seq", bucket, pieces)
+    if seqs is not None:
+        groups, result.hash_collisions = _group_rows(seqs, "seq")
+        for split in present:
+            hit = groups.filter(pl.col(f"n_{split}") > 1)
+            if hit.height:
+                n = int(hit[f"n_{split}"].sum())
+                result.within[split] = {"groups": hit.height, "rows": n, "extra_rows": n - hit.height}
+                for g in hit.head(EXAMPLES_MAX).iter_rows(named=True):
+                    result.within_examples.append({"split": split, "length": len(g["seq"]), **_side(_rows_of(g), split)})
+        for a, b in pairs:
+            hit = groups.filter((pl.col(f"n_{a}") > 0) & (pl.col(f"n_{b}") > 0))
+            if hit.height:
+                key = f"{a}/{b}"
+                result.between[key] = {"sequences": hit.height, a + "_rows": int(hit[f"n_{a}"].sum()),
+                                       b + "_rows": int(hit[f"n_{b}"].sum())}
+                for g in hit.head(EXAMPLES_MAX).iter_rows(named=True):
+                    rows = _rows_of(g)
+                    result.between_examples.append({"pair": key, "length": len(g["seq"]),
+                                                    "a": _side(rows, a), "b": _side(rows, b)})
+    ids = _load_bucket(scratch, "id", bucket, pieces)
+    if ids is not None:
+        groups, collisions = _group_rows(ids, "id")
+        result.hash_collisions += collisions
+        for split in present:
+            hit = groups.filter(pl.col(f"n_{split}") > 1)
+            if hit.height:
+                result.repeated_ids[split] = {"ids": hit.height, "rows": int(hit[f"n_{split}"].sum())}
+                for g in hit.head(EXAMPLES_MAX).iter_rows(named=True):
+                    result.repeated_id_examples.append(
+                        {"split": split, "id": g["id"],
+                         "records": [r for s, r, _ in _rows_of(g) if s == split][:IDS_PER_GROUP]})
+        for a, b in pairs:
+            hit = groups.filter((pl.col(f"n_{a}") > 0) & (pl.col(f"n_{b}") > 0))
+            if hit.height:
+                key = f"{a}/{b}"
+                result.shared_ids[key] = hit.height
+                for g in hit.head(EXAMPLES_MAX).iter_rows(named=True):
+                    rows = _rows_of(g)
+                    result.shared_id_examples.append({
+                        "pair": key, "id": g["id"],
+                        "a_records": [r for s, r, _ in rows if s == a][:IDS_PER_GROUP],
+                        "b_records": [r for s, r, _ in rows if s == b][:IDS_PER_GROUP],
+                    })
+    _cap(result)
+    return result
+
+
+def _example_key(e: dict):
+    first = e.get("records") or e.get("a", {}).get("records") or e.get("a_records") or [0]
+    return (SPLITS.index(e["split"]) if "split" in e else [f"{a}/{b}" for a, b in PAIRS].index(e["pair"]),
+            first[0], e.get("id", ""))
+
+
+def _cap(result: BucketResult) -> None:
+    """Keep the first EXAMPLES_MAX examples of each kind (by split, then record)."""
+    for name in ("within_examples", "between_examples", "repeated_id_examples", "shared_id_examples"):
+        examples = sorted(getattr(result, name), key=_example_key)
+        kept, seen = [], Counter()
+        for e in examples:
+            kind = e.get("split") or e.get("pair")
+            if seen[kind] < EXAMPLES_MAX:
+                seen[kind] += 1
+                kept.append(e)
+        setattr(result, name, kept)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _histogram(lengths: dict[int, int]) -> list[int]:
+    counts = [0] * (len(LENGTH_EDGES) - 1)
+    for length, n in lengths.items():
+        i = min(bisect.bisect_right(LENGTH_EDGES, length) - 1, len(counts) - 1)
+        counts[i] += n
+    return counts
+
+
+def _median(lengths: dict[int, int], rows: int) -> float | None:
+    if not rows:
+        return None
+    seen, mid = 0, [(rows - 1) // 2, rows // 2]
+    out = []
+    for length in sorted(lengths):
+        seen += lengths[length]
+        while mid and seen > mid[0]:
+            out.append(length)
+            mid.pop(0)
+    return (out[0] + out[1]) / 2
+
+
+def _split_summary(stats: list[PieceStats], source: str) -> dict:
+    lengths: Counter = Counter()
+    letters: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    for s in stats:
+        lengths.update(s.lengths)
+        letters.update(s.letters)
+        for letter, ids in s.letter_examples.items():
+            got = examples.setdefault(letter, [])
+            got.extend(ids[: LETTER_EXAMPLES - len(got)])
+    rows = sum(s.rows for s in stats)
+    residues = sum(s.residues for s in stats)
+    beyond_rows = sum(s.beyond_rows for s in stats)
+    beyond_residues = sum(s.beyond_residues for s in stats)
+    nonstandard = {k: v for k, v in sorted(letters.items()) if k not in STANDARD}
+    return {
+        "source": source,
+        "files": len(stats),
+        "rows": rows,
+        "residues": residues,
+        "length": {
+            "min": min(lengths) if lengths else None,
+            "max": max(lengths) if lengths else None,
+            "mean": round(residues / rows, 3) if rows else None,
+            "median": _median(dict(lengths), rows),
+        },
+        "length_histogram": {"edges": LENGTH_EDGES, "counts": _histogram(lengths)},
+        "beyond_crop": {
+            "crop_residues": CROP_RESIDUES,
+            "rows": beyond_rows,
+            "rows_share": beyond_rows / rows if rows else 0.0,
+            "residues": beyond_residues,
+            "residues_share": beyond_residues / residues if residues else 0.0,
+        },
+        "composition": {a: letters.get(a, 0) for a in STANDARD},
+        "standard_residues": sum(letters.get(a, 0) for a in STANDARD),
+        "nonstandard": {
+            "residues": sum(nonstandard.values()),
+            "letters": nonstandard,
+            "examples": {k: examples.get(k, []) for k in nonstandard},
+        },
+        "lowercase_residues": sum(s.lowercase_residues for s in stats),
+        "excluded_rows": sum(s.excluded_rows for s in stats),
+    }
+
+
+def _clusters_summary(stats: list[PieceStats], layout: str) -> dict | None:
+    sizes: Counter = Counter()
+    top: list[tuple[int, str]] = []
+    current = None  # hf: the run of ur50_id that may continue into the next part
+
+    def flush(run):
+        sizes[run[1]] += 1
+        top.append((run[1], run[0]))
+
+    for s in stats:
+        sizes.update(s.cluster_sizes)
+        top.extend(s.top_clusters)
+        if not s.edge_runs:
+            continue
+        first_id, first_n = s.edge_runs[0]
+        if current and current[0] == first_id:
+            current = (first_id, current[1] + first_n)
+        else:
+            if current:
+                flush(current)
+            current = (first_id, first_n)
+        if len(s.edge_runs) == 2:  # the part's first run ends inside it
+            flush(current)
+            current = s.edge_runs[1]
+    if current:
+        flush(current)
+    if not sizes:
+        return None
+    n = sum(sizes.values())
+    members = sum(k * v for k, v in sizes.items())
+    largest = sorted(top, key=lambda t: (-t[0], t[1]))[:TOP_CLUSTERS]
+    return {
+        "clusters": n,
+        "members": members,
+        "mean_members": round(members / n, 3),
+        "max_members": max(sizes),
+        "singletons": sizes.get(1, 0),
+        "size_counts": {str(k): sizes[k] for k in sorted(sizes)},
+        "largest": [{"id": name, "members": m} for m, name in largest],
+        "named_by": "first member id" if layout == "bionemo2" else "UniRef50 cluster id",
+    }
+
+
+def _merge_buckets(results: list[BucketResult], splits: list[str]) -> dict:
+    within: dict[str, dict[str, int]] = {}
+    between: dict[str, dict[str, int]] = {}
+    repeated: dict[str, dict[str, int]] = {}
+    shared: dict[str, int] = {}
+    merged = BucketResult()
+    for r in results:
+        for src, dst in ((r.within, within), (r.between, between), (r.repeated_ids, repeated)):
+            for k, v in src.items():
+                d = dst.setdefault(k, {})
+                for kk, vv in v.items():
+                    d[kk] = d.get(kk, 0) + vv
+        for k, v in r.shared_ids.items():
+            shared[k] = shared.get(k, 0) + v
+        merged.within_examples += r.within_examples
+        merged.between_examples += r.between_examples
+        merged.repeated_id_examples += r.repeated_id_examples
+        merged.shared_id_examples += r.shared_id_examples
+        merged.hash_collisions += r.hash_collisions
+    _cap(merged)
+    pairs = [f"{a}/{b}" for a, b in PAIRS if a in splits and b in splits]
+    n_between = sum(v["sequences"] for v in between.values())
+    n_shared = sum(shared.values())
+    return {
+        "found": bool(n_between or n_shared),
+        "pairs_compared": pairs,
+        "within_split": {s: within.get(s, {"groups": 0, "rows": 0, "extra_rows": 0}) for s in splits},
+        "within_split_examples": merged.within_examples,
+        "between_splits": {p: between.get(p, {"sequences": 0, p.split("/")[0] + "_rows": 0,
+                                                 p.split("/")[1] + "_rows": 0}) for p in pairs},
+        "between_splits_examples": merged.between_examples,
+        "repeated_ids": {s: repeated.get(s, {"ids": 0, "rows": 0}) for s in splits},
+        "repeated_id_examples": merged.repeated_id_examples,
+        "ids_in_two_splits": {p: shared.get(p, 0) for p in pairs},
+        "ids_in_two_splits_examples": merged.shared_id_examples,
+        "hash_collisions": merged.hash_collisions,
+        "examples_max": EXAMPLES_MAX,
+    }
+
+
+def headline(report: dict) -> str:
+    """The report's first line: leakage or not, in words."""
+    lk = report["leakage"]
+    within = sum(v["extra_rows"] for v in lk["within_split"].values())
+    if lk["found"]:
+        parts = [f"{v['sequences']:,} sequence(s) in both {p}" for p, v in lk["between_splits"].items()
+                 if v["sequences"]]
+        parts += [f"{n:,} id(s) in both {p}" for p, n in lk["ids_in_two_splits"].items() if n]
+        text = "LEAKAGE: " + "; ".join(parts)
+    else:
+        text = f"No leakage: no sequence or id is shared by {', '.join(lk['pairs_compared']) or 'any two splits'}"
+    return f"{text} ({within:,} duplicate row(s) inside splits)"
+
+
+def _n_buckets(pieces: list[Piece], workers: int) -> int:
+    total = sum(p.size_bytes for p in pieces)
+    return max(2 * workers, math.ceil(total / (64 * 2**20)), 1)
+
+
+def _gather(client, reporter: Reporter, name: str, futures: list, amounts: list[int]) -> list:
+    from distributed import as_completed
+
+    reporter.stage(name, len(futures))
+    amount = dict(zip((f.key for f in futures), amounts))
+    start = time.perf_counter()
+    try:
+        for future in as_completed(futures):
+            if future.status == "error":
+                future.result()
+            reporter.progress(amount.get(future.key, 0))
+            reporter.advance(name)
+        results = client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    reporter.stage_done(name, time.perf_counter() - start)
+    return results
+
+
+def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tuple[dict, str]:
+    """Compute the report of ``config.output_dir`` on Dask and write ``OUT/esm2dask-report``.
+
+    Returns the report (plain JSON values) and the folder written. Nothing else in OUT is
+    written: the work happens in ``OUT/.esm2dask-report-<token>``, removed at the end.
+    """
+    from .report_html import write_report_files
+
+    reporter = reporter or Reporter()
+    start = time.perf_counter()
+    root = config.root
+    layout, pieces, sources, notes, clusters_file = plan_report(config)
+    final = os.path.join(root, REPORT_DIR)
+    if os.path.islink(final) or (os.path.lexists(final) and not _is_our_report(final)):
+        raise OutputError(f"{final}: exists and is not a report of esm2dask; move it away first")
+    # starts with digits: the dashboard shows a key up to its first word with digits
+    token = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"
+    work = os.path.join(root, f"{TMP_PREFIX}{token}")
+    scratch = os.path.join(work, "scratch")
+    folder = os.path.join(work, REPORT_DIR)
+    try:
+        os.makedirs(scratch)
+        os.makedirs(folder)
+    except OSError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise OutputError(f"{root}: cannot write the report folder there ({err.strerror})") from None
+    try:
+        with dask_client(config.cluster, reporter.message) as client:
+            try:
+                workers = max(1, sum(client.nthreads().values()))
+                n_buckets = _n_buckets(pieces, workers)
+                reporter.begin(sum(p.size_bytes for p in pieces) + sum(p.size_bytes for p in pieces))
+                total_bytes = sum(p.size_bytes for p in pieces)
+                batches = batch_pieces(pieces, min(BATCH_BYTES, max(1, total_bytes // (4 * workers))))
+                futures = [client.submit(stats_batch, b, scratch, n_buckets, key=(f"report_stats-{token}", i),
+                                         pure=False) for i, b in enumerate(batches)]
+                cluster_future = (client.submit(bionemo2_cluster_stats, clusters_file,
+                                                key=(f"report_clusters-{token}", 0), pure=False)
+                                  if clusters_file else None)
+                stats = [s for batch in _gather(client, reporter, "report-stats", futures,
+                                                [sum(p.size_bytes for p in b) for b in batches]) for s in batch]
+                by_split: dict[str, list[PieceStats]] = {}
+                for p, s in zip(pieces, stats):
+                    by_split.setdefault(p.split, []).append(s)
+                same_as = {}
+                if VAL in by_split and TEST in by_split and \
+                        [s.digest for s in by_split[VAL]] == [s.digest for s in by_split[TEST]]:
+                    same_as[TEST] = VAL
+                    notes.append("uf50/test holds the same records as uf50/val (the validation FASTA served as both); "
+                                 "test is left out of the leakage comparison")
+                first_rows, seen = {}, Counter()
+                for p, s in zip(pieces, stats):
+                    first_rows[p.index] = seen[p.split]
+                    seen[p.split] += s.rows + s.excluded_rows
+                included = [(p.index, p.split, first_rows[p.index]) for p in pieces if p.split not in same_as]
+                join_futures = [client.submit(join_bucket, b, scratch, included, key=(f"report_join-{token}", b),
+                                              pure=False) for b in range(n_buckets)]
+                per_bucket = sum(p.size_bytes for p in pieces) // n_buckets
+                amounts = [per_bucket] * n_buckets
+                amounts[-1] += sum(p.size_bytes for p in pieces) - per_bucket * n_buckets
+                buckets = _gather(client, reporter, "report-join", join_futures, amounts)
+                cluster_stats = [cluster_future.result()] if cluster_future else \
+                    [s for p, s in zip(pieces, stats) if p.split in (UF50_TRAIN, TRAIN) and
+                     (p.counts is not None or p.cluster_column)]
+            except BaseException:
+                # tasks already running would write into the folder removed below
+                client.cancel([f for f in client.futures.values() if token in str(f.key)])
+                _settle(client, token)
+                raise
+        splits = [s for s in SPLITS if s in by_split]
+        compared = [s for s in splits if s not in same_as]
+        report = {
+            "headline": "",
+            "tool": "esm2dask",
+            "version": __version__,
+            "output_dir": config.output_dir,
+            "layout": layout,
+            "layouts_found": list(layouts_found(root)),
+            "manifest": _manifest_identity(root),
+            "crop": {"tokens": CROP_TOKENS, "residues": CROP_RESIDUES},
+            "standard_amino_acids": STANDARD,
+            "splits": {},
+            "clusters": _clusters_summary(cluster_stats, layout),
+            "leakage": _merge_buckets(buckets, compared),
+            "notes": notes,
+            "files_read": len(pieces) + (1 if clusters_file else 0),
+            "bytes_read": sum(p.size_bytes for p in pieces),
+        }
+        for split in splits:
+            report["splits"][split] = _split_summary(by_split[split], sources[split])
+            if split in same_as:
+                report["splits"][split]["same_as"] = same_as[split]
+        report["headline"] = headline(report)
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        write_report_files(report, folder)
+        _switch(folder, final, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return report, final
+
+
+def _settle(client, token: str, timeout_s: float = 60.0) -> None:
+    """Wait until no worker runs a task of this report (a running task cannot be stopped)."""
+    def running(dask_worker):
+        return [str(ts.key) for ts in dask_worker.state.tasks.values()
+                if token in str(ts.key) and ts.state in ("executing", "cancelled", "long-running", "resumed")]
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if not any(client.run(running).values()):
+                return
+        except Exception:  # workers gone: nothing left running
+            return
+        time.sleep(0.1)
+
+
+def _manifest_identity(root: str) -> dict | None:
+    """When and by what the tree was made (its manifest), so that a report left beside a
+    tree made again later can be told to be stale."""
+    path = os.path.join(root, "esm2dask-manifest.json")
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return None
+    return {"created": manifest.get("created"), "version": manifest.get("version"),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _is_our_report(path: str) -> bool:
+    """A real folder holding esm2dask's report.json (the one thing a new report replaces)."""
+    if not _real_dir(path):
+        return False
+    f = os.path.join(path, "report.json")
+    if not os.path.isfile(f) or os.path.islink(f):
+        return False
+    try:
+        with open(f) as fh:
+            return json.load(fh).get("tool") == "esm2dask"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _switch(folder: str, final: str, work: str) -> None:
+    """Put the new report in place with renames; an earlier report moves into ``work``
+    (removed with it), so OUT never holds a half-written report folder."""
+    if os.path.lexists(final):
+        os.rename(final, os.path.join(work, "previous"))
+    try:
+        os.rename(folder, final)
+    except OSError as err:
+        if os.path.lexists(os.path.join(work, "previous")):
+            os.rename(os.path.join(work, "previous"), final)
+        raise OutputError(f"{final}: cannot put the report in place ({err.strerror})") from None
