@@ -20,6 +20,7 @@ from .config import DEFAULT_RAW_DIR, PreprocessConfig
 from .errors import ConfigError, InputError
 from .layout import MANIFEST_NAME, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
 from .logs import RunLog
+from .publish import input_copies
 from .ranges import ByteRange, plan_ranges
 
 #: At most this many byte ranges per input file (at the default 64 MiB: 640 GiB of FASTA).
@@ -183,7 +184,8 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
     stages += [
         StagePlan("assemble", n_shards, 0),
         StagePlan("assemble-mmap", n_arrays, 0),
-        StagePlan("checksum", n_shards + n_arrays, 0),  # sha256 of every output file, for the manifest
+        # sha256 of every output file and of every input copied beside them, for the manifest
+        StagePlan("checksum", n_shards + n_arrays + len(input_copies(config)), 0),
     ]
 
     files = [_shard_files(d, config.num_csv_files, with_arrays=d == UF50_TRAIN or config.split == "random")

@@ -305,13 +305,13 @@ class OutputLock:
             if self._fd is None and self.created_output:
                 _rmdir_quietly(out)
             if os.path.lexists(out) and not os.path.isdir(out):
-                why = "it exists and is not a folder; choose another --output-dir"
+                why = "is a file, not a folder; --output-dir names the folder to write into"
             elif isinstance(err, PermissionError):
                 why = "permission denied; choose a folder you may write"
             elif storage.is_no_space(err):
                 why = "no space left on the output file system"
             else:
-                why = f"cannot create {path} there ({err.strerror or 'I/O error'})"
+                why = f"cannot write the output folder (creating {path}: {reason(err)})"
             raise OutputError(f"{self.output_dir}: {why}") from None
 
     def _take_lease(self) -> None:

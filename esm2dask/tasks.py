@@ -402,13 +402,17 @@ def count_fasta(byte_range: ByteRange, storage_options: dict) -> CountReceipt:
                 f"{byte_range.url}: short read at byte {begin} ({max(size - begin, 0)} of {end - begin} "
                 "bytes); was the file changed during the run?"
             )
-        with mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ) as mapped:
-            mapped.madvise(mmap.MADV_SEQUENTIAL, begin - begin % mmap.PAGESIZE)
-            view = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin)
+        mapped = mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ)
+        mapped.madvise(mmap.MADV_SEQUENTIAL, begin - begin % mmap.PAGESIZE)
+        view = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin)
+        try:
+            return CountReceipt(count_records(view), content_digest(byte_range.url, view))
+        finally:
+            del view
             try:
-                return CountReceipt(count_records(view), content_digest(byte_range.url, view))
-            finally:
-                del view  # the map closes only once no view of it is left
+                mapped.close()
+            except BufferError:  # a library still holds a view (numba frees its own later):
+                pass  # the map goes with the last reference to it
 
 
 def write_counts(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 
 from hypothesis import HealthCheck, given, settings
@@ -125,7 +127,9 @@ def test_the_count_task_maps_a_local_file_and_counts_what_each_range_owns(tmp_pa
     with open(path, "rb") as f:
         for r in plan_ranges(str(path), len(data), partition):
             _, block = read_owned_bytes(f, r)
-            counts.append(count_fasta(r, {}))
+            receipt = count_fasta(r, {})
+            counts.append(receipt.n_records)
+            assert receipt.digest == hashlib.sha256(block).hexdigest()  # the bytes it counted
             assert counts[-1] == len(convert_block(block, 0, "f.fa", uppercase=False, first_id=None))
     assert sum(counts) == len(recs)
 
@@ -138,7 +142,7 @@ def test_the_count_task_refuses_a_file_that_shrank(tmp_path):
     path = tmp_path / "f.fa"
     path.write_bytes(b">a\nAC\n>b\nGG\n")
     byte_range = ByteRange(str(path), 0, 12, 0, 12)
-    assert count_fasta(byte_range, {}) == 2
+    assert count_fasta(byte_range, {}).n_records == 2
     path.write_bytes(b">a\nAC\n")
     with pytest.raises(OSError, match="short read at byte 0"):
         count_fasta(byte_range, {})

@@ -513,5 +513,5 @@ def test_the_lock_is_never_made_in_the_input_folder_or_over_a_file(raw, tmp_path
     a_file = tmp_path / "a_file"
     a_file.write_text("mine\n")
     line = _one_error_line(_preprocess_cli(raw, a_file, dask_cluster))
-    assert f"{a_file}: it exists and is not a folder" in line, line
+    assert f"{a_file}: is a file, not a folder" in line, line
     assert a_file.read_text() == "mine\n"
