@@ -9,6 +9,9 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("psutil")
 
+#: each study end to end on a tiny input: long, so `make test` skips them and `make drills` (CI) runs them
+pytestmark = pytest.mark.drill
+
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):

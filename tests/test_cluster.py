@@ -19,6 +19,9 @@ from esm2dask.progress import Reporter
 
 from conftest import run_preprocess, tree_digest
 
+#: real dask scheduler/worker processes killed mid-run, a full tmpfs: long, so `make test` skips them and `make drills` (CI) runs them
+pytestmark = pytest.mark.drill
+
 DASK = str(Path(sys.executable).parent / "dask")
 
 

@@ -361,6 +361,7 @@ def test_verify_catches_tampering(case, qc_out, tmp_path):
 # ----------------------------------------------------------------------------- object storage
 
 
+@pytest.mark.drill  # S3 end to end, ~80 s
 def test_s3_to_s3_without_esm2nv(s3_server, s3_raw, tmp_path, cluster_config):
     """Databases and parquet built in local temporary files and uploaded; verify in place."""
     import s3fs

@@ -100,6 +100,7 @@ def test_rows_equal_the_oracle_for_any_cuts(data, uppercase, draw):
 
 @SETTINGS
 @given(fasta_files(), st.data())
+@pytest.mark.drill  # every bad byte at every place, ~55 s
 def test_an_illegal_byte_is_reported_at_its_place(data, draw):
     """Put one illegal byte into a name or a sequence line: the oracle and the kernel must
     both stop there, and the kernel's error names the file and that byte."""

@@ -503,6 +503,7 @@ def test_flip_cache_is_kept_per_source(tmp_path):
 # ----------------------------------------------------------------------------- the NGC pipeline
 
 
+@pytest.mark.drill  # the whole pipeline twice
 def test_pipeline_resumes_preprocess_and_keeps_one_copy_of_the_inputs(fake_ngc, tmp_path, monkeypatch, caplog):
     """A preempted preprocess is resumed (not redone), stale staging folders are removed, and
     the workspace holds the raw inputs once (reflinks beside the output, or nothing)."""

@@ -216,6 +216,7 @@ def test_multi_node_roles():
         node_role({"NGC_ARRAY_INDEX": "3", "NGC_ARRAY_SIZE": "3"}, "/ws", 8)
 
 
+@pytest.mark.drill  # a kill after each pipeline step
 def test_pipeline_runs_and_resumes_after_each_step(fake_ngc, tmp_path, monkeypatch):
     from esm2dask.synth import synth
 
@@ -270,6 +271,7 @@ def test_stale_workspace_id_in_state_is_not_trusted(fake_ngc):
     assert KEY not in fake_ngc.state_file.read_text()
 
 
+@pytest.mark.drill  # a kill after each pipeline step
 def test_multi_node_pipeline_with_two_simulated_replicas(fake_ngc, tmp_path, monkeypatch):
     """Two `esm2dask pipeline --multi-node` processes, as replicas 0 and 1 of one job: replica 0
     runs the scheduler, a worker and the pipeline; replica 1 a worker that leaves when the

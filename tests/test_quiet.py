@@ -89,6 +89,7 @@ def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen, timeout_s: flo
         time.sleep(0.02)
 
 
+@pytest.mark.drill  # a real SIGINT mid-run, then resume
 def test_ctrl_c_is_one_line_and_resume_finishes_the_same_bytes(tmp_path, cluster_config):
     from conftest import run_preprocess
     from esm2dask.synth import synth

@@ -81,6 +81,7 @@ def local_digest(s3_raw, tmp_path_factory, dask_cluster):
     return tree_digest(out)
 
 
+@pytest.mark.drill  # S3 end to end and failure drills
 def test_s3_to_s3_equals_local(s3_server, s3_raw, local_digest, tmp_path, cluster_config):
     import s3fs
 
@@ -174,6 +175,7 @@ def s3_published(s3_server, s3_raw, dask_cluster):
     return publish_good
 
 
+@pytest.mark.drill  # S3 end to end and failure drills
 def test_failed_overwrite_leaves_the_previous_tree_on_the_store(s3_server, s3_raw, s3_published, tmp_path,
                                                                 dask_cluster):
     """A good tree, then an --overwrite run with a comma in val: the tree and its manifest
@@ -205,6 +207,7 @@ def test_failed_overwrite_leaves_the_previous_tree_on_the_store(s3_server, s3_ra
 SECRET = "esm2dask-FAKE-SECRET-5f0d2c9a"
 
 
+@pytest.mark.drill  # S3 end to end and failure drills
 def test_last_put_fails_previous_tree_intact_and_no_secret_anywhere(s3_server, s3_raw, s3_published, tmp_path,
                                                                     dask_cluster, monkeypatch):
     """The manifest PUT, the last of a run, fails: one error line, the previous tree and its
