@@ -1192,31 +1192,6 @@ def _warm_up() -> None:
         pass
 
 
-class _Plotter:
-    """:func:`esm2dask.report_html.write_plots` in a thread of the driver, started as soon
-    as the statistics are in (the plots draw nothing else), while the cluster joins."""
-
-    def __init__(self, report: dict, folder: str):
-        self._plots, self._error = None, None
-        self.thread = threading.Thread(target=self._run, args=(report, folder), name="esm2dask-report-plots",
-                                       daemon=True)
-        self.thread.start()
-
-    def _run(self, report: dict, folder: str) -> None:
-        from .report_html import write_plots
-
-        try:
-            self._plots = write_plots(report, folder)
-        except BaseException as err:  # raised again in the driver's thread, by result()
-            self._error = err
-
-    def result(self) -> list[tuple[str, str]]:
-        self.thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._plots
-
-
 def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tuple[dict, str]:
     """Compute the report of ``config.output_dir`` on Dask and write ``OUT/esm2dask-report``.
 
@@ -1238,7 +1213,6 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
     work = os.path.join(root, f"{TMP_PREFIX}{token}")
     scratch = os.path.join(work, "scratch")
     folder = os.path.join(work, REPORT_DIR)
-    plotter = None
     try:
         os.makedirs(scratch)
         os.makedirs(folder)
@@ -1279,20 +1253,10 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                 per_bucket = sum(p.size_bytes for p in pieces) // n_buckets
                 amounts = [per_bucket] * n_buckets
                 amounts[-1] += sum(p.size_bytes for p in pieces) - per_bucket * n_buckets
+                buckets = _gather(client, reporter, "report-join", join_futures, amounts)
                 cluster_stats = [cluster_future.result()] if cluster_future else \
                     [s for p, s in zip(pieces, stats) if p.split in (UF50_TRAIN, TRAIN) and
                      (p.counts is not None or p.cluster_column)]
-                # the plots need the statistics only: drawn here while the cluster joins
-                summaries = {}
-                for split in (s for s in SPLITS if s in by_split):
-                    summaries[split] = _split_summary(by_split[split], sources[split])
-                    if split in same_as:
-                        summaries[split]["same_as"] = same_as[split]
-                clusters = _clusters_summary(cluster_stats, layout)
-                plotter = _Plotter({"crop": {"tokens": CROP_TOKENS, "residues": CROP_RESIDUES},
-                                    "standard_amino_acids": STANDARD, "splits": summaries,
-                                    "clusters": clusters}, folder)
-                buckets = _gather(client, reporter, "report-join", join_futures, amounts)
             except BaseException:
                 # tasks already running would write into the folder removed below
                 client.cancel([f for f in client.futures.values() if token in str(f.key)])
@@ -1310,20 +1274,22 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
             "manifest": _manifest_identity(root),
             "crop": {"tokens": CROP_TOKENS, "residues": CROP_RESIDUES},
             "standard_amino_acids": STANDARD,
-            "splits": summaries,
-            "clusters": clusters,
+            "splits": {},
+            "clusters": _clusters_summary(cluster_stats, layout),
             "leakage": _merge_buckets(buckets, compared),
             "notes": notes,
             "files_read": len(pieces) + (1 if clusters_file else 0),
             "bytes_read": sum(p.size_bytes for p in pieces),
         }
+        for split in splits:
+            report["splits"][split] = _split_summary(by_split[split], sources[split])
+            if split in same_as:
+                report["splits"][split]["same_as"] = same_as[split]
         report["headline"] = headline(report)
         report["seconds"] = round(time.perf_counter() - start, 3)
-        write_report_files(report, folder, plotter.result())
+        write_report_files(report, folder)
         _switch(folder, final, work)
     except BaseException:
-        if plotter is not None:  # it writes into the folder removed here
-            plotter.thread.join()
         shutil.rmtree(work, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)

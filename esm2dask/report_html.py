@@ -270,10 +270,9 @@ def render_html(report: dict, plots: list[tuple[str, str]], folder: str) -> str:
     return "\n".join(parts)
 
 
-def write_report_files(report: dict, folder: str, plots: list[tuple[str, str]] | None = None) -> None:
-    """``folder``: one PNG per plot, ``report.html`` (self-contained), ``report.json``;
-    ``plots``: what :func:`write_plots` returned, when the PNGs are written already."""
-    plots = write_plots(report, folder) if plots is None else plots
+def write_report_files(report: dict, folder: str) -> None:
+    """``folder``: one PNG per plot, ``report.html`` (self-contained), ``report.json``."""
+    plots = write_plots(report, folder)
     report["plots"] = [name for name, _ in plots]
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
