@@ -35,7 +35,6 @@ import secrets
 import shutil
 import sqlite3
 import stat
-import threading
 import time
 import urllib.parse
 from collections import Counter
@@ -1175,23 +1174,6 @@ def _gather(client, reporter: Reporter, name: str, futures: list, amounts: list[
     return results
 
 
-def _warm_up() -> None:
-    """Imports and numba's first calls (its type system, the cached machine code), done
-    while the cluster starts: together they cost a few seconds, as much as the work on a
-    tree of 100 MB. The tasks and the plots find them done (or wait for them)."""
-    try:
-        count_bytes(np.zeros(1, dtype=np.uint8))
-        murmur3_128(np.zeros(1, dtype=np.uint8), np.zeros(2, dtype=np.int64))
-        parse_esm2nv(np.frombuffer(CSV_HEADER + b"1,a,1,A\n", dtype=np.uint8), len(CSV_HEADER),
-                     np.ones(1, dtype=np.uint8))
-        import polars  # noqa: F401
-        import pyarrow.ipc  # noqa: F401
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
-        from matplotlib.figure import Figure  # noqa: F401
-    except Exception:  # only a head start: whatever fails here fails again where it is needed
-        pass
-
-
 def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tuple[dict, str]:
     """Compute the report of ``config.output_dir`` on Dask and write ``OUT/esm2dask-report``.
 
@@ -1204,7 +1186,6 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
     start = time.perf_counter()
     root = config.root
     layout, pieces, sources, notes, clusters_file = plan_report(config)
-    threading.Thread(target=_warm_up, name="esm2dask-report-warm-up", daemon=True).start()
     final = os.path.join(root, REPORT_DIR)
     if os.path.islink(final) or (os.path.lexists(final) and not _is_our_report(final)):
         raise OutputError(f"{final}: exists and is not a report of esm2dask; move it away first")
