@@ -376,6 +376,163 @@ def _connect(path: str) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True)
 
 
+@njit(nogil=True, cache=True)
+def parse_esm2nv(data: np.ndarray, start: int, keep: np.ndarray):
+    """One pass over the rows of an ESM2nv shard (``data[start:]``, after the header):
+    ``record_id,record_name,sequence_length,sequence\\n``, never quoted.
+
+    Returns (rows, name offsets, name bytes, sequence offsets, upper-cased sequence bytes,
+    the count of every raw sequence byte, bad line or 0, what is wrong) for the rows whose
+    ``keep`` is set; the offsets start at 0. ``keep`` has one entry per line."""
+    n_data = len(data)
+    n_keep = 0
+    for i in range(len(keep)):
+        n_keep += keep[i]
+    name_off = np.zeros(n_keep + 1, dtype=np.int64)
+    seq_off = np.zeros(n_keep + 1, dtype=np.int64)
+    names = np.empty(max(n_data - start, 1), dtype=np.uint8)
+    seqs = np.empty(max(n_data - start, 1), dtype=np.uint8)
+    counts = np.zeros(256, dtype=np.int64)
+    rows = 0
+    k = 0
+    pn = 0
+    ps = 0
+    p = start
+    while p < n_data:
+        line = rows + 2
+        if rows >= len(keep):
+            return rows, name_off, names, seq_off, seqs, counts, line, 1
+        take = keep[rows] != 0
+        # record_id
+        while p < n_data and data[p] != 44 and data[p] != 10:
+            p += 1
+        if p >= n_data or data[p] != 44:
+            return rows, name_off, names, seq_off, seqs, counts, line, 2
+        p += 1
+        # record_name
+        q = p
+        while q < n_data and data[q] != 44 and data[q] != 10:
+            b = data[q]
+            if b <= 32 or b >= 127 or b == 34:
+                return rows, name_off, names, seq_off, seqs, counts, line, 3
+            q += 1
+        if q >= n_data or data[q] != 44:
+            return rows, name_off, names, seq_off, seqs, counts, line, 2
+        if take:
+            for j in range(p, q):
+                names[pn] = data[j]
+                pn += 1
+        p = q + 1
+        # sequence_length
+        while p < n_data and data[p] != 44 and data[p] != 10:
+            p += 1
+        if p >= n_data or data[p] != 44:
+            return rows, name_off, names, seq_off, seqs, counts, line, 2
+        p += 1
+        # sequence, up to the end of the line (or of the file)
+        q = p
+        while q < n_data and data[q] != 10:
+            b = data[q]
+            if b <= 32 or b >= 127 or b == 34 or b == 44:
+                return rows, name_off, names, seq_off, seqs, counts, line, 4 if b != 44 else 2
+            if take:
+                counts[b] += 1
+                seqs[ps] = b - 32 if 97 <= b <= 122 else b
+                ps += 1
+            q += 1
+        p = q + 1
+        if take:
+            k += 1
+            name_off[k] = pn
+            seq_off[k] = ps
+        rows += 1
+    if rows != len(keep):
+        return rows, name_off, names, seq_off, seqs, counts, rows + 2, 1
+    return rows, name_off, names, seq_off, seqs, counts, 0, 0
+
+
+_PARSE_ERRORS = {
+    1: "more rows than lines (a line break inside a row)",
+    2: "not the four fields record_id,record_name,sequence_length,sequence of an ESM2nv shard",
+    3: "a byte in record_name that an ESM2nv shard never holds (a control, non-ASCII, space or '\"' byte)",
+    4: "a byte in sequence that an ESM2nv shard never holds (a control, non-ASCII, space or '\"' byte)",
+}
+
+
+def _string_array(offsets: np.ndarray, data: np.ndarray):
+    """A pyarrow large_string array over the offset and data buffers (no copy)."""
+    import pyarrow as pa
+
+    return pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+@dataclass
+class _Columns:
+    """A piece's rows: ids, upper-cased sequences (and ur50 ids), as polars Series; their
+    row numbers in the piece, the count of every raw sequence byte, the sequence lengths;
+    and, where the reader has them, the offset and data buffers of ids and sequences."""
+
+    ids: object
+    upper: object
+    ur50: object
+    row: np.ndarray
+    raw_counts: np.ndarray
+    lengths: np.ndarray
+    excluded_rows: int = 0
+    id_buffers: tuple | None = None
+    seq_buffers: tuple | None = None
+
+
+def _keep_mask(piece: Piece, n: int) -> np.ndarray:
+    keep = np.ones(n, dtype=np.uint8)
+    for a, b in piece.exclude:
+        keep[max(a - piece.first_row, 0) : max(b - piece.first_row, 0)] = 0
+    return keep
+
+
+def _read_csv_columns(piece: Piece) -> _Columns:
+    """An ESM2nv shard in one numba pass over its bytes: no CSV library, no per-row Python."""
+    import polars as pl
+
+    data = np.fromfile(piece.path, dtype=np.uint8)
+    start = len(CSV_HEADER)
+    if data[:start].tobytes() != CSV_HEADER:
+        raise InputError(piece.path, "line 1", f"not the header {CSV_HEADER.decode().strip()!r} of an ESM2nv shard")
+    body = data[start:]
+    lines = int(np.count_nonzero(body == 10)) + (1 if len(body) and body[-1] != 10 else 0)
+    keep = _keep_mask(piece, lines)
+    rows, name_off, names, seq_off, seqs, raw_counts, bad, what = parse_esm2nv(data, start, keep)
+    if bad:
+        raise InputError(piece.path, f"line {bad}", _PARSE_ERRORS[what])
+    names, seqs = names[: name_off[-1]], seqs[: seq_off[-1]]
+    ids = pl.from_arrow(_string_array(name_off, names))
+    upper = pl.from_arrow(_string_array(seq_off, seqs))
+    row = np.flatnonzero(keep).astype(np.int64)
+    return _Columns(ids, upper, None, row, raw_counts, np.diff(seq_off), int(lines - len(row)),
+                    (name_off, names), (seq_off, seqs))
+
+
+def _read_columns(piece: Piece) -> _Columns:
+    """The rows of a piece (:class:`_Columns`), val/test rows of a random split left out."""
+    import polars as pl
+
+    if piece.kind == "csv":
+        return _read_csv_columns(piece)
+    ids, seqs, ur50 = _read_piece(piece)
+    row = np.arange(len(seqs), dtype=np.int64)
+    excluded = 0
+    if piece.exclude:
+        keep = _keep_mask(piece, len(seqs)).astype(bool)
+        excluded = int((~keep).sum())
+        mask = pl.Series(keep)
+        ids, seqs, row = ids.filter(mask), seqs.filter(mask), row[keep]
+    _, raw = _buffers(seqs)
+    raw_counts = count_bytes(np.frombuffer(raw, dtype=np.uint8))
+    upper = seqs.str.to_uppercase() if raw_counts[ord("a") : ord("z") + 1].sum() else seqs
+    lengths = seqs.str.len_bytes().cast(pl.Int64).to_numpy()
+    return _Columns(ids, upper, ur50, row, raw_counts, lengths, excluded)
+
+
 def _read_piece(piece: Piece):
     """(ids, sequences, ur50 ids or None) of a piece, as polars Series of strings."""
     import polars as pl
@@ -574,25 +731,16 @@ def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
     import polars as pl
     import pyarrow as pa
 
-    ids, seqs, ur50 = _read_piece(piece)
+    cols = _read_columns(piece)
+    ids, upper, ur50, row = cols.ids, cols.upper, cols.ur50, cols.row
     stats = PieceStats(piece.index)
-    row = np.arange(len(seqs), dtype=np.int64)
-    if piece.exclude:
-        keep = np.ones(len(seqs), dtype=bool)
-        for a, b in piece.exclude:
-            keep[max(a - piece.first_row, 0) : max(b - piece.first_row, 0)] = False
-        stats.excluded_rows = int((~keep).sum())
-        mask = pl.Series(keep)
-        ids, seqs, row = ids.filter(mask), seqs.filter(mask), row[keep]
-    _, raw = _buffers(seqs)
-    raw_counts = count_bytes(np.frombuffer(raw, dtype=np.uint8))
+    stats.excluded_rows = cols.excluded_rows
+    raw_counts, lengths = cols.raw_counts, cols.lengths
     lower = raw_counts[ord("a") : ord("z") + 1]
     stats.lowercase_residues = int(lower.sum())
-    upper = seqs.str.to_uppercase() if stats.lowercase_residues else seqs
     letter_counts = raw_counts.copy()  # upper-casing moves a-z onto A-Z, nothing else (ASCII)
     letter_counts[ord("A") : ord("Z") + 1] += lower
     letter_counts[ord("a") : ord("z") + 1] = 0
-    lengths = seqs.str.len_bytes().cast(pl.Int64).to_numpy()
     stats.rows = len(upper)
     stats.residues = int(lengths.sum())
     values, counts = np.unique(lengths, return_counts=True)
@@ -629,10 +777,17 @@ def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
                 _cluster_stats(stats, run_lengths[1:-1], run_ids[1:-1])
 
     rows = pa.array(row.astype(np.uint32))
+    if cols.id_buffers is not None:  # the reader's own buffers: no conversion, no copy
+        id_arrow, seq_arrow = _string_array(*cols.id_buffers), _string_array(*cols.seq_buffers)
+        id_digests = murmur3_128(cols.id_buffers[1], cols.id_buffers[0]).astype("<u8").tobytes()
+        seq_digests = murmur3_128(cols.seq_buffers[1], cols.seq_buffers[0]).astype("<u8").tobytes()
+    else:
+        id_arrow, seq_arrow = ids.to_arrow(), upper.to_arrow()
+        id_digests, seq_digests = digests_of(ids), digests_of(upper)
     _write_buckets(os.path.join(scratch, f"seq-{piece.index:05d}.arrow"),
-                   {"row": rows, "id": ids.to_arrow(), "seq": upper.to_arrow()}, digests_of(upper), n_buckets)
+                   {"row": rows, "id": id_arrow, "seq": seq_arrow}, seq_digests, n_buckets)
     _write_buckets(os.path.join(scratch, f"id-{piece.index:05d}.arrow"),
-                   {"row": rows, "id": ids.to_arrow()}, digests_of(ids), n_buckets)
+                   {"row": rows, "id": id_arrow}, id_digests, n_buckets)
     return stats
 
 
