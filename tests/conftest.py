@@ -35,6 +35,29 @@ def dask_cluster():
     cluster.close()
 
 
+@pytest.fixture(scope="session")
+def synth_raw(tmp_path_factory) -> Path:
+    """A small synthetic raw folder (300 clusters, seed 5), shared: copy it before editing."""
+    from esm2dask.synth import synth
+
+    folder = tmp_path_factory.mktemp("synth") / "raw"
+    synth(str(folder), 300, seed=5)
+    return folder
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """Fails the test if a command gets as far as starting or joining a cluster."""
+    import esm2dask.cluster
+    import esm2dask.preprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(esm2dask.preprocess, "dask_client", refuse)
+    monkeypatch.setattr(esm2dask.cluster, "dask_client", refuse)
+
+
 @pytest.fixture
 def cluster_config(dask_cluster):
     from esm2dask.config import ClusterConfig

@@ -105,25 +105,9 @@ def test_part_counts_by_rows(n_rows):
     assert pos == n_rows
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-    from esm2dask.synth import synth
-
-    folder = tmp_path_factory.mktemp("inputs") / "raw"
-    synth(str(folder), 200, seed=3)
-    return folder
-
-
 @pytest.fixture
-def no_cluster(monkeypatch):
-    import esm2dask.cluster
-    import esm2dask.preprocess
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a cluster was started")
-
-    monkeypatch.setattr(esm2dask.preprocess, "dask_client", refuse)
-    monkeypatch.setattr(esm2dask.cluster, "dask_client", refuse)
+def raw(synth_raw):
+    return synth_raw
 
 
 @pytest.mark.parametrize("option", ["--uf50", "--uf90", "--mapping", "--val", "--test"])

@@ -28,13 +28,9 @@ from test_ngc import fake_ngc  # noqa: F401  (the fixture: a fake `ngc` on PATH)
 INPUTS = (UF50_FASTA, UF90_FASTA, MAPPING_TSV, VAL_FASTA, "README.md")
 
 
-@pytest.fixture(scope="module")
-def raw_set(tmp_path_factory):
-    from esm2dask.synth import synth
-
-    raw = tmp_path_factory.mktemp("lraw") / "raw"
-    synth(str(raw), 300, seed=5)
-    return raw
+@pytest.fixture
+def raw_set(synth_raw):
+    return synth_raw
 
 
 @pytest.fixture

@@ -9,26 +9,9 @@ from cli.main import cli
 from conftest import assert_one_line_error
 
 
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-    from esm2dask.synth import synth
-
-    folder = tmp_path_factory.mktemp("options") / "raw"
-    synth(str(folder), 300, seed=5)
-    return folder
-
-
 @pytest.fixture
-def no_cluster(monkeypatch):
-    """Fails the test if a command gets as far as starting or joining a cluster."""
-    import esm2dask.cluster
-    import esm2dask.preprocess
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a cluster was started")
-
-    monkeypatch.setattr(esm2dask.preprocess, "dask_client", refuse)
-    monkeypatch.setattr(esm2dask.cluster, "dask_client", refuse)
+def raw(synth_raw):
+    return synth_raw
 
 
 def invoke(*args, env=None):
