@@ -1,0 +1,227 @@
+"""``esm2dask.sqlite_pages``: databases written page by page, held to SQLite itself.
+
+The oracle is SQLite (Python's ``sqlite3`` and Debian's ``sqlite3`` command-line tool, which
+share no code with the writer): ``PRAGMA integrity_check`` (every page used once, cells in
+order, overflow chains of the right length, every row in the index), the same answer to
+every ``SELECT sequence FROM protein WHERE id = ?`` as a database SQLite builds from the same
+rows, and the index used for it. The header is read with ``struct`` against the format's
+documented offsets.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+import string
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esm2dask import sqlite_pages as sp
+
+DDL = "CREATE TABLE protein (id TEXT PRIMARY KEY, sequence TEXT)"
+#: printable ASCII but space, comma and double quote: what a FASTA name may hold here
+ID_ALPHABET = "".join(c for c in string.printable[:95] if c not in ' ,"')
+RESIDUES = "ACDEFGHIKLMNOPQRSTUVWXYZ*-"
+
+
+def _sqlite_built(path: Path, rows: list[tuple[str, str]]) -> None:
+    con = sqlite3.connect(str(path), isolation_level=None)
+    con.execute(DDL)
+    con.execute("BEGIN")
+    con.executemany("INSERT INTO protein VALUES (?, ?)", rows)
+    con.execute("COMMIT")
+    con.close()
+
+
+def _chunks(rows, cuts):
+    """``rows`` (sorted, distinct ids) cut at ``cuts`` into pyarrow arrays."""
+    bounds = [0, *cuts, len(rows)]
+    return [(pa.array([r[0] for r in rows[a:b]], pa.string()), pa.array([r[1] for r in rows[a:b]], pa.string()))
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def build(path: Path, rows: list[tuple[str, str]], page_size: int, cuts=()) -> int:
+    """``rows`` as chunks cut at ``cuts``, through the three steps the pipeline runs."""
+    chunks, first_rowid = [], 1
+    for ids, seqs in _chunks(rows, list(cuts)):
+        chunks.append(sp.Chunk(ids, seqs, first_rowid, page_size))
+        first_rowid += len(ids)
+    layouts = [c.layout for c in chunks]
+    firsts = sp.plan_pages(layouts)
+    path.write_bytes(b"")
+    edges = [c.write(str(path), f) for c, f in zip(chunks, firsts)]
+    return sp.finish_database(str(path), edges, sp.chunk_pages_end(layouts), page_size)
+
+
+def _cli_check(path: Path) -> None:
+    cli = shutil.which("sqlite3")
+    if cli is None:
+        pytest.skip("Debian's sqlite3 command-line tool is not installed (apt-get install sqlite3)")
+    out = subprocess.run([cli, "-readonly", str(path), "PRAGMA integrity_check;"], capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip(), out.stderr) == (0, "ok", "")
+
+
+def check(path: Path, rows: list[tuple[str, str]], page_size: int, pages: int, cli: bool = False,
+          tmp: Path | None = None) -> None:
+    data = path.read_bytes()
+    assert len(data) == pages * page_size
+    head = data[:100]
+    assert head[:16] == b"SQLite format 3\x00"
+    assert struct.unpack(">H", head[16:18])[0] == (1 if page_size == 65536 else page_size)
+    assert head[18] == 1 and head[19] == 1  # rollback journal: journal_mode DELETE
+    assert head[20] == 0 and tuple(head[21:24]) == (64, 32, 32)
+    change, count, trunk, free, cookie, fmt = struct.unpack(">6I", head[24:48])
+    assert count == pages and trunk == 0 and free == 0 and cookie >= 1 and fmt == 4
+    assert struct.unpack(">I", head[56:60])[0] == 1  # UTF-8
+    assert struct.unpack(">I", head[92:96])[0] == change
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert con.execute("PRAGMA page_count").fetchone()[0] == pages
+    assert con.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    assert con.execute("PRAGMA page_size").fetchone()[0] == page_size
+    assert con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type DESC").fetchall() == [
+        ("table", "protein", "protein", DDL), ("index", "sqlite_autoindex_protein_1", "protein", None)]
+    plan = " ".join(r[-1] for r in con.execute("EXPLAIN QUERY PLAN SELECT sequence FROM protein WHERE id = ?", ("x",)))
+    assert "USING INDEX sqlite_autoindex_protein_1 (id=?)" in plan, plan
+    # rowid = position in id order, every row text/text
+    got = con.execute("SELECT rowid, id, sequence, typeof(id), typeof(sequence) FROM protein ORDER BY rowid").fetchall()
+    assert got == [(i + 1, r[0], r[1], "text", "text") for i, r in enumerate(rows)]
+    # the oracle: SQLite's own database of the same rows answers every lookup the same way
+    oracle_path = (tmp or path.parent) / (path.name + ".oracle")
+    _sqlite_built(oracle_path, rows)
+    oracle = sqlite3.connect(str(oracle_path))
+    for r in rows:
+        want = oracle.execute("SELECT sequence FROM protein WHERE id = ?", (r[0],)).fetchall()
+        assert con.execute("SELECT sequence FROM protein WHERE id = ?", (r[0],)).fetchall() == want == [(r[1],)]
+    for absent in ("", "~~~~absent", (rows[0][0] + "\x00") if rows else "a"):
+        assert con.execute("SELECT 1 FROM protein WHERE id = ?", (absent,)).fetchall() == []
+    assert [r[0] for r in con.execute("SELECT id FROM protein ORDER BY id")] == [r[0] for r in rows]
+    oracle.close()
+    oracle_path.unlink()
+    con.close()
+    if cli:
+        _cli_check(path)
+
+
+def _rows(n: int, seed: int, id_len=(3, 30), seq_len=(0, 400)) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    ids = set()
+    while len(ids) < n:
+        ids.add("".join(rng.choices(ID_ALPHABET, k=rng.randint(*id_len))))
+    return [(i, "".join(rng.choices(RESIDUES, k=rng.randint(*seq_len)))) for i in sorted(ids, key=str.encode)]
+
+
+@pytest.mark.parametrize("page_size", [4096, 65536])
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_tiny_tables(tmp_path, page_size, n):
+    rows = _rows(n, n)
+    db = tmp_path / "t.db"
+    check(db, rows, page_size, build(db, rows, page_size), cli=True)
+
+
+@pytest.mark.parametrize("page_size", [4096, 65536])
+def test_overflow_pages_long_sequences_and_long_ids(tmp_path, page_size):
+    """Sequences to 100,000 residues (table cells over many overflow pages); ids long enough
+    that index cells overflow too (over a quarter of a page), and of every size around the
+    local-payload thresholds."""
+    rng = random.Random(1)
+    u = page_size
+    x_table, x_index = u - 35, (u - 12) * 64 // 255 - 23
+    rows = {}
+    for n in [1, 2, x_index - 20, x_index - 3, x_index, x_index + 1, x_index + 4, 2 * u, 3 * u + 7]:
+        rows["I" + "".join(rng.choices(ID_ALPHABET, k=n))] = "M"
+    for n in [0, 100_000, 99_999, x_table - 6, x_table - 5, x_table - 4, x_table, u - 4, 5 * (u - 4), 35_213]:
+        rows[f"S{n:06d}"] = "".join(rng.choices(RESIDUES, k=n))
+    for k in range(300):
+        rows[f"R{k:04d}"] = "".join(rng.choices(RESIDUES, k=rng.randint(0, 3000)))
+    rows = sorted(rows.items(), key=lambda r: r[0].encode())
+    db = tmp_path / "o.db"
+    check(db, rows, page_size, build(db, rows, page_size, cuts=(7, 8, 30, 200)), cli=True)
+
+
+@pytest.mark.parametrize("page_size", [4096, 65536])
+def test_chunks_of_every_size_join(tmp_path, page_size):
+    """Empty chunks, one-row chunks, chunks of one leaf and of many, in every order."""
+    rows = _rows(4000, 3, seq_len=(0, 120))
+    cuts = [0, 0, 1, 2, 2, 3, 40, 41, 300, 301, 302, 2000, 2001, 3998, 3999, 3999]
+    db = tmp_path / "c.db"
+    check(db, rows, page_size, build(db, rows, page_size, cuts=cuts), cli=True)
+
+
+def test_one_chunk_and_many_give_the_same_rows(tmp_path):
+    rows = _rows(3000, 4)
+    one, many = tmp_path / "one.db", tmp_path / "many.db"
+    build(one, rows, 4096)
+    build(many, rows, 4096, cuts=list(range(0, 3000, 37)))
+    a, b = sqlite3.connect(str(one)), sqlite3.connect(str(many))
+    q = "SELECT rowid, id, sequence FROM protein ORDER BY id"
+    assert a.execute(q).fetchall() == b.execute(q).fetchall()
+
+
+def test_a_larger_table_three_levels_deep(tmp_path):
+    """200,000 rows, three levels of interior pages at 4096 bytes a page: checked by
+    integrity_check and lookups (65536 is checked on the other cases)."""
+    page_size = 4096
+    rng = np.random.default_rng(7)
+    n = 200_000
+    ids = np.sort(np.array([f"UniRef90_{v:010d}" for v in rng.choice(10**10, n, replace=False)]))
+    lengths = rng.integers(0, 60, n)
+    letters = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
+    data = letters[rng.integers(0, 20, int(lengths.sum()))].tobytes().decode()
+    ends = np.cumsum(lengths)
+    seqs = [data[e - k : e] for e, k in zip(ends, lengths)]
+    rows = list(zip(ids.tolist(), seqs))
+    db = tmp_path / "l.db"
+    cuts = [0, 50_000, 50_001, 120_000, 199_999]
+    pages = build(db, rows, page_size, cuts=cuts)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert con.execute("PRAGMA page_count").fetchone()[0] == pages
+    assert con.execute("SELECT count(*), min(rowid), max(rowid) FROM protein").fetchone() == (n, 1, n)
+    for k in rng.choice(n, 3000, replace=False).tolist():
+        assert con.execute("SELECT sequence, rowid FROM protein WHERE id = ?", (rows[k][0],)).fetchone() == (rows[k][1], k + 1)
+    got = con.execute("SELECT id, sequence FROM protein ORDER BY rowid").fetchall()
+    assert got == rows
+    con.close()
+    _cli_check(db)
+
+
+_ids = st.text(alphabet=ID_ALPHABET, min_size=1, max_size=1500)
+_seqs = st.text(alphabet=RESIDUES, max_size=9000)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(table=st.dictionaries(_ids, _seqs, max_size=60), cut_fractions=st.lists(st.floats(0, 1), max_size=6),
+       page_size=st.sampled_from([512, 4096, 65536]))
+def test_any_legal_rows_any_chunking(tmp_path_factory, table, cut_fractions, page_size):
+    rows = sorted(table.items(), key=lambda r: r[0].encode())
+    cuts = sorted(int(f * len(rows)) for f in cut_fractions)
+    folder = tmp_path_factory.mktemp("h")
+    db = folder / "h.db"
+    check(db, rows, page_size, build(db, rows, page_size, cuts=cuts))
+
+
+def test_write_database_one_process(tmp_path):
+    rows = _rows(500, 9)
+    db = tmp_path / "w.db"
+    size = sp.write_database(str(db), pa.array([r[0] for r in rows]), pa.array([r[1] for r in rows]), 4096)
+    assert size == db.stat().st_size
+    check(db, rows, 4096, size // 4096, cli=True)
+
+
+def test_plan_and_header_are_pure():
+    lays = [sp.ChunkLayout(3, 1, 1, 0), sp.ChunkLayout(0, 0, 0, 0), sp.ChunkLayout(900, 20, 9, 4)]
+    assert sp.plan_pages(lays) == [2, 3, 3]
+    assert sp.chunk_pages_end(lays) == 3 + 20 + 7 + 4
+    head = sp.database_header(41, 65536)
+    assert len(head) == 100 and head[16:20] == b"\x00\x01\x01\x01"
