@@ -298,23 +298,28 @@ def sample_member_ids(members_url: str, n_members: int, n_samples: int, seed: in
     return ids.gather(np.sort(rows)).to_list()
 
 
-def _chunk_order(slices: list[Slice], storage_options: dict):
-    """One id range of every sorted run: the rows (Arrow) and, of each id's first row in id
-    order, its row number (the range's rows sorted and distinct)."""
+def _chunk_rows(slices: list[Slice], storage_options: dict):
+    """One id range of every sorted run, as one Arrow table of ``id``, ``sequence``."""
     import pyarrow as pa
 
     frame = read_slices(slices, storage_options)
     if frame is None:
-        return pa.table({"id": pa.array([], pa.string()), "sequence": pa.array([], pa.string())}), np.zeros(0, np.int64)
-    order = (frame.select("id").with_row_index("row").sort("id", maintain_order=True)
-             .unique("id", keep="first", maintain_order=True)["row"].to_numpy().astype(np.int64))
-    return frame.to_arrow(), order
+        return pa.table({"id": pa.array([], pa.string()), "sequence": pa.array([], pa.string())})
+    return frame.to_arrow()
+
+
+def _id_order(table) -> np.ndarray:
+    """Of each id's first row, in id order (bytewise), its row number: the rows sorted and distinct."""
+    frame = pl.from_arrow(table.select(["id"]))
+    return (frame.with_row_index("row").sort("id", maintain_order=True)
+            .unique("id", keep="first", maintain_order=True)["row"].to_numpy().astype(np.int64))
 
 
 def layout_train_chunk(slices: list[Slice], first_rowid: int, order_url: str, page_size: int,
                        storage_options: dict) -> sqlite_pages.ChunkLayout:
     """Sort one id range and count the ``train.db`` pages its rows fill; keep the order."""
-    table, order = _chunk_order(slices, storage_options)
+    table = _chunk_rows(slices, storage_options)
+    order = _id_order(table)
     with _local_target(order_url, storage_options) as path:
         with open(path, "wb") as f:
             np.save(f, order, allow_pickle=False)
@@ -328,7 +333,7 @@ def write_train_chunk(slices: list[Slice], order_url: str, first_rowid: int, fir
                       edges_url: str, region_url: str, page_size: int, storage_options: dict) -> TrainChunkReceipt:
     """One id range's pages into the database file at their place (``pwrite``); on object
     storage into a file of their own, uploaded to ``region_url``. The edges go to ``edges_url``."""
-    table, _ = _chunk_order(slices, storage_options)
+    table = _chunk_rows(slices, storage_options)
     with _local_source(order_url, storage_options) as path:
         order = np.load(path, allow_pickle=False)
     chunk = sqlite_pages.Chunk(table["id"].take(order), table["sequence"].take(order), first_rowid, page_size)

@@ -209,17 +209,17 @@ def _copy_record(dst, dpos, hdr, hlen, data1, a1, n1, data2, a2, n2, start, leng
     data2[a2:a2+n2]`` to ``dst[dpos:]``."""
     end = start + length
     s, e = start, min(end, hlen)
-    for k in range(s, e):
-        dst[dpos] = hdr[k]
-        dpos += 1
+    if e > s:
+        dst[dpos : dpos + e - s] = hdr[s:e]
+        dpos += e - s
     s, e = max(start, hlen), min(end, hlen + n1)
-    for k in range(s, e):
-        dst[dpos] = data1[a1 + k - hlen]
-        dpos += 1
+    if e > s:
+        dst[dpos : dpos + e - s] = data1[a1 + s - hlen : a1 + e - hlen]
+        dpos += e - s
     s, e = max(start, hlen + n1), min(end, hlen + n1 + n2)
-    for k in range(s, e):
-        dst[dpos] = data2[a2 + k - hlen - n1]
-        dpos += 1
+    if e > s:
+        dst[dpos : dpos + e - s] = data2[a2 + s - hlen - n1 : a2 + e - hlen - n1]
+        dpos += e - s
     return dpos
 
 
