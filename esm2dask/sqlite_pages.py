@@ -55,14 +55,12 @@ _LEAF_TABLE, _INTERIOR_TABLE, _LEAF_INDEX, _INTERIOR_INDEX = 0x0D, 0x05, 0x0A, 0
 
 @njit(nogil=True, cache=True, inline="always")
 def _varint_len(v):
-    if v < 0:
+    if v < 0 or v >= (1 << 56):
         return 9
     n = 1
-    while v >= 128 and n < 9:
+    while v >= 128:
         v >>= 7
         n += 1
-    if n == 9 and v >= 256:  # unreachable for values below 2**63
-        return 9
     return n
 
 

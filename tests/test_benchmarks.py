@@ -71,3 +71,15 @@ def test_formats_smoke(bench):
     table = (bench / "formats.md").read_text()
     assert "| esm2nv + bionemo2 + hf |" in table and "byte-identical in every run: yes" in table
     assert "merge, the single writer" in table and (bench / "formats.png").stat().st_size > 0
+
+
+def test_train_db_smoke(bench, monkeypatch, tmp_path):
+    from benchmarks import formats
+
+    monkeypatch.setattr(formats, "RESULTS", bench)
+    formats.main(["--train-db", "--train-db-rows", "3000", "--workers", "1", "--page-sizes", "4096,65536",
+                  "--scratch", str(tmp_path)])
+    table = (bench / "train_db.md").read_text()
+    assert "| page writer: layout → pages (`pwrite`) → final step | 65536 |" in table
+    assert "today: bucket databases" in table and "Projection" in table and "quick_check` of the 65536" in table
+    assert (bench / "train_db.png").stat().st_size > 0

@@ -225,3 +225,20 @@ def test_plan_and_header_are_pure():
     assert sp.chunk_pages_end(lays) == 3 + 20 + 7 + 4
     head = sp.database_header(41, 65536)
     assert len(head) == 100 and head[16:20] == b"\x00\x01\x01\x01"
+
+
+def _read_varint(b: bytes) -> tuple[int, int]:
+    """SQLite's varint decoder as the format page describes it (value, bytes used)."""
+    v = 0
+    for k in range(8):
+        v = (v << 7) | (b[k] & 0x7F)
+        if b[k] < 0x80:
+            return v, k + 1
+    return (v << 8) | b[8], 9
+
+
+@settings(deadline=None)
+@given(st.one_of(st.integers(0, 2**63 - 1), st.sampled_from([0, 127, 128, 16383, 16384, 2**56 - 1, 2**56])))
+def test_varints_decode_as_the_format_says(v):
+    encoded = sp._varint(v)
+    assert _read_varint(encoded + b"\x00" * 9) == (v, len(encoded)) and len(encoded) == sp._varint_len(v)
