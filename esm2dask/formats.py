@@ -371,7 +371,7 @@ def finish_train_db(chunks: list[TrainChunkReceipt], layouts: list[sqlite_pages.
         with open(path, "wb") as f:
             for c, e in zip(chunks, edges):
                 fs, src = storage.get_fs(c.region_url, storage_options)
-                f.seek((e.first_page - 1) * page_size)
+                f.seek((sqlite_pages.file_page(e.first_page, page_size) - 1) * page_size)
                 with fs.open(src, "rb") as r:
                     shutil.copyfileobj(r, f, 16 << 20)
         sqlite_pages.finish_database(path, edges, next_page, page_size)

@@ -46,6 +46,10 @@ PAGE_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 #: ``SQLITE_VERSION_NUMBER`` written at header offset 96: SQLite 3.40.1, the oldest this
 #: module's output is tested against (a fixed value: the same rows give the same bytes).
 SQLITE_VERSION_NUMBER = 3040001
+#: SQLite's lock byte: the page that holds this offset (page ``PENDING_BYTE // page_size + 1``,
+#: the *lock-byte page*) is never a B-tree or freelist page; SQLite refuses to read it. A file
+#: over 1 GiB leaves it unused. (SQLite's own tests move it; so do ours.)
+PENDING_BYTE = 0x40000000
 
 _LEAF_TABLE, _INTERIOR_TABLE, _LEAF_INDEX, _INTERIOR_INDEX = 0x0D, 0x05, 0x0A, 0x02
 
@@ -235,25 +239,32 @@ def _put_u16(buf, pos, v):
     buf[pos + 1] = v & 0xFF
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _slot(k, hole):
+    """Where a chunk's ``k``-th page lies in its region: one further on from the region's
+    lock-byte page (``hole``; -1 when the region holds none), which stays blank."""
+    return k + 1 if 0 <= hole <= k else k
+
+
 @njit(nogil=True, cache=True)
-def _write_cell(dst, dpos, region, page_base, next_ovfl, u, index, hdr, hlen, d1, a1, n1, d2, a2, n2,
+def _write_cell(dst, dpos, region, page_base, hole, next_ovfl, u, index, hdr, hlen, d1, a1, n1, d2, a2, n2,
                 rowid, p):
     """One cell at ``dst[dpos:]`` (``varint(p)``, the rowid for a table cell, the local part,
-    the first overflow page), its overflow pages into ``region`` from relative page
-    ``next_ovfl`` on (page number ``page_base + relative``). Returns (end, next_ovfl)."""
+    the first overflow page), its overflow pages into ``region`` from the chunk's page
+    ``next_ovfl`` on (page number ``page_base + _slot(next_ovfl, hole)``). Returns (end, next_ovfl)."""
     local = _local_size(p, u, index)
     dpos = _put_varint(dst, dpos, p)
     if not index:
         dpos = _put_varint(dst, dpos, rowid)
     dpos = _copy_record(dst, dpos, hdr, hlen, d1, a1, n1, d2, a2, n2, 0, local)
     if local < p:
-        _put_u32(dst, dpos, page_base + next_ovfl)
+        _put_u32(dst, dpos, page_base + _slot(next_ovfl, hole))
         dpos += 4
         done = local
         while done < p:
             take = min(u - 4, p - done)
-            base = next_ovfl * u
-            nxt = page_base + next_ovfl + 1 if done + take < p else 0
+            base = _slot(next_ovfl, hole) * u
+            nxt = page_base + _slot(next_ovfl + 1, hole) if done + take < p else 0
             _put_u32(region, base, nxt)
             _copy_record(region, base + 4, hdr, hlen, d1, a1, n1, d2, a2, n2, done, take)
             done += take
@@ -283,11 +294,12 @@ def _index_hdr(hdr, rowbody, id_len, rowid):
 
 
 @njit(nogil=True, cache=True)
-def _write_region(region, first_page, u, id_off, id_data, seq_off, seq_data, first_rowid,
+def _write_region(region, first_page, hole, u, id_off, id_data, seq_off, seq_data, first_rowid,
                   table_cell, table_ends, index_cell, index_starts, index_ends, n_overflow_first,
                   loose, loose_sizes):
     """Every page of one chunk into ``region`` (table leaves, the index leaves between its
-    first and last, overflow pages), and the index cells left to the final step, their
+    first and last, overflow pages; file page ``first_page`` first, the lock-byte page at
+    ``hole`` skipped), and the index cells left to the final step, their
     bodies one after another, into ``loose`` (sizes into ``loose_sizes``)."""
     n = len(id_off) - 1
     hdr = np.zeros(32, np.uint8)
@@ -296,7 +308,7 @@ def _write_region(region, first_page, u, id_off, id_data, seq_off, seq_data, fir
     # table leaves
     row = 0
     for leaf in range(len(table_ends)):
-        base = leaf * u
+        base = _slot(leaf, hole) * u
         end = table_ends[leaf]
         ncell = end - row
         region[base] = 0x0D
@@ -308,7 +320,7 @@ def _write_region(region, first_page, u, id_off, id_data, seq_off, seq_data, fir
             seq_len = seq_off[row + 1] - seq_off[row]
             hlen = _table_hdr(hdr, id_len, seq_len)
             top -= table_cell[row]
-            _, next_ovfl = _write_cell(region, top, region, first_page, next_ovfl, u, False, hdr, hlen,
+            _, next_ovfl = _write_cell(region, top, region, first_page, hole, next_ovfl, u, False, hdr, hlen,
                                        id_data, id_off[row], id_len, seq_data, seq_off[row], seq_len,
                                        first_rowid + row, hlen + id_len + seq_len)
             _put_u16(region, base + 8 + 2 * k, top - base)
@@ -322,7 +334,7 @@ def _write_region(region, first_page, u, id_off, id_data, seq_off, seq_data, fir
     n_loose = 0
     for leaf in range(m):
         on_page = 0 < leaf < m - 1
-        base = (n_table + leaf - 1) * u
+        base = _slot(n_table + leaf - 1, hole) * u
         if on_page:
             region[base] = 0x0A
             _put_u16(region, base + 3, index_ends[leaf] - index_starts[leaf])
@@ -335,12 +347,12 @@ def _write_region(region, first_page, u, id_off, id_data, seq_off, seq_data, fir
             p = hlen + id_len + nb
             if on_page and i < index_ends[leaf]:
                 top -= index_cell[i]
-                _, next_ovfl = _write_cell(region, top, region, first_page, next_ovfl, u, True, hdr, hlen,
+                _, next_ovfl = _write_cell(region, top, region, first_page, hole, next_ovfl, u, True, hdr, hlen,
                                            id_data, id_off[i], id_len, rowbody, 0, nb, 0, p)
                 _put_u16(region, base + 8 + 2 * k, top - base)
                 k += 1
             else:
-                end, next_ovfl = _write_cell(loose, loose_pos, region, first_page, next_ovfl, u, True, hdr,
+                end, next_ovfl = _write_cell(loose, loose_pos, region, first_page, hole, next_ovfl, u, True, hdr,
                                              hlen, id_data, id_off[i], id_len, rowbody, 0, nb, 0, p)
                 loose_sizes[n_loose] = end - loose_pos
                 loose_pos = end
@@ -433,9 +445,14 @@ class Chunk:
 
     def write(self, path: str, first_page: int, file_offset: int | None = None) -> ChunkEdges:
         """Its pages into the file at ``path`` (at page ``first_page``'s place, or at
-        ``file_offset``), one ``pwrite``; returns its :class:`ChunkEdges`."""
+        ``file_offset``), one ``pwrite``; returns its :class:`ChunkEdges`. ``first_page`` is
+        the chunk's number in the plan (:func:`plan_pages`); a region that spans the lock-byte
+        page holds it blank."""
         lay, u = self.layout, self.u
-        region = np.zeros(lay.pages * u, np.uint8)
+        first_file = file_page(first_page, u)
+        lock = lock_page(u)
+        hole = lock - first_file if first_file < lock < first_file + lay.pages else -1
+        region = np.zeros((lay.pages + (hole >= 0)) * u, np.uint8)
         n_index_pages = max(0, lay.index_leaves - 2)
         head_cells = tail_cells = 0
         loose_rows = np.zeros(lay.rows, bool)  # the index cells the final step places
@@ -450,12 +467,12 @@ class Chunk:
         n_loose = int(loose_rows.sum())
         loose_sizes = np.zeros(n_loose, np.int64)
         next_ovfl, used = _write_region(
-            region, first_page, u, self.id_off, self.id_data, self.seq_off, self.seq_data, self.first_rowid,
+            region, first_file, hole, u, self.id_off, self.id_data, self.seq_off, self.seq_data, self.first_rowid,
             self.table_cell, self.table_ends, self.index_cell, self.index_starts, self.index_ends,
             lay.table_leaves + n_index_pages, loose, loose_sizes)
         if next_ovfl != lay.pages:
             raise AssertionError(f"internal: chunk wrote {next_ovfl} pages, laid out {lay.pages}")
-        offset = (first_page - 1) * u if file_offset is None else file_offset
+        offset = (first_file - 1) * u if file_offset is None else file_offset
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             _pwrite_all(fd, region, offset)
@@ -511,6 +528,25 @@ def chunk_pages_end(layouts: list[ChunkLayout]) -> int:
     return 2 + sum(lay.pages for lay in layouts)
 
 
+def lock_page(u: int) -> int:
+    """The lock-byte page of a database of ``u``-byte pages (SQLite's ``PENDING_BYTE_PAGE``).
+
+    >>> lock_page(4096), lock_page(65536)
+    (262145, 16385)
+    """
+    return PENDING_BYTE // u + 1
+
+
+def file_page(plan_page: int, u: int) -> int:
+    """Where page ``plan_page`` of the plan lies in the file: the plan numbers every page the
+    writer makes without a gap; the file has the lock-byte page among them, unused.
+
+    >>> [file_page(p, 65536) for p in (1, 16384, 16385, 16386)]
+    [1, 16384, 16386, 16387]
+    """
+    return plan_page + 1 if plan_page >= lock_page(u) else plan_page
+
+
 # ----------------------------------------------------------------------------- the final step
 
 
@@ -537,6 +573,7 @@ def _leaf_page(kind: int, cells: list[bytes], u: int, header_at: int = 0) -> byt
 
 
 def _interior_page(kind: int, cells: list[bytes], right: int, u: int) -> bytearray:
+    """``cells`` (each its child's file page first) over ``right`` (a file page)."""
     page = bytearray(u)
     top = u
     pointers = []
@@ -591,9 +628,10 @@ def _index_leaves(seam: list[bytes], pages: _Pages) -> tuple[list[int], list[byt
 
 def _interior_level(children: list[int], keys: list[bytes], pages: _Pages, kind: int):
     """One level up. ``keys[j]`` separates ``children[j]`` and ``children[j + 1]``: for an
-    index it is a divider entry (moved up), for the table the left child's largest rowid."""
+    index it is a divider entry (moved up), for the table the left child's largest rowid.
+    Pages are numbered as in the plan; a child pointer holds its file page."""
     u = pages.u
-    cells = [struct.pack(">I", c) + k for c, k in zip(children, keys)]
+    cells = [struct.pack(">I", file_page(c, u)) + k for c, k in zip(children, keys)]
     if kind == _INTERIOR_INDEX:
         # cells [a, b) on a page, children[b] its right pointer, keys[b] moves up
         groups, i, n = [], 0, len(children)
@@ -609,7 +647,7 @@ def _interior_level(children: list[int], keys: list[bytes], pages: _Pages, kind:
             groups[-2], groups[-1] = (a0, b0 - 1), (b0, a1)
         up_children, up_keys = [], []
         for a, b in groups:
-            up_children.append(pages.add(_interior_page(kind, cells[a:b], children[b], u)))
+            up_children.append(pages.add(_interior_page(kind, cells[a:b], file_page(children[b], u), u)))
             if b < len(keys):
                 up_keys.append(keys[b])
         return up_children, up_keys
@@ -627,7 +665,7 @@ def _interior_level(children: list[int], keys: list[bytes], pages: _Pages, kind:
         groups[-2], groups[-1] = (a0, b0 - 1), (b0, a1)
     up_children, up_keys = [], []
     for a, b in groups:
-        up_children.append(pages.add(_interior_page(kind, cells[a:b], children[b], u)))
+        up_children.append(pages.add(_interior_page(kind, cells[a:b], file_page(children[b], u), u)))
         up_keys.append(keys[b])
     return up_children, up_keys
 
@@ -724,20 +762,20 @@ def database_header(page_count: int, u: int) -> bytes:
 
 def finish_database(path: str, edges: list[ChunkEdges], next_page: int, u: int) -> int:
     """The index seams, both trees' interior pages, page 1 and the header into ``path``
-    (whose chunk pages end before ``next_page``); the file cut to its page count. Returns
-    the page count."""
+    (whose chunk pages end before ``next_page`` of the plan); the file cut to its page
+    count (the lock-byte page counted, as SQLite counts it). Returns the page count."""
     pages = _Pages(next_page, u)
     leaves, max_rowids = [], []
     for e in edges:
         leaves.extend(range(e.first_page, e.first_page + len(e.table_max_rowid)))
         max_rowids.extend(e.table_max_rowid.tolist())
-    table_root = _table_root(leaves, max_rowids, pages)
-    index_root = _index_root(edges, pages)
-    page_count = pages.next - 1
+    table_root = file_page(_table_root(leaves, max_rowids, pages), u)
+    index_root = file_page(_index_root(edges, pages), u)
+    page_count = file_page(pages.next - 1, u)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for number, page in pages.pages.items():
-            os.pwrite(fd, page, (number - 1) * u)
+            os.pwrite(fd, page, (file_page(number, u) - 1) * u)
         os.pwrite(fd, schema_page(table_root, index_root, page_count, u), 0)
         os.ftruncate(fd, page_count * u)
     finally:

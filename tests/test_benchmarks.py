@@ -81,5 +81,6 @@ def test_train_db_smoke(bench, monkeypatch, tmp_path):
                   "--scratch", str(tmp_path)])
     table = (bench / "train_db.md").read_text()
     assert "| page writer: layout → pages (`pwrite`) → final step | 65536 |" in table
-    assert "today: bucket databases" in table and "Projection" in table and "quick_check` of the 65536" in table
+    assert "today: bucket databases" in table and "Projection" in table and "integrity_check` of the 65536-byte database: ok" in table
+    assert "integrity_check` of the 4096-byte database: ok" in table
     assert (bench / "train_db.png").stat().st_size > 0

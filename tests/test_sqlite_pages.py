@@ -16,6 +16,7 @@ import sqlite3
 import string
 import struct
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,16 +62,55 @@ def build(path: Path, rows: list[tuple[str, str]], page_size: int, cuts=()) -> i
     return sp.finish_database(str(path), edges, sp.chunk_pages_end(layouts), page_size)
 
 
-def _cli_check(path: Path) -> None:
+def _cli_check(path: Path, pending_byte: int | None = None) -> None:
     cli = shutil.which("sqlite3")
     if cli is None:
         pytest.skip("Debian's sqlite3 command-line tool is not installed (apt-get install sqlite3)")
-    out = subprocess.run([cli, "-readonly", str(path), "PRAGMA integrity_check;"], capture_output=True, text=True)
+    script = (f".testctrl pending_byte {pending_byte}\n" if pending_byte else "") + "PRAGMA integrity_check;\n"
+    out = subprocess.run([cli, "-readonly", str(path)], input=script, capture_output=True, text=True)
     assert (out.returncode, out.stdout.strip(), out.stderr) == (0, "ok", "")
 
 
+def _sqlite_test_control():
+    """``sqlite3_test_control`` of the SQLite library Python's ``sqlite3`` runs on."""
+    import ctypes
+
+    import _sqlite3
+
+    try:
+        fn = ctypes.CDLL(_sqlite3.__file__).sqlite3_test_control
+    except AttributeError:
+        pytest.skip("this SQLite is built without sqlite3_test_control (SQLITE_UNTESTABLE)")
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@contextmanager
+def pending_byte(offset: int):
+    """SQLite's lock-byte offset moved from 1 GiB to ``offset``, in SQLite (this process's
+    library, through ``SQLITE_TESTCTRL_PENDING_BYTE``) and in the writer alike: the page
+    holding it, which no B-tree may use, then falls inside a database of a few hundred pages."""
+    control = _sqlite_test_control()
+    testctrl_pending_byte = 11
+    old = control(testctrl_pending_byte, ctypes_uint(offset))
+    saved = sp.PENDING_BYTE
+    try:
+        assert control(testctrl_pending_byte, ctypes_uint(0)) == offset  # 0 reads it back
+        sp.PENDING_BYTE = offset
+        yield
+    finally:
+        sp.PENDING_BYTE = saved
+        control(testctrl_pending_byte, ctypes_uint(old))
+
+
+def ctypes_uint(v: int):
+    import ctypes
+
+    return ctypes.c_uint(v)
+
+
 def check(path: Path, rows: list[tuple[str, str]], page_size: int, pages: int, cli: bool = False,
-          tmp: Path | None = None) -> None:
+          tmp: Path | None = None, pending: int | None = None) -> None:
     data = path.read_bytes()
     assert len(data) == pages * page_size
     head = data[:100]
@@ -110,7 +150,7 @@ def check(path: Path, rows: list[tuple[str, str]], page_size: int, pages: int, c
     oracle_path.unlink()
     con.close()
     if cli:
-        _cli_check(path)
+        _cli_check(path, pending)
 
 
 def _rows(n: int, seed: int, id_len=(3, 30), seq_len=(0, 400)) -> list[tuple[str, str]]:
@@ -194,6 +234,36 @@ def test_a_larger_table_three_levels_deep(tmp_path):
     assert got == rows
     con.close()
     _cli_check(db)
+
+
+def test_lock_byte_page_is_left_unused(tmp_path):
+    """Regression (issue 17, the 8 M-row benchmark): a file over 1 GiB holds SQLite's lock-byte
+    page (the one with byte 2**30), which SQLite never reads or links; a tree page there made
+    every lookup through it "database disk image is malformed". The lock byte moved to 1 MiB
+    puts that page (257 at 4096 bytes, 2049 at 512) inside a chunk's table leaves, its index
+    leaves, its overflow pages, at a chunk's first page, and among the final step's pages."""
+    rows = _rows(5000, 11, id_len=(3, 60), seq_len=(0, 900))
+    for page_size, cuts in [(4096, ()), (4096, (1000, 2400, 2401, 4000)), (512, (700, 3000))]:
+        with pending_byte(1 << 20):
+            lock = (1 << 20) // page_size + 1
+            chunks = [sp.Chunk(ids, seqs, 1, page_size) for ids, seqs in _chunks(rows, list(cuts))]
+            firsts = sp.plan_pages([c.layout for c in chunks])
+            assert any(f <= lock < f + c.layout.pages for f, c in zip(firsts, chunks))
+            db = tmp_path / f"lock-{page_size}-{len(cuts)}.db"
+            pages = build(db, rows, page_size, cuts=cuts)
+            assert pages > lock
+            check(db, rows, page_size, pages, cli=True, pending=1 << 20)
+    # the lock page as a chunk's first page, and among the final step's pages
+    rows = _rows(3000, 12, seq_len=(0, 40))
+    for lock_at in ("chunk", "final"):
+        probe = [sp.Chunk(ids, seqs, 1, 4096) for ids, seqs in _chunks(rows, [1000, 2000])]
+        firsts = sp.plan_pages([c.layout for c in probe])
+        lock = firsts[1] if lock_at == "chunk" else sp.chunk_pages_end([c.layout for c in probe]) + 1
+        with pending_byte((lock - 1) * 4096):
+            db = tmp_path / f"lock-{lock_at}.db"
+            pages = build(db, rows, 4096, cuts=(1000, 2000))
+            assert pages > lock
+            check(db, rows, 4096, pages, cli=True, pending=(lock - 1) * 4096)
 
 
 _ids = st.text(alphabet=ID_ALPHABET, min_size=1, max_size=1500)
