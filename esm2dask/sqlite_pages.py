@@ -24,7 +24,9 @@ to the final step so that chunks of any size (one row, or none) join without a s
 
 The file is one SQLite 3 itself could have written: rollback journal (``journal_mode=DELETE``,
 header bytes 18–19 = 1), UTF-8, schema format 4, empty freelist, the page count in the header
-valid, every page used once. Bytes differ from SQLite's own (pages are filled fuller); the
+valid, every page used once but the lock-byte page (the one holding byte 2**30, in a file over
+1 GiB), which SQLite never uses: the plan numbers pages without a gap, :func:`file_page` steps
+over it where a page is written or linked. Bytes differ from SQLite's own (pages are filled fuller); the
 tests hold it to SQLite's ``integrity_check`` and to a database SQLite builds from the same rows.
 """
 
