@@ -13,10 +13,11 @@ of cluster ``UniRef50_A0A009DWD5``, mapping line 3):
    the parts that hold rows ``hf/train/part-00000.parquet`` on) and,
    for ``train.db``, an Arrow run of ``(id, sequence)`` sorted by id and cut at the
    bucket splitters (id quantiles sampled from the mapping by :func:`sample_member_ids`).
-3. :func:`build_bucket_db` sorts one id range from every run into a small SQLite file;
-   :func:`merge_databases` copies them, in id order, into ``bionemo2/train.db`` inside
-   SQLite (``INSERT … SELECT`` from each attached bucket): the single writer runs no
-   Python per row, and every insert appends to the primary-key index.
+3. ``train.db`` is written page by page (:mod:`esm2dask.sqlite_pages`): :func:`layout_train_chunk`
+   sorts one id range from every run and counts the pages its rows fill; the driver gives
+   each range its page numbers; :func:`write_train_chunk` writes that range's pages into the
+   one database file; :func:`finish_train_db` adds the interior pages, the schema page and
+   the header. No process handles more than one id range's rows.
 4. :func:`write_train_clusters` streams ``train_clusters.parquet``, one row group per
    mapping range: the cluster's member ids as ``list<string>``.
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 import io
 import math
 import os
-import sqlite3
+import shutil
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -40,17 +41,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from . import npyfile, receipts, storage
+from . import npyfile, receipts, sqlite_pages, storage
 from .errors import ConfigError, Esm2DaskError
 from .layout import BIONEMO2_DIR, HF_DIR, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds, shard_name
 from .tasks import Slice, _write_ipc, read_slices
 
 #: The table BioNeMo 2 queries (``SELECT sequence FROM protein WHERE id = ?``).
-PROTEIN_DDL = "CREATE TABLE protein (id TEXT PRIMARY KEY, sequence TEXT)"
+PROTEIN_DDL = sqlite_pages.PROTEIN_DDL
 #: Rows per ``hf`` part at most: about 300 MB of UniRef90 sequence text.
 PART_ROWS = 1_000_000
-#: Rows per ``executemany`` call of a loading transaction.
-INSERT_BATCH_ROWS = 200_000
+#: Page size of the databases (chosen by measurement: benchmarks/results/formats.md).
+DB_PAGE_SIZE = sqlite_pages.DEFAULT_PAGE_SIZE
 #: Id samples per ``train.db`` bucket drawn for the splitters (the buckets come out
 #: within a few per cent of equal size).
 SAMPLES_PER_BUCKET = 64
@@ -110,8 +111,17 @@ class PartReceipt:
     bucket_bounds: list[int] = field(default_factory=list)
 
 
+@dataclass
+class TrainChunkReceipt:
+    """One ``train.db`` id range written: where its edges file is (and, on object storage,
+    its pages, uploaded for the final step to place)."""
+
+    edges_url: str
+    region_url: str = ""
+
+
 #: what ``--resume`` may read back of these stages (JSON data, see esm2dask.receipts)
-receipts.register(Written, PartReceipt)
+receipts.register(Written, PartReceipt, sqlite_pages.ChunkLayout, TrainChunkReceipt)
 
 
 # ----------------------------------------------------------------------------- files
@@ -201,47 +211,16 @@ def _write_parquet(url: str, table, storage_options: dict, row_group_rows: int |
 # ----------------------------------------------------------------------------- SQLite
 
 
-def _open_for_loading(path: str) -> sqlite3.Connection:
-    """A new database with the ``protein`` table, set up for bulk loading: no rollback
-    journal, no fsync (a failed load is thrown away whole, never repaired)."""
-    con = sqlite3.connect(path, isolation_level=None)
-    con.execute("PRAGMA journal_mode=OFF")
-    con.execute("PRAGMA synchronous=OFF")
-    con.execute(PROTEIN_DDL)
-    return con
-
-
-def _close_loaded(con: sqlite3.Connection) -> None:
-    """Leave the file in ``journal_mode=DELETE``: readable from read-only storage."""
-    mode = con.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
-    con.close()
-    if mode != "delete":
-        raise Esm2DaskError(f"SQLite kept journal_mode={mode!r}, expected 'delete'")
-
-
-def _insert_sorted(con: sqlite3.Connection, frame: pl.DataFrame) -> None:
-    """``frame`` (``id``, ``sequence``; sorted by id, ids distinct) in one transaction."""
-    con.execute("BEGIN")
-    for batch in frame.iter_slices(INSERT_BATCH_ROWS):
-        con.executemany(
-            "INSERT INTO protein (id, sequence) VALUES (?, ?)",
-            zip(batch["id"].to_list(), batch["sequence"].to_list()),
-        )
-    con.execute("COMMIT")
-
-
 def _sorted_distinct(frame: pl.DataFrame) -> pl.DataFrame:
     """Sorted by id (bytewise, as SQLite's BINARY collation); of a repeated id the first row."""
     return frame.sort("id", maintain_order=True).unique("id", keep="first", maintain_order=True)
 
 
 def _write_db(url: str, frame: pl.DataFrame, storage_options: dict) -> int:
+    """``frame`` (``id``, ``sequence``; sorted, distinct) as a database, in this process."""
+    table = frame.to_arrow()
     with _local_target(url, storage_options) as path:
-        con = _open_for_loading(path)
-        _insert_sorted(con, frame)
-        _close_loaded(con)
-        size = os.path.getsize(path)
-    return size
+        return sqlite_pages.write_database(path, table["id"], table["sequence"], DB_PAGE_SIZE)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -315,33 +294,83 @@ def sample_member_ids(members_url: str, n_members: int, n_samples: int, seed: in
     return ids.gather(np.sort(rows)).to_list()
 
 
-def build_bucket_db(slices: list[Slice], db_url: str, storage_options: dict) -> int:
-    """One id range of every sorted run → a small ``protein`` database in id order."""
+def _chunk_rows(slices: list[Slice], storage_options: dict):
+    """One id range of every sorted run, as one Arrow table of ``id``, ``sequence``."""
+    import pyarrow as pa
+
     frame = read_slices(slices, storage_options)
     if frame is None:
-        frame = pl.DataFrame(schema={"id": pl.String, "sequence": pl.String})
-    frame = _sorted_distinct(frame)
-    _write_db(db_url, frame, storage_options)
-    return len(frame)
+        return pa.table({"id": pa.array([], pa.string()), "sequence": pa.array([], pa.string())})
+    return frame.to_arrow()
 
 
-def merge_databases(db_urls: list[str], out_url: str, storage_options: dict) -> Written:
-    """The bucket databases, in id order, into one: each copied by SQLite itself in one
-    transaction (``INSERT … SELECT`` from the attached file, in its rowid = id order)."""
-    rows = 0
+def _id_order(table) -> np.ndarray:
+    """Of each id's first row, in id order (bytewise), its row number: the rows sorted and distinct."""
+    frame = pl.from_arrow(table.select(["id"]))
+    return (frame.with_row_index("row").sort("id", maintain_order=True)
+            .unique("id", keep="first", maintain_order=True)["row"].to_numpy().astype(np.int64))
+
+
+def layout_train_chunk(slices: list[Slice], first_rowid: int, order_url: str, page_size: int,
+                       storage_options: dict) -> sqlite_pages.ChunkLayout:
+    """Sort one id range and count the ``train.db`` pages its rows fill; keep the order."""
+    table = _chunk_rows(slices, storage_options)
+    order = _id_order(table)
+    with _local_target(order_url, storage_options) as path:
+        with open(path, "wb") as f:
+            np.save(f, order, allow_pickle=False)
+    import pyarrow.compute as pc
+
+    lengths = pc.binary_length(table["sequence"]).to_numpy().astype(np.int64)
+    return sqlite_pages.layout_rows(table["id"].take(order), lengths[order], first_rowid, page_size)
+
+
+def write_train_chunk(slices: list[Slice], order_url: str, first_rowid: int, first_page: int, db_url: str,
+                      edges_url: str, region_url: str, page_size: int, storage_options: dict) -> TrainChunkReceipt:
+    """One id range's pages into the database file at their place (``pwrite``); on object
+    storage into a file of their own, uploaded to ``region_url``. The edges go to ``edges_url``."""
+    table = _chunk_rows(slices, storage_options)
+    with _local_source(order_url, storage_options) as path:
+        order = np.load(path, allow_pickle=False)
+    chunk = sqlite_pages.Chunk(table["id"].take(order), table["sequence"].take(order), first_rowid, page_size)
+    if storage.is_local(db_url):
+        os.makedirs(os.path.dirname(storage.local_path(db_url)), exist_ok=True)
+        edges = chunk.write(storage.local_path(db_url), first_page)
+    else:
+        with _local_target(region_url, storage_options) as path:
+            edges = chunk.write(path, first_page, file_offset=0)
+    with _local_target(edges_url, storage_options) as path:
+        edges.save(path)
+    return TrainChunkReceipt(edges_url, "" if storage.is_local(db_url) else region_url)
+
+
+def finish_train_db(chunks: list[TrainChunkReceipt], layouts: list[sqlite_pages.ChunkLayout], pages_url: str,
+                    out_url: str, page_size: int, storage_options: dict) -> Written:
+    """The interior pages, page 1 and the header into the pages file, then ``train.db`` in
+    place. On object storage the ranges' pages are placed into a local file first, which is
+    uploaded (see benchmarks/results/formats.md for what that costs)."""
+    edges = []
+    for c in chunks:
+        with _local_source(c.edges_url, storage_options) as path:
+            edges.append(sqlite_pages.ChunkEdges.load(path))
+    next_page = sqlite_pages.chunk_pages_end(layouts)
+    rows = sum(lay.rows for lay in layouts)
+    if storage.is_local(out_url):
+        path, final = storage.local_path(pages_url), storage.local_path(out_url)
+        if not os.path.exists(path) and os.path.exists(final):  # placed by an interrupted attempt
+            path = final
+        sqlite_pages.finish_database(path, edges, next_page, page_size)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.replace(path, final)
+        return Written(out_url, rows, os.path.getsize(final))
     with _local_target(out_url, storage_options) as path:
-        con = _open_for_loading(path)
-        for url in db_urls:
-            with _local_source(url, storage_options) as src:
-                con.execute("ATTACH DATABASE ? AS bucket", (src,))
-                con.execute("BEGIN")
-                cursor = con.execute(
-                    "INSERT INTO protein (id, sequence) SELECT id, sequence FROM bucket.protein ORDER BY rowid"
-                )
-                rows += cursor.rowcount
-                con.execute("COMMIT")
-                con.execute("DETACH DATABASE bucket")
-        _close_loaded(con)
+        with open(path, "wb") as f:
+            for c, e in zip(chunks, edges):
+                fs, src = storage.get_fs(c.region_url, storage_options)
+                f.seek((sqlite_pages.file_page(e.first_page, page_size) - 1) * page_size)
+                with fs.open(src, "rb") as r:
+                    shutil.copyfileobj(r, f, 16 << 20)
+        sqlite_pages.finish_database(path, edges, next_page, page_size)
         size = os.path.getsize(path)
     return Written(out_url, rows, size)
 
@@ -584,19 +613,38 @@ class _Derivation:
         if want_hf:
             self._record(out, self._name_train_parts([p.hf for p in parts]), f"{HF_DIR}/train")
         if want_db:
-            buckets = [storage.join(self.scratch, "buckets", f"{b:05d}.db") for b in range(len(self.splitters) + 1)]
-            self.run._run("bionemo2-bucket-db", build_bucket_db, [
-                ([Slice(p.run_url, p.bucket_bounds[b], p.bucket_bounds[b + 1]) for p in parts], url, self.so)
-                for b, url in enumerate(buckets)
-            ])
-            self._remove(storage.join(self.scratch, "runs"))
-            (train_db,) = self.run._run("bionemo2-train-db", merge_databases, [
-                (buckets, storage.join(self.tree, BIONEMO2_DIR, "train.db"), self.so)
-            ])
-            self._remove(storage.join(self.scratch, "buckets"))
-            self._record(out, [train_db])
+            self._record(out, [self._train_db(parts)])
         for stage, handles, collect in self.pending:
             collect(self.run._wait(stage, handles))
+
+    def _train_db(self, parts: list[PartReceipt]) -> Written:
+        """``train.db`` from the sorted runs, one id range per task (esm2dask.sqlite_pages).
+        Rowids follow id order; each range's first is 1 + the rows of the ranges before it
+        (counted before repeated ids are dropped, so a repeat leaves a gap, never a clash)."""
+        n = len(self.splitters) + 1
+        slices = [[Slice(p.run_url, p.bucket_bounds[b], p.bucket_bounds[b + 1]) for p in parts] for b in range(n)]
+        counts = [sum(s.hi - s.lo for s in ss) for ss in slices]
+        first_rowids = (1 + np.concatenate(([0], np.cumsum(counts)[:-1]))).astype(int).tolist()
+        scratch = storage.join(self.scratch, "train-db")
+        order = [storage.join(scratch, "order", f"{b:05d}.npy") for b in range(n)]
+        layouts = self.run._run("bionemo2-train-layout", layout_train_chunk, [
+            (slices[b], first_rowids[b], order[b], DB_PAGE_SIZE, self.so) for b in range(n)
+        ])
+        firsts = sqlite_pages.plan_pages(layouts)
+        pages_url = storage.join(scratch, "train.db.pages")
+        out_url = storage.join(self.tree, BIONEMO2_DIR, "train.db")
+        chunks = self.run._run("bionemo2-train-pages", write_train_chunk, [
+            (slices[b], order[b], first_rowids[b], firsts[b], pages_url,
+             storage.join(scratch, "edges", f"{b:05d}.npz"), storage.join(scratch, "regions", f"{b:05d}.pages"),
+             DB_PAGE_SIZE, self.so)
+            for b in range(n)
+        ])
+        self._remove(storage.join(self.scratch, "runs"))
+        (train_db,) = self.run._run("bionemo2-train-db", finish_train_db, [
+            (chunks, layouts, pages_url, out_url, DB_PAGE_SIZE, self.so)
+        ])
+        self._remove(scratch)
+        return train_db
 
     def _name_train_parts(self, written: list[Written]) -> list[Written]:
         """Move the parts that have rows to ``hf/train/part-00000.parquet`` on (with

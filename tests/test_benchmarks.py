@@ -92,3 +92,16 @@ def test_report_smoke(bench):
     report.main(["--clusters", "300", "--workers", "1", "--repeats", "1", "--format", "esm2nv,hf"])
     table = (bench / "report.md").read_text()
     assert "| report | esm2nv |" in table and "| report | hf |" in table and "Study run time:" in table
+
+
+def test_train_db_smoke(bench, monkeypatch, tmp_path):
+    from benchmarks import formats
+
+    monkeypatch.setattr(formats, "RESULTS", bench)
+    formats.main(["--train-db", "--train-db-rows", "3000", "--workers", "1", "--page-sizes", "4096,65536",
+                  "--scratch", str(tmp_path)])
+    table = (bench / "train_db.md").read_text()
+    assert "| page writer: layout → pages (`pwrite`) → final step | 65536 |" in table
+    assert "today: bucket databases" in table and "Projection" in table and "integrity_check` of the 65536-byte database: ok" in table
+    assert "integrity_check` of the 4096-byte database: ok" in table
+    assert (bench / "train_db.png").stat().st_size > 0

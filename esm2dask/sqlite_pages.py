@@ -1,0 +1,796 @@
+"""SQLite database files for ``protein (id TEXT PRIMARY KEY, sequence TEXT)``, written page by page.
+
+BioNeMo 2 reads ``train.db`` as ``SELECT sequence FROM protein WHERE id = ?``. The file holds two
+B-trees (sqlite.org, "Database File Format"): the table keyed by rowid, and the primary key's
+``sqlite_autoindex_protein_1`` keyed by ``(id, rowid)``. From rows sorted by id, with rowid
+ascending in id order, both can be built bottom-up and in parallel:
+
+1. Each worker sorts its id range (a *chunk*) and lays it out (:func:`layout_rows`): how many
+   table leaves, index leaves and overflow pages its rows fill. Nothing is written yet.
+2. The driver gives every chunk a contiguous run of page numbers (:func:`plan_pages`, pure).
+3. Each worker writes its pages there (:func:`write_chunk`, one ``pwrite``): table leaves, the
+   index leaves between its first and last, overflow pages. It hands back, in a small file
+   (:class:`ChunkEdges`), what the tree above needs: each table leaf's largest rowid, and the
+   index cells it did not place (its first and last index leaf, and the divider cells between
+   its leaves).
+4. One small final step (:func:`finish_database`) packs the index cells at the seams between
+   chunks into leaves, builds the interior pages of both trees, page 1 (the schema table with
+   both entries and their root pages) and the 100-byte header. It reads O(chunks + leaves)
+   bytes, no row.
+
+An index B-tree keeps each entry once, interior entries included, so between two neighbouring
+leaves one entry (the *divider*) moves up a level; a chunk's first and last index leaf are left
+to the final step so that chunks of any size (one row, or none) join without a special case.
+
+The file is one SQLite 3 itself could have written: rollback journal (``journal_mode=DELETE``,
+header bytes 18–19 = 1), UTF-8, schema format 4, empty freelist, the page count in the header
+valid, every page used once but the lock-byte page (the one holding byte 2**30, in a file over
+1 GiB), which SQLite never uses: the plan numbers pages without a gap, :func:`file_page` steps
+over it where a page is written or linked. Bytes differ from SQLite's own (pages are filled fuller); the
+tests hold it to SQLite's ``integrity_check`` and to a database SQLite builds from the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+#: The table BioNeMo 2 queries, byte for byte as SQLite stores it in ``sqlite_schema``.
+PROTEIN_DDL = "CREATE TABLE protein (id TEXT PRIMARY KEY, sequence TEXT)"
+INDEX_NAME = "sqlite_autoindex_protein_1"
+#: Page size chosen by measurement (benchmarks/results/sqlite_pages.md).
+DEFAULT_PAGE_SIZE = 65536
+PAGE_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+#: ``SQLITE_VERSION_NUMBER`` written at header offset 96: SQLite 3.40.1, the oldest this
+#: module's output is tested against (a fixed value: the same rows give the same bytes).
+SQLITE_VERSION_NUMBER = 3040001
+#: SQLite's lock byte: the page that holds this offset (page ``PENDING_BYTE // page_size + 1``,
+#: the *lock-byte page*) is never a B-tree or freelist page; SQLite refuses to read it. A file
+#: over 1 GiB leaves it unused. (SQLite's own tests move it; so do ours.)
+PENDING_BYTE = 0x40000000
+
+_LEAF_TABLE, _INTERIOR_TABLE, _LEAF_INDEX, _INTERIOR_INDEX = 0x0D, 0x05, 0x0A, 0x02
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _varint_len(v):
+    if v < 0 or v >= (1 << 56):
+        return 9
+    n = 1
+    while v >= 128:
+        v >>= 7
+        n += 1
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put_varint(buf, pos, v):
+    """SQLite's varint at ``buf[pos:]``: big-endian 7-bit groups, high bit = more follows
+    (a 9th byte, when needed, carries 8 bits). Returns the position after it."""
+    if v < 0 or v >= (1 << 56):
+        buf[pos + 8] = v & 0xFF
+        v >>= 8
+        for k in range(7, -1, -1):
+            buf[pos + k] = (v & 0x7F) | 0x80
+            v >>= 7
+        return pos + 9
+    n = _varint_len(v)
+    for k in range(n - 1, -1, -1):
+        b = v & 0x7F
+        if k != n - 1:
+            b |= 0x80
+        buf[pos + k] = b
+        v >>= 7
+    return pos + n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _int_serial_type(v):
+    """The serial type SQLite gives an integer (schema format 4: 0 and 1 take no bytes)."""
+    if v == 0:
+        return 8
+    if v == 1:
+        return 9
+    if -128 <= v <= 127:
+        return 1
+    if -32768 <= v <= 32767:
+        return 2
+    if -8388608 <= v <= 8388607:
+        return 3
+    if -2147483648 <= v <= 2147483647:
+        return 4
+    if -140737488355328 <= v <= 140737488355327:
+        return 5
+    return 6
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _int_body_len(st):
+    if st <= 4:
+        return st
+    if st == 5:
+        return 6
+    if st == 6:
+        return 8
+    return 0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _local_size(p, u, index):
+    """Bytes of a payload of ``p`` bytes kept on its B-tree page (the rest overflows)."""
+    max_local = (u - 12) * 64 // 255 - 23 if index else u - 35
+    if p <= max_local:
+        return p
+    min_local = (u - 12) * 32 // 255 - 23
+    k = min_local + (p - min_local) % (u - 4)
+    return k if k <= max_local else min_local
+
+
+@njit(nogil=True, cache=True)
+def _sizes(id_off, seq_off, first_rowid, u):
+    """Per row: table cell bytes on the page, its overflow pages; the same for the index cell."""
+    n = len(id_off) - 1
+    table_cell = np.empty(n, np.int64)
+    table_ovfl = np.empty(n, np.int64)
+    index_cell = np.empty(n, np.int64)
+    index_ovfl = np.empty(n, np.int64)
+    for i in range(n):
+        id_len = id_off[i + 1] - id_off[i]
+        seq_len = seq_off[i + 1] - seq_off[i]
+        rowid = first_rowid + i
+        st_id = 13 + 2 * id_len
+        st_seq = 13 + 2 * seq_len
+        h = 1 + _varint_len(st_id) + _varint_len(st_seq)
+        p = h + id_len + seq_len
+        local = _local_size(p, u, False)
+        table_cell[i] = _varint_len(p) + _varint_len(rowid) + local + (4 if local < p else 0)
+        table_ovfl[i] = (p - local + u - 5) // (u - 4)
+        st_row = _int_serial_type(rowid)
+        h = 1 + _varint_len(st_id) + 1
+        p = h + id_len + _int_body_len(st_row)
+        local = _local_size(p, u, True)
+        index_cell[i] = _varint_len(p) + local + (4 if local < p else 0)
+        index_ovfl[i] = (p - local + u - 5) // (u - 4)
+    return table_cell, table_ovfl, index_cell, index_ovfl
+
+
+@njit(nogil=True, cache=True)
+def _pack_table(cell, u):
+    """Where each table leaf's rows end: as many cells as fit (8-byte header, 2 per pointer)."""
+    n = len(cell)
+    ends = np.empty(max(n, 1), np.int64)
+    m = 0
+    used = 8
+    for i in range(n):
+        need = cell[i] + 2
+        if used + need > u and used > 8:
+            ends[m] = i
+            m += 1
+            used = 8
+        used += need
+    if n:
+        ends[m] = n
+        m += 1
+    return ends[:m]
+
+
+@njit(nogil=True, cache=True)
+def _pack_index(cell, u):
+    """Index leaves as ``[start, end)`` row ranges; the row after each leaf but the last is
+    the divider that moves up a level. A leaf takes as many cells as fit, except that a lone
+    last row (no row after it to divide) takes the leaf's last row as its divider."""
+    n = len(cell)
+    starts = np.empty(max(n, 1), np.int64)
+    ends = np.empty(max(n, 1), np.int64)
+    m = 0
+    i = 0
+    while i < n:
+        start = i
+        used = 8
+        while i < n and (used + cell[i] + 2 <= u or i == start):
+            used += cell[i] + 2
+            i += 1
+        if i == n - 1 and i - start >= 2:
+            i -= 1
+        starts[m] = start
+        ends[m] = i
+        m += 1
+        if i < n:
+            i += 1  # the divider
+    return starts[:m], ends[:m]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy_record(dst, dpos, hdr, hlen, data1, a1, n1, data2, a2, n2, start, length):
+    """Bytes ``[start, start + length)`` of the record ``hdr[:hlen] + data1[a1:a1+n1] +
+    data2[a2:a2+n2]`` to ``dst[dpos:]``."""
+    end = start + length
+    s, e = start, min(end, hlen)
+    if e > s:
+        dst[dpos : dpos + e - s] = hdr[s:e]
+        dpos += e - s
+    s, e = max(start, hlen), min(end, hlen + n1)
+    if e > s:
+        dst[dpos : dpos + e - s] = data1[a1 + s - hlen : a1 + e - hlen]
+        dpos += e - s
+    s, e = max(start, hlen + n1), min(end, hlen + n1 + n2)
+    if e > s:
+        dst[dpos : dpos + e - s] = data2[a2 + s - hlen - n1 : a2 + e - hlen - n1]
+        dpos += e - s
+    return dpos
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put_u32(buf, pos, v):
+    buf[pos] = (v >> 24) & 0xFF
+    buf[pos + 1] = (v >> 16) & 0xFF
+    buf[pos + 2] = (v >> 8) & 0xFF
+    buf[pos + 3] = v & 0xFF
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _put_u16(buf, pos, v):
+    buf[pos] = (v >> 8) & 0xFF
+    buf[pos + 1] = v & 0xFF
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _slot(k, hole):
+    """Where a chunk's ``k``-th page lies in its region: one further on from the region's
+    lock-byte page (``hole``; -1 when the region holds none), which stays blank."""
+    return k + 1 if 0 <= hole <= k else k
+
+
+@njit(nogil=True, cache=True)
+def _write_cell(dst, dpos, region, page_base, hole, next_ovfl, u, index, hdr, hlen, d1, a1, n1, d2, a2, n2,
+                rowid, p):
+    """One cell at ``dst[dpos:]`` (``varint(p)``, the rowid for a table cell, the local part,
+    the first overflow page), its overflow pages into ``region`` from the chunk's page
+    ``next_ovfl`` on (page number ``page_base + _slot(next_ovfl, hole)``). Returns (end, next_ovfl)."""
+    local = _local_size(p, u, index)
+    dpos = _put_varint(dst, dpos, p)
+    if not index:
+        dpos = _put_varint(dst, dpos, rowid)
+    dpos = _copy_record(dst, dpos, hdr, hlen, d1, a1, n1, d2, a2, n2, 0, local)
+    if local < p:
+        _put_u32(dst, dpos, page_base + _slot(next_ovfl, hole))
+        dpos += 4
+        done = local
+        while done < p:
+            take = min(u - 4, p - done)
+            base = _slot(next_ovfl, hole) * u
+            nxt = page_base + _slot(next_ovfl + 1, hole) if done + take < p else 0
+            _put_u32(region, base, nxt)
+            _copy_record(region, base + 4, hdr, hlen, d1, a1, n1, d2, a2, n2, done, take)
+            done += take
+            next_ovfl += 1
+    return dpos, next_ovfl
+
+
+@njit(nogil=True, cache=True)
+def _table_hdr(hdr, id_len, seq_len):
+    pos = _put_varint(hdr, 1, 13 + 2 * id_len)
+    pos = _put_varint(hdr, pos, 13 + 2 * seq_len)
+    hdr[0] = pos
+    return pos
+
+
+@njit(nogil=True, cache=True)
+def _index_hdr(hdr, rowbody, id_len, rowid):
+    st = _int_serial_type(rowid)
+    pos = _put_varint(hdr, 1, 13 + 2 * id_len)
+    hdr[pos] = st
+    pos += 1
+    hdr[0] = pos
+    nb = _int_body_len(st)
+    for k in range(nb):
+        rowbody[k] = (rowid >> (8 * (nb - 1 - k))) & 0xFF
+    return pos, nb
+
+
+@njit(nogil=True, cache=True)
+def _write_region(region, first_page, hole, u, id_off, id_data, seq_off, seq_data, first_rowid,
+                  table_cell, table_ends, index_cell, index_starts, index_ends, n_overflow_first,
+                  loose, loose_sizes):
+    """Every page of one chunk into ``region`` (table leaves, the index leaves between its
+    first and last, overflow pages; file page ``first_page`` first, the lock-byte page at
+    ``hole`` skipped), and the index cells left to the final step, their
+    bodies one after another, into ``loose`` (sizes into ``loose_sizes``)."""
+    n = len(id_off) - 1
+    hdr = np.zeros(32, np.uint8)
+    rowbody = np.zeros(8, np.uint8)
+    next_ovfl = n_overflow_first
+    # table leaves
+    row = 0
+    for leaf in range(len(table_ends)):
+        base = _slot(leaf, hole) * u
+        end = table_ends[leaf]
+        ncell = end - row
+        region[base] = 0x0D
+        _put_u16(region, base + 3, ncell)
+        top = base + u
+        k = 0
+        while row < end:
+            id_len = id_off[row + 1] - id_off[row]
+            seq_len = seq_off[row + 1] - seq_off[row]
+            hlen = _table_hdr(hdr, id_len, seq_len)
+            top -= table_cell[row]
+            _, next_ovfl = _write_cell(region, top, region, first_page, hole, next_ovfl, u, False, hdr, hlen,
+                                       id_data, id_off[row], id_len, seq_data, seq_off[row], seq_len,
+                                       first_rowid + row, hlen + id_len + seq_len)
+            _put_u16(region, base + 8 + 2 * k, top - base)
+            k += 1
+            row += 1
+        _put_u16(region, base + 5, (top - base) & 0xFFFF)
+    # index: leaves 1 … m-2 on pages; leaf 0, leaf m-1 and the dividers as loose cells
+    m = len(index_starts)
+    n_table = len(table_ends)
+    loose_pos = 0
+    n_loose = 0
+    for leaf in range(m):
+        on_page = 0 < leaf < m - 1
+        base = _slot(n_table + leaf - 1, hole) * u
+        if on_page:
+            region[base] = 0x0A
+            _put_u16(region, base + 3, index_ends[leaf] - index_starts[leaf])
+        top = base + u
+        last = index_ends[leaf] + (1 if leaf < m - 1 else 0)  # and the divider after it
+        k = 0
+        for i in range(index_starts[leaf], last):
+            id_len = id_off[i + 1] - id_off[i]
+            hlen, nb = _index_hdr(hdr, rowbody, id_len, first_rowid + i)
+            p = hlen + id_len + nb
+            if on_page and i < index_ends[leaf]:
+                top -= index_cell[i]
+                _, next_ovfl = _write_cell(region, top, region, first_page, hole, next_ovfl, u, True, hdr, hlen,
+                                           id_data, id_off[i], id_len, rowbody, 0, nb, 0, p)
+                _put_u16(region, base + 8 + 2 * k, top - base)
+                k += 1
+            else:
+                end, next_ovfl = _write_cell(loose, loose_pos, region, first_page, hole, next_ovfl, u, True, hdr,
+                                             hlen, id_data, id_off[i], id_len, rowbody, 0, nb, 0, p)
+                loose_sizes[n_loose] = end - loose_pos
+                loose_pos = end
+                n_loose += 1
+        if on_page:
+            _put_u16(region, base + 5, (top - base) & 0xFFFF)
+    return next_ovfl, loose_pos
+
+
+# ----------------------------------------------------------------------------- one chunk
+
+
+@dataclass
+class ChunkLayout:
+    """What one chunk's rows fill (from :func:`layout_rows`): pages by kind."""
+
+    rows: int
+    table_leaves: int
+    index_leaves: int
+    overflow_pages: int
+
+    @property
+    def pages(self) -> int:
+        """Pages the chunk writes itself: its index leaves but the first and the last."""
+        return self.table_leaves + max(0, self.index_leaves - 2) + self.overflow_pages
+
+
+@dataclass
+class ChunkEdges:
+    """What the final step needs of one written chunk (small: O(leaves), never a row).
+
+    ``table_max_rowid[j]`` is the largest rowid of the chunk's table leaf ``j`` (page
+    ``first_page + j``). The index leaves are ``index_leaves``; their loose cells (bodies
+    without a child pointer) are, in order: leaf 0's cells, then for each further leaf the
+    divider before it and, for the last leaf only, its cells; ``index_head_cells`` and
+    ``index_tail_cells`` count the cells of leaf 0 and of the last leaf (when it is not leaf 0).
+    """
+
+    first_page: int
+    table_max_rowid: np.ndarray
+    index_leaves: int
+    index_head_cells: int
+    index_tail_cells: int
+    loose: bytes
+    loose_sizes: np.ndarray
+
+    def save(self, path: str) -> None:
+        """As ``.npz`` of plain arrays (read back with ``allow_pickle=False``)."""
+        with open(path, "wb") as f:
+            np.savez(f, first_page=self.first_page, table_max_rowid=self.table_max_rowid,
+                     index=np.array([self.index_leaves, self.index_head_cells, self.index_tail_cells]),
+                     loose=np.frombuffer(self.loose, np.uint8), loose_sizes=self.loose_sizes)
+
+    @classmethod
+    def load(cls, path: str) -> "ChunkEdges":
+        with np.load(path, allow_pickle=False) as z:
+            leaves, head, tail = (int(x) for x in z["index"])
+            return cls(int(z["first_page"]), z["table_max_rowid"], leaves, head, tail,
+                       z["loose"].tobytes(), z["loose_sizes"])
+
+
+def _buffers(strings) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (int64, from 0) and bytes (uint8) of a pyarrow string array."""
+    import pyarrow as pa
+
+    arr = strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
+    if arr.null_count:
+        raise ValueError("a null string cannot be stored")
+    arr = arr.cast(pa.large_string())
+    _, offsets, data = arr.buffers()
+    off = np.frombuffer(offsets, np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data_np = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return off - off[0], data_np[off[0] : off[-1]] if len(off) else data_np[:0]
+
+
+class Chunk:
+    """One chunk's rows (``ids`` sorted bytewise and distinct, as pyarrow string arrays)
+    and the rowid of its first row; its layout is computed on creation."""
+
+    def __init__(self, ids, sequences, first_rowid: int, page_size: int = DEFAULT_PAGE_SIZE):
+        if page_size not in PAGE_SIZES:
+            raise ValueError(f"page size {page_size} is not a power of two from 512 to 65536")
+        self.u, self.first_rowid = page_size, int(first_rowid)
+        self.id_off, self.id_data = _buffers(ids)
+        self.seq_off, self.seq_data = _buffers(sequences)
+        if len(self.id_off) != len(self.seq_off):
+            raise ValueError("ids and sequences differ in length")
+        self.table_cell, self.index_cell, self.table_ends, self.index_starts, self.index_ends, self.layout = \
+            _layout(self.id_off, self.seq_off, self.first_rowid, self.u)
+
+    def write(self, path: str, first_page: int, file_offset: int | None = None) -> ChunkEdges:
+        """Its pages into the file at ``path`` (at page ``first_page``'s place, or at
+        ``file_offset``), one ``pwrite``; returns its :class:`ChunkEdges`. ``first_page`` is
+        the chunk's number in the plan (:func:`plan_pages`); a region that spans the lock-byte
+        page holds it blank."""
+        lay, u = self.layout, self.u
+        first_file = file_page(first_page, u)
+        lock = lock_page(u)
+        hole = lock - first_file if first_file < lock < first_file + lay.pages else -1
+        region = np.zeros((lay.pages + (hole >= 0)) * u, np.uint8)
+        n_index_pages = max(0, lay.index_leaves - 2)
+        head_cells = tail_cells = 0
+        loose_rows = np.zeros(lay.rows, bool)  # the index cells the final step places
+        if lay.rows:
+            head_cells = int(self.index_ends[0] - self.index_starts[0])
+            loose_rows[self.index_starts[0] : self.index_ends[0]] = True
+            loose_rows[self.index_ends[:-1]] = True
+            if lay.index_leaves > 1:
+                tail_cells = int(self.index_ends[-1] - self.index_starts[-1])
+                loose_rows[self.index_starts[-1] : self.index_ends[-1]] = True
+        loose = np.zeros(int(self.index_cell[loose_rows].sum()), np.uint8)
+        n_loose = int(loose_rows.sum())
+        loose_sizes = np.zeros(n_loose, np.int64)
+        next_ovfl, used = _write_region(
+            region, first_file, hole, u, self.id_off, self.id_data, self.seq_off, self.seq_data, self.first_rowid,
+            self.table_cell, self.table_ends, self.index_cell, self.index_starts, self.index_ends,
+            lay.table_leaves + n_index_pages, loose, loose_sizes)
+        if next_ovfl != lay.pages:
+            raise AssertionError(f"internal: chunk wrote {next_ovfl} pages, laid out {lay.pages}")
+        offset = (first_file - 1) * u if file_offset is None else file_offset
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            _pwrite_all(fd, region, offset)
+        finally:
+            os.close(fd)
+        max_rowid = self.first_rowid + self.table_ends - 1
+        return ChunkEdges(first_page, max_rowid.astype(np.int64), lay.index_leaves, head_cells, tail_cells,
+                          loose[:used].tobytes(), loose_sizes)
+
+
+def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
+
+
+def _layout(id_off, seq_off, first_rowid: int, u: int):
+    table_cell, table_ovfl, index_cell, index_ovfl = _sizes(id_off, seq_off, first_rowid, u)
+    table_ends = _pack_table(table_cell, u)
+    index_starts, index_ends = _pack_index(index_cell, u)
+    layout = ChunkLayout(len(id_off) - 1, len(table_ends), len(index_starts), int(table_ovfl.sum() + index_ovfl.sum()))
+    return table_cell, index_cell, table_ends, index_starts, index_ends, layout
+
+
+def layout_rows(ids, sequence_lengths, first_rowid: int, page_size: int = DEFAULT_PAGE_SIZE) -> ChunkLayout:
+    """The pages one chunk's rows fill, from its ids (sorted, distinct; pyarrow strings) and
+    the byte length of each sequence: what :class:`Chunk` lays out, without the sequences."""
+    id_off, _ = _buffers(ids)
+    seq_off = np.concatenate(([0], np.cumsum(np.asarray(sequence_lengths, np.int64))))
+    return _layout(id_off, seq_off, int(first_rowid), page_size)[-1]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan_pages(layouts: list[ChunkLayout]) -> list[int]:
+    """Each chunk's first page: page 1 is the schema, the chunks follow in order, each its
+    table leaves, its index leaves, its overflow pages; the final step's pages come last.
+
+    >>> plan_pages([ChunkLayout(10, 2, 1, 0), ChunkLayout(0, 0, 0, 0), ChunkLayout(5, 1, 3, 2)])
+    [2, 4, 4]
+    """
+    firsts, page = [], 2
+    for lay in layouts:
+        firsts.append(page)
+        page += lay.pages
+    return firsts
+
+
+def chunk_pages_end(layouts: list[ChunkLayout]) -> int:
+    """The first page after every chunk's pages."""
+    return 2 + sum(lay.pages for lay in layouts)
+
+
+def lock_page(u: int) -> int:
+    """The lock-byte page of a database of ``u``-byte pages (SQLite's ``PENDING_BYTE_PAGE``).
+
+    >>> lock_page(4096), lock_page(65536)
+    (262145, 16385)
+    """
+    return PENDING_BYTE // u + 1
+
+
+def file_page(plan_page: int, u: int) -> int:
+    """Where page ``plan_page`` of the plan lies in the file: the plan numbers every page the
+    writer makes without a gap; the file has the lock-byte page among them, unused.
+
+    >>> [file_page(p, 65536) for p in (1, 16384, 16385, 16386)]
+    [1, 16384, 16386, 16387]
+    """
+    return plan_page + 1 if plan_page >= lock_page(u) else plan_page
+
+
+# ----------------------------------------------------------------------------- the final step
+
+
+def _varint(v: int) -> bytes:
+    buf = np.zeros(9, np.uint8)
+    return buf[: _put_varint(buf, 0, v)].tobytes()
+
+
+def _leaf_page(kind: int, cells: list[bytes], u: int, header_at: int = 0) -> bytearray:
+    page = bytearray(u)
+    top = u
+    pointers = []
+    for c in cells:
+        top -= len(c)
+        page[top : top + len(c)] = c
+        pointers.append(top)
+    page[header_at] = kind
+    struct.pack_into(">HHHB", page, header_at + 1, 0, len(cells), top & 0xFFFF, 0)
+    for k, p in enumerate(pointers):
+        struct.pack_into(">H", page, header_at + 8 + 2 * k, p)
+    if header_at + 8 + 2 * len(cells) > top:
+        raise AssertionError("internal: cells overfill a page")
+    return page
+
+
+def _interior_page(kind: int, cells: list[bytes], right: int, u: int) -> bytearray:
+    """``cells`` (each its child's file page first) over ``right`` (a file page)."""
+    page = bytearray(u)
+    top = u
+    pointers = []
+    for c in cells:
+        top -= len(c)
+        page[top : top + len(c)] = c
+        pointers.append(top)
+    struct.pack_into(">BHHHBI", page, 0, kind, 0, len(cells), top & 0xFFFF, 0, right)
+    for k, p in enumerate(pointers):
+        struct.pack_into(">H", page, 12 + 2 * k, p)
+    if 12 + 2 * len(cells) > top:
+        raise AssertionError("internal: cells overfill a page")
+    return page
+
+
+def _index_groups(sizes: list[int], capacity: int) -> list[tuple[int, int]]:
+    """:func:`_pack_index` for a few cells in Python: ``[a, b)`` leaves, the cell after each
+    leaf but the last its divider."""
+    out, i, n = [], 0, len(sizes)
+    while i < n:
+        a, used = i, 0
+        while i < n and (used + sizes[i] + 2 <= capacity or i == a):
+            used += sizes[i] + 2
+            i += 1
+        if i == n - 1 and i - a >= 2:
+            i -= 1
+        out.append((a, i))
+        i += 1
+    return out
+
+
+class _Pages:
+    """Pages the final step adds, numbered from ``next_page`` on, kept until written."""
+
+    def __init__(self, next_page: int, u: int):
+        self.next, self.u, self.pages = next_page, u, {}
+
+    def add(self, page: bytearray) -> int:
+        self.pages[self.next] = page
+        self.next += 1
+        return self.next - 1
+
+
+def _index_leaves(seam: list[bytes], pages: _Pages) -> tuple[list[int], list[bytes]]:
+    """Loose index cells of a seam packed into leaves: their page numbers and the dividers
+    between them."""
+    groups = _index_groups([len(c) for c in seam], pages.u - 8)
+    leaves = [pages.add(_leaf_page(_LEAF_INDEX, seam[a:b], pages.u)) for a, b in groups]
+    dividers = [seam[b] for (_, b) in groups[:-1]]
+    return leaves, dividers
+
+
+def _interior_level(children: list[int], keys: list[bytes], pages: _Pages, kind: int):
+    """One level up. ``keys[j]`` separates ``children[j]`` and ``children[j + 1]``: for an
+    index it is a divider entry (moved up), for the table the left child's largest rowid.
+    Pages are numbered as in the plan; a child pointer holds its file page."""
+    u = pages.u
+    cells = [struct.pack(">I", file_page(c, u)) + k for c, k in zip(children, keys)]
+    if kind == _INTERIOR_INDEX:
+        # cells [a, b) on a page, children[b] its right pointer, keys[b] moves up
+        groups, i, n = [], 0, len(children)
+        while i < n:
+            a, used = i, 0
+            while i < n - 1 and (used + len(cells[i]) + 2 <= u - 12 or i == a):
+                used += len(cells[i]) + 2
+                i += 1
+            groups.append((a, i))  # children a … i, cells a … i-1
+            i += 1
+        if len(groups) > 1 and groups[-1][1] == groups[-1][0]:  # a page with one child: borrow one
+            (a0, b0), (a1, _) = groups[-2], groups[-1]
+            groups[-2], groups[-1] = (a0, b0 - 1), (b0, a1)
+        up_children, up_keys = [], []
+        for a, b in groups:
+            up_children.append(pages.add(_interior_page(kind, cells[a:b], file_page(children[b], u), u)))
+            if b < len(keys):
+                up_keys.append(keys[b])
+        return up_children, up_keys
+    # table: keys[j] is children[j]'s largest rowid; keys has one entry per child here
+    groups, i, n = [], 0, len(children)
+    while i < n:
+        a, used = i, 0
+        while i < n - 1 and (used + len(cells[i]) + 2 <= u - 12 or i == a):
+            used += len(cells[i]) + 2
+            i += 1
+        groups.append((a, i))
+        i += 1
+    if len(groups) > 1 and groups[-1][1] == groups[-1][0]:
+        (a0, b0), (a1, _) = groups[-2], groups[-1]
+        groups[-2], groups[-1] = (a0, b0 - 1), (b0, a1)
+    up_children, up_keys = [], []
+    for a, b in groups:
+        up_children.append(pages.add(_interior_page(kind, cells[a:b], file_page(children[b], u), u)))
+        up_keys.append(keys[b])
+    return up_children, up_keys
+
+
+def _table_root(leaves: list[int], max_rowids: list[int], pages: _Pages) -> int:
+    if not leaves:
+        return pages.add(_leaf_page(_LEAF_TABLE, [], pages.u))
+    keys = [_varint(r) for r in max_rowids]
+    while len(leaves) > 1:
+        leaves, keys = _interior_level(leaves, keys, pages, _INTERIOR_TABLE)
+    return leaves[0]
+
+
+def _index_root(edges: list[ChunkEdges], pages: _Pages) -> int:
+    """The index tree over every chunk's leaves, the seams between chunks packed here."""
+    children: list[int] = []
+    keys: list[bytes] = []
+    seam: list[bytes] = []
+
+    def flush():
+        leaves, dividers = _index_leaves(seam, pages)
+        children.extend(leaves)
+        keys.extend(dividers)
+        seam.clear()
+
+    for e in edges:
+        if e.index_leaves == 0:
+            continue
+        ends = np.cumsum(e.loose_sizes)
+        starts = ends - e.loose_sizes
+        cells = [e.loose[s:t] for s, t in zip(starts.tolist(), ends.tolist())]
+        seam.extend(cells[: e.index_head_cells])
+        if e.index_leaves == 1:
+            continue
+        flush()
+        dividers = cells[e.index_head_cells : e.index_head_cells + e.index_leaves - 1]
+        n_table = len(e.table_max_rowid)
+        for j in range(1, e.index_leaves - 1):  # the leaves the chunk wrote
+            keys.append(dividers[j - 1])
+            children.append(e.first_page + n_table + j - 1)
+        keys.append(dividers[-1])
+        seam.extend(cells[e.index_head_cells + e.index_leaves - 1 :])
+    if not seam and not children:
+        return pages.add(_leaf_page(_LEAF_INDEX, [], pages.u))
+    flush()
+    while len(children) > 1:
+        children, keys = _interior_level(children, keys, pages, _INTERIOR_INDEX)
+    return children[0]
+
+
+def _record(values: list) -> bytes:
+    """A record of text, integer and NULL values (the schema table's rows)."""
+    types, body = [], b""
+    for v in values:
+        if v is None:
+            types.append(0)
+        elif isinstance(v, int):
+            st = int(_int_serial_type(v))
+            types.append(st)
+            nb = int(_int_body_len(st))
+            body += v.to_bytes(nb, "big", signed=True) if nb else b""
+        else:
+            b = v.encode()
+            types.append(13 + 2 * len(b))
+            body += b
+    head = b"".join(_varint(t) for t in types)
+    return _varint(len(head) + 1) + head + body
+
+
+def schema_page(table_root: int, index_root: int, page_count: int, u: int) -> bytearray:
+    """Page 1: the 100-byte header and ``sqlite_schema`` (a table leaf) holding the table
+    and its primary key's autoindex."""
+    rows = [["table", "protein", "protein", table_root, PROTEIN_DDL],
+            ["index", INDEX_NAME, "protein", index_root, None]]
+    cells = []
+    for rowid, values in enumerate(rows, start=1):
+        rec = _record(values)
+        cells.append(_varint(len(rec)) + _varint(rowid) + rec)
+    page = _leaf_page(_LEAF_TABLE, cells, u, header_at=100)
+    page[:100] = database_header(page_count, u)
+    return page
+
+
+def database_header(page_count: int, u: int) -> bytes:
+    """The 100-byte header: rollback journal (18–19 = 1), no reserved bytes, payload
+    fractions 64/32/32, change counter 1 (and valid-for 1, so the page count holds), empty
+    freelist, schema cookie 1, schema format 4, UTF-8."""
+    return struct.pack(
+        ">16sHBBBBBBIIIIIIIIIIII20sII",
+        b"SQLite format 3\x00", 1 if u == 65536 else u, 1, 1, 0, 64, 32, 32,
+        1, page_count, 0, 0, 1, 4, 0, 0, 1, 0, 0, 0, b"\x00" * 20, 1, SQLITE_VERSION_NUMBER,
+    )
+
+
+def finish_database(path: str, edges: list[ChunkEdges], next_page: int, u: int) -> int:
+    """The index seams, both trees' interior pages, page 1 and the header into ``path``
+    (whose chunk pages end before ``next_page`` of the plan); the file cut to its page
+    count (the lock-byte page counted, as SQLite counts it). Returns the page count."""
+    pages = _Pages(next_page, u)
+    leaves, max_rowids = [], []
+    for e in edges:
+        leaves.extend(range(e.first_page, e.first_page + len(e.table_max_rowid)))
+        max_rowids.extend(e.table_max_rowid.tolist())
+    table_root = file_page(_table_root(leaves, max_rowids, pages), u)
+    index_root = file_page(_index_root(edges, pages), u)
+    page_count = file_page(pages.next - 1, u)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for number, page in pages.pages.items():
+            os.pwrite(fd, page, (file_page(number, u) - 1) * u)
+        os.pwrite(fd, schema_page(table_root, index_root, page_count, u), 0)
+        os.ftruncate(fd, page_count * u)
+    finally:
+        os.close(fd)
+    return page_count
+
+
+def write_database(path: str, ids, sequences, page_size: int = DEFAULT_PAGE_SIZE, first_rowid: int = 1) -> int:
+    """A whole database from one sorted, distinct id array in this process (the small
+    evaluation databases); returns its size in bytes."""
+    chunk = Chunk(ids, sequences, first_rowid, page_size)
+    (first,) = plan_pages([chunk.layout])
+    with open(path, "wb"):
+        pass
+    edges = chunk.write(path, first)
+    return finish_database(path, [edges], chunk_pages_end([chunk.layout]), page_size) * page_size

@@ -1,0 +1,341 @@
+"""``esm2dask.sqlite_pages``: databases written page by page, held to SQLite itself.
+
+The oracle is SQLite (Python's ``sqlite3`` and Debian's ``sqlite3`` command-line tool, which
+share no code with the writer): ``PRAGMA integrity_check`` (every page used once, cells in
+order, overflow chains of the right length, every row in the index), the same answer to
+every ``SELECT sequence FROM protein WHERE id = ?`` as a database SQLite builds from the same
+rows, and the index used for it. The header is read with ``struct`` against the format's
+documented offsets.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+import string
+import struct
+import subprocess
+import contextlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esm2dask import sqlite_pages as sp
+
+DDL = "CREATE TABLE protein (id TEXT PRIMARY KEY, sequence TEXT)"
+#: printable ASCII but space, comma and double quote: what a FASTA name may hold here
+ID_ALPHABET = "".join(c for c in string.printable[:95] if c not in ' ,"')
+RESIDUES = "ACDEFGHIKLMNOPQRSTUVWXYZ*-"
+
+
+def _sqlite_built(path: Path, rows: list[tuple[str, str]]) -> None:
+    con = sqlite3.connect(str(path), isolation_level=None)
+    con.execute(DDL)
+    con.execute("BEGIN")
+    con.executemany("INSERT INTO protein VALUES (?, ?)", rows)
+    con.execute("COMMIT")
+    con.close()
+
+
+def _chunks(rows, cuts):
+    """``rows`` (sorted, distinct ids) cut at ``cuts`` into pyarrow arrays."""
+    bounds = [0, *cuts, len(rows)]
+    return [(pa.array([r[0] for r in rows[a:b]], pa.string()), pa.array([r[1] for r in rows[a:b]], pa.string()))
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def build(path: Path, rows: list[tuple[str, str]], page_size: int, cuts=()) -> int:
+    """``rows`` as chunks cut at ``cuts``, through the three steps the pipeline runs."""
+    chunks, first_rowid = [], 1
+    for ids, seqs in _chunks(rows, list(cuts)):
+        chunks.append(sp.Chunk(ids, seqs, first_rowid, page_size))
+        first_rowid += len(ids)
+    layouts = [c.layout for c in chunks]
+    firsts = sp.plan_pages(layouts)
+    path.write_bytes(b"")
+    edges = [c.write(str(path), f) for c, f in zip(chunks, firsts)]
+    return sp.finish_database(str(path), edges, sp.chunk_pages_end(layouts), page_size)
+
+
+def _cli_check(path: Path, pending_byte: int | None = None) -> None:
+    cli = shutil.which("sqlite3")
+    if cli is None:
+        pytest.skip("Debian's sqlite3 command-line tool is not installed (apt-get install sqlite3)")
+    script = (f".testctrl pending_byte {pending_byte}\n" if pending_byte else "") + "PRAGMA integrity_check;\n"
+    out = subprocess.run([cli, "-readonly", str(path)], input=script, capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip(), out.stderr) == (0, "ok", "")
+
+
+def _sqlite_test_control():
+    """``sqlite3_test_control`` of the SQLite library Python's ``sqlite3`` runs on."""
+    import ctypes
+
+    import _sqlite3
+
+    try:
+        fn = ctypes.CDLL(_sqlite3.__file__).sqlite3_test_control
+    except AttributeError:
+        pytest.skip("this SQLite is built without sqlite3_test_control (SQLITE_UNTESTABLE)")
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@contextmanager
+def pending_byte(offset: int):
+    """SQLite's lock-byte offset moved from 1 GiB to ``offset``, in SQLite (this process's
+    library, through ``SQLITE_TESTCTRL_PENDING_BYTE``) and in the writer alike: the page
+    holding it, which no B-tree may use, then falls inside a database of a few hundred pages."""
+    control = _sqlite_test_control()
+    testctrl_pending_byte = 11
+    old = control(testctrl_pending_byte, ctypes_uint(offset))
+    saved = sp.PENDING_BYTE
+    try:
+        assert control(testctrl_pending_byte, ctypes_uint(0)) == offset  # 0 reads it back
+        sp.PENDING_BYTE = offset
+        yield
+    finally:
+        sp.PENDING_BYTE = saved
+        control(testctrl_pending_byte, ctypes_uint(old))
+
+
+def ctypes_uint(v: int):
+    import ctypes
+
+    return ctypes.c_uint(v)
+
+
+def check(path: Path, rows: list[tuple[str, str]], page_size: int, pages: int, cli: bool = False,
+          tmp: Path | None = None, pending: int | None = None) -> None:
+    data = path.read_bytes()
+    assert len(data) == pages * page_size
+    head = data[:100]
+    assert head[:16] == b"SQLite format 3\x00"
+    assert struct.unpack(">H", head[16:18])[0] == (1 if page_size == 65536 else page_size)
+    assert head[18] == 1 and head[19] == 1  # rollback journal: journal_mode DELETE
+    assert head[20] == 0 and tuple(head[21:24]) == (64, 32, 32)
+    change, count, trunk, free, cookie, fmt = struct.unpack(">6I", head[24:48])
+    assert count == pages and trunk == 0 and free == 0 and cookie >= 1 and fmt == 4
+    assert struct.unpack(">I", head[56:60])[0] == 1  # UTF-8
+    assert struct.unpack(">I", head[92:96])[0] == change
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert con.execute("PRAGMA page_count").fetchone()[0] == pages
+    assert con.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    assert con.execute("PRAGMA page_size").fetchone()[0] == page_size
+    assert con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type DESC").fetchall() == [
+        ("table", "protein", "protein", DDL), ("index", "sqlite_autoindex_protein_1", "protein", None)]
+    plan = " ".join(r[-1] for r in con.execute("EXPLAIN QUERY PLAN SELECT sequence FROM protein WHERE id = ?", ("x",)))
+    assert "USING INDEX sqlite_autoindex_protein_1 (id=?)" in plan, plan
+    # rowid = position in id order, every row text/text
+    got = con.execute("SELECT rowid, id, sequence, typeof(id), typeof(sequence) FROM protein ORDER BY rowid").fetchall()
+    assert got == [(i + 1, r[0], r[1], "text", "text") for i, r in enumerate(rows)]
+    # the oracle: SQLite's own database of the same rows answers every lookup the same way
+    oracle_path = (tmp or path.parent) / (path.name + ".oracle")
+    _sqlite_built(oracle_path, rows)
+    oracle = sqlite3.connect(str(oracle_path))
+    for r in rows:
+        want = oracle.execute("SELECT sequence FROM protein WHERE id = ?", (r[0],)).fetchall()
+        assert con.execute("SELECT sequence FROM protein WHERE id = ?", (r[0],)).fetchall() == want == [(r[1],)]
+    for absent in ("", "~~~~absent", (rows[0][0] + "\x00") if rows else "a"):
+        assert con.execute("SELECT 1 FROM protein WHERE id = ?", (absent,)).fetchall() == []
+    assert [r[0] for r in con.execute("SELECT id FROM protein ORDER BY id")] == [r[0] for r in rows]
+    oracle.close()
+    oracle_path.unlink()
+    con.close()
+    if cli:
+        _cli_check(path, pending)
+
+
+def _rows(n: int, seed: int, id_len=(3, 30), seq_len=(0, 400)) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    ids = set()
+    while len(ids) < n:
+        ids.add("".join(rng.choices(ID_ALPHABET, k=rng.randint(*id_len))))
+    return [(i, "".join(rng.choices(RESIDUES, k=rng.randint(*seq_len)))) for i in sorted(ids, key=str.encode)]
+
+
+@pytest.mark.parametrize("page_size", [4096, 65536])
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_tiny_tables(tmp_path, page_size, n):
+    rows = _rows(n, n)
+    db = tmp_path / "t.db"
+    check(db, rows, page_size, build(db, rows, page_size), cli=True)
+
+
+@pytest.mark.parametrize("page_size", [4096, 65536])
+def test_overflow_pages_long_sequences_and_long_ids(tmp_path, page_size):
+    """Sequences to 100,000 residues (table cells over many overflow pages); ids long enough
+    that index cells overflow too (over a quarter of a page), and of every size around the
+    local-payload thresholds."""
+    rng = random.Random(1)
+    u = page_size
+    x_table, x_index = u - 35, (u - 12) * 64 // 255 - 23
+    rows = {}
+    for n in [1, 2, x_index - 20, x_index - 3, x_index, x_index + 1, x_index + 4, 2 * u, 3 * u + 7]:
+        rows["I" + "".join(rng.choices(ID_ALPHABET, k=n))] = "M"
+    for n in [0, 100_000, 99_999, x_table - 6, x_table - 5, x_table - 4, x_table, u - 4, 5 * (u - 4), 35_213]:
+        rows[f"S{n:06d}"] = "".join(rng.choices(RESIDUES, k=n))
+    for k in range(300):
+        rows[f"R{k:04d}"] = "".join(rng.choices(RESIDUES, k=rng.randint(0, 3000)))
+    rows = sorted(rows.items(), key=lambda r: r[0].encode())
+    db = tmp_path / "o.db"
+    check(db, rows, page_size, build(db, rows, page_size, cuts=(7, 8, 30, 200)), cli=True)
+
+
+@pytest.mark.parametrize("page_size", [4096, 65536])
+def test_chunks_of_every_size_join(tmp_path, page_size):
+    """Empty chunks, one-row chunks, chunks of one leaf and of many, in every order."""
+    rows = _rows(4000, 3, seq_len=(0, 120))
+    cuts = [0, 0, 1, 2, 2, 3, 40, 41, 300, 301, 302, 2000, 2001, 3998, 3999, 3999]
+    db = tmp_path / "c.db"
+    check(db, rows, page_size, build(db, rows, page_size, cuts=cuts), cli=True)
+
+
+def test_one_chunk_and_many_give_the_same_rows(tmp_path):
+    rows = _rows(3000, 4)
+    one, many = tmp_path / "one.db", tmp_path / "many.db"
+    build(one, rows, 4096)
+    build(many, rows, 4096, cuts=list(range(0, 3000, 37)))
+    a, b = sqlite3.connect(str(one)), sqlite3.connect(str(many))
+    q = "SELECT rowid, id, sequence FROM protein ORDER BY id"
+    assert a.execute(q).fetchall() == b.execute(q).fetchall()
+
+
+def test_a_larger_table_three_levels_deep(tmp_path):
+    """200,000 rows, three levels of interior pages at 4096 bytes a page: checked by
+    integrity_check and lookups (65536 is checked on the other cases)."""
+    page_size = 4096
+    rng = np.random.default_rng(7)
+    n = 200_000
+    ids = np.sort(np.array([f"UniRef90_{v:010d}" for v in rng.choice(10**10, n, replace=False)]))
+    lengths = rng.integers(0, 60, n)
+    letters = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
+    data = letters[rng.integers(0, 20, int(lengths.sum()))].tobytes().decode()
+    ends = np.cumsum(lengths)
+    seqs = [data[e - k : e] for e, k in zip(ends, lengths)]
+    rows = list(zip(ids.tolist(), seqs))
+    db = tmp_path / "l.db"
+    cuts = [0, 50_000, 50_001, 120_000, 199_999]
+    pages = build(db, rows, page_size, cuts=cuts)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert con.execute("PRAGMA page_count").fetchone()[0] == pages
+    assert con.execute("SELECT count(*), min(rowid), max(rowid) FROM protein").fetchone() == (n, 1, n)
+    for k in rng.choice(n, 3000, replace=False).tolist():
+        assert con.execute("SELECT sequence, rowid FROM protein WHERE id = ?", (rows[k][0],)).fetchone() == (rows[k][1], k + 1)
+    got = con.execute("SELECT id, sequence FROM protein ORDER BY rowid").fetchall()
+    assert got == rows
+    con.close()
+    _cli_check(db)
+
+
+def test_lock_byte_page_is_left_unused(tmp_path):
+    """Regression (issue 17, the 8 M-row benchmark): a file over 1 GiB holds SQLite's lock-byte
+    page (the one with byte 2**30), which SQLite never reads or links; a tree page there made
+    every lookup through it "database disk image is malformed". The lock byte moved to 1 MiB
+    puts that page (257 at 4096 bytes, 2049 at 512) inside a chunk's table leaves, its index
+    leaves, its overflow pages, at a chunk's first page, and among the final step's pages."""
+    rows = _rows(5000, 11, id_len=(3, 60), seq_len=(0, 900))
+    for page_size, cuts in [(4096, ()), (4096, (1000, 2400, 2401, 4000)), (512, (700, 3000))]:
+        with pending_byte(1 << 20):
+            lock = (1 << 20) // page_size + 1
+            chunks = [sp.Chunk(ids, seqs, 1, page_size) for ids, seqs in _chunks(rows, list(cuts))]
+            firsts = sp.plan_pages([c.layout for c in chunks])
+            assert any(f <= lock < f + c.layout.pages for f, c in zip(firsts, chunks))
+            db = tmp_path / f"lock-{page_size}-{len(cuts)}.db"
+            pages = build(db, rows, page_size, cuts=cuts)
+            assert pages > lock
+            check(db, rows, page_size, pages, cli=True, pending=1 << 20)
+    # the lock page as a chunk's first page, and among the final step's pages
+    rows = _rows(3000, 12, seq_len=(0, 40))
+    for lock_at in ("chunk", "final"):
+        probe = [sp.Chunk(ids, seqs, 1, 4096) for ids, seqs in _chunks(rows, [1000, 2000])]
+        firsts = sp.plan_pages([c.layout for c in probe])
+        lock = firsts[1] if lock_at == "chunk" else sp.chunk_pages_end([c.layout for c in probe]) + 1
+        with pending_byte((lock - 1) * 4096):
+            db = tmp_path / f"lock-{lock_at}.db"
+            pages = build(db, rows, 4096, cuts=(1000, 2000))
+            assert pages > lock
+            check(db, rows, 4096, pages, cli=True, pending=(lock - 1) * 4096)
+
+
+_ids = st.text(alphabet=ID_ALPHABET, min_size=1, max_size=1500)
+_seqs = st.text(alphabet=RESIDUES, max_size=9000)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(table=st.dictionaries(_ids, _seqs, max_size=60), cut_fractions=st.lists(st.floats(0, 1), max_size=6),
+       page_size=st.sampled_from([512, 4096, 65536]))
+def test_any_legal_rows_any_chunking(tmp_path_factory, table, cut_fractions, page_size):
+    rows = sorted(table.items(), key=lambda r: r[0].encode())
+    cuts = sorted(int(f * len(rows)) for f in cut_fractions)
+    folder = tmp_path_factory.mktemp("h")
+    db = folder / "h.db"
+    check(db, rows, page_size, build(db, rows, page_size, cuts=cuts))
+
+
+def test_write_database_one_process(tmp_path):
+    rows = _rows(500, 9)
+    db = tmp_path / "w.db"
+    size = sp.write_database(str(db), pa.array([r[0] for r in rows]), pa.array([r[1] for r in rows]), 4096)
+    assert size == db.stat().st_size
+    check(db, rows, 4096, size // 4096, cli=True)
+
+
+def test_plan_and_header_are_pure():
+    lays = [sp.ChunkLayout(3, 1, 1, 0), sp.ChunkLayout(0, 0, 0, 0), sp.ChunkLayout(900, 20, 9, 4)]
+    assert sp.plan_pages(lays) == [2, 3, 3]
+    assert sp.chunk_pages_end(lays) == 3 + 20 + 7 + 4
+    head = sp.database_header(41, 65536)
+    assert len(head) == 100 and head[16:20] == b"\x00\x01\x01\x01"
+
+
+def _read_varint(b: bytes) -> tuple[int, int]:
+    """SQLite's varint decoder as the format page describes it (value, bytes used)."""
+    v = 0
+    for k in range(8):
+        v = (v << 7) | (b[k] & 0x7F)
+        if b[k] < 0x80:
+            return v, k + 1
+    return (v << 8) | b[8], 9
+
+
+@settings(deadline=None)
+@given(st.one_of(st.integers(0, 2**63 - 1), st.sampled_from([0, 127, 128, 16383, 16384, 2**56 - 1, 2**56])))
+def test_varints_decode_as_the_format_says(v):
+    encoded = sp._varint(v)
+    assert _read_varint(encoded + b"\x00" * 9) == (v, len(encoded)) and len(encoded) == sp._varint_len(v)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 1200), id_max=st.sampled_from([8, 60, 130, 400]), seq_max=st.sampled_from([0, 40, 700, 3000]),
+       cut_fractions=st.lists(st.floats(0, 1), max_size=8), lock_at=st.none() | st.integers(9, 700),
+       seed=st.integers(0, 2**32 - 1))
+def test_deep_trees_any_chunking(tmp_path_factory, n, id_max, seq_max, cut_fractions, lock_at, seed):
+    """512-byte pages and ids to 400 bytes (four or five index entries a page): 4–7 levels
+    from a thousand rows, chunks of random sizes meeting at every level, the lock-byte page
+    anywhere among the pages (or nowhere); held to integrity_check (Python's sqlite3 and
+    the CLI) and to every lookup in a database SQLite builds from the same rows. (SQLite
+    reads no database at all, not even its own, with the lock byte under 4 KiB: page 9 at
+    512 bytes is the lowest lock page drawn.) Hypothesis
+    draws the shape; the rows' text comes from a seeded generator (a thousand rows drawn
+    character by character would exceed hypothesis's data budget)."""
+    rnd = random.Random(seed)
+    ids = set()
+    while len(ids) < n:
+        ids.add("".join(rnd.choices(ID_ALPHABET, k=rnd.randint(1, id_max))))
+    rows = [(i, "".join(rnd.choices(RESIDUES, k=rnd.randint(0, seq_max)))) for i in sorted(ids, key=str.encode)]
+    cuts = sorted(int(f * n) for f in cut_fractions)
+    db = tmp_path_factory.mktemp("deep") / "d.db"
+    pending = (lock_at - 1) * 512 if lock_at else None
+    with pending_byte(pending) if pending else contextlib.nullcontext():
+        pages = build(db, rows, 512, cuts=cuts)
+        check(db, rows, 512, pages, cli=True, pending=pending)
