@@ -105,7 +105,7 @@ def test_part_counts_by_rows(n_rows):
     assert pos == n_rows
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def raw(synth_raw):
     return synth_raw
 

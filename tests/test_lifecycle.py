@@ -28,7 +28,7 @@ from test_ngc import fake_ngc  # noqa: F401  (the fixture: a fake `ngc` on PATH)
 INPUTS = (UF50_FASTA, UF90_FASTA, MAPPING_TSV, VAL_FASTA, "README.md")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def raw_set(synth_raw):
     return synth_raw
 

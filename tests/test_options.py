@@ -9,7 +9,7 @@ from cli.main import cli
 from conftest import assert_one_line_error
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def raw(synth_raw):
     return synth_raw
 
