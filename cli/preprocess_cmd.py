@@ -90,20 +90,11 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
     workflow downloads the release). The full log of the run is kept in
     OUTPUT_DIR/esm2dask.log.
     """
-    from esm2dask.config import ClusterConfig, PreprocessConfig
-    from esm2dask.storage import cpu_count, parse_storage_options
+    from esm2dask.config import PreprocessConfig
+    from esm2dask.storage import parse_storage_options
 
-    cluster = ClusterConfig(
-        workers=cpu_count() if workers is None else workers,
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        memory_limit=memory_limit,
-        scheduler_address=scheduler_address,
-        scheduler_file=scheduler_file,
-        scheduler_timeout_s=scheduler_timeout,
-        dashboard_address=None if dashboard_address.lower() in ("none", "") else dashboard_address,
-        performance_report=performance_report,
-    )
+    cluster = cluster_config(workers, threads_per_worker, processes, memory_limit, scheduler_address,
+                             scheduler_file, scheduler_timeout, dashboard_address, performance_report)
     config = PreprocessConfig.from_options(
         raw_dir=raw_dir, output_dir=output_dir, uf50=uf50, uf90=uf90, mapping=mapping, val=val,
         test=test, partition_size=partition_size, split=split, val_size=val_size,
@@ -271,4 +262,23 @@ def synth(out, clusters, seed, unsorted, overwrite, plain):
     click.echo(
         f"{out}: {result.clusters:,} clusters, {result.members:,} members, "
         f"{_human_bytes(result.bytes)}"
+    )
+
+
+def cluster_config(workers, threads_per_worker, processes, memory_limit, scheduler_address, scheduler_file,
+                   scheduler_timeout, dashboard_address, performance_report=None):
+    """The cluster options every cluster command takes, as one :class:`ClusterConfig`."""
+    from esm2dask.config import ClusterConfig
+    from esm2dask.storage import cpu_count
+
+    return ClusterConfig(
+        workers=cpu_count() if workers is None else workers,
+        threads_per_worker=threads_per_worker,
+        processes=processes,
+        memory_limit=memory_limit,
+        scheduler_address=scheduler_address,
+        scheduler_file=scheduler_file,
+        scheduler_timeout_s=scheduler_timeout,
+        dashboard_address=None if dashboard_address.lower() in ("none", "") else dashboard_address,
+        performance_report=performance_report,
     )

@@ -72,20 +72,12 @@ def report(out, layout, fail_on_leakage, workers, processes, threads_per_worker,
     touches nothing else in OUT. Exits 0 even when leakage is found (the first line
     says so), unless --fail-on-leakage is given.
     """
-    from esm2dask.config import ClusterConfig
     from esm2dask.report import ReportConfig
-    from esm2dask.storage import cpu_count
 
-    cluster = ClusterConfig(
-        workers=cpu_count() if workers is None else workers,
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        memory_limit=memory_limit,
-        scheduler_address=scheduler_address,
-        scheduler_file=scheduler_file,
-        scheduler_timeout_s=scheduler_timeout,
-        dashboard_address=None if dashboard_address.lower() in ("none", "") else dashboard_address,
-    )
+    from .preprocess_cmd import cluster_config
+
+    cluster = cluster_config(workers, threads_per_worker, processes, memory_limit, scheduler_address,
+                             scheduler_file, scheduler_timeout, dashboard_address)
     result = run_and_print(ReportConfig(output_dir=out, cluster=cluster, layout=layout), plain, as_json)
     if fail_on_leakage and result["leakage"]["found"]:
         click.echo(f"esm2dask: leakage found; exit {LEAKAGE_EXIT} (--fail-on-leakage)", err=True)
