@@ -247,3 +247,39 @@ def hold_interrupts() -> Callable[[], None]:
         return lambda: None
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     return lambda: signal.signal(signal.SIGINT, previous)
+
+
+#: A worker's task states in which the task may still run (and write) later: queued on the
+#: worker, fetching its inputs, running, or cancelled while it runs.
+_LIVE_ON_WORKER = frozenset({"waiting", "ready", "constrained", "fetch", "flight", "executing",
+                             "long-running", "cancelled", "resumed"})
+#: The scheduler's states of a task that is not yet finished or forgotten.
+_LIVE_ON_SCHEDULER = frozenset({"released", "waiting", "queued", "no-worker", "processing"})
+
+
+def settle(client, token: str, timeout_s: float = 120.0) -> None:
+    """After a failure or a Ctrl-C, with the run's futures cancelled: wait until no task
+    whose key holds ``token`` can still run, on the scheduler or on any worker.
+
+    A task that already runs cannot be stopped: it would write into the staging folder after
+    the driver removed it. A task the worker has queued may start after the cancel was
+    sent, since the cancel and this poll travel on different comms; so anything not yet
+    finished counts, and the wait ends only on two empty polls in a row.
+    """
+    def on_workers(dask_worker):
+        return [str(ts.key) for ts in dask_worker.state.tasks.values()
+                if token in str(ts.key) and ts.state in _LIVE_ON_WORKER]
+
+    def on_scheduler(dask_scheduler):
+        return [str(key) for key, ts in dask_scheduler.tasks.items()
+                if token in str(key) and ts.state in _LIVE_ON_SCHEDULER and ts.who_wants]
+
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 2:
+        try:
+            busy = any(client.run(on_workers).values()) or bool(client.run_on_scheduler(on_scheduler))
+        except Exception:  # workers or scheduler gone: nothing left running
+            return
+        quiet = 0 if busy else quiet + 1
+        time.sleep(0.05 if busy else 0.1)

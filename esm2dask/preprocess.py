@@ -30,7 +30,7 @@ import numpy as np
 from distributed import as_completed
 
 from . import __version__, receipts, storage, tasks
-from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report
+from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report, settle
 from .config import PreprocessConfig
 from .errors import ConfigError, Esm2DaskError, Interrupted, UnexpectedError
 from .formats import SplitLabels, derive_layouts, hf_part_name
@@ -164,32 +164,10 @@ class _Run:
         self.skipped_read_bytes = 0
         self.skipped_tasks = 0
 
-    def settle(self, timeout_s: float = 120.0) -> None:
-        """After a failure: cancel what is queued, wait for what is still running.
-
-        A task that already runs cannot be stopped; it would write into the staging
-        folder after the driver removed it. So the driver waits until no worker runs a
-        task of this run before it cleans up.
-        """
-        if not self._submitted:
-            return
-        token = self._token
-
-        def running_tasks(dask_worker):
-            return [
-                str(ts.key) for ts in dask_worker.state.tasks.values()
-                if token in str(ts.key) and ts.state in ("executing", "cancelled", "long-running", "resumed")
-            ]
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                busy = self.client.run(running_tasks)
-            except Exception:  # workers gone: nothing left running
-                return
-            if not any(busy.values()):
-                return
-            time.sleep(0.1)
+    def settle(self) -> None:
+        """After a failure: wait until no task of this attempt can still write."""
+        if self._submitted:
+            settle(self.client, self._token)
 
     # ------------------------------------------------------------------ task plumbing
 

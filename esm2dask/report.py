@@ -44,7 +44,7 @@ import numpy as np
 from numba import njit
 
 from . import __version__
-from .cluster import dask_client
+from .cluster import dask_client, settle
 from .config import ClusterConfig
 from .errors import ConfigError, Esm2DaskError, InputError, OutputError
 from .layout import CSV_HEADER, FORMATS, shard_bounds
@@ -1241,7 +1241,7 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
             except BaseException:
                 # tasks already running would write into the folder removed below
                 client.cancel([f for f in client.futures.values() if token in str(f.key)])
-                _settle(client, token)
+                settle(client, token)
                 raise
         splits = [s for s in SPLITS if s in by_split]
         compared = [s for s in splits if s not in same_as]
@@ -1275,22 +1275,6 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
         raise
     shutil.rmtree(work, ignore_errors=True)
     return report, final
-
-
-def _settle(client, token: str, timeout_s: float = 60.0) -> None:
-    """Wait until no worker runs a task of this report (a running task cannot be stopped)."""
-    def running(dask_worker):
-        return [str(ts.key) for ts in dask_worker.state.tasks.values()
-                if token in str(ts.key) and ts.state in ("executing", "cancelled", "long-running", "resumed")]
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if not any(client.run(running).values()):
-                return
-        except Exception:  # workers gone: nothing left running
-            return
-        time.sleep(0.1)
 
 
 def _manifest_identity(root: str) -> dict | None:
