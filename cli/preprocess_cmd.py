@@ -195,10 +195,11 @@ def _print_plan(config, as_json: bool) -> None:
         click.echo(f"  {i.role:<8} {_human_bytes(i.size_bytes):>10} {len(i.ranges):>7,} range(s)  {i.url}")
     click.echo(f"Stages: {plan.tasks():,} tasks reading {_human_bytes(plan.read_bytes())} "
                f"when the FASTAs are in mapping order")
-    click.echo(f"  {'stage':<18} {'tasks':>7}  reads")
+    click.echo(f"  {'stage':<23} {'tasks':>9}  reads")
     for s in plan.stages:
         if s.when == "always":
-            click.echo(f"  {s.name:<18} {s.tasks:>7,}  {_human_bytes(s.read_bytes) if s.read_bytes else '-'}")
+            tasks = f"{s.tasks:,}" if s.exact else f"<= {s.tasks:,}"  # the data decides: at most
+            click.echo(f"  {s.name:<23} {tasks:>9}  {_human_bytes(s.read_bytes) if s.read_bytes else '-'}")
     for name in ("uf50", "uf90"):
         when = f"fallback-{name}"
         click.echo(f"  if {name} is not in mapping order (hash join): + {plan.tasks(when):,} tasks reading "

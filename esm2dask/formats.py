@@ -1,18 +1,21 @@
 """``--format bionemo2`` and ``--format hf``: the BioNeMo 2 and Hugging Face layouts.
 
-Both are derived from the staged ESM2nv tree of the same run (the FASTAs are read once),
-as extra Dask stages after :meth:`esm2dask.preprocess._Run._assemble`. One member's way,
-say the uf90 row at position 1 of NVIDIA's sample (``A0A009DWD5_ACIBA``, the only member
-of cluster ``UniRef50_A0A009DWD5``, mapping line 3):
+The uf90 records, the bulk of both layouts, come from the same parse that writes the
+ESM2nv rows: the task that converts a byte range (or, for input out of mapping order,
+gathers a block of positions) hands its rows in memory to :meth:`Uf90Layouts.write`, so
+no uf90 byte is read back from a CSV and ``--format bionemo2`` alone writes no uf90 CSV at
+all. One member's way, say the uf90 row at position 1 of NVIDIA's sample
+(``A0A009DWD5_ACIBA``, the only member of cluster ``UniRef50_A0A009DWD5``, mapping line 3):
 
-1. The driver cuts every uf90 shard into parts of at most :data:`PART_ROWS` rows and
-   hands each part the mapping ranges that cover its positions (:class:`MappingSpan`).
-2. :func:`derive_uf90_part` reads the part's rows from ``uf90/uf90_csvs/x###.csv`` and
-   finds each row's cluster from the clusters' member counts of those ranges only. It
-   writes an ``hf`` part (``ur50_id``, ``ur90_id``, ``sequence``; the driver then names
-   the parts that hold rows ``hf/train/part-00000.parquet`` on) and,
-   for ``train.db``, an Arrow run of ``(id, sequence)`` sorted by id and cut at the
+1. Before any FASTA is converted, the driver makes the run's :class:`Uf90Layouts`: the
+   mapping ranges (:class:`MappingSpan`), the split labels, and for ``train.db`` the
    bucket splitters (id quantiles sampled from the mapping by :func:`sample_member_ids`).
+2. The converting task takes the names and sequences out of its CSV rows
+   (:meth:`esm2dask.kernel.Rows.columns`), finds each row's cluster from the member counts
+   of the mapping ranges that cover its positions only, and writes its ``hf`` part(s)
+   (``ur50_id``, ``ur90_id``, ``sequence``; the driver then names the parts that hold rows
+   ``hf/train/part-00000.parquet`` on) and its ``train.db`` run: ``(id, sequence)`` sorted
+   by id and cut at the splitters.
 3. ``train.db`` is written page by page (:mod:`esm2dask.sqlite_pages`): :func:`layout_train_chunk`
    sorts one id range from every run and counts the pages its rows fill; the driver gives
    each range its page numbers; :func:`write_train_chunk` writes that range's pages into the
@@ -21,10 +24,11 @@ of cluster ``UniRef50_A0A009DWD5``, mapping line 3):
 4. :func:`write_train_clusters` streams ``train_clusters.parquet``, one row group per
    mapping range: the cluster's member ids as ``list<string>``.
 
-The validation (and test) records come from ``uf50/val`` (``uf50/test``):
-:func:`write_bionemo2_eval` writes ``valid_clusters.parquet`` + ``validation.db``,
-:func:`write_hf_eval_part` ``hf/validation/part-NNNNN.parquet``. With ``--split random``
-only the train-labelled clusters (and their members) go into the train files.
+The validation (and test) records, a few thousand rows, come from the staged ``uf50/val``
+(``uf50/test``) shards: :func:`write_bionemo2_eval` writes ``valid_clusters.parquet`` +
+``validation.db``, :func:`write_hf_eval_part` ``hf/validation/part-NNNNN.parquet``. With
+``--split random`` only the train-labelled clusters (and their members) go into the train
+files.
 """
 
 from __future__ import annotations
@@ -104,10 +108,13 @@ class Written:
 
 
 @dataclass
-class PartReceipt:
-    hf: Written | None = None
+class Uf90Parts:
+    """What one converting task wrote of the other layouts: its ``hf`` parts (in row
+    order; one may hold no row) and its sorted ``train.db`` run."""
+
+    hf: list[Written] = field(default_factory=list)
     run_url: str = ""
-    #: where each ``train.db`` bucket begins in the part's sorted run
+    #: where each ``train.db`` bucket begins in the sorted run
     bucket_bounds: list[int] = field(default_factory=list)
 
 
@@ -121,7 +128,7 @@ class TrainChunkReceipt:
 
 
 #: what ``--resume`` may read back of these stages (JSON data, see esm2dask.receipts)
-receipts.register(Written, PartReceipt, sqlite_pages.ChunkLayout, TrainChunkReceipt)
+receipts.register(Written, Uf90Parts, sqlite_pages.ChunkLayout, TrainChunkReceipt)
 
 
 # ----------------------------------------------------------------------------- files
@@ -247,42 +254,49 @@ def member_clusters(spans: list[MappingSpan], lo: int, hi: int, storage_options:
     return pl.concat(ids), np.concatenate(positions)
 
 
-def derive_uf90_part(
-    part: ShardPart,
-    first_position: int,
-    spans: list[MappingSpan],
-    labels: SplitLabels | None,
-    hf_url: str | None,
-    run_url: str | None,
-    splitters: list[str],
-    storage_options: dict,
-) -> PartReceipt:
-    """One part of a uf90 shard → its ``hf/train`` part and/or its sorted ``train.db`` run."""
-    frame = read_shard_rows(part.shard_url, part.row_lo, part.n_rows, storage_options)
-    want = np.arange(first_position + 1, first_position + part.n_rows + 1)
-    if len(frame) != part.n_rows or not np.array_equal(frame["record_id"].to_numpy(), want):
-        raise Esm2DaskError(
-            f"{part.shard_url}: rows {part.row_lo}…{part.row_lo + part.n_rows} do not hold record_id "
-            f"{first_position + 1}…{first_position + part.n_rows} (the staged tree changed during the run?)"
-        )
-    ur50, cluster_positions = member_clusters(spans, first_position, first_position + part.n_rows, storage_options)
-    if labels is not None:
-        keep = np.asarray(_load_labels(labels, storage_options)[cluster_positions]) == labels.train_label
-        frame, ur50 = frame.filter(pl.Series(keep)), ur50.filter(pl.Series(keep))
-    receipt = PartReceipt()
-    if hf_url is not None:
-        table = _string_table(pl.DataFrame({
-            "ur50_id": ur50, "ur90_id": frame["record_name"], "sequence": frame["sequence"],
-        }))
-        size = _write_parquet(hf_url, table, storage_options, HF_ROW_GROUP_ROWS)
-        receipt.hf = Written(hf_url, len(frame), size)
-    if run_url is not None:
-        run = frame.select(pl.col("record_name").alias("id"), "sequence").sort("id", maintain_order=True)
-        cuts = run["id"].search_sorted(pl.Series(splitters, dtype=pl.String), side="left").to_list()
-        _write_ipc(run_url, run, storage_options)
-        receipt.run_url = run_url
-        receipt.bucket_bounds = [0, *cuts, len(run)]
-    return receipt
+@dataclass(frozen=True)
+class Uf90Layouts:
+    """The ``hf/train`` parts and ``train.db`` runs a uf90 converting task writes from its
+    rows (see the module notes); made by the driver, carried in the uf90 routing."""
+
+    spans: tuple[MappingSpan, ...]
+    labels: SplitLabels | None
+    scratch: str
+    hf: bool
+    db: bool
+    splitters: tuple[str, ...]
+    part_rows: int
+    storage_options: dict
+
+    def write(self, rows, first_position: int, name: str) -> Uf90Parts:
+        """Rows of positions ``[first_position, first_position + len(rows))`` (CSV rows with
+        their ids, from the kernel) → this task's parts and run, named by ``name``."""
+        import pyarrow as pa
+
+        so, n = self.storage_options, len(rows)
+        names, sequences = (pl.from_arrow(a) for a in rows.columns())
+        spans = [s for s in self.spans if s.first_member < first_position + n and s.first_member + s.n_members > first_position]
+        ur50, cluster_positions = member_clusters(spans, first_position, first_position + n, so)
+        if self.labels is not None:
+            keep = pl.Series(np.asarray(_load_labels(self.labels, so)[cluster_positions]) == self.labels.train_label)
+            names, sequences, ur50 = names.filter(keep), sequences.filter(keep), ur50.filter(keep)
+        receipt = Uf90Parts()
+        if self.hf:
+            cuts = shard_bounds(len(names), max(1, math.ceil(len(names) / self.part_rows)))
+            for j, (lo, hi) in enumerate(zip(cuts[:-1].tolist(), cuts[1:].tolist())):
+                url = storage.join(self.scratch, "hf-train", f"{name}-{j:03d}.parquet")
+                table = pa.table({"ur50_id": ur50.slice(lo, hi - lo).to_arrow(),
+                                  "ur90_id": names.slice(lo, hi - lo).to_arrow(),
+                                  "sequence": sequences.slice(lo, hi - lo).to_arrow()})
+                table = table.cast(pa.schema([pa.field(c, pa.string()) for c in table.column_names]))
+                receipt.hf.append(Written(url, hi - lo, _write_parquet(url, table, so, HF_ROW_GROUP_ROWS)))
+        if self.db:
+            run = pl.DataFrame({"id": names, "sequence": sequences}).sort("id", maintain_order=True)
+            cuts = run["id"].search_sorted(pl.Series(list(self.splitters), dtype=pl.String), side="left").to_list()
+            receipt.run_url = storage.join(self.scratch, "runs", f"{name}.arrow")
+            _write_ipc(receipt.run_url, run, so)
+            receipt.bucket_bounds = [0, *cuts, len(run)]
+        return receipt
 
 
 def sample_member_ids(members_url: str, n_members: int, n_samples: int, seed: int, storage_options: dict) -> list[str]:
@@ -431,22 +445,9 @@ def write_hf_eval_part(pieces: list[ShardPart], out_url: str, storage_options: d
 # ----------------------------------------------------------------------------- the driver
 
 
-def plan_parts(n_rows: int, num_files: int, max_rows: int) -> list[tuple[int, int, int]]:
-    """``(shard, row_lo, n_rows)`` of every part: each non-empty shard cut into the fewest
-    parts of at most ``max_rows`` rows (so that no part is empty).
-
-    >>> plan_parts(7, 3, max_rows=2)
-    [(0, 0, 2), (0, 2, 1), (1, 0, 2), (2, 0, 2)]
-    """
-    bounds = shard_bounds(n_rows, num_files)
-    parts = []
-    for shard in range(num_files):
-        rows = int(bounds[shard + 1] - bounds[shard])
-        if rows == 0:
-            continue
-        cuts = shard_bounds(rows, math.ceil(rows / max_rows))
-        parts += [(shard, int(a), int(b - a)) for a, b in zip(cuts[:-1], cuts[1:])]
-    return parts
+def train_db_buckets(config, uf90_bytes: int) -> int:
+    """``train.db`` id ranges: one per partition's worth of uf90 FASTA."""
+    return max(1, math.ceil(uf90_bytes / config.partition_bytes))
 
 
 def hf_part_name(index: int) -> str:
@@ -502,37 +503,16 @@ def check_row_counts(config, rows: dict[str, int]) -> None:
                 raise ConfigError(f"--format hf: the {split} split would be empty ({split_dir} has no rows)")
 
 
-def derive_layouts(run, mapping, labels: SplitLabels | None, rows: dict[str, int],
-                   sizes: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Write the layouts of ``--format`` other than ``esm2nv`` from ``run``'s staged tree;
-    drop the staged ESM2nv tree if it was not asked for. Returns rows and bytes by path."""
-    cfg = run.config
-    check_row_counts(cfg, rows)
-    out: dict[str, dict[str, int]] = {}
-    if set(cfg.formats) - {"esm2nv"}:
-        derivation = _Derivation(run, mapping, labels, rows, sizes)
-        if "bionemo2" in cfg.formats:
-            derivation.bionemo2(out)
-        if "hf" in cfg.formats:
-            derivation.hf(out)
-        derivation.finish(out)
-    if "esm2nv" not in cfg.formats:
-        fs, _ = storage.get_fs(run.staging.tree_dir, run.so)
-        for top in ("uf50", "uf90"):
-            path = storage.get_fs(storage.join(run.staging.tree_dir, top), run.so)[1]
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-    return dict(sorted(out.items()))
+class Layouts:
+    """The layouts of ``--format`` other than ``esm2nv`` for one run: planned once the
+    mapping is scanned (:meth:`uf90_sink`, which the uf90 conversion feeds), finished once
+    the conversion is done (:meth:`finish`). Tasks are submitted early, waited for late."""
 
-
-class _Derivation:
-    """The stages of one run's extra layouts; tasks are submitted early, waited for late."""
-
-    def __init__(self, run, mapping, labels, rows, sizes):
-        self.run, self.cfg, self.so = run, run.config, run.so
-        self.labels, self.rows = labels, rows
-        self.tree = run.staging.tree_dir
-        self.scratch = storage.join(run.work, "formats")
+    def __init__(self, runner, staging, config, mapping, labels: SplitLabels | None, plan):
+        self.runner, self.cfg, self.so = runner, config, config.storage_options
+        self.labels = labels
+        self.tree = staging.tree_dir
+        self.scratch = storage.join(staging.work_dir, "formats")
         cluster_first = np.concatenate(([0], np.cumsum([m.n_clusters for m in mapping])))
         member_first = np.concatenate(([0], np.cumsum([m.n_members for m in mapping])))
         self.spans = [
@@ -541,8 +521,52 @@ class _Derivation:
             for i, m in enumerate(mapping)
         ]
         self.n_members = int(member_first[-1])
-        self.uf90_bytes = sizes.get(UF90, 0)
+        self.want_hf, self.want_db = "hf" in self.cfg.formats, "bionemo2" in self.cfg.formats
+        self.n_buckets = train_db_buckets(config, next(i.size_bytes for i in plan.inputs if i.role == "uf90"))
         self.pending: list[tuple[str, list, object]] = []  # (stage, handles, what to do with results)
+        self.splitters: list[str] = []
+
+    @property
+    def wanted(self) -> bool:
+        return self.want_hf or self.want_db
+
+    def uf90_sink(self) -> Uf90Layouts | None:
+        """What the uf90 conversion tasks write besides their CSV rows (None: nothing)."""
+        if not self.wanted:
+            return None
+        self.splitters = self._splitters() if self.want_db and self.n_buckets > 1 else []
+        return Uf90Layouts(tuple(self.spans), self.labels, storage.join(self.scratch, "uf90"), self.want_hf,
+                           self.want_db, tuple(self.splitters), PART_ROWS, self.so)
+
+    def remove_uf90_parts(self) -> None:
+        """The uf90 conversion is done again another way (the hash join): drop what the
+        first attempt wrote."""
+        self._remove(storage.join(self.scratch, "uf90"))
+
+    def finish(self, rows: dict[str, int], uf90_parts: list[Uf90Parts]) -> dict[str, dict[str, int]]:
+        """Write the rest of the layouts from the staged tree and the uf90 parts; drop the
+        staged ESM2nv tree if it was not asked for. Returns rows and bytes by path."""
+        check_row_counts(self.cfg, rows)
+        self.rows = rows
+        uf90_parts = [p for p in uf90_parts if p is not None]  # a block of no rows writes none
+        out: dict[str, dict[str, int]] = {}
+        if self.want_db:
+            self.bionemo2(out)
+        if self.want_hf:
+            self.hf(out)
+            written = [w for p in uf90_parts for w in p.hf]
+            self._record(out, self._name_train_parts(written), f"{HF_DIR}/train")
+        if self.want_db:
+            self._record(out, [self._train_db(uf90_parts)])
+        for stage, handles, collect in self.pending:
+            collect(self.runner.wait(stage, handles))
+        if "esm2nv" not in self.cfg.formats:
+            fs, _ = storage.get_fs(self.tree, self.so)
+            for top in ("uf50", "uf90"):
+                path = storage.get_fs(storage.join(self.tree, top), self.so)[1]
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
+        return dict(sorted(out.items()))
 
     def _shard_url(self, split_dir: str, shard: int) -> str:
         return storage.join(self.tree, split_dir, shard_name(shard))
@@ -550,8 +574,8 @@ class _Derivation:
     def _rel(self, url: str) -> str:
         return url[len(self.tree.rstrip("/")) + 1 :]
 
-    def _later(self, stage: str, fn, args_list, collect) -> None:
-        self.pending.append((stage, self.run._submit(stage, fn, args_list), collect))
+    def _later(self, stage: str, args_list, collect) -> None:
+        self.pending.append((stage, self.runner.submit(stage, args_list), collect))
 
     def _record(self, out: dict, written: list[Written], folder: str | None = None) -> None:
         if folder is None:
@@ -563,21 +587,19 @@ class _Derivation:
 
     def bionemo2(self, out: dict) -> None:
         base = storage.join(self.tree, BIONEMO2_DIR)
-        self._later("bionemo2-train-clusters", write_train_clusters,
+        self._later("bionemo2-train-clusters",
                     [(self.spans, self.labels, storage.join(base, "train_clusters.parquet"), self.so)],
                     lambda results: self._record(out, results))
         for split_dir, _, clusters_name, db_name in eval_splits(self.cfg):
             shards = [self._shard_url(split_dir, k) for k in range(self.cfg.num_csv_files)]
-            self._later(f"bionemo2-{db_name.split('.')[0]}", write_bionemo2_eval,
+            self._later(f"bionemo2-{db_name.split('.')[0]}",
                         [(shards, storage.join(base, clusters_name), storage.join(base, db_name), self.so)],
                         lambda results: self._record(out, results[0]))
-        self.n_buckets = max(1, math.ceil(self.uf90_bytes / self.cfg.partition_bytes))
-        self.splitters = self._splitters() if self.n_buckets > 1 else []
 
     def _splitters(self) -> list[str]:
         """``n_buckets - 1`` member ids cutting the sorted ids into about equal ranges."""
         total = SAMPLES_PER_BUCKET * self.n_buckets
-        samples = self.run._run("bionemo2-sample-ids", sample_member_ids, [
+        samples = self.runner.run("bionemo2-sample-ids", [
             (s.members_url, s.n_members, math.ceil(total * s.n_members / max(1, self.n_members)), i, self.so)
             for i, s in enumerate(self.spans)
         ])
@@ -589,35 +611,13 @@ class _Derivation:
         for split_dir, split, _, _ in eval_splits(self.cfg):
             # parts sized by rows, not by esm2nv shard: 50 validation rows are one part
             parts = plan_row_parts(self.rows[split_dir], self.cfg.num_csv_files, PART_ROWS)
-            self._later(f"hf-{split}", write_hf_eval_part, [
+            self._later(f"hf-{split}", [
                 ([ShardPart(i, self._shard_url(split_dir, k), lo, n) for k, lo, n in pieces],
                  storage.join(self.tree, HF_DIR, split, hf_part_name(i)), self.so)
                 for i, pieces in enumerate(parts)
             ], lambda results, split=split: self._record(out, results, f"{HF_DIR}/{split}"))
 
-    def finish(self, out: dict) -> None:
-        """The uf90 parts (``hf/train`` and the ``train.db`` runs), then ``train.db``."""
-        want_hf, want_db = "hf" in self.cfg.formats, "bionemo2" in self.cfg.formats
-        bounds = shard_bounds(self.n_members, self.cfg.num_csv_files)
-        args = []
-        for i, (k, lo, n) in enumerate(plan_parts(self.n_members, self.cfg.num_csv_files, PART_ROWS)):
-            first = int(bounds[k]) + lo
-            spans = [s for s in self.spans if s.first_member < first + n and s.first_member + s.n_members > first]
-            args.append((
-                ShardPart(i, self._shard_url(UF90, k), lo, n), first, spans, self.labels,
-                storage.join(self.scratch, "hf-train", f"{i:05d}.parquet") if want_hf else None,
-                storage.join(self.scratch, "runs", f"{i:05d}.arrow") if want_db else None,
-                self.splitters if want_db else [], self.so,
-            ))
-        parts = self.run._run("uf90-parts", derive_uf90_part, args)
-        if want_hf:
-            self._record(out, self._name_train_parts([p.hf for p in parts]), f"{HF_DIR}/train")
-        if want_db:
-            self._record(out, [self._train_db(parts)])
-        for stage, handles, collect in self.pending:
-            collect(self.run._wait(stage, handles))
-
-    def _train_db(self, parts: list[PartReceipt]) -> Written:
+    def _train_db(self, parts: list[Uf90Parts]) -> Written:
         """``train.db`` from the sorted runs, one id range per task (esm2dask.sqlite_pages).
         Rowids follow id order; each range's first is 1 + the rows of the ranges before it
         (counted before repeated ids are dropped, so a repeat leaves a gap, never a clash)."""
@@ -627,20 +627,20 @@ class _Derivation:
         first_rowids = (1 + np.concatenate(([0], np.cumsum(counts)[:-1]))).astype(int).tolist()
         scratch = storage.join(self.scratch, "train-db")
         order = [storage.join(scratch, "order", f"{b:05d}.npy") for b in range(n)]
-        layouts = self.run._run("bionemo2-train-layout", layout_train_chunk, [
+        layouts = self.runner.run("bionemo2-train-layout", [
             (slices[b], first_rowids[b], order[b], DB_PAGE_SIZE, self.so) for b in range(n)
         ])
         firsts = sqlite_pages.plan_pages(layouts)
         pages_url = storage.join(scratch, "train.db.pages")
         out_url = storage.join(self.tree, BIONEMO2_DIR, "train.db")
-        chunks = self.run._run("bionemo2-train-pages", write_train_chunk, [
+        chunks = self.runner.run("bionemo2-train-pages", [
             (slices[b], order[b], first_rowids[b], firsts[b], pages_url,
              storage.join(scratch, "edges", f"{b:05d}.npz"), storage.join(scratch, "regions", f"{b:05d}.pages"),
              DB_PAGE_SIZE, self.so)
             for b in range(n)
         ])
-        self._remove(storage.join(self.scratch, "runs"))
-        (train_db,) = self.run._run("bionemo2-train-db", finish_train_db, [
+        self._remove(storage.join(self.scratch, "uf90", "runs"))
+        (train_db,) = self.runner.run("bionemo2-train-db", [
             (chunks, layouts, pages_url, out_url, DB_PAGE_SIZE, self.so)
         ])
         self._remove(scratch)

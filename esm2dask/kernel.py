@@ -80,6 +80,60 @@ def count_records(buf: np.ndarray) -> int:
     return count
 
 
+@njit(nogil=True, cache=True)
+def row_sizes(buf: np.ndarray, n_records: int) -> np.ndarray:
+    """The bytes of each record's CSV row but its ``record_id``: ``,name,length,sequence\n``
+    (``len(name) + digits(length) + length + 4``), for a legal owned block of ``n_records``
+    records (:func:`count_records`). With the ids, which follow from the positions, the
+    driver knows where every row lands in its shard before any row is written.
+
+    The sequence length is the bytes after the header line less one ``\n`` per line and one
+    ``\r`` per ``\r\n`` (and a ``\r`` ending the file): what the kernel copies. Bad bytes are
+    the kernel's to find; on a block that has them these sizes mean nothing.
+    """
+    n = len(buf)
+    starts = np.empty(n_records + 1, dtype=np.int64)
+    r = 0
+    if n > 0 and buf[0] == 62:
+        starts[0] = 0
+        r = 1
+    for j in range(n - 1):
+        if buf[j] == 10 and buf[j + 1] == 62:
+            if r < n_records:
+                starts[r] = j + 1
+            r += 1
+    starts[n_records] = n
+    sizes = np.empty(n_records, dtype=np.int64)
+    for r in range(n_records):
+        a, b = starts[r], starts[r + 1]
+        q = a + 1
+        while q < b:
+            c = buf[q]
+            if c == 32 or c == 9 or c == 13 or c == 11 or c == 12 or c == 10:
+                break
+            q += 1
+        name = q - a - 1
+        while q < b and buf[q] != 10:
+            q += 1
+        body = q + 1
+        length = 0
+        if body < b:
+            lines = 0
+            for j in range(body, b):
+                lines += buf[j] == 10
+            crlf = 0
+            for j in range(body, b - 1):
+                crlf += (buf[j] == 13) & (buf[j + 1] == 10)
+            length = (b - body) - lines - crlf - (1 if buf[b - 1] == 13 else 0)
+        digits = 1
+        v = length
+        while v >= 10:
+            v //= 10
+            digits += 1
+        sizes[r] = name + digits + length + 4
+    return sizes
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _write_int(out, o, value):
     """Decimal digits of ``value`` (>= 0) at ``out[o:]``; returns the new end. Unsigned
@@ -306,6 +360,47 @@ def _gather_rows(out, row_starts, rows, ids, with_ids):
     return gathered[:t], starts
 
 
+@njit(nogil=True, cache=True)
+def _row_columns(data, row_starts):
+    """The names and the sequences of CSV rows ``id,name,length,sequence\n``, each back to
+    back with n+1 offsets (Arrow's string layout). A name holds no comma and the id and
+    the length are digits, so the fields are found by the first three commas of a row."""
+    n = len(row_starts) - 1
+    name_offsets = np.empty(n + 1, dtype=np.int64)
+    seq_offsets = np.empty(n + 1, dtype=np.int64)
+    name_offsets[0] = 0
+    seq_offsets[0] = 0
+    name_total = 0
+    seq_total = 0
+    fields = np.empty((n, 4), dtype=np.int64)  # name start, name end, sequence start, end
+    for i in range(n):
+        k = row_starts[i]
+        while data[k] != 44:
+            k += 1
+        a = k + 1
+        k = a
+        while data[k] != 44:
+            k += 1
+        b = k
+        k += 1
+        while data[k] != 44:
+            k += 1
+        fields[i, 0] = a
+        fields[i, 1] = b
+        fields[i, 2] = k + 1
+        fields[i, 3] = row_starts[i + 1] - 1  # before the row's \n
+        name_total += b - a
+        seq_total += row_starts[i + 1] - 1 - (k + 1)
+        name_offsets[i + 1] = name_total
+        seq_offsets[i + 1] = seq_total
+    names = np.empty(name_total, dtype=np.uint8)
+    seqs = np.empty(seq_total, dtype=np.uint8)
+    for i in range(n):
+        names[name_offsets[i] : name_offsets[i + 1]] = data[fields[i, 0] : fields[i, 1]]
+        seqs[seq_offsets[i] : seq_offsets[i + 1]] = data[fields[i, 2] : fields[i, 3]]
+    return names, name_offsets, seqs, seq_offsets
+
+
 # ---------------------------------------------------------------------------- Python side
 
 
@@ -318,6 +413,16 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.starts) - 1
+
+    def columns(self):
+        """``(names, sequences)`` of the rows as Arrow ``large_string`` arrays: the other
+        layouts take the records from the rows in memory, never from a CSV read back."""
+        import pyarrow as pa
+
+        names, name_offsets, seqs, seq_offsets = _row_columns(self.data, self.starts)
+        n = len(self)
+        return (pa.LargeStringArray.from_buffers(n, pa.py_buffer(name_offsets), pa.py_buffer(names)),
+                pa.LargeStringArray.from_buffers(n, pa.py_buffer(seq_offsets), pa.py_buffer(seqs)))
 
     def span(self, lo: int, hi: int) -> memoryview:
         """The bytes of rows ``[lo, hi)``, without a copy."""

@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass, field
 from . import storage
 from .config import DEFAULT_RAW_DIR, PreprocessConfig
 from .errors import ConfigError, InputError
-from .layout import MANIFEST_NAME, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
+from .layout import MANIFEST_NAME, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
 from .logs import RunLog
 from .publish import input_copies
 from .ranges import ByteRange, plan_ranges
+from .stages import Stage, stage_table
 
 #: At most this many byte ranges per input file (at the default 64 MiB: 640 GiB of FASTA).
 MAX_RANGES_PER_INPUT = 10_000
@@ -54,14 +55,6 @@ class InputPlan:
 
 
 @dataclass(frozen=True)
-class StagePlan:
-    name: str
-    tasks: int
-    read_bytes: int  # input bytes its tasks read (0: tasks over intermediate files)
-    when: str = "always"  # or "fallback-uf50"/"fallback-uf90": only if that stream's order does not hold
-
-
-@dataclass(frozen=True)
 class Estimate:
     seconds_in_order: float  # the FASTAs in mapping order (the release as published)
     seconds_shuffled: float  # any other order (hash join)
@@ -73,7 +66,7 @@ class Estimate:
 class RunPlan:
     inputs: tuple[InputPlan, ...]
     hash_buckets: dict[str, int]
-    stages: tuple[StagePlan, ...]
+    stages: tuple[Stage, ...]  # the stage table (esm2dask.stages)
     workers: int | None  # None: a running cluster, whose size --plan does not ask
     output_dir: str
     output_files: tuple[str, ...]  # groups of files, relative to output_dir
@@ -96,6 +89,7 @@ class RunPlan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["stages"] = [s.to_dict() for s in self.stages]
         for i in d["inputs"]:
             i["ranges"] = len(i["ranges"])
         d["input_bytes"] = self.input_bytes
@@ -158,35 +152,9 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
     by_role = {i.role: i for i in inputs}
     # Hash buckets of the join (and of the repeated-id check): one partition of FASTA each.
     buckets = {name: max(1, math.ceil(by_role[name].size_bytes / part)) for name in ("uf50", "uf90")}
-    n_map = len(by_role["mapping"].ranges)
-
-    def over(role: str, stage: str, when: str = "always") -> StagePlan:
-        return StagePlan(stage, len(by_role[role].ranges), by_role[role].size_bytes, when)
-
-    stages = [over("mapping", "scan-mapping")]
-    stages += [over(role, f"count-{role}") for role in roles if role != "mapping"]
-    stages.append(StagePlan("write-counts", n_map, 0))
-    stages += [over(role, f"convert-{role}") for role in ("val", "test") if role in roles]
-    for name in ("uf50", "uf90"):
-        stages += [over(name, f"fast-{name}"), StagePlan(f"check-ids-{name}", buckets[name], 0)]
-    for name in ("uf50", "uf90"):
-        when = f"fallback-{name}"
-        stages += [
-            StagePlan(f"bucket-ids-{name}", n_map, 0, when),
-            over(name, f"index-{name}", when),
-            StagePlan(f"join-{name}", buckets[name], 0, when),
-            over(name, f"scatter-{name}", when),
-            # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
-            StagePlan(f"gather-{name}", len(by_role[name].ranges), 0, when),
-        ]
+    stages = stage_table(config, {role: len(i.ranges) for role, i in by_role.items()},
+                         {role: i.size_bytes for role, i in by_role.items()}, buckets, len(input_copies(config)))
     uf50_dirs = (UF50_TRAIN, UF50_VAL, UF50_TEST)
-    n_shards, n_arrays = len(SPLIT_DIRS) * config.num_csv_files, 2 * (3 if config.split == "random" else 1)
-    stages += [
-        StagePlan("assemble", n_shards, 0),
-        StagePlan("assemble-mmap", n_arrays, 0),
-        # sha256 of every output file and of every input copied beside them, for the manifest
-        StagePlan("checksum", n_shards + n_arrays + len(input_copies(config)), 0),
-    ]
 
     files = [_shard_files(d, config.num_csv_files, with_arrays=d == UF50_TRAIN or config.split == "random")
              for d in uf50_dirs]

@@ -66,13 +66,20 @@ class Target:
 
 @dataclass(frozen=True)
 class Routing:
-    """Where a stream's rows go: its targets, the shard count and the run's folders."""
+    """Where a stream's rows go: its targets, the shard count and the run's folders.
+
+    ``skip`` names targets whose CSV rows are not written (``--format`` without esm2nv
+    stages only what the other layouts read); ``layouts`` (uf90 only) is the run's
+    :class:`esm2dask.formats.Uf90Layouts`, which writes the other layouts from the same rows.
+    """
 
     targets: tuple[Target, ...]
     num_files: int
     work_dir: str
     labels_url: str | None = None
     storage_options: dict = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    layouts: object | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,8 @@ class FastReceipt:
     ok: bool
     n_rows: int
     mismatch: str = ""
+    #: what the rows gave the other layouts (:class:`esm2dask.formats.Uf90Parts`), if any
+    layouts: object | None = None
 
 
 @dataclass
@@ -281,6 +290,8 @@ def write_rows(rows: Rows, first_position: int, routing: Routing) -> int:
     labels = _labels(routing)
     written = 0
     for target in routing.targets:
+        if target.split_dir in routing.skip:
+            continue
         if target.label is None:
             own, first_ordinal = rows, first_position
             positions = None
@@ -304,6 +315,13 @@ def write_rows(rows: Rows, first_position: int, routing: Routing) -> int:
             _write_piece(routing, target.split_dir, shard, position, header, own.span(lo, hi))
             written += 1
     return written
+
+
+def emit_rows(rows: Rows, first_position: int, routing: Routing, name: str):
+    """The rows to every layout of the run: their CSV pieces (:func:`write_rows`), and to
+    ``routing.layouts`` if the run writes other layouts; returns what those wrote."""
+    write_rows(rows, first_position, routing)
+    return None if routing.layouts is None else routing.layouts.write(rows, first_position, name)
 
 
 def write_count_pieces(
@@ -501,8 +519,8 @@ def convert_in_order(
             f"record {block.name(i)!r} at byte {int(block.headers[i])} where the mapping has {expected_ids[i]!r}",
         )
     warn_empty_sequences(block, byte_range.url)
-    write_rows(block.rows, first_position, routing)
-    return FastReceipt(True, len(block))
+    parts = emit_rows(block.rows, first_position, routing, f"range-{byte_range.index:05d}")
+    return FastReceipt(True, len(block), layouts=parts)
 
 
 def _bucket_of(names: pl.Series, n_buckets: int) -> np.ndarray:
@@ -619,11 +637,13 @@ def _read_span(url: str, lo: int, hi: int, storage_options: dict) -> bytes:
 
 
 def gather_block(
-    parts: list[tuple[str, str, int, int, int, int]], first_position: int, n_rows: int, routing: Routing
-) -> int:
+    parts: list[tuple[str, str, int, int, int, int]], first_position: int, n_rows: int, routing: Routing,
+    block: int,
+):
     """Merge positions ``[first_position, first_position + n_rows)`` from every range's
-    scattered rows and write their pieces. ``parts``: (rows url, index url, first row,
-    end row, first byte, end byte) of each range that has rows in the block."""
+    scattered rows and write their pieces (and the other layouts' parts: returned).
+    ``parts``: (rows url, index url, first row, end row, first byte, end byte) of each
+    range that has rows in the block."""
     datas, positions, starts, offset = [], [], [], 0
     for url, index_url, row_lo, row_hi, byte_lo, byte_hi in parts:
         if row_hi <= row_lo:
@@ -634,14 +654,13 @@ def gather_block(
         starts.append(index[:, 1] - byte_lo + offset)
         offset += byte_hi - byte_lo
     if not datas or n_rows == 0:
-        return 0
+        return None
     merged = Rows(as_array(b"".join(datas)), np.append(np.concatenate(starts), offset))
     pos = np.concatenate(positions)
     order = np.argsort(pos, kind="stable")
     if len(pos) != n_rows or pos[order[0]] != first_position or pos[order[-1]] != first_position + n_rows - 1:
         raise RuntimeError(f"block at {first_position}: {len(pos)} rows, expected {n_rows}")  # pragma: no cover
-    write_rows(merged.take(order), first_position, routing)
-    return n_rows
+    return emit_rows(merged.take(order), first_position, routing, f"block-{block:05d}")
 
 
 def _list_pieces(work_dir: str, parts: tuple[str, ...], storage_options: dict) -> list[str]:

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from conftest import concat_md5, run_preprocess
+from esm2dask.config import UF90_FASTA
 
 SPEC_UF50 = "182293ff6155c04c75610bb53397d1af"
 SPEC_UF90 = "e9ffe11e5e6f5da097d65fc75219ce41"
@@ -50,9 +51,11 @@ def _cluster(dask_cluster):
 
 @pytest.fixture(scope="module")
 def qc_out(qc_dir, tmp_path_factory, dask_cluster):
-    """NVIDIA's QC sample in all three layouts, from one run."""
+    """NVIDIA's QC sample in all three layouts, from one run (1 MB byte ranges: 5 of uf90,
+    so 5 hf parts)."""
     out = tmp_path_factory.mktemp("qc") / "out"
-    result = run_preprocess(qc_dir, out, _cluster(dask_cluster), formats=ALL, **_qc_options(qc_dir))
+    result = run_preprocess(qc_dir, out, _cluster(dask_cluster), formats=ALL, partition_size="1MB",
+                            **_qc_options(qc_dir))
     return out, result
 
 
@@ -179,9 +182,11 @@ def test_qc_sample_in_three_layouts(qc_out, tmp_path):
     assert _parquet_types(out / "bionemo2/valid_clusters.parquet") == {"ur50_id": "string"}
     _hf_reads(out / "hf", tree, tmp_path)
     assert result.layouts["bionemo2/train.db"]["rows"] == 11296
-    assert result.layouts["hf/train"] == {"rows": 11296, "bytes": result.layouts["hf/train"]["bytes"], "files": 50}
+    # one hf part per uf90 byte range, written by the task that converted it
+    n_parts = result.stage_tasks["fast-uf90"]
+    assert result.layouts["hf/train"] == {"rows": 11296, "bytes": result.layouts["hf/train"]["bytes"], "files": n_parts}
     manifest = json.loads((out / "esm2dask-manifest.json").read_text())
-    assert {"bionemo2/train.db", "bionemo2/valid_clusters.parquet", "hf/train/part-00049.parquet",
+    assert {"bionemo2/train.db", "bionemo2/valid_clusters.parquet", f"hf/train/part-{n_parts - 1:05d}.parquet",
             "uf90/uf90_csvs/x049.csv"} <= set(manifest["files"])
     assert manifest["parameters"]["formats"] == list(ALL)
     check = CliRunner().invoke(cli, ["verify", str(out)])
@@ -192,9 +197,10 @@ def test_qc_sample_in_three_layouts(qc_out, tmp_path):
 @pytest.mark.parametrize("val_size, test_size", [(500, 100), (4000, 900)])
 def test_random_split(val_size, test_size, qc_dir, tmp_path, cluster_config):
     """Only the train-labelled clusters go into the train files. With 101 of them, some uf90
-    shards hold no training member: their hf parts are left out, the others renumbered."""
+    byte ranges (of 64 KB here) hold no training member: their hf parts are left out, the
+    others renumbered."""
     out = tmp_path / "out"
-    result = run_preprocess(qc_dir, out, cluster_config, formats=ALL, split="random",
+    result = run_preprocess(qc_dir, out, cluster_config, formats=ALL, split="random", partition_size="64KB",
                             val_size=val_size, test_size=test_size, seed=0, **_qc_options(qc_dir))
     tree = Esm2nvTree(out, with_test=True)
     assert len(tree.clusters) == 5001 - val_size - test_size
@@ -202,7 +208,7 @@ def test_random_split(val_size, test_size, qc_dir, tmp_path, cluster_config):
     _hf_reads(out / "hf", tree, tmp_path)
     assert result.layouts["bionemo2/test.db"]["rows"] == test_size
     assert result.layouts["hf/train"]["rows"] == sum(len(c) for c in tree.clusters) < 11296
-    assert (result.layouts["hf/train"]["files"] < 50) == (val_size == 4000)
+    assert (result.layouts["hf/train"]["files"] < result.stage_tasks["fast-uf90"]) == (val_size == 4000)
     check = CliRunner().invoke(cli, ["verify", str(out)])
     assert check.exit_code == 0, check.output
 
@@ -224,7 +230,7 @@ def test_shuffled_input_many_ranges_buckets_and_parts(tmp_path, cluster_config, 
     _hf_reads(out / "hf", tree, tmp_path)
     parts = sorted(p.name for p in (out / "hf/train").iterdir())
     assert len(parts) > 7 and parts[-1] == f"part-{len(parts) - 1:05d}.parquet"
-    assert result.bytes["uf90/uf90_csvs"] > 20 * 40_000  # so train.db is built from 20+ buckets
+    assert (raw / UF90_FASTA).stat().st_size > 20 * 40_000  # so train.db has 20+ buckets
     check = CliRunner().invoke(cli, ["verify", str(out)])
     assert check.exit_code == 0, check.output
 
@@ -235,7 +241,8 @@ def _md5(path: Path) -> str:
 
 def test_without_esm2nv_the_csv_tree_is_not_published(qc_dir, qc_out, tmp_path, cluster_config):
     out = tmp_path / "out"
-    result = run_preprocess(qc_dir, out, cluster_config, formats=("bionemo2",), **_qc_options(qc_dir))
+    result = run_preprocess(qc_dir, out, cluster_config, formats=("bionemo2",), partition_size="1MB",
+                            **_qc_options(qc_dir))
     assert not (out / "uf50").exists() and not (out / "uf90").exists() and not (out / "hf").exists()
     assert result.rows == {}
     full = qc_out[0] / "bionemo2"
@@ -249,6 +256,31 @@ def test_without_esm2nv_the_csv_tree_is_not_published(qc_dir, qc_out, tmp_path, 
     run_preprocess(qc_dir, out, cluster_config, formats=("hf",), overwrite=True, **_qc_options(qc_dir))
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["hf"]
     assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
+
+
+def test_without_esm2nv_no_train_csv_is_staged(qc_dir, tmp_path, cluster_config):
+    """``--format bionemo2``: the uf90 and uf50/train records go from the parse straight into
+    the layout's files; of the CSV rows only the validation split's (which its database is
+    made from) are staged. Stopped when train.db's pages are laid out, the staging folder
+    shows what the run wrote."""
+    from esm2dask.config import PreprocessConfig
+    from esm2dask.errors import Interrupted
+    from esm2dask.layout import STAGING_PREFIX
+    from esm2dask.preprocess import preprocess
+    from test_lifecycle import StopAt
+
+    out = tmp_path / "out"
+    config = PreprocessConfig.from_options(raw_dir=str(qc_dir), output_dir=str(out), cluster=cluster_config,
+                                           formats=("bionemo2",), partition_size="1MB", **_qc_options(qc_dir))
+    with pytest.raises(Interrupted):
+        preprocess(config, StopAt("bionemo2-train-layout"))
+    (staged,) = [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]
+    csvs = sorted(str(p.relative_to(staged)) for p in staged.rglob("*.csv"))
+    assert [c for c in csvs if c.startswith("tree/")] == [f"tree/uf50/val/x{k:03d}.csv" for k in range(50)]
+    assert all(c.startswith(("tree/uf50/val/", "work/pieces/uf50/val/")) for c in csvs), csvs
+    assert not list(staged.rglob("*.mmap")) and not list(staged.rglob("*.u64"))
+    runs = sorted(p.name for p in (staged / "work/formats/uf90/runs").iterdir())
+    assert runs == [f"range-{i:05d}.arrow" for i in range(5)]
 
 
 def test_too_few_clusters_for_bionemo2_is_one_clear_error(tmp_path, dask_cluster):

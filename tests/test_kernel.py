@@ -325,3 +325,36 @@ def test_every_byte_value_at_each_chunk_edge():
             for uppercase in (True, False):
                 want, got = _outcome(changed, uppercase)
                 assert got == want, (at, value)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(fasta_files(), st.booleans(), st.integers(1, 10**12))
+def test_the_columns_taken_from_the_rows_are_the_oracles_records(data, uppercase, first_id):
+    """The other layouts take names and sequences out of the CSV rows in memory
+    (``Rows.columns``); they must be the records a plain line parser reads, whatever the ids."""
+    want = parse_fasta_bytes(data, uppercase)
+    block = convert_block(data, 0, "mem.fa", uppercase=uppercase, first_id=first_id)
+    names, seqs = block.rows.columns()
+    assert list(zip(names.to_pylist(), seqs.to_pylist())) == want
+    reversed_rows = block.rows.take(list(range(len(block)))[::-1])
+    names, seqs = reversed_rows.columns()
+    assert list(zip(names.to_pylist(), seqs.to_pylist())) == want[::-1]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(fasta_files(), st.data())
+def test_row_sizes_are_the_oracles_rows_without_their_ids(data, draw):
+    """What the count pass tells the driver, so that every row is written once at its place:
+    each record's row size but its id, for any cut of the file into ranges."""
+    from esm2dask.kernel import row_sizes
+
+    want = [len(f",{n},{len(s)},{s}\n".encode()) for n, s in parse_fasta_bytes(data, True)]
+    cuts = sorted(set(draw.draw(st.lists(st.integers(1, max(len(data), 1)), max_size=6))))
+    f = io.BytesIO(data)
+    bounds = [0, *[c for c in cuts if c < len(data)], len(data)]
+    got = []
+    for i in range(len(bounds) - 1):
+        _, block = read_owned_bytes(f, ByteRange("mem.fa", bounds[i], bounds[i + 1], i, len(data)))
+        buf = as_array(block)
+        got += row_sizes(buf, count_records(buf)).tolist()
+    assert got == want

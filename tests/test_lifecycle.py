@@ -349,10 +349,10 @@ def test_non_utf8_byte_in_mapping_is_one_error_and_leaves_nothing(raw, tmp_path,
 def test_a_failure_is_reported_as_what_it_is(raw, tmp_path, cluster_config, monkeypatch):
     from esm2dask import preprocess as module
 
-    def broken(self, *a, **kw):
+    def broken(*a, **kw):
         raise RuntimeError("a bug in assembly")
 
-    monkeypatch.setattr(module._Run, "_assemble", broken)
+    monkeypatch.setattr(module, "assemble", broken)
     from esm2dask.errors import UnexpectedError
 
     reporter = StopAt()

@@ -441,7 +441,7 @@ def test_a_failed_first_run_leaves_no_log_in_out(raw, tmp_path, cluster_config, 
 
 def test_a_dead_writers_tmp_is_never_published(raw, tmp_path, cluster_config):
     out = tmp_path / "out"
-    staged = _interrupted_run(raw, out, cluster_config, stage="uf90-parts", formats=("bionemo2",))
+    staged = _interrupted_run(raw, out, cluster_config, stage="bionemo2-train-layout", formats=("bionemo2",))
     stale = [staged / "tree" / "bionemo2" / "train_clusters.parquet.4242-1.tmp",
              staged / "tree" / "bionemo2" / "x.1-2.tmp", staged / "work" / "pieces" / "x.csv.7-7.tmp"]
     for path in stale:

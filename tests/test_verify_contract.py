@@ -45,9 +45,23 @@ def qc_tree(qc_dir, tmp_path_factory, dask_cluster):
     test = _test_fasta(qc_dir, base / "test_records.fasta")
     out = base / "out"
     cluster = ClusterConfig(scheduler_address=dask_cluster.scheduler_address, dashboard_address=None)
+    # 1 MB byte ranges: uf90 in 5, so hf/train in 5 parts
     run_preprocess(qc_dir, out, cluster, formats=ALL, uf90=str(qc_dir / "ur90_ur50_sampler.fasta"),
-                   val=str(qc_dir / "uniref50_train_filt.fasta"), test=str(test))
+                   val=str(qc_dir / "uniref50_train_filt.fasta"), test=str(test), partition_size="1MB")
     return out
+
+
+def _uf90_place(tree: Path, part: str, row: int) -> str:
+    """Where row ``row`` of ``hf/train/<part>`` sits in the uf90 CSV shards (line 1 is the header)."""
+    import pyarrow.parquet as pq
+
+    from esm2dask.layout import shard_bounds
+
+    parts = sorted((tree / "hf/train").glob("part-*.parquet"))
+    position = sum(pq.ParquetFile(p).metadata.num_rows for p in parts[: [p.name for p in parts].index(part)]) + row
+    bounds = shard_bounds(11296, 50)
+    shard = int(np.searchsorted(bounds, position, side="right")) - 1
+    return f"uf90/uf90_csvs/x{shard:03d}.csv line {position - int(bounds[shard]) + 2}"
 
 
 @pytest.fixture
@@ -236,7 +250,7 @@ def test_changed_sequences_in_bionemo2_and_hf(tree):
         reseal(tree, f"bionemo2/{db}")
         expected.append((f"bionemo2/{db}: the sequence of {ident!r} differs from {reference} ({reference}/x",))
     # hf/validation is one part (5,001 rows), x000.csv holds its first 101: x001.csv line 9 is row 108
-    for rel, reference, row in (("hf/train/part-00003.parquet", "uf90/uf90_csvs/x003.csv line 9", 7),
+    for rel, reference, row in (("hf/train/part-00003.parquet", _uf90_place(tree, "part-00003.parquet", 7), 7),
                                 ("hf/validation/part-00000.parquet", "uf50/val/x001.csv line 9", 101 + 7),
                                 ("hf/test/part-00000.parquet", "uf50/test/x000.csv line 4", 2)):
         _change_hf_sequence(tree / rel, row)

@@ -1,0 +1,122 @@
+"""Every stage a ``preprocess`` run can run, as data: one table for the run and for ``--plan``.
+
+A stage is a set of parallel tasks of one function. :func:`stage_table` lists, for one
+run's options and input sizes, each stage the run will run: its name (the dashboard's and
+the progress line's), its task function, when it runs, how many tasks it has and how many
+input bytes they read. ``--plan`` prints the table; the runner (:mod:`esm2dask.runner`)
+takes each stage's function from it by name and refuses a stage the table does not list,
+so the two cannot drift apart.
+
+``when`` is one of
+
+- ``always``: every run of these options;
+- ``fallback-uf50`` / ``fallback-uf90``: only when that FASTA's records do not stand in
+  mapping order (or a mapping id repeats): the hash join;
+- ``resume``: only on ``--resume``, to re-read the ranges the interrupted run had read.
+
+The order is the order in which the run starts them. Task counts are exact except where
+they depend on the data (``exact=False``: the ``hf`` evaluation parts, one per million rows,
+and the ``train.db`` id ranges, of which equal sampled splitters may merge a few).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import formats, storage, tasks
+from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF90
+
+#: The stream names of the two FASTAs joined to the mapping.
+STREAMS = ("uf50", "uf90")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable
+    tasks: int
+    read_bytes: int = 0  # input bytes its tasks read (0: tasks over intermediate files)
+    when: str = "always"
+    exact: bool = True  # whether ``tasks`` is known before the run (see the module notes)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "tasks": self.tasks, "read_bytes": self.read_bytes, "when": self.when,
+                "exact": self.exact}
+
+
+def staged_csv_dirs(config) -> tuple[str, ...]:
+    """The ESM2nv folders whose CSV shards the run stages: all with esm2nv; without it only
+    the evaluation splits the other layouts read back."""
+    if "esm2nv" in config.formats:
+        return SPLIT_DIRS
+    return tuple(d for d in SPLIT_DIRS if d not in (UF50_TRAIN, UF90)
+                 and (d != UF50_TEST or config.has_own_test_split))
+
+
+def n_arrays(config) -> int:
+    """``counts.mmap`` and ``starts.mmap`` of each uf50 split that has them."""
+    return 2 * (3 if config.split == "random" else 1) if "esm2nv" in config.formats else 0
+
+
+def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buckets: dict[str, int],
+                n_copies: int) -> tuple[Stage, ...]:
+    """The stages of one run: ``ranges``/``sizes`` by input role (mapping, uf50, uf90, val,
+    test), the join's hash buckets by stream, and the inputs copied beside the tree."""
+    fastas = [role for role in ranges if role != "mapping"]
+    n_map = ranges["mapping"]
+    esm2nv, bionemo2, hf = (f in config.formats for f in ("esm2nv", "bionemo2", "hf"))
+
+    def over(role: str, name: str, fn, when: str = "always") -> Stage:
+        return Stage(name, fn, ranges[role], sizes[role], when)
+
+    table = [over("mapping", "scan-mapping", tasks.scan_mapping)]
+    table += [over(role, f"count-{role}", tasks.count_fasta) for role in fastas]
+    # --resume: the ranges the interrupted run had read are read again and compared
+    table.append(Stage("check-inputs", tasks.range_digest, sum(ranges.values()), sum(sizes.values()), "resume",
+                       exact=False))
+    db_buckets = formats.train_db_buckets(config, sizes["uf90"])
+    if bionemo2 and db_buckets > 1:
+        table.append(Stage("bionemo2-sample-ids", formats.sample_member_ids, n_map))
+    if esm2nv:
+        table.append(Stage("write-counts", tasks.write_counts, n_map))
+    table += [over(role, f"convert-{role}", tasks.convert_in_file_order) for role in ("val", "test")
+              if role in ranges]
+    for name in STREAMS:
+        table += [over(name, f"fast-{name}", tasks.convert_in_order),
+                  Stage(f"check-ids-{name}", tasks.count_duplicate_hashes, hash_buckets[name])]
+    for name in STREAMS:
+        when = f"fallback-{name}"
+        table += [
+            Stage(f"bucket-ids-{name}", tasks.bucket_ids, n_map, 0, when),
+            over(name, f"index-{name}", tasks.index_fasta, when),
+            Stage(f"join-{name}", tasks.join_ids, hash_buckets[name], 0, when),
+            over(name, f"scatter-{name}", tasks.scatter_fasta, when),
+            # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
+            Stage(f"gather-{name}", tasks.gather_block, ranges[name], 0, when),
+        ]
+    n_shards = len(staged_csv_dirs(config)) * config.num_csv_files
+    table.append(Stage("assemble", tasks.assemble_shard, n_shards))
+    if esm2nv:
+        table.append(Stage("assemble-mmap", tasks.assemble_array, n_arrays(config)))
+    evals = formats.eval_splits(config)
+    n_layout_files = 0
+    if bionemo2:
+        table.append(Stage("bionemo2-train-clusters", formats.write_train_clusters, 1))
+        table += [Stage(f"bionemo2-{db.split('.')[0]}", formats.write_bionemo2_eval, 1) for *_, db in evals]
+        table += [Stage("bionemo2-train-layout", formats.layout_train_chunk, db_buckets, exact=False),
+                  Stage("bionemo2-train-pages", formats.write_train_chunk, db_buckets, exact=False),
+                  Stage("bionemo2-train-db", formats.finish_train_db, 1)]
+        n_layout_files += 2 + 2 * len(evals)
+    if hf:
+        table += [Stage(f"hf-{split}", formats.write_hf_eval_part, 1, exact=False) for _, split, _, _ in evals]
+        # train: one part per uf90 range (written by fast-uf90 or gather-uf90), eval: one each
+        n_layout_files += ranges["uf90"] + len(evals)
+    n_files = (n_shards if esm2nv else 0) + n_arrays(config) + n_layout_files + n_copies
+    # sha256 of every output file and of every input copied beside them, for the manifest
+    table.append(Stage("checksum", storage.sha256_file, n_files, exact=not hf))
+    return tuple(table)
+
+
+def by_name(table: tuple[Stage, ...]) -> dict[str, Stage]:
+    return {s.name: s for s in table}
