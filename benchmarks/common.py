@@ -51,6 +51,11 @@ class Run:
     #: from the run's manifest: seconds per stage, and the other layouts' rows and bytes
     stage_seconds: dict = field(default_factory=dict)
     layouts: dict = field(default_factory=dict)
+    #: bytes the run's processes read and wrote through system calls (Linux rchar/wchar,
+    #: copy_file_range included), and the bytes of the published output
+    read_chars: int = 0
+    write_chars: int = 0
+    output_bytes: int = 0
 
 
 class _RssSampler(threading.Thread):
@@ -60,6 +65,7 @@ class _RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.peak: dict[int, float] = {}
+        self.io: dict[int, tuple[int, int]] = {}  # pid -> (read_chars, write_chars), the last seen
         self.stop = threading.Event()
 
     def run(self):
@@ -75,9 +81,11 @@ class _RssSampler(threading.Thread):
             for p in procs:
                 try:
                     rss = p.memory_info().rss / 2**20
+                    io = p.io_counters()
                 except psutil.Error:
                     continue
                 self.peak[p.pid] = max(self.peak.get(p.pid, 0.0), rss)
+                self.io[p.pid] = (io.read_chars, io.write_chars)
             time.sleep(0.02)
 
 
@@ -93,14 +101,18 @@ def cp_floor(raw: Path, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def preprocess(raw: Path, label: str, *args: str) -> Run:
-    """Run ``esm2dask preprocess`` as a subprocess; wall time, RSS, tasks, output digest."""
+def preprocess(raw: Path, label: str, *args: str, code: Path | None = None) -> Run:
+    """Run ``esm2dask preprocess`` as a subprocess; wall time, RSS, bytes read and written,
+    tasks, output digest. ``code``: a checkout of another revision to run instead (its
+    ``cli`` and ``esm2dask`` first on the path), for before/after in one study."""
     out = Path(tempfile.mkdtemp(dir=raw.parent)) / "out"
     report = out.parent / "report.json"
     cmd = [*ESM2DASK, "preprocess", str(raw), "-o", str(out), "--plain", "--json", "--dashboard-address", ":0",
            *args]
+    env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=None if code is None else str(code))
     sampler = _RssSampler(proc.pid)
     sampler.start()
     stdout, stderr = proc.communicate()
@@ -118,11 +130,16 @@ def preprocess(raw: Path, label: str, *args: str) -> Run:
     driver = sampler.peak.pop(proc.pid, 0.0)
     worker = max(sampler.peak.values(), default=0.0)
     input_mb = manifest["input_bytes"] / 1e6
+    # the tree and the inputs copied beside it: every byte the run publishes
+    output = sum(f["bytes"] for key in ("files", "copied_inputs") for f in (manifest.get(key) or {}).values())
+    read_chars = sum(r for r, _ in sampler.io.values())
+    write_chars = sum(w for _, w in sampler.io.values())
     shutil.rmtree(out.parent)
     del report
     return Run(label, round(wall, 2), round(input_mb, 1), round(input_mb / wall, 1), tasks,
                round(driver, 1), round(worker, 1), digest=digest,
-               stage_seconds=manifest.get("stage_seconds", {}), layouts=manifest.get("layouts", {}))
+               stage_seconds=manifest.get("stage_seconds", {}), layouts=manifest.get("layouts", {}),
+               read_chars=read_chars, write_chars=write_chars, output_bytes=output)
 
 
 def add_small(ap, **presets) -> None:

@@ -113,7 +113,7 @@ class Uf90Parts:
     order; one may hold no row) and its sorted ``train.db`` run."""
 
     hf: list[Written] = field(default_factory=list)
-    run_url: str = ""
+    run_url: str | None = None
     #: where each ``train.db`` bucket begins in the sorted run
     bucket_bounds: list[int] = field(default_factory=list)
 
@@ -124,7 +124,7 @@ class TrainChunkReceipt:
     its pages, uploaded for the final step to place)."""
 
     edges_url: str
-    region_url: str = ""
+    region_url: str | None = None
 
 
 #: what ``--resume`` may read back of these stages (JSON data, see esm2dask.receipts)
@@ -355,7 +355,7 @@ def write_train_chunk(slices: list[Slice], order_url: str, first_rowid: int, fir
             edges = chunk.write(path, first_page, file_offset=0)
     with _local_target(edges_url, storage_options) as path:
         edges.save(path)
-    return TrainChunkReceipt(edges_url, "" if storage.is_local(db_url) else region_url)
+    return TrainChunkReceipt(edges_url, None if storage.is_local(db_url) else region_url)
 
 
 def finish_train_db(chunks: list[TrainChunkReceipt], layouts: list[sqlite_pages.ChunkLayout], pages_url: str,

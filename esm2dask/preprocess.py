@@ -34,14 +34,14 @@ from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_perform
 from .config import PreprocessConfig
 from .errors import ConfigError, Esm2DaskError, Interrupted, UnexpectedError
 from .formats import Layouts, SplitLabels, hf_part_name
-from .layout import SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
+from .layout import CSV_HEADER, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds, shard_name
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
 from .publish import OutputLock, StaleStaging, Staging, input_copies, refuse_output_in_input
 from .ranges import ByteRange
 from .runner import Runner, stage_of_key, task_key  # noqa: F401  (task keys are read back by their stage)
-from .stages import staged_csv_dirs
+from .stages import PLACED_DIRS, placed_streams, staged_csv_dirs
 from .tasks import Routing, Slice, Target
 
 LABEL_TRAIN, LABEL_VAL, LABEL_TEST = 0, 1, 2
@@ -157,6 +157,7 @@ class Scan:
 
     mapping: list
     counts: dict[str, list[int]]  # role -> records of each range
+    sizes_urls: dict[str, list[str]]  # role -> where each range's row sizes are (placed streams)
     first: dict[str, np.ndarray]  # role -> first record position of each range, then the total
     cluster_first: np.ndarray
     member_first: np.ndarray
@@ -180,6 +181,7 @@ class Stream:
     key_first: np.ndarray  # the first position of each mapping range's ids, then the total
     routing: Routing
     report: StreamReport
+    placed: bool = False  # its rows written once, in place (esm2dask.stages.placed_streams)
 
     @property
     def n_keys(self) -> int:
@@ -196,14 +198,17 @@ def scan(run: Run) -> Scan:
     roles = [i.role for i in run.plan.inputs if i.role != "mapping"]
     mapping_handles = run.runner.submit(
         "scan-mapping", [(r, run.work, run.so, hash_buckets) for r in run.ranges("mapping")])
-    count_handles = {role: run.runner.submit(f"count-{role}", [(r, run.so) for r in run.ranges(role)])
-                     for role in roles}
+    placed = placed_streams(run.config)
+    count_handles = {role: run.runner.submit(f"count-{role}", [
+        (r, run.so, storage.join(run.work, "sizes", role, f"{r.index:05d}.npy") if role in placed else None)
+        for r in run.ranges(role)]) for role in roles}
     mapping = run.runner.wait("scan-mapping", mapping_handles)
     counted = {role: run.runner.wait(f"count-{role}", handles) for role, handles in count_handles.items()}
     check_unchanged(run, {"mapping": (mapping_handles, mapping),
                           **{role: (count_handles[role], got) for role, got in counted.items()}})
     counts = {role: [c.n_records for c in got] for role, got in counted.items()}
-    found = Scan(mapping, counts, {role: _first_positions(c) for role, c in counts.items()},
+    sizes_urls = {role: [c.sizes_url for c in got] for role, got in counted.items()}
+    found = Scan(mapping, counts, sizes_urls, {role: _first_positions(c) for role, c in counts.items()},
                  _first_positions([m.n_clusters for m in mapping]), _first_positions([m.n_members for m in mapping]))
     if found.n_clusters == 0:
         raise Esm2DaskError(f"{run.config.mapping}: the mapping lists no clusters")
@@ -248,11 +253,34 @@ def split_targets(run: Run, found: Scan) -> tuple[tuple[Target, ...], str | None
     return targets, run.staging.write_labels(labels)
 
 
+def place(run: Run, found: Scan, stream: Stream) -> list[list]:
+    """Where each range's rows go: ``[shard, offset, bytes]`` of each of its cuts, from the
+    row sizes the count pass saved; the stream's shards are made at their final size (the
+    header in place), so that each range writes its rows once, straight into them."""
+    (target,) = stream.routing.targets
+    bounds = shard_bounds(target.n_rows, run.config.num_csv_files)
+    first = found.first[stream.name]
+    placed = run.runner.run(f"place-{stream.name}", [
+        (url, int(first[i]), bounds.tolist(), run.so) for i, url in enumerate(found.sizes_urls[stream.name])
+    ])
+    ends = [len(CSV_HEADER)] * run.config.num_csv_files
+    placement = []
+    for receipt in placed:
+        cuts = []
+        for shard, size in receipt.shard_bytes:
+            cuts.append([shard, ends[shard], size])
+            ends[shard] += size
+        placement.append(cuts)
+    run.staging.make_shards(target.split_dir, ends)
+    return placement
+
+
 def convert(run: Run, found: Scan, streams: dict[str, Stream], uf50_routing: Routing,
             rows: dict[str, int]) -> dict[str, list]:
     """``counts``/``starts``, the val/test files in file order, and each stream on the fast
-    path where its records stand in mapping order and no mapping id repeats. Returns the
-    fast path's results of each stream that took it (see :func:`join` for the others)."""
+    path where its records stand in mapping order and no mapping id repeats (written in
+    place where :func:`esm2dask.stages.placed_streams` says). Returns the fast path's
+    results of each stream that took it (see :func:`join` for the others)."""
     cfg, runner = run.config, run.runner
     handles: dict[str, list] = {}
     if "write-counts" in runner.table:  # with esm2nv
@@ -288,9 +316,13 @@ def convert(run: Run, found: Scan, streams: dict[str, Stream], uf50_routing: Rou
         pieces = [(getattr(m, f"{stream.kind}_url"), int(stream.key_first[i]),
                    int(stream.key_first[i + 1] - stream.key_first[i])) for i, m in enumerate(found.mapping)]
         first = found.first[name]
+        # placed, unless an interrupted run found the order broken (then every fast task's
+        # receipt is there: none runs again)
+        placement = (place(run, found, stream) if stream.placed and not run.staging.marker(f"fallback-{name}")
+                     else [None] * len(run.ranges(name)))
         fast[name] = runner.submit(f"fast-{name}", [
             (rng, int(first[i]), int(found.counts[name][i]), _slices_for(pieces, int(first[i]), int(first[i + 1])),
-             stream.routing)
+             stream.routing, placement[i])
             for i, rng in enumerate(run.ranges(name))
         ])
         # A repeated mapping id would make the fast path differ from "first occurrence
@@ -360,14 +392,17 @@ def join(run: Run, found: Scan, stream: Stream) -> list:
     ])
 
 
-def assemble(run: Run, uf50_targets: tuple[Target, ...]) -> tuple[dict[str, int], list[str]]:
-    """Each staged shard from its pieces, and ``counts``/``starts`` (with esm2nv). Returns
-    the bytes by folder and the files written, relative to the tree."""
+def assemble(run: Run, uf50_targets: tuple[Target, ...], placed: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Each staged shard from its pieces (but those of the ``placed`` folders, written in
+    place), and ``counts``/``starts`` (with esm2nv). Returns the bytes by folder and the
+    files written, relative to the tree."""
     cfg = run.config
-    jobs = [(d, k) for d in staged_csv_dirs(cfg) for k in range(cfg.num_csv_files)]
+    jobs = [(d, k) for d in staged_csv_dirs(cfg) if d not in placed for k in range(cfg.num_csv_files)]
     run.staging.make_split_dirs([d for d in staged_csv_dirs(cfg)])
     sizes = run.runner.run("assemble", [(run.work, run.staging.tree_dir, d, k, run.so) for d, k in jobs])
     out: dict[str, int] = {d: 0 for d in SPLIT_DIRS}
+    for d in placed:
+        out[d] = sum(run.staging.shard_sizes(d, cfg.num_csv_files))
     for (d, _), size in zip(jobs, sizes):
         out[d] += size
     arrays = []
@@ -377,7 +412,8 @@ def assemble(run: Run, uf50_targets: tuple[Target, ...]) -> tuple[dict[str, int]
                                                        for d, name in arrays])
         for (d, _), size in zip(arrays, array_sizes):
             out[d] += size
-    return out, [f"{d}/{shard_name(k)}" for d, k in jobs] + [f"{d}/{name}.mmap" for d, name in arrays]
+    shards = [f"{d}/{shard_name(k)}" for d in staged_csv_dirs(cfg) for k in range(cfg.num_csv_files)]
+    return out, shards + [f"{d}/{name}.mmap" for d, name in arrays]
 
 
 def checksums(run: Run) -> dict[str, str]:
@@ -411,13 +447,15 @@ def execute(run: Run) -> Converted:
     layouts = Layouts(run.runner, run.staging, cfg, found.mapping,
                       SplitLabels(labels_url, LABEL_TRAIN) if labels_url else None, run.plan)
     skip = tuple(d for d in SPLIT_DIRS if d not in staged_csv_dirs(cfg))
-    routing = Routing((), cfg.num_csv_files, run.work, None, run.so, skip)
+    routing = Routing((), cfg.num_csv_files, run.work, None, run.so, skip, tree_dir=run.staging.tree_dir)
+    placed = placed_streams(cfg)
     streams = {
         "uf50": Stream("uf50", "clusters", found.cluster_first,
-                       replace(routing, targets=uf50_targets, labels_url=labels_url), StreamReport(cfg.uf50)),
+                       replace(routing, targets=uf50_targets, labels_url=labels_url), StreamReport(cfg.uf50),
+                       "uf50" in placed),
         "uf90": Stream("uf90", "members", found.member_first,
                        replace(routing, targets=(Target(UF90, found.n_members),), layouts=layouts.uf90_sink()),
-                       StreamReport(cfg.uf90)),
+                       StreamReport(cfg.uf90), "uf90" in placed),
     }
     rows = {UF50_TRAIN: 0, UF50_VAL: 0, UF50_TEST: 0, UF90: found.n_members}
     for t in uf50_targets:
@@ -429,13 +467,15 @@ def execute(run: Run) -> Converted:
             continue
         if not run.staging.marker(f"fallback-{name}"):  # what the fast path wrote goes
             run.staging.remove_pieces([t.split_dir for t in stream.routing.targets])
+            if stream.placed:
+                run.staging.remove_shards(PLACED_DIRS[name])
             if name == "uf90":
                 layouts.remove_uf90_parts()
             run.staging.set_marker(f"fallback-{name}")
         gathered = join(run, found, stream)
         if name == "uf90":
             uf90_parts = gathered
-    sizes, esm2nv_files = assemble(run, uf50_targets)
+    sizes, esm2nv_files = assemble(run, uf50_targets, [PLACED_DIRS[n] for n in fast if streams[n].placed])
     written = layouts.finish(rows, uf90_parts) if layouts.wanted else {}
     if "esm2nv" not in cfg.formats:  # staged for the others, not published
         rows, sizes, esm2nv_files = {}, {}, []

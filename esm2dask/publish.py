@@ -621,6 +621,35 @@ class Staging:
                 if _name(p).isdigit():
                     self.fs.rm(p, recursive=True)
 
+    def make_shards(self, split_dir: str, sizes: list[int]) -> None:
+        """The shards of a folder whose rows are written in place (local only), each at its
+        final size with the CSV header at its start. A shard already that size is an
+        interrupted run's, with the rows its finished tasks wrote: it is kept."""
+        from .layout import CSV_HEADER, shard_name
+
+        folder = self._path(storage.join(self.tree_dir, split_dir))
+        os.makedirs(folder, exist_ok=True)
+        for k, size in enumerate(sizes):
+            path = os.path.join(folder, shard_name(k))
+            st = _lstat(path)
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size:
+                continue
+            with open(path, "wb") as f:
+                f.write(CSV_HEADER)
+                f.truncate(size)
+
+    def shard_sizes(self, split_dir: str, num_files: int) -> list[int]:
+        from .layout import shard_name
+
+        folder = self._path(storage.join(self.tree_dir, split_dir))
+        return [os.path.getsize(os.path.join(folder, shard_name(k))) for k in range(num_files)]
+
+    def remove_shards(self, split_dir: str) -> None:
+        """Drop a folder's shards written in place (its FASTA turned out to be out of order)."""
+        path = self._path(storage.join(self.tree_dir, split_dir))
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
     def make_split_dirs(self, split_dirs) -> None:
         for d in split_dirs:
             self.fs.makedirs(self._path(storage.join(self.tree_dir, d)), exist_ok=True)

@@ -54,6 +54,21 @@ def staged_csv_dirs(config) -> tuple[str, ...]:
                  and (d != UF50_TEST or config.has_own_test_split))
 
 
+def placed_streams(config) -> tuple[str, ...]:
+    """The FASTAs whose ESM2nv rows are written once, each at its final place in its shard
+    (the count pass measures every row first, :func:`esm2dask.tasks.place_rows`): on a local
+    or POSIX output, uf90, and uf50 unless ``--split random`` spreads its rows over three
+    folders. The others, and any FASTA out of mapping order, write pieces that are then
+    assembled into the shards."""
+    if "esm2nv" not in config.formats or not storage.is_local(config.output_dir):
+        return ()
+    return ("uf90",) if config.split == "random" else ("uf50", "uf90")
+
+
+#: the ESM2nv folder each placed stream fills
+PLACED_DIRS = {"uf50": UF50_TRAIN, "uf90": UF90}
+
+
 def n_arrays(config) -> int:
     """``counts.mmap`` and ``starts.mmap`` of each uf50 split that has them."""
     return 2 * (3 if config.split == "random" else 1) if "esm2nv" in config.formats else 0
@@ -72,6 +87,7 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
 
     table = [over("mapping", "scan-mapping", tasks.scan_mapping)]
     table += [over(role, f"count-{role}", tasks.count_fasta) for role in fastas]
+    placed = placed_streams(config)
     # --resume: the ranges the interrupted run had read are read again and compared
     table.append(Stage("check-inputs", tasks.range_digest, sum(ranges.values()), sum(sizes.values()), "resume",
                        exact=False))
@@ -83,6 +99,8 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
     table += [over(role, f"convert-{role}", tasks.convert_in_file_order) for role in ("val", "test")
               if role in ranges]
     for name in STREAMS:
+        if name in placed:  # where each range's rows go in each shard, from the sizes counted
+            table.append(Stage(f"place-{name}", tasks.place_rows, ranges[name]))
         table += [over(name, f"fast-{name}", tasks.convert_in_order),
                   Stage(f"check-ids-{name}", tasks.count_duplicate_hashes, hash_buckets[name])]
     for name in STREAMS:
@@ -96,7 +114,8 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
             Stage(f"gather-{name}", tasks.gather_block, ranges[name], 0, when),
         ]
     n_shards = len(staged_csv_dirs(config)) * config.num_csv_files
-    table.append(Stage("assemble", tasks.assemble_shard, n_shards))
+    # at most: the placed folders' shards are written in place, unless their FASTA is out of order
+    table.append(Stage("assemble", tasks.assemble_shard, n_shards, exact=not placed))
     if esm2nv:
         table.append(Stage("assemble-mmap", tasks.assemble_array, n_arrays(config)))
     evals = formats.eval_splits(config)

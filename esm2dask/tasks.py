@@ -39,8 +39,8 @@ import numpy as np
 import polars as pl
 
 from . import npyfile, receipts, storage
-from .errors import InputError
-from .kernel import Rows, as_array, convert_block, count_records
+from .errors import Esm2DaskError, InputError
+from .kernel import Rows, as_array, convert_block, count_records, row_sizes
 from .layout import CSV_HEADER, shard_bounds, shard_name
 from .mapping import line_number, parse_mapping_block
 from .ranges import ByteRange, find_record_start, read_owned_bytes
@@ -80,6 +80,8 @@ class Routing:
     storage_options: dict = field(default_factory=dict)
     skip: tuple[str, ...] = ()
     layouts: object | None = None
+    #: the staged tree, where rows placed by the driver (:func:`place_rows`) are written
+    tree_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,10 +110,19 @@ class MappingReceipt:
 
 @dataclass
 class CountReceipt:
-    """Records one FASTA range owns, and the :func:`content_digest` of its bytes as read."""
+    """Records one FASTA range owns, and the :func:`content_digest` of its bytes as read;
+    with ``sizes_url``, where each record's row size (but its id) was saved."""
 
     n_records: int
     digest: str = ""
+    sizes_url: str | None = None
+
+
+@dataclass
+class PlaceReceipt:
+    """The bytes one range's rows fill in each shard they go to: ``[shard, bytes]`` pairs."""
+
+    shard_bytes: list
 
 
 @dataclass
@@ -155,7 +166,8 @@ class ScatterReceipt:
 
 
 #: what ``--resume`` may read back (as JSON data, never code): one line per new receipt type
-receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt, CountReceipt)
+receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt, CountReceipt,
+                  PlaceReceipt)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -279,12 +291,28 @@ def _write_piece(routing: Routing, split_dir: str, shard: int, first_position: i
         f.write(header + bytes(payload))
 
 
-def write_rows(rows: Rows, first_position: int, routing: Routing) -> int:
+@storage.retrying
+def _write_placed(path: str, offset: int, payload: memoryview) -> None:
+    """Rows at their place in a shard the driver made at its final size (``pwrite``): a
+    task run again writes the same bytes at the same place."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(payload):
+            done += os.pwrite(fd, payload[done:], offset + done)
+    finally:
+        os.close(fd)
+
+
+def write_rows(rows: Rows, first_position: int, routing: Routing, placement: list | None = None) -> int:
     """Write the CSV rows of positions ``[first_position, first_position + len(rows))``.
 
     Each target gets the rows it owns, cut at its shard boundaries; each cut is one CSV
     piece named by its first position so that pieces sort in row order. The rows are
     written as they are (their ``record_id`` is the position + 1). Returns pieces written.
+
+    With ``placement`` (one target; ``[shard, offset, bytes]`` of each cut, from the
+    driver), each cut is written straight into its shard in the staged tree instead, once.
     """
     n = len(rows)
     labels = _labels(routing)
@@ -312,15 +340,25 @@ def write_rows(rows: Rows, first_position: int, routing: Routing) -> int:
             hi = min(int(bounds[shard + 1]), end_ordinal) - first_ordinal
             header = CSV_HEADER if lo + first_ordinal == int(bounds[shard]) else b""
             position = first_position + lo if positions is None else int(positions[lo])
-            _write_piece(routing, target.split_dir, shard, position, header, own.span(lo, hi))
+            if placement is None:
+                _write_piece(routing, target.split_dir, shard, position, header, own.span(lo, hi))
+            else:
+                placed_shard, offset, size = placement[written]
+                payload = own.span(lo, hi)
+                if placed_shard != shard or size != len(payload):
+                    raise Esm2DaskError(
+                        f"rows {first_position + lo}…{first_position + hi} of {target.split_dir}: {len(payload)} "
+                        f"bytes where the count pass measured {size}; was an input changed during the run?")
+                _write_placed(storage.local_path(storage.join(routing.tree_dir, target.split_dir, shard_name(shard))),
+                              offset, payload)
             written += 1
     return written
 
 
-def emit_rows(rows: Rows, first_position: int, routing: Routing, name: str):
-    """The rows to every layout of the run: their CSV pieces (:func:`write_rows`), and to
+def emit_rows(rows: Rows, first_position: int, routing: Routing, name: str, placement: list | None = None):
+    """The rows to every layout of the run: their CSV rows (:func:`write_rows`), and to
     ``routing.layouts`` if the run writes other layouts; returns what those wrote."""
-    write_rows(rows, first_position, routing)
+    write_rows(rows, first_position, routing, placement)
     return None if routing.layouts is None else routing.layouts.write(rows, first_position, name)
 
 
@@ -398,22 +436,30 @@ def scan_mapping(
     return receipt
 
 
-def count_fasta(byte_range: ByteRange, storage_options: dict) -> CountReceipt:
+def count_fasta(byte_range: ByteRange, storage_options: dict, sizes_url: str | None = None) -> CountReceipt:
     """Number of records ``byte_range`` owns (the kernel's count, at memory speed), and the
-    :func:`content_digest` of the bytes counted.
+    :func:`content_digest` of the bytes counted; with ``sizes_url``, each record's row size
+    but its id saved there (:func:`esm2dask.kernel.row_sizes`), for :func:`place_rows`.
 
     A local file is mapped, not read: the count and the digest walk the page cache in
     place, with no copy of the range and no fresh memory to fault in
     (benchmarks/results/kernel.md).
     """
+    def counted(view) -> CountReceipt:
+        n = count_records(view)
+        if sizes_url is None:
+            return CountReceipt(n, content_digest(byte_range.url, view))
+        _write_npy(sizes_url, row_sizes(view, n), storage_options)
+        return CountReceipt(n, content_digest(byte_range.url, view), sizes_url)
+
     if not storage.is_local(byte_range.url):
         _, data = _read_range(byte_range, storage_options)
-        return CountReceipt(count_records(as_array(data)), content_digest(byte_range.url, data))
+        return counted(as_array(data))
     with open(storage.local_path(byte_range.url), "rb") as f:
         begin = find_record_start(f, byte_range.start, byte_range.file_size)
         end = find_record_start(f, byte_range.stop, byte_range.file_size)
         if end <= begin:
-            return CountReceipt(0, content_digest(byte_range.url, b""))
+            return counted(np.zeros(0, dtype=np.uint8))
         size = os.fstat(f.fileno()).st_size
         if size < end:
             raise OSError(
@@ -424,13 +470,38 @@ def count_fasta(byte_range: ByteRange, storage_options: dict) -> CountReceipt:
         mapped.madvise(mmap.MADV_SEQUENTIAL, begin - begin % mmap.PAGESIZE)
         view = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin)
         try:
-            return CountReceipt(count_records(view), content_digest(byte_range.url, view))
+            return counted(view)
         finally:
             del view
             try:
                 mapped.close()
             except BufferError:  # a library still holds a view (numba frees its own later):
                 pass  # the map goes with the last reference to it
+
+
+#: 10, 100, … : a number's decimal digits are 1 + how many of these are not above it
+_POWERS_OF_TEN = np.array([10**k for k in range(1, 19)], dtype=np.int64)
+
+
+def place_rows(sizes_url: str, first_position: int, bounds: list[int], storage_options: dict) -> PlaceReceipt:
+    """The bytes the rows of positions ``first_position, …`` (one range's records, whose
+    sizes but the ids the count pass saved) fill in each shard of ``bounds`` (the shards'
+    first positions): the row of position p carries ``record_id`` p + 1."""
+    sizes = npyfile.load(sizes_url, storage_options)
+    if len(sizes) == 0:
+        return PlaceReceipt([])
+    ids = np.arange(first_position + 1, first_position + 1 + len(sizes), dtype=np.int64)
+    rows = sizes.astype(np.int64) + 1 + np.searchsorted(_POWERS_OF_TEN, ids, side="right")
+    ends = np.concatenate(([0], np.cumsum(rows)))
+    cuts = np.asarray(bounds, dtype=np.int64)
+    first = int(np.searchsorted(cuts, first_position, side="right")) - 1
+    last = int(np.searchsorted(cuts, first_position + len(sizes) - 1, side="right")) - 1
+    out = []
+    for shard in range(first, last + 1):
+        lo = max(int(cuts[shard]), first_position) - first_position
+        hi = min(int(cuts[shard + 1]), first_position + len(sizes)) - first_position
+        out.append([shard, int(ends[hi] - ends[lo])])
+    return PlaceReceipt(out)
 
 
 def write_counts(
@@ -494,9 +565,11 @@ def _first_name(data: bytes) -> str:
 
 
 def convert_in_order(
-    byte_range: ByteRange, first_position: int, expected: int, ids: list[Slice], routing: Routing
+    byte_range: ByteRange, first_position: int, expected: int, ids: list[Slice], routing: Routing,
+    placement: list | None = None,
 ) -> FastReceipt:
-    """Fast path: write the range's rows if its names are the mapping ids at its positions.
+    """Fast path: write the range's rows if its names are the mapping ids at its positions
+    (at their place in the shards, with ``placement``; see :func:`write_rows`).
 
     Writes nothing and returns ``ok=False`` (with the first mismatch) otherwise.
     """
@@ -519,7 +592,7 @@ def convert_in_order(
             f"record {block.name(i)!r} at byte {int(block.headers[i])} where the mapping has {expected_ids[i]!r}",
         )
     warn_empty_sequences(block, byte_range.url)
-    parts = emit_rows(block.rows, first_position, routing, f"range-{byte_range.index:05d}")
+    parts = emit_rows(block.rows, first_position, routing, f"range-{byte_range.index:05d}", placement)
     return FastReceipt(True, len(block), layouts=parts)
 
 
