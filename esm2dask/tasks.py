@@ -300,6 +300,8 @@ def _write_placed(path: str, offset: int, payload: memoryview) -> None:
         done = 0
         while done < len(payload):
             done += os.pwrite(fd, payload[done:], offset + done)
+    except OSError as err:  # name the file (a full disk is said with the file being written)
+        raise OSError(err.errno, err.strerror, path) from None
     finally:
         os.close(fd)
 

@@ -341,7 +341,7 @@ def test_the_columns_taken_from_the_rows_are_the_oracles_records(data, uppercase
     assert list(zip(names.to_pylist(), seqs.to_pylist())) == want[::-1]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(fasta_files(), st.data())
 def test_row_sizes_are_the_oracles_rows_without_their_ids(data, draw):
     """What the count pass tells the driver, so that every row is written once at its place:
