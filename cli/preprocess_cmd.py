@@ -12,6 +12,7 @@ from esm2dask.config import DEFAULT_DASHBOARD_ADDRESS, DEFAULT_PARTITION_SIZE
 from esm2dask.plan import MAX_RANGES_PER_INPUT
 from esm2dask.progress import human_amount, human_seconds
 
+from .clusters import cluster_config
 from .progress import make_reporter
 
 
@@ -263,23 +264,4 @@ def synth(out, clusters, seed, unsorted, overwrite, plain):
     click.echo(
         f"{out}: {result.clusters:,} clusters, {result.members:,} members, "
         f"{_human_bytes(result.bytes)}"
-    )
-
-
-def cluster_config(workers, threads_per_worker, processes, memory_limit, scheduler_address, scheduler_file,
-                   scheduler_timeout, dashboard_address, performance_report=None):
-    """The cluster options every cluster command takes, as one :class:`ClusterConfig`."""
-    from esm2dask.config import ClusterConfig
-    from esm2dask.storage import cpu_count
-
-    return ClusterConfig(
-        workers=cpu_count() if workers is None else workers,
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        memory_limit=memory_limit,
-        scheduler_address=scheduler_address,
-        scheduler_file=scheduler_file,
-        scheduler_timeout_s=scheduler_timeout,
-        dashboard_address=None if dashboard_address.lower() in ("none", "") else dashboard_address,
-        performance_report=performance_report,
     )

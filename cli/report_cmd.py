@@ -74,7 +74,7 @@ def report(out, layout, fail_on_leakage, workers, processes, threads_per_worker,
     """
     from esm2dask.report import ReportConfig
 
-    from .preprocess_cmd import cluster_config
+    from .clusters import cluster_config
 
     cluster = cluster_config(workers, threads_per_worker, processes, memory_limit, scheduler_address,
                              scheduler_file, scheduler_timeout, dashboard_address)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from . import storage
 from .errors import ConfigError, InputError, OutputError, reason
+from .checks import VerifyReport, list_shards
 from .layout import shard_bounds, shard_name
 
 log = logging.getLogger("esm2dask")
@@ -402,8 +403,6 @@ def _row_problem(line: str, task: FlipTask) -> str | None:
 def verify_flip_tree(root: str, storage_options=None, num_csv_files=None):
     """Check a FLIP tree: task folders, split folders, headers, line ends, UTF-8, field
     counts, no quotes, upper-case sequences, per-residue label lengths."""
-    from .verify import VerifyReport, list_shards
-
     report = VerifyReport(root)
     fs, root_path = storage.get_fs(root, storage_options or {})
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root_path, detail=False)] if fs.exists(root_path) else []

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
+
+from .redaction import MASK, SECRET_ENV, redact, register_secret, secret_values  # noqa: F401  (re-exported)
 
 #: The Dask ``logging`` config (Python's dictConfig schema), set before dask is imported.
 DASK_LOGGING = {
@@ -37,44 +38,6 @@ DASK_LOGGING = {
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 _sinks: list[logging.Handler] = []
-
-#: Environment variables that hold secrets, whatever their value looks like.
-SECRET_ENV = ("NGC_CLI_API_KEY", "NGC_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-              "AWS_SECURITY_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "HF_TOKEN")
-#: Other variables whose name says they hold a secret (``MY_API_KEY``, ``GITHUB_TOKEN``).
-_SECRET_NAME = re.compile(r"(API_?KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
-#: A shorter value is not masked when only its variable's name says it is secret: masking
-#: "1" or "yes" everywhere would garble every message and hide nothing.
-_MIN_SECRET_CHARS = 6
-MASK = "****"
-_registered: set[str] = set()
-
-
-def register_secret(value) -> None:
-    """A secret this process knows (a storage option's key, say): masked in every output."""
-    if isinstance(value, str) and len(value) >= 4:  # shorter ones would garble messages, hide nothing
-        _registered.add(value)
-
-
-def secret_values(env=None) -> list[str]:
-    """Every secret value known now, longest first (so that one inside another goes too)."""
-    env = os.environ if env is None else env
-    values = set(_registered)
-    for name, value in env.items():
-        if not value:
-            continue
-        if name in SECRET_ENV or (_SECRET_NAME.search(name) and len(value) >= _MIN_SECRET_CHARS):
-            values.add(value)
-    return sorted(values, key=len, reverse=True)
-
-
-def redact(text: str, env=None) -> str:
-    """``text`` with every known secret value replaced by ``****``."""
-    for value in secret_values(env):
-        if value in text:
-            text = text.replace(value, MASK)
-    return text
-
 
 class RedactingFormatter(logging.Formatter):
     """Every sink's formatter: no secret value ever reaches a log file or the terminal."""

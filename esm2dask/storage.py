@@ -120,7 +120,7 @@ BOTOCORE_NAMES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret",
 
 def _register_secrets(value) -> None:
     """Every secret option's value is masked in all output (logs, error lines)."""
-    from .logs import register_secret
+    from .redaction import register_secret
 
     if isinstance(value, dict):
         for k, v in value.items():

@@ -16,9 +16,7 @@ import hashlib
 import io
 import json
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -26,33 +24,10 @@ import polars as pl
 from . import storage
 from .errors import InputError
 from .layout import CSV_HEADER, MANIFEST_NAME, SPLIT_DIRS, TOP_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds
+from .checks import VerifyReport, list_shards  # noqa: F401  (the verifiers' shared parts)
 from .verify_formats import HASH_SEED, ILLEGAL, check_layouts, first_illegal, layouts_present, sequence_problems, such_rows
 
-_SHARD_RE = re.compile(r"^x(\d{3})\.csv$")
 _SCHEMA = {"record_id": pl.Int64, "record_name": pl.String, "sequence_length": pl.Int64, "sequence": pl.String}
-
-
-@dataclass
-class VerifyReport:
-    root: str
-    problems: list[str] = field(default_factory=list)
-    rows: dict[str, int] = field(default_factory=dict)
-    checked: list[str] = field(default_factory=list)
-    #: SHA-256 of each file read while checking, by path (checked against the manifest)
-    digests: dict[str, str] = field(default_factory=dict)
-    #: rows of each shard of each ESM2nv folder, in file order (to name a row's file and line)
-    shard_rows: dict[str, list[int]] = field(default_factory=dict)
-
-    def place(self, split_dir: str, row: int) -> str:
-        """``uf90/uf90_csvs/x003.csv line 17`` for 0-based ``row`` of a folder."""
-        ends = np.cumsum(self.shard_rows[split_dir])
-        k = int(np.searchsorted(ends, row, side="right"))
-        first = int(ends[k - 1]) if k else 0
-        return f"{split_dir}/x{k:03d}.csv line {row - first + 2}"
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def read_csv_checked(fs, path: str, header: bytes, problems: list[str], label: str,
@@ -86,27 +61,6 @@ def read_csv_checked(fs, path: str, header: bytes, problems: list[str], label: s
     except Exception as err:  # polars raises several kinds for malformed rows
         problems.append(f"{label}: cannot be read as {len(columns)}-column CSV ({str(err).splitlines()[0]})")
         return None
-
-
-def list_shards(fs, path: str, label: str, problems: list[str], expected_files: int | None) -> list[str]:
-    if not fs.exists(path):
-        problems.append(f"{label}/: missing")
-        return []
-    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    shards = [n for n in names if _SHARD_RE.match(n)]
-    others = [n for n in names if not _SHARD_RE.match(n) and not n.endswith(".mmap")]
-    if others:
-        problems.append(f"{label}/: unexpected file(s) {', '.join(others[:5])}")
-    want = expected_files or len(shards)
-    expected = [f"x{i:03d}.csv" for i in range(want)]
-    if shards != expected:
-        missing = sorted(set(expected) - set(shards))
-        extra = sorted(set(shards) - set(expected))
-        if missing:
-            problems.append(f"{label}/: missing {', '.join(missing[:5])}")
-        if extra:
-            problems.append(f"{label}/: extra {', '.join(extra[:5])} (training would shift every offset)")
-    return [f"{path}/{n}" for n in expected if n in shards]
 
 
 def _check_rows(frame: pl.DataFrame, label: str, upper: bool, report: VerifyReport) -> None:
