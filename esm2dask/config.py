@@ -174,6 +174,21 @@ class ClusterConfig:
         return bool(self.scheduler_address or self.scheduler_file)
 
 
+#: Field metadata of :class:`PreprocessConfig`: whether an option counts for ``--resume``
+#: (a staging folder made with another value is not resumed) and whether it is written
+#: into the manifest's ``parameters``.
+RESUME, MANIFEST = "resume", "manifest"
+
+
+def options_where(config, key: str) -> dict[str, Any]:
+    """The options of ``config`` whose field metadata does not set ``key`` false, as plain
+    values (``asdict``)."""
+    import dataclasses
+
+    values = dataclasses.asdict(config)
+    return {f.name: values[f.name] for f in dataclasses.fields(config) if f.metadata.get(key, True)}
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Everything one ``preprocess`` run needs; built once by :meth:`from_options`."""
@@ -191,13 +206,17 @@ class PreprocessConfig:
     seed: int = 0
     num_csv_files: int = DEFAULT_NUM_CSV_FILES
     partition_bytes: int = parse_size(DEFAULT_PARTITION_SIZE)
-    overwrite: bool = False
-    resume: bool = False
-    copy_inputs: bool = True
+    # Each option says whether it is part of what a run makes (a resumed run must have the
+    # same) and whether it is written into the manifest (RESUME, MANIFEST; both by default).
+    overwrite: bool = field(default=False, metadata={RESUME: False})
+    resume: bool = field(default=False, metadata={RESUME: False})
+    copy_inputs: bool = field(default=True, metadata={RESUME: False})
     #: hard links instead of copies: the input and the output's name for it are one file
-    link_inputs: bool = False
-    storage_options: dict[str, Any] = field(default_factory=StorageOptions)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    link_inputs: bool = field(default=False, metadata={RESUME: False})
+    #: credentials among them: never in the manifest, nor in a staging folder's plan
+    storage_options: dict[str, Any] = field(default_factory=StorageOptions, metadata={RESUME: False, MANIFEST: False})
+    #: where the run runs, not what it makes
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={RESUME: False})
     #: layouts to publish (``--format``); given in any order, repeated or comma-separated
     formats: tuple[str, ...] = ("esm2nv",)
 

@@ -46,7 +46,7 @@ from dataclasses import asdict
 import numpy as np
 
 from . import storage
-from .config import RAW_README
+from .config import MANIFEST, RAW_README, RESUME, options_where
 from .errors import Esm2DaskError, OutputError, UnexpectedError, describe_os_error, reason
 from .layout import LOCK_NAME, MANIFEST_NAME, STAGING_PREFIX, TMP_SUFFIX, TOP_DIRS
 from .logs import RunLog
@@ -156,9 +156,7 @@ def _remove_temporaries(folder: str) -> int:
 
 def run_plan(config, identities: dict[str, dict]) -> dict:
     """What a resumed run must share with the run it resumes (JSON-normalised)."""
-    params = asdict(config)
-    for key in ("cluster", "overwrite", "resume", "storage_options", "copy_inputs", "link_inputs"):
-        params.pop(key, None)
+    params = options_where(config, RESUME)
     return json.loads(json.dumps({"parameters": params, "inputs": identities}, sort_keys=True))
 
 
@@ -970,8 +968,7 @@ def build_manifest(config, result, identities: dict, tree: dict[str, int], diges
                    copies: dict[str, dict], version: str) -> dict:
     """``esm2dask-manifest.json``: inputs, parameters, rows, every file with its size and
     SHA-256, the input copies, timings. No storage option (credentials) is ever in it."""
-    params = asdict(config)
-    params.pop("storage_options", None)
+    params = options_where(config, MANIFEST)
     return {
         "tool": "esm2dask",
         "version": version,

@@ -112,3 +112,18 @@ def test_cluster_config_checks_directly():
                 {"scheduler_address": "tcp://:8786"}, {"scheduler_address": "gopher://h:1"}):
         with pytest.raises(ConfigError):
             ClusterConfig(**{"workers": 1, **bad})
+
+
+def test_each_option_says_whether_it_counts_for_resume_and_the_manifest():
+    """The rules live with the options (config field metadata), not in lists elsewhere:
+    where a run runs and how it treats OUT never stop a resume; credentials never reach
+    the manifest (nor a staging folder's plan)."""
+    from esm2dask.config import MANIFEST, RESUME, PreprocessConfig, options_where
+    from esm2dask.publish import run_plan
+
+    config = PreprocessConfig.from_options(raw_dir="raw", output_dir="out", storage_options={"key": "SECRETKEY1"})
+    resume, manifest = options_where(config, RESUME), options_where(config, MANIFEST)
+    assert not {"cluster", "overwrite", "resume", "storage_options", "copy_inputs", "link_inputs"} & set(resume)
+    assert {"formats", "split", "seed", "num_csv_files", "partition_bytes", "uf90"} <= set(resume)
+    assert "storage_options" not in manifest and {"cluster", "formats"} <= set(manifest)
+    assert "SECRETKEY1" not in repr(run_plan(config, {})) and "SECRETKEY1" not in repr(manifest)
