@@ -779,19 +779,20 @@ def digests_of(series) -> bytes:
 
 #: One row in a hash-bucket file: its digest and its index among the piece's rows.
 KEY = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("k", "<u4")])
-#: Where each row of a piece is: its row number in the piece, and its id and sequence in
-#: the piece's source (the shard itself, or the piece's values file in the scratch folder).
-PLACE = np.dtype([("row", "<i8"), ("id_at", "<i8"), ("id_len", "<i8"), ("seq_at", "<i8"), ("seq_len", "<i8")])
+#: Where each row of a piece is, one int64 column after the other: its row number in the
+#: piece, and its id and sequence (start, length) in the piece's source (the shard
+#: itself, or the piece's values file in the scratch folder).
+PLACE_COLUMNS = ("row", "id_at", "id_len", "seq_at", "seq_len")
 
 
 def _write_keys(path: str, digests: np.ndarray, n_buckets: int) -> None:
     """The rows' digests sorted into hash buckets: ``n_buckets + 1`` bucket bounds (int64),
     then the :data:`KEY` records, bucket after bucket."""
-    buckets = digests[:, 0] % np.uint64(n_buckets)
-    order = np.argsort(buckets, kind="stable")
+    buckets = (digests[:, 0] % np.uint64(n_buckets)).astype(np.uint16 if n_buckets <= 2**16 else np.uint32)
+    order = np.argsort(buckets, kind="stable")  # a radix sort on small integers
     keys = np.empty(len(digests), dtype=KEY)
     keys["h1"], keys["h2"], keys["k"] = digests[order, 0], digests[order, 1], order
-    bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1, dtype=np.uint64)).astype("<i8")
+    bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1)).astype("<i8")
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         bounds.tofile(f)
@@ -799,11 +800,19 @@ def _write_keys(path: str, digests: np.ndarray, n_buckets: int) -> None:
     os.replace(tmp, path)
 
 
-def _write_array(path: str, array: np.ndarray) -> None:
+def _write_arrays(path: str, *arrays: np.ndarray) -> None:
+    """The arrays' bytes, one after the other."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        array.tofile(f)
+        for array in arrays:
+            f.write(memoryview(np.ascontiguousarray(array)))
     os.replace(tmp, path)
+
+
+def _read_places(path: str, k: np.ndarray) -> np.ndarray:
+    """Rows ``k`` of a piece's place file: an array (len(k), 5) of :data:`PLACE_COLUMNS`."""
+    columns = np.memmap(path, dtype="<i8", mode="r")
+    return columns.reshape(len(PLACE_COLUMNS), -1)[:, k].T
 
 
 def scratch_paths(scratch: str, index: int) -> dict[str, str]:
@@ -872,12 +881,10 @@ def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
     paths = scratch_paths(scratch, piece.index)
     _write_keys(paths["seq"], seq_digests, n_buckets)
     _write_keys(paths["id"], id_digests, n_buckets)
-    places = np.empty(stats.rows, dtype=PLACE)
-    places["row"], places["id_at"], places["id_len"] = rows.row, rows.id_start, rows.id_len
-    places["seq_at"], places["seq_len"] = rows.seq_start, rows.seq_len
-    _write_array(paths["place"], places)
+    _write_arrays(paths["place"], *(a.astype("<i8", copy=False) for a in
+                                    (rows.row, rows.id_start, rows.id_len, rows.seq_start, rows.seq_len)))
     if rows.source is None:
-        _write_array(paths["values"], rows.data)
+        _write_arrays(paths["values"], rows.data)
         stats.source = paths["values"]
     else:
         stats.source = rows.source
@@ -1025,8 +1032,8 @@ def _load_suspects(scratch: str, kind: str, bucket: int, n_buckets: int, pieces:
     for j in np.unique(piece_of).tolist():
         p = pieces[j]
         at = np.flatnonzero(piece_of == j)
-        places = np.memmap(scratch_paths(scratch, p.index)["place"], dtype=PLACE, mode="r")[k[at]]
-        columns["row"][at] = places["row"] + p.first_row + 1
+        places = _read_places(scratch_paths(scratch, p.index)["place"], k[at])
+        columns["row"][at] = places[:, 0] + p.first_row + 1
         with open(p.source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             for i, place in zip(at.tolist(), places.tolist()):
                 _, id_at, id_len, seq_at, seq_len = place
