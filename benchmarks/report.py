@@ -5,7 +5,9 @@
 
 Each repeat runs ``esm2dask preprocess`` (wall clock of the whole command) and then
 ``esm2dask report`` on its output (likewise), both as subprocesses with the same workers
-and flags. ``--before DIR`` also runs the report of an earlier source tree (``git archive
+and flags; then ``esm2dask preprocess --report``, where the report runs in the process
+that made the tree (no second interpreter start, imports or exit): its share is the
+report's own ``seconds`` against the rest of that command's wall clock, in one run. ``--before DIR`` also runs the report of an earlier source tree (``git archive
 REV | tar -x -C DIR``) on the same output, with the same interpreter and packages, in
 turn with this one (the order alternates between repeats). Each command's CPU time (user
 + system, of its process and the children it waited for) and the 1-minute load average
@@ -60,11 +62,11 @@ def timed(cmd: list[str], cwd: str | None = None, env: dict | None = None) -> Ti
     return Timed(wall, _children_cpu() - cpu, load, json.loads(done.stdout))
 
 
-def time_preprocess(raw: Path, workers: str, formats: str) -> tuple[Timed, Path]:
+def time_preprocess(raw: Path, workers: str, formats: str, *extra: str) -> tuple[Timed, Path]:
     """``esm2dask preprocess`` into a new folder beside the input, which is kept for the report."""
     out = Path(tempfile.mkdtemp(dir=raw.parent)) / "out"
     cmd = [*ESM2DASK, "preprocess", str(raw), "-o", str(out), "--plain", "--json", "--workers", workers,
-           "--dashboard-address", ":0", "--format", formats]
+           "--dashboard-address", ":0", "--format", formats, *extra]
     return timed(cmd), out
 
 
@@ -111,12 +113,17 @@ def _breakdown(run: Timed) -> dict[str, float]:
     """Where the wall clock of one report run went: outside the library call, then its stages."""
     stages = dict(run.out.get("stage_seconds", {}))
     inside = run.out["seconds"]
-    parts = {"outside (interpreter, imports)": round(run.wall_s - inside, 3)}
+    parts = {"outside (interpreter start, imports, exit)": round(run.wall_s - inside, 3)}
     parts.update(stages)
     rest = inside - sum(stages.values())
     if stages and rest > 0.0005:
         parts["html, json"] = round(rest, 3)
     return parts
+
+
+#: Parts of the report drawn as their own segment; the others (plan, summary, cluster
+#: close, html and json: hundredths of a second) are drawn together.
+DRAWN = ("outside (interpreter start, imports, exit)", "cluster start", "report-stats", "report-join", "plots")
 
 
 def _plot(name: str, title: str, bars: dict[str, dict[str, float]]) -> None:
@@ -126,7 +133,11 @@ def _plot(name: str, title: str, bars: dict[str, dict[str, float]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.75 * len(bars)))
+    bars = {b: {p: v for p, v in parts.items() if p in DRAWN or len(parts) <= 2} |
+            ({"the rest (plan, summary, cluster close, page)": sum(v for p, v in parts.items() if p not in DRAWN)}
+             if len(parts) > 2 else {})
+            for b, parts in bars.items()}
+    fig, ax = plt.subplots(figsize=(8, 2.2 + 0.7 * len(bars)))
     colors = plt.get_cmap("tab10").colors
     parts = list(dict.fromkeys(p for segments in bars.values() for p in segments))
     labels = list(bars)[::-1]
@@ -141,7 +152,7 @@ def _plot(name: str, title: str, bars: dict[str, dict[str, float]]) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlim(0, max(sum(v.values()) for v in bars.values()) * 1.15)
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8, loc="lower right", frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=3, frameon=False)
     fig.tight_layout()
     fig.savefig(common.RESULTS / f"{name}.png", dpi=110)
     plt.close(fig)
@@ -165,6 +176,7 @@ def main(argv=None):
     pre: list[Timed] = []
     now: dict[str, list[Timed]] = {layout: [] for layout in layouts}
     before: dict[str, list[Timed]] = {layout: [] for layout in layouts}
+    with_report: list[Timed] = []
     for repeat in range(args.repeats):
         run, out = time_preprocess(raw, args.workers, args.format)
         pre.append(run)
@@ -178,6 +190,12 @@ def main(argv=None):
                 (now if which == "now" else before)[layout].append(run)
                 print(f"report {which} {layout} {run.wall_s:.2f} s, {run.cpu_s:.1f} s CPU, load {run.load:.1f}",
                       flush=True)
+        shutil.rmtree(out.parent)
+        run, out = time_preprocess(raw, args.workers, args.format, "--report")
+        with_report.append(run)
+        inside = run.out["report"]["seconds"]
+        print(f"preprocess --report {run.wall_s:.2f} s, of which the report {inside:.2f} s, load {run.load:.1f}",
+              flush=True)
         shutil.rmtree(out.parent)
     name = f"{args.name}{suffix}"
     command = "python -m benchmarks.report " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -206,6 +224,19 @@ def main(argv=None):
             line, records[f"report before {layout}"] = _row(f"report before ({args.before.name})", layout, mb,
                                                             before[layout], pre)
             lines.append(line)
+    shares = [r.out["report"]["seconds"] / (r.wall_s - r.out["report"]["seconds"]) for r in with_report]
+    fastest = _best(with_report)
+    inside = fastest.out["report"]["seconds"]
+    lines += ["", f"`preprocess --report` ({layouts[0]}, the first layout present), the report in the same "
+                  f"process: fastest run {fastest.wall_s:.2f} s, of which the report {inside:.2f} s "
+                  f"({inside / (fastest.wall_s - inside):.2f} × the rest of that run); median of the "
+                  f"{len(shares)} run(s): {_median(shares):.2f} ×; load {min(r.load for r in with_report):.1f}–"
+                  f"{max(r.load for r in with_report):.1f}."]
+    records["preprocess --report"] = {
+        "wall_s": [round(r.wall_s, 3) for r in with_report],
+        "report_s": [r.out["report"]["seconds"] for r in with_report],
+        "share": [round(x, 3) for x in shares], "load": [round(r.load, 2) for r in with_report],
+        "stage_seconds": fastest.out["report"]["stage_seconds"]}
     first = _best(now[layouts[0]])
     parts = _breakdown(first)
     lines += ["", f"Where the fastest `report` ({layouts[0]}) spent its {first.wall_s:.2f} s:", "",
@@ -221,7 +252,7 @@ def main(argv=None):
     bars = {"preprocess": {"whole command": _best(pre).wall_s}}
     if before[layouts[0]]:
         b = _best(before[layouts[0]])
-        bars[f"report before ({args.before.name})"] = {"outside (interpreter, imports)": b.wall_s - b.out["seconds"],
+        bars[f"report before ({args.before.name})"] = {"outside (interpreter start, imports, exit)": b.wall_s - b.out["seconds"],
                                                      "inside, before": b.out["seconds"]}
     bars["report"] = parts
     _plot(name, f"esm2dask report vs preprocess, {input_mb:.0f} MB input, {args.workers} workers: fastest runs", bars)

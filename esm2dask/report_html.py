@@ -30,14 +30,29 @@ def _figure(width: float = 7.0, height: float = 4.0, left: float = 0.11):
     return fig
 
 
+def _plain(value: float, _position=None) -> str:
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
+
+
 def _log_scale(ax, y: bool = False) -> None:
     """Log scale on x (and y), minor ticks at 2 and 5 times each power of ten: as easy to
-    read as all eight, and each tick is a handful of matplotlib objects to lay out."""
-    from matplotlib.ticker import LogLocator
+    read as all eight, and each tick is a handful of matplotlib objects to lay out. Tick
+    labels as plain numbers (100, 1,000): lengths and counts read so, and matplotlib's
+    10^k labels go through its TeX parser."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    def minor(axis):
+        # the 2 and 5 labelled too where the axis spans less than two powers of ten
+        def label(value, _position=None):
+            lo, hi = axis.get_view_interval()
+            return _plain(value) if hi < 100 * lo else ""
+        return FuncFormatter(label)
 
     for axis, set_scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale))[: 2 if y else 1]:
         set_scale("log")
         axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(_plain))
+        axis.set_minor_formatter(minor(axis))
 
 
 def _title(ax, text: str, **kwargs) -> None:
@@ -60,11 +75,12 @@ def plot_lengths(split: str, summary: dict, crop: dict, folder: str) -> str:
     first = min((i for i, c in enumerate(counts) if c), default=0)
     first = max(first, 1) if counts[0] == 0 else 0  # bin 0 holds empty sequences only
     shown = [max(e, 0.5) for e in edges[first : last + 2]]
-    from matplotlib.ticker import StrMethodFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     fig = _figure(left=0.135)
     ax = fig.add_subplot()
-    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no tick between two
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain))
     ax.stairs(counts[first : last + 1], shown, fill=True, color=COLORS.get(split, "#1f77b4"), alpha=0.85)
     _log_scale(ax)
     ax.set_xlim(shown[0], max(shown[-1], crop_residues * 4))
@@ -116,7 +132,7 @@ def plot_cluster_sizes(clusters: dict, folder: str) -> str:
     counts = [0] * (len(edges) - 1)
     for k, v in sizes:
         counts[max(i for i, e in enumerate(edges[:-1]) if e <= k)] += v
-    fig = _figure()
+    fig = _figure(left=0.15)
     ax = fig.add_subplot()
     ax.stairs(counts, edges, fill=True, color="#1f77b4", alpha=0.85, baseline=0.5)
     _log_scale(ax, y=True)
