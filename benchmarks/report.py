@@ -7,14 +7,16 @@ Each repeat runs ``esm2dask preprocess`` (wall clock of the whole command) and t
 ``esm2dask report`` on its output (likewise), both as subprocesses with the same workers
 and flags; then ``esm2dask preprocess --report``, where the report runs in the process
 that made the tree (no second interpreter start, imports or exit): its share is the
-report's own ``seconds`` against the rest of that command's wall clock, in one run. ``--before DIR`` also runs the report of an earlier source tree (``git archive
-REV | tar -x -C DIR``) on the same output, with the same interpreter and packages, in
-turn with this one (the order alternates between repeats). Each command's CPU time (user
-+ system, of its process and the children it waited for) and the 1-minute load average
-when it started are recorded: the machine is shared, and the CPU time tells a slow run
-from a starved one. The table gives the fastest and the median run of each; the ratio
-target is report ≤ 0.3 × preprocess. The current report's ``stage_seconds`` break its
-time down; what is left of the wall clock (interpreter start, imports) is 'outside'.
+report's own ``seconds`` against the rest of that command's wall clock, in one run.
+
+``--before DIR`` also runs the report of an earlier source tree (``git archive REV | tar
+-x -C DIR``) on the same output, with the same interpreter and packages, in turn with
+this one (the order alternates between repeats). Each command's CPU time (user + system,
+of its process and the children it waited for) and the 1-minute load average when it
+started are recorded: the machine is shared, and the CPU time tells a slow run from a
+starved one. The table gives the fastest and the median run of each; the ratio target
+is report ≤ 0.3 × preprocess. The current report's ``stage_seconds`` break its time
+down; what is left of the wall clock (interpreter start, imports, exit) is 'outside'.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def _row(label: str, layout: str, mb: float, runs: list[Timed], pre: list[Timed]
     inside = best.out.get("seconds")
     line = (f"| {label} | {layout} | {mb:.0f} | {best.wall_s:.2f} | {med:.2f} | "
             f"{'–' if inside is None else f'{inside:.2f}'} | {cpu:.1f} | {best.wall_s / pre_best.wall_s:.2f} | "
-            f"{med / pre_med:.2f} | {cpu / pre_cpu:.2f} | {min(r.load for r in runs):.1f}–{max(r.load for r in runs):.1f} |")
+            f"{med / pre_med:.2f} | {cpu / pre_cpu:.2f} | "
+            f"{min(r.load for r in runs):.1f}–{max(r.load for r in runs):.1f} |")
     record = {"wall_s": [round(r.wall_s, 3) for r in runs], "cpu_s": [round(r.cpu_s, 3) for r in runs],
               "load": [round(r.load, 2) for r in runs], "best_wall_s": round(best.wall_s, 3),
               "median_wall_s": round(med, 3), "ratio_best": round(best.wall_s / pre_best.wall_s, 3),

@@ -18,7 +18,8 @@ else ``hf``; ``--layout`` chooses), on the Dask cluster, each file once:
    of a compared pair) has its rows' ids and sequences read back, byte ranges of their
    files, and each group is confirmed by comparing the values themselves. It returns
    counts and a bounded number of examples: duplicates inside a split, sequences shared
-   by training and validation/test, ids in two splits. (A uf50 representative that is
+   by training and validation/test, ids in two splits, and the digests shared by different
+   values among the rows read back (``hash_collisions``). (A uf50 representative that is
    also its uf90 member shares a digest with it: not a finding, never read back.)
 
 The driver merges these records into the report (:func:`build_report`), and
@@ -860,7 +861,8 @@ def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
         path, lo, hi = piece.counts
         counts_here = _read_u64(path, "uf50/train/counts.mmap", lo, hi - lo)
         if len(counts_here) != stats.rows:
-            raise InputError(path, f"rows {lo}-{hi}", f"{len(counts_here)} counts for the {stats.rows} rows of {piece.rel}")
+            raise InputError(path, f"rows {lo}-{hi}",
+                             f"{len(counts_here)} counts for the {stats.rows} rows of {piece.rel}")
         _cluster_stats(stats, counts_here, rows.id_at)
     if rows.ur50 is not None:
         import polars as pl

@@ -270,7 +270,7 @@ def render_html(report: dict, plots: list[tuple[str, str]], folder: str) -> str:
     parts.append("<h2>Leakage and duplicates</h2>")
     parts.append(
         "<p>Sequences are compared upper-cased, by a 128-bit digest (MurmurHash3 x64_128), each match confirmed on the sequences "
-        f"themselves ({lk['hash_collisions']} digest collisions). Pairs compared: "
+        f"themselves ({lk['hash_collisions']} digest collisions among the rows so compared). Pairs compared: "
         f"{_e(', '.join(lk['pairs_compared']) or 'none')}. Up to {lk['examples_max']:,} examples of each kind are "
         "listed in report.json; the counts are complete.</p>"
     )
