@@ -8,13 +8,19 @@ else ``hf``; ``--layout`` chooses), on the Dask cluster, each file once:
 2. One task per piece reads it and returns small statistics: rows, residues, the count of
    every sequence length and of every letter (upper-cased), the sequences beyond ESM-2's
    crop, examples of non-standard letters, and — for training clusters — the members per
-   cluster. It also writes two Arrow files into the report's temporary folder: a 128-bit
-   digest (MurmurHash3 x64_128) of every upper-cased sequence, with the sequence, its id
-   and row; and one of every id; each sorted into hash buckets, one record batch per bucket.
-3. One task per bucket reads that bucket's batch from every piece, groups the rows whose
-   digests repeat, confirms each group by comparing the sequences (ids) themselves, and
-   returns counts and a bounded number of examples: duplicates inside a split, sequences
-   shared by training and validation/test, ids in two splits.
+   cluster. It also leaves three small files in the report's temporary folder: a 128-bit
+   digest (MurmurHash3 x64_128) of every upper-cased sequence and one of every id, each
+   sorted into hash buckets (20 bytes a row), and where each row's id and sequence are in
+   the shard. A SQLite or parquet piece also leaves its ids and sequences there, as one
+   buffer (an ESM2nv shard is that buffer itself).
+3. One task per bucket reads that bucket's digests from every piece and groups them in
+   numpy. Only a digest that could make a finding (two rows of one split, or both splits
+   of a compared pair) has its rows' ids and sequences read back, byte ranges of their
+   files, and each group is confirmed by comparing the values themselves. It returns
+   counts and a bounded number of examples: duplicates inside a split, sequences shared
+   by training and validation/test, ids in two splits, and the digests shared by different
+   values among the rows read back (``hash_collisions``). (A uf50 representative that is
+   also its uf90 member shares a digest with it: not a finding, never read back.)
 
 The driver merges these records into the report (:func:`build_report`), and
 :mod:`esm2dask.report_html` draws it. Everything is built in ``OUT/.esm2dask-report-*`` and
@@ -25,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import json
 import logging
 import math
@@ -41,12 +46,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from . import __version__
 from .cluster import dask_client, settle
 from .config import ClusterConfig
-from .errors import ConfigError, Esm2DaskError, InputError, OutputError
+from .errors import ConfigError, InputError, OutputError
 from .layout import CSV_HEADER, FORMATS, shard_bounds
 from .progress import Reporter
 
@@ -70,6 +77,8 @@ LETTER_EXAMPLES = 3
 TOP_CLUSTERS = 20
 #: Bytes of input per SQLite piece (rowid range).
 DB_PIECE_BYTES = 64 * 2**20
+#: Bytes of input per hash bucket of the join (its digests are about 1/15 of that).
+BUCKET_BYTES = 256 * 2**20
 #: Small pieces are read by one task up to this many bytes together.
 BATCH_BYTES = 32 * 2**20
 
@@ -142,6 +151,8 @@ class PieceStats:
     beyond_residues: int = 0
     excluded_rows: int = 0
     digest: str = ""
+    #: the file the join reads this piece's ids and sequences back from
+    source: str = ""
     #: cluster sizes: members → clusters; the largest (members, id); for hf the first and
     #: last run of ur50_id (they may continue in the neighbouring part)
     cluster_sizes: dict[int, int] = field(default_factory=dict)
@@ -376,79 +387,108 @@ def _connect(path: str) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True)
 
 
+def _byte_classes() -> np.ndarray:
+    """What a byte of an ESM2nv sequence is: 0 a standard amino acid in upper case (the
+    common case, one table look-up); 1 a byte a shard never holds there (a control,
+    non-ASCII, space, '"' or ',' byte; the line break ends the field); 2 anything else."""
+    classes = np.full(256, 2, dtype=np.uint8)
+    classes[:33] = 1
+    classes[127:] = 1
+    classes[[34, 44]] = 1
+    classes[[ord(a) for a in STANDARD]] = 0
+    return classes
+
+
+BYTE_CLASSES = _byte_classes()
+
+
 @njit(nogil=True, cache=True)
-def parse_esm2nv(data: np.ndarray, start: int, keep: np.ndarray):
+def parse_esm2nv(data: np.ndarray, start: int, keep: np.ndarray, classes: np.ndarray):
     """One pass over the rows of an ESM2nv shard (``data[start:]``, after the header):
     ``record_id,record_name,sequence_length,sequence\\n``, never quoted.
 
-    Returns (rows, name offsets, name bytes, sequence offsets, upper-cased sequence bytes,
-    the count of every raw sequence byte, bad line or 0, what is wrong) for the rows whose
-    ``keep`` is set; the offsets start at 0. ``keep`` has one entry per line."""
+    For the rows whose ``keep`` is set (one entry per line), returns where their
+    record_name and sequence are in ``data`` (start, length), the count of every raw
+    sequence byte, and for every byte value ``u`` that is not a standard amino acid the
+    first LETTER_EXAMPLES rows (index among the kept rows, -1 beyond) whose upper-cased
+    sequence holds ``u``; then the bad line or 0, and what is wrong. Every line is checked
+    (four fields; no control, non-ASCII, space or '"' byte in name or sequence)."""
     n_data = len(data)
     n_keep = 0
     for i in range(len(keep)):
         n_keep += keep[i]
-    name_off = np.zeros(n_keep + 1, dtype=np.int64)
-    seq_off = np.zeros(n_keep + 1, dtype=np.int64)
-    names = np.empty(max(n_data - start, 1), dtype=np.uint8)
-    seqs = np.empty(max(n_data - start, 1), dtype=np.uint8)
+    id_start = np.empty(n_keep, dtype=np.int64)
+    id_len = np.empty(n_keep, dtype=np.int64)
+    seq_start = np.empty(n_keep, dtype=np.int64)
+    seq_len = np.empty(n_keep, dtype=np.int64)
     counts = np.zeros(256, dtype=np.int64)
+    examples = np.full((256, 3), -1, dtype=np.int64)
+    n_examples = np.zeros(256, dtype=np.int64)
     rows = 0
     k = 0
-    pn = 0
-    ps = 0
     p = start
     while p < n_data:
         line = rows + 2
         if rows >= len(keep):
-            return rows, name_off, names, seq_off, seqs, counts, line, 1
+            return id_start, id_len, seq_start, seq_len, counts, examples, line, 1
         take = keep[rows] != 0
         # record_id
         while p < n_data and data[p] != 44 and data[p] != 10:
             p += 1
         if p >= n_data or data[p] != 44:
-            return rows, name_off, names, seq_off, seqs, counts, line, 2
+            return id_start, id_len, seq_start, seq_len, counts, examples, line, 2
         p += 1
         # record_name
         q = p
         while q < n_data and data[q] != 44 and data[q] != 10:
             b = data[q]
             if b <= 32 or b >= 127 or b == 34:
-                return rows, name_off, names, seq_off, seqs, counts, line, 3
+                return id_start, id_len, seq_start, seq_len, counts, examples, line, 3
             q += 1
         if q >= n_data or data[q] != 44:
-            return rows, name_off, names, seq_off, seqs, counts, line, 2
-        if take:
-            for j in range(p, q):
-                names[pn] = data[j]
-                pn += 1
+            return id_start, id_len, seq_start, seq_len, counts, examples, line, 2
+        name_at, name_len = p, q - p
         p = q + 1
         # sequence_length
         while p < n_data and data[p] != 44 and data[p] != 10:
             p += 1
         if p >= n_data or data[p] != 44:
-            return rows, name_off, names, seq_off, seqs, counts, line, 2
+            return id_start, id_len, seq_start, seq_len, counts, examples, line, 2
         p += 1
         # sequence, up to the end of the line (or of the file)
         q = p
-        while q < n_data and data[q] != 10:
-            b = data[q]
-            if b <= 32 or b >= 127 or b == 34 or b == 44:
-                return rows, name_off, names, seq_off, seqs, counts, line, 4 if b != 44 else 2
-            if take:
+        if take:  # two loops: the test stays out of the one that runs per residue
+            while q < n_data:
+                b = data[q]
+                c = classes[b]
+                if c != 0:
+                    if b == 10:
+                        break
+                    if c == 1:
+                        return id_start, id_len, seq_start, seq_len, counts, examples, line, 4 if b != 44 else 2
+                    u = b - 32 if 97 <= b <= 122 else b
+                    n = n_examples[u]
+                    if classes[u] != 0 and n < 3 and (n == 0 or examples[u, n - 1] != k):
+                        examples[u, n] = k
+                        n_examples[u] = n + 1
                 counts[b] += 1
-                seqs[ps] = b - 32 if 97 <= b <= 122 else b
-                ps += 1
-            q += 1
-        p = q + 1
+                q += 1
+        else:
+            while q < n_data:
+                b = data[q]
+                if classes[b] == 1:
+                    if b == 10:
+                        break
+                    return id_start, id_len, seq_start, seq_len, counts, examples, line, 4 if b != 44 else 2
+                q += 1
         if take:
+            id_start[k], id_len[k], seq_start[k], seq_len[k] = name_at, name_len, p, q - p
             k += 1
-            name_off[k] = pn
-            seq_off[k] = ps
+        p = q + 1
         rows += 1
     if rows != len(keep):
-        return rows, name_off, names, seq_off, seqs, counts, rows + 2, 1
-    return rows, name_off, names, seq_off, seqs, counts, 0, 0
+        return id_start, id_len, seq_start, seq_len, counts, examples, rows + 2, 1
+    return id_start, id_len, seq_start, seq_len, counts, examples, 0, 0
 
 
 _PARSE_ERRORS = {
@@ -459,28 +499,51 @@ _PARSE_ERRORS = {
 }
 
 
-def _string_array(offsets: np.ndarray, data: np.ndarray):
-    """A pyarrow large_string array over the offset and data buffers (no copy)."""
-    import pyarrow as pa
-
-    return pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+@njit(nogil=True, cache=True)
+def gather(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, upper: bool):
+    """The values ``data[starts[i]:starts[i] + lengths[i]]`` one after the other (ASCII
+    upper-cased if ``upper``), and their offsets from 0."""
+    offsets = np.zeros(len(starts) + 1, dtype=np.int64)
+    for i in range(len(starts)):
+        offsets[i + 1] = offsets[i] + lengths[i]
+    out = np.empty(offsets[-1], dtype=np.uint8)
+    for i in range(len(starts)):
+        o = offsets[i]
+        for j in range(lengths[i]):
+            b = data[starts[i] + j]
+            out[o + j] = b - 32 if upper and 97 <= b <= 122 else b
+    return offsets, out
 
 
 @dataclass
-class _Columns:
-    """A piece's rows: ids, upper-cased sequences (and ur50 ids), as polars Series; their
-    row numbers in the piece, the count of every raw sequence byte, the sequence lengths;
-    and, where the reader has them, the offset and data buffers of ids and sequences."""
+class _Rows:
+    """A piece's rows, as places in one byte buffer: ``data[id_start[i]:][:id_len[i]]`` is
+    row ``i``'s id and ``data[seq_start[i]:][:seq_len[i]]`` its sequence (upper-cased if
+    ``upper_cased``). ``source`` is the file whose bytes ``data`` are (an ESM2nv shard);
+    None when ``data`` was assembled from a database or parquet part. ``row``: each row's
+    number in the piece (val/test rows of a random split are left out)."""
 
-    ids: object
-    upper: object
-    ur50: object
+    data: np.ndarray
+    id_start: np.ndarray
+    id_len: np.ndarray
+    seq_start: np.ndarray
+    seq_len: np.ndarray
     row: np.ndarray
     raw_counts: np.ndarray
-    lengths: np.ndarray
+    upper_cased: bool
+    source: str | None
+    letter_examples: dict[str, list[str]]
     excluded_rows: int = 0
-    id_buffers: tuple | None = None
-    seq_buffers: tuple | None = None
+    ur50: object = None
+
+    def id_at(self, i: int) -> str:
+        a = int(self.id_start[i])
+        return self.data[a : a + int(self.id_len[i])].tobytes().decode("utf-8", "replace")
+
+    def upper_sequences(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets from 0, bytes) of the upper-cased sequences, one after the other."""
+        lower = self.raw_counts[ord("a") : ord("z") + 1].any() and not self.upper_cased
+        return gather(self.data, self.seq_start, self.seq_len, lower)
 
 
 def _keep_mask(piece: Piece, n: int) -> np.ndarray:
@@ -490,10 +553,9 @@ def _keep_mask(piece: Piece, n: int) -> np.ndarray:
     return keep
 
 
-def _read_csv_columns(piece: Piece) -> _Columns:
-    """An ESM2nv shard in one numba pass over its bytes: no CSV library, no per-row Python."""
-    import polars as pl
-
+def _read_csv_rows(piece: Piece) -> _Rows:
+    """An ESM2nv shard in one numba pass over its bytes: no CSV library, no per-row Python,
+    no copy of names or sequences."""
     data = np.fromfile(piece.path, dtype=np.uint8)
     start = len(CSV_HEADER)
     if data[:start].tobytes() != CSV_HEADER:
@@ -501,23 +563,24 @@ def _read_csv_columns(piece: Piece) -> _Columns:
     body = data[start:]
     lines = int(np.count_nonzero(body == 10)) + (1 if len(body) and body[-1] != 10 else 0)
     keep = _keep_mask(piece, lines)
-    rows, name_off, names, seq_off, seqs, raw_counts, bad, what = parse_esm2nv(data, start, keep)
+    id_start, id_len, seq_start, seq_len, raw_counts, examples, bad, what = parse_esm2nv(data, start, keep,
+                                                                                          BYTE_CLASSES)
     if bad:
         raise InputError(piece.path, f"line {bad}", _PARSE_ERRORS[what])
-    names, seqs = names[: name_off[-1]], seqs[: seq_off[-1]]
-    ids = pl.from_arrow(_string_array(name_off, names))
-    upper = pl.from_arrow(_string_array(seq_off, seqs))
     row = np.flatnonzero(keep).astype(np.int64)
-    return _Columns(ids, upper, None, row, raw_counts, np.diff(seq_off), int(lines - len(row)),
-                    (name_off, names), (seq_off, seqs))
+    rows = _Rows(data, id_start, id_len, seq_start, seq_len, row, raw_counts, False, piece.path, {},
+                 int(lines - len(row)))
+    for u in np.flatnonzero(examples[:, 0] >= 0).tolist():
+        rows.letter_examples[chr(u)] = [rows.id_at(i) for i in examples[u].tolist() if i >= 0]
+    return rows
 
 
-def _read_columns(piece: Piece) -> _Columns:
-    """The rows of a piece (:class:`_Columns`), val/test rows of a random split left out."""
+def _read_rows(piece: Piece) -> _Rows:
+    """The rows of a piece (:class:`_Rows`), val/test rows of a random split left out."""
+    if piece.kind == "csv":
+        return _read_csv_rows(piece)
     import polars as pl
 
-    if piece.kind == "csv":
-        return _read_csv_columns(piece)
     ids, seqs, ur50 = _read_piece(piece)
     row = np.arange(len(seqs), dtype=np.int64)
     excluded = 0
@@ -529,25 +592,24 @@ def _read_columns(piece: Piece) -> _Columns:
     _, raw = _buffers(seqs)
     raw_counts = count_bytes(np.frombuffer(raw, dtype=np.uint8))
     upper = seqs.str.to_uppercase() if raw_counts[ord("a") : ord("z") + 1].sum() else seqs
-    lengths = seqs.str.len_bytes().cast(pl.Int64).to_numpy()
-    return _Columns(ids, upper, ur50, row, raw_counts, lengths, excluded)
+    examples = {}
+    for u in np.flatnonzero(raw_counts).tolist():
+        letter = chr(u).upper() if 97 <= u <= 122 else chr(u)
+        if letter not in STANDARD and letter not in examples:
+            hits = ids.filter(upper.str.contains(letter, literal=True)).head(LETTER_EXAMPLES)
+            examples[letter] = hits.to_list()
+    # one buffer, the ids and then the sequences: the join reads its values back from it
+    id_offsets, id_bytes = _buffers(ids)
+    seq_offsets, seq_bytes = _buffers(upper)
+    data = np.concatenate([np.frombuffer(id_bytes, dtype=np.uint8), np.frombuffer(seq_bytes, dtype=np.uint8)])
+    return _Rows(data, id_offsets[:-1], np.diff(id_offsets), seq_offsets[:-1] + len(id_bytes), np.diff(seq_offsets),
+                 row, raw_counts, True, None, dict(sorted(examples.items())), excluded, ur50)
 
 
 def _read_piece(piece: Piece):
-    """(ids, sequences, ur50 ids or None) of a piece, as polars Series of strings."""
+    """(ids, sequences, ur50 ids or None) of a parquet or SQLite piece, as polars Series."""
     import polars as pl
 
-    if piece.kind == "csv":
-        with open(piece.path, "rb") as f:
-            data = f.read()
-        if not data.startswith(CSV_HEADER):
-            raise InputError(piece.path, "line 1", f"not the header {CSV_HEADER.decode().strip()!r} of an ESM2nv shard")
-        try:
-            frame = pl.read_csv(io.BytesIO(data), has_header=True, quote_char=None, infer_schema=False,
-                                columns=["record_name", "sequence"])
-        except Exception:
-            raise InputError(piece.path, "", "not a CSV shard of the ESM2nv layout (the rows do not parse)") from None
-        return frame["record_name"].fill_null(""), frame["sequence"].fill_null(""), None
     if piece.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -609,7 +671,6 @@ def count_bytes(data: np.ndarray) -> np.ndarray:
     return counts
 
 
-_M = np.uint64(0xFFFFFFFFFFFFFFFF)
 _C1 = np.uint64(0x87C37B91114253D5)
 _C2 = np.uint64(0x4CF5AD432745937F)
 
@@ -629,6 +690,22 @@ def _fmix(k):
     return k
 
 
+@intrinsic
+def _load_u64(typingctx, data, p):
+    """The 8 bytes of ``data`` (uint8) from ``p`` as one integer, in one unaligned load
+    (x86-64 and arm64 allow them; :func:`_word` loads and shifts byte by byte, 3.5 times
+    slower). The machine's byte order: little-endian on both, as MurmurHash3 reads its
+    blocks (tests/test_report.py checks the digests against mmh3)."""
+    sig = types.uint64(data, types.intp)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        pointer = builder.bitcast(builder.gep(array.data, [args[1]]), ir.IntType(64).as_pointer())
+        return builder.load(pointer, align=1)
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _word(data, p, n):
     """``n`` bytes from ``p`` as a little-endian integer."""
@@ -639,20 +716,20 @@ def _word(data, p, n):
 
 
 @njit(nogil=True, cache=True)
-def murmur3_128(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """MurmurHash3 x64_128 (seed 0) of every value ``data[offsets[i]:offsets[i + 1]]``:
+def murmur3_128(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """MurmurHash3 x64_128 (seed 0) of every value ``data[starts[i]:starts[i] + lengths[i]]``:
     ``out[i] = (h1, h2)``, the digest's two little-endian halves."""
-    n = len(offsets) - 1
+    n = len(starts)
     out = np.empty((n, 2), dtype=np.uint64)
     for i in range(n):
-        start, length = offsets[i], offsets[i + 1] - offsets[i]
+        start, length = starts[i], lengths[i]
         h1 = np.uint64(0)
         h2 = np.uint64(0)
         blocks = length // 16
         for b in range(blocks):
             p = start + 16 * b
-            k1 = _word(data, p, 8)
-            k2 = _word(data, p + 8, 8)
+            k1 = _load_u64(data, p)
+            k2 = _load_u64(data, p + 8)
             k1 *= _C1
             k1 = _rotl(k1, 31)
             k1 *= _C2
@@ -695,53 +772,70 @@ def murmur3_128(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def digests_of(series) -> bytes:
-    """16-byte MurmurHash3 x64_128 digests of every value, concatenated.
+    """16-byte MurmurHash3 x64_128 digests of every value of a string Series, concatenated.
 
     A cryptographic digest is not needed (every match is confirmed on the values), and
     blake2b called once per row from Python took two thirds of the report's time."""
     offsets, data = _buffers(series)
-    return murmur3_128(np.frombuffer(data, dtype=np.uint8), offsets).astype("<u8").tobytes()
+    return murmur3_128(np.frombuffer(data, dtype=np.uint8), offsets[:-1], np.diff(offsets)).astype("<u8").tobytes()
 
 
-def _bucket_of(digests: bytes, n_buckets: int) -> np.ndarray:
-    return (np.frombuffer(digests, dtype="<u8")[::2] % np.uint64(n_buckets)).astype(np.int64)
+#: One row in a hash-bucket file: its digest and its index among the piece's rows.
+KEY = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("k", "<u4")])
+#: Where each row of a piece is, one int64 column after the other: its row number in the
+#: piece, and its id and sequence (start, length) in the piece's source (the shard
+#: itself, or the piece's values file in the scratch folder).
+PLACE_COLUMNS = ("row", "id_at", "id_len", "seq_at", "seq_len")
 
 
-def _write_buckets(path: str, columns: dict, digests: bytes, n_buckets: int) -> None:
-    """An Arrow file with one record batch per bucket (empty batches included)."""
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    n = len(digests) // 16
-    buckets = _bucket_of(digests, n_buckets)
-    order = np.argsort(buckets, kind="stable")
-    h = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(digests)])
-    arrays = {"h": h, **columns}
-    batch = pa.RecordBatch.from_pydict(arrays).take(pa.array(order))
-    bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1))
+def _write_keys(path: str, digests: np.ndarray, n_buckets: int) -> None:
+    """The rows' digests sorted into hash buckets: ``n_buckets + 1`` bucket bounds (int64),
+    then the :data:`KEY` records, bucket after bucket."""
+    buckets = (digests[:, 0] % np.uint64(n_buckets)).astype(np.uint16 if n_buckets <= 2**16 else np.uint32)
+    order = np.argsort(buckets, kind="stable")  # a radix sort on small integers
+    keys = np.empty(len(digests), dtype=KEY)
+    keys["h1"], keys["h2"], keys["k"] = digests[order, 0], digests[order, 1], order
+    bounds = np.searchsorted(buckets[order], np.arange(n_buckets + 1)).astype("<i8")
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f, ipc.new_file(f, batch.schema) as writer:
-        for b in range(n_buckets):
-            writer.write_batch(batch.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])))
+    with open(tmp, "wb") as f:
+        bounds.tofile(f)
+        keys.tofile(f)
     os.replace(tmp, path)
 
 
-def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
-    """Task: read one piece once; return its statistics, write its hash buckets."""
-    import polars as pl
-    import pyarrow as pa
+def _write_arrays(path: str, *arrays: np.ndarray) -> None:
+    """The arrays' bytes, one after the other."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        for array in arrays:
+            f.write(memoryview(np.ascontiguousarray(array)))
+    os.replace(tmp, path)
 
-    cols = _read_columns(piece)
-    ids, upper, ur50, row = cols.ids, cols.upper, cols.ur50, cols.row
+
+def _read_places(path: str, k: np.ndarray) -> np.ndarray:
+    """Rows ``k`` of a piece's place file: an array (len(k), 5) of :data:`PLACE_COLUMNS`."""
+    columns = np.memmap(path, dtype="<i8", mode="r")
+    return columns.reshape(len(PLACE_COLUMNS), -1)[:, k].T
+
+
+def scratch_paths(scratch: str, index: int) -> dict[str, str]:
+    """The files a piece leaves for the join: sequence and id keys, places, values."""
+    return {kind: os.path.join(scratch, f"{kind}-{index:05d}.bin") for kind in ("seq", "id", "place", "values")}
+
+
+def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
+    """Task: read one piece once; return its statistics; leave the digests of its
+    sequences and ids, sorted into hash buckets, and where each row is, for the join."""
+    rows = _read_rows(piece)
     stats = PieceStats(piece.index)
-    stats.excluded_rows = cols.excluded_rows
-    raw_counts, lengths = cols.raw_counts, cols.lengths
+    stats.excluded_rows = rows.excluded_rows
+    raw_counts, lengths = rows.raw_counts, rows.seq_len
     lower = raw_counts[ord("a") : ord("z") + 1]
     stats.lowercase_residues = int(lower.sum())
     letter_counts = raw_counts.copy()  # upper-casing moves a-z onto A-Z, nothing else (ASCII)
     letter_counts[ord("A") : ord("Z") + 1] += lower
     letter_counts[ord("a") : ord("z") + 1] = 0
-    stats.rows = len(upper)
+    stats.rows = len(lengths)
     stats.residues = int(lengths.sum())
     values, counts = np.unique(lengths, return_counts=True)
     stats.lengths = dict(zip(values.tolist(), counts.tolist()))
@@ -749,45 +843,55 @@ def piece_stats(piece: Piece, scratch: str, n_buckets: int) -> PieceStats:
     stats.beyond_rows = int(beyond.sum())
     stats.beyond_residues = int((lengths[beyond] - CROP_RESIDUES).sum())
     stats.letters = {chr(c): int(n) for c, n in enumerate(letter_counts.tolist()) if n}
-    for letter in sorted(set(stats.letters) - set(STANDARD)):
-        hits = ids.filter(upper.str.contains(letter, literal=True)).head(LETTER_EXAMPLES)
-        stats.letter_examples[letter] = hits.to_list()
+    stats.letter_examples = rows.letter_examples
+
+    seq_offsets = seq_bytes = None
+    if not rows.upper_cased and lower.any():  # digests and the join see upper-cased sequences
+        seq_offsets, seq_bytes = rows.upper_sequences()
     if piece.split in (VAL, TEST):  # to tell a test split that repeats validation
+        if seq_offsets is None:
+            seq_offsets, seq_bytes = rows.upper_sequences()
         h = hashlib.blake2b(digest_size=16)
-        for series in (ids, upper):
-            offsets, buf = _buffers(series)
+        for offsets, buf in (gather(rows.data, rows.id_start, rows.id_len, False), (seq_offsets, seq_bytes)):
             h.update(offsets.astype("<i8").tobytes())
-            h.update(buf)
+            h.update(buf.tobytes())
         stats.digest = h.hexdigest()
 
     if piece.counts is not None:
         path, lo, hi = piece.counts
         counts_here = _read_u64(path, "uf50/train/counts.mmap", lo, hi - lo)
-        if len(counts_here) != len(ids):
-            raise InputError(path, f"rows {lo}-{hi}", f"{len(counts_here)} counts for the {len(ids)} rows of {piece.rel}")
-        _cluster_stats(stats, counts_here, ids)
-    if ur50 is not None:
-        rle = ur50.rle()
+        if len(counts_here) != stats.rows:
+            raise InputError(path, f"rows {lo}-{hi}",
+                             f"{len(counts_here)} counts for the {stats.rows} rows of {piece.rel}")
+        _cluster_stats(stats, counts_here, rows.id_at)
+    if rows.ur50 is not None:
+        import polars as pl
+
+        rle = rows.ur50.rle()
         run_ids, run_lengths = rle.struct.field("value"), rle.struct.field("len").cast(pl.Int64).to_numpy()
         if len(run_lengths) == 1:
             stats.edge_runs = [(run_ids[0], int(run_lengths[0]))]
         elif len(run_lengths) > 1:
             stats.edge_runs = [(run_ids[0], int(run_lengths[0])), (run_ids[-1], int(run_lengths[-1]))]
             if len(run_lengths) > 2:
-                _cluster_stats(stats, run_lengths[1:-1], run_ids[1:-1])
+                inner = run_ids.slice(1, len(run_lengths) - 2)
+                _cluster_stats(stats, run_lengths[1:-1], lambda i: inner[i])
 
-    rows = pa.array(row.astype(np.uint32))
-    if cols.id_buffers is not None:  # the reader's own buffers: no conversion, no copy
-        id_arrow, seq_arrow = _string_array(*cols.id_buffers), _string_array(*cols.seq_buffers)
-        id_digests = murmur3_128(cols.id_buffers[1], cols.id_buffers[0]).astype("<u8").tobytes()
-        seq_digests = murmur3_128(cols.seq_buffers[1], cols.seq_buffers[0]).astype("<u8").tobytes()
+    if seq_offsets is not None:
+        seq_digests = murmur3_128(seq_bytes, seq_offsets[:-1], np.diff(seq_offsets))
     else:
-        id_arrow, seq_arrow = ids.to_arrow(), upper.to_arrow()
-        id_digests, seq_digests = digests_of(ids), digests_of(upper)
-    _write_buckets(os.path.join(scratch, f"seq-{piece.index:05d}.arrow"),
-                   {"row": rows, "id": id_arrow, "seq": seq_arrow}, seq_digests, n_buckets)
-    _write_buckets(os.path.join(scratch, f"id-{piece.index:05d}.arrow"),
-                   {"row": rows, "id": id_arrow}, id_digests, n_buckets)
+        seq_digests = murmur3_128(rows.data, rows.seq_start, rows.seq_len)
+    id_digests = murmur3_128(rows.data, rows.id_start, rows.id_len)
+    paths = scratch_paths(scratch, piece.index)
+    _write_keys(paths["seq"], seq_digests, n_buckets)
+    _write_keys(paths["id"], id_digests, n_buckets)
+    _write_arrays(paths["place"], *(a.astype("<i8", copy=False) for a in
+                                    (rows.row, rows.id_start, rows.id_len, rows.seq_start, rows.seq_len)))
+    if rows.source is None:
+        _write_arrays(paths["values"], rows.data)
+        stats.source = paths["values"]
+    else:
+        stats.source = rows.source
     return stats
 
 
@@ -811,7 +915,8 @@ def batch_pieces(pieces: list[Piece], batch_bytes: int = BATCH_BYTES) -> list[li
     return batches
 
 
-def _cluster_stats(stats: PieceStats, sizes: np.ndarray, ids) -> None:
+def _cluster_stats(stats: PieceStats, sizes: np.ndarray, id_at) -> None:
+    """Members per cluster of a piece; ``id_at(i)``: the id naming cluster ``i``."""
     values, counts = np.unique(sizes, return_counts=True)
     for v, c in zip(values.tolist(), counts.tolist()):
         stats.cluster_sizes[v] = stats.cluster_sizes.get(v, 0) + c
@@ -820,7 +925,7 @@ def _cluster_stats(stats: PieceStats, sizes: np.ndarray, ids) -> None:
     if k:
         threshold = np.partition(sizes, len(sizes) - k)[len(sizes) - k]
         idx = np.flatnonzero(sizes >= threshold)
-        cand = sorted(((-int(sizes[i]), ids[int(i)]) for i in idx))[: max(k, 0)]
+        cand = sorted(((-int(sizes[i]), id_at(int(i))) for i in idx))[: max(k, 0)]
         stats.top_clusters.extend((-m, name) for m, name in cand)
 
 
@@ -837,43 +942,111 @@ def bionemo2_cluster_stats(path: str) -> PieceStats:
     lists = pl.from_arrow(table)["ur90_id"]
     stats = PieceStats(-1)
     sizes = lists.list.len().fill_null(0).cast(pl.Int64).to_numpy()
-    _cluster_stats(stats, sizes, lists.list.first().fill_null(""))
+    first = lists.list.first().fill_null("")
+    _cluster_stats(stats, sizes, lambda i: first[i])
     return stats
 
 
 # ----------------------------------------------------------------------------- the join
 
 
-def _load_bucket(scratch: str, kind: str, bucket: int, pieces: list[tuple[int, str, int]]):
-    """The rows of bucket ``bucket`` of every included piece whose digest repeats, with
-    split and 1-based row; None when no digest repeats. Only the digests are read in full:
-    ids and sequences stay in the mapped files unless their digest repeats."""
-    import polars as pl
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
+@dataclass(frozen=True)
+class JoinPiece:
+    """What the join needs of one piece: its split, its first row in the split, and the
+    file its ids and sequences are read back from (upper-cased there or not)."""
 
-    batches, codes, rows = [], [], []
-    for index, split, first_row in pieces:
-        # left open: the arrays are views of the mapped file
-        src = pa.memory_map(os.path.join(scratch, f"{kind}-{index:05d}.arrow"))
-        batch = ipc.open_file(src).get_batch(bucket)
-        if batch.num_rows == 0:
-            continue
-        batches.append(batch)
-        codes.append(np.full(batch.num_rows, SPLITS.index(split), dtype=np.int8))
-        rows.append(batch.column("row").to_numpy().astype(np.int64) + first_row + 1)
-    if not batches:
+    index: int
+    split: str
+    first_row: int
+    source: str
+    upper_cased: bool
+
+
+def _bucket_keys(path: str, bucket: int, n_buckets: int) -> np.ndarray:
+    with open(path, "rb") as f:
+        bounds = np.fromfile(f, dtype="<i8", count=n_buckets + 1)
+        lo, hi = int(bounds[bucket]), int(bounds[bucket + 1])
+        f.seek(8 * (n_buckets + 1) + KEY.itemsize * lo)
+        return np.fromfile(f, dtype=KEY, count=hi - lo)
+
+
+def _suspects(keys: list[np.ndarray], codes: list[int], pairs: list[tuple[int, int]]):
+    """The rows (piece position, row index, digest) whose digest could make a finding: it
+    is shared by two rows of one split, or by both splits of a compared pair. Everything
+    else (a uf50 representative that is also its uf90 member, say) is not looked at."""
+    n = sum(len(k) for k in keys)
+    if n < 2:
         return None
-    table = pa.Table.from_batches(batches)
-    repeated = pl.from_arrow(table.column("h")).is_duplicated().to_numpy()
+    h1 = np.concatenate([k["h1"] for k in keys])
+    h2 = np.concatenate([k["h2"] for k in keys])
+    # sorting one 64-bit half is ten times faster than sorting both (np.lexsort); the
+    # second half splits a run of equal first halves only where it differs inside one
+    order = np.argsort(h1)
+    s1 = h1[order]
+    repeated = s1[1:] == s1[:-1]
     if not repeated.any():
         return None
-    idx = np.flatnonzero(repeated)
-    frame = pl.from_arrow(table.take(pa.array(idx)))
-    return frame.with_columns(
-        pl.Series("split", [SPLITS[c] for c in np.concatenate(codes)[idx].tolist()], dtype=pl.String),
-        pl.Series("row", np.concatenate(rows)[idx]),
-    )
+    in_run = np.zeros(n, dtype=bool)
+    in_run[1:] |= repeated
+    in_run[:-1] |= repeated
+    order, s1 = order[in_run], s1[in_run]
+    s2 = h2[order]
+    new = np.empty(len(order), dtype=bool)
+    new[0] = True
+    new[1:] = s1[1:] != s1[:-1]
+    if (s2[1:] != s2[:-1])[~new[1:]].any():  # equal first halves, different second ones
+        order = order[np.lexsort((s2, s1))]
+        s1, s2 = h1[order], h2[order]
+        new[1:] = (s1[1:] != s1[:-1]) | (s2[1:] != s2[:-1])
+    group = np.cumsum(new) - 1
+    sizes = np.bincount(group)
+    multi = sizes[group] > 1
+    order, group, s1, s2 = order[multi], group[multi], s1[multi], s2[multi]
+    piece_of = np.repeat(np.arange(len(keys), dtype=np.int64), [len(k) for k in keys])[order]
+    code = np.asarray(codes, dtype=np.int64)[piece_of]
+    per_split = np.bincount(group * len(SPLITS) + code, minlength=len(sizes) * len(SPLITS)).reshape(-1, len(SPLITS))
+    suspect = (per_split > 1).any(axis=1)
+    for a, b in pairs:
+        suspect |= (per_split[:, a] > 0) & (per_split[:, b] > 0)
+    hit = suspect[group]
+    if not hit.any():
+        return None
+    k = np.concatenate([k["k"] for k in keys]).astype(np.int64)[order[hit]]
+    return piece_of[hit], k, s1[hit], s2[hit]
+
+
+def _load_suspects(scratch: str, kind: str, bucket: int, n_buckets: int, pieces: list[JoinPiece],
+                   pairs: list[tuple[int, int]]):
+    """The rows of bucket ``bucket`` whose digest could make a finding (:func:`_suspects`),
+    with their split, 1-based row, id (and upper-cased sequence), read back from their
+    source; None when there are none."""
+    import mmap
+
+    keys = [_bucket_keys(scratch_paths(scratch, p.index)[kind], bucket, n_buckets) for p in pieces]
+    found = _suspects(keys, [SPLITS.index(p.split) for p in pieces], pairs)
+    if found is None:
+        return None
+    import polars as pl
+
+    piece_of, k, h1, h2 = found
+    columns = {"h1": h1, "h2": h2, "split": [], "row": np.empty(len(k), dtype=np.int64), "id": [None] * len(k)}
+    if kind == "seq":
+        columns["seq"] = [None] * len(k)
+    columns["split"] = [pieces[j].split for j in piece_of.tolist()]
+    for j in np.unique(piece_of).tolist():
+        p = pieces[j]
+        at = np.flatnonzero(piece_of == j)
+        places = _read_places(scratch_paths(scratch, p.index)["place"], k[at])
+        columns["row"][at] = places[:, 0] + p.first_row + 1
+        with open(p.source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            for i, place in zip(at.tolist(), places.tolist()):
+                _, id_at, id_len, seq_at, seq_len = place
+                columns["id"][i] = m[id_at : id_at + id_len].decode("utf-8", "replace")
+                if kind == "seq":
+                    seq = m[seq_at : seq_at + seq_len]
+                    columns["seq"][i] = (seq if p.upper_cased else seq.upper()).decode("utf-8", "replace")
+    return pl.DataFrame(columns, schema_overrides={"split": pl.String, "id": pl.String,
+                                                   **({"seq": pl.String} if kind == "seq" else {})})
 
 
 def _group_rows(frame, key: str):
@@ -882,11 +1055,11 @@ def _group_rows(frame, key: str):
     different values (hash collisions)."""
     import polars as pl
 
-    distinct = frame.select("h", key).unique().group_by("h").len()
+    distinct = frame.select("h1", "h2", key).unique().group_by("h1", "h2").len()
     collisions = int((distinct["len"] - 1).sum())
     groups = (
         frame.sort("split", "row")
-        .group_by("h", key, maintain_order=True)
+        .group_by("h1", "h2", key, maintain_order=True)
         .agg(pl.col("split"), pl.col("row"), pl.col("id").alias("ids"),
              *[(pl.col("split") == s).sum().alias(f"n_{s}") for s in SPLITS])
         .filter(pl.col("split").list.len() > 1)
@@ -904,19 +1077,21 @@ def _rows_of(g: dict) -> list[tuple[str, int, str]]:
     return list(zip(g["split"], g["row"], g["ids"]))
 
 
-def join_bucket(bucket: int, scratch: str, pieces: list[tuple[int, str, int]]) -> BucketResult:
+def join_bucket(bucket: int, n_buckets: int, scratch: str, pieces: list[JoinPiece]) -> BucketResult:
     """Task: the duplicate sequences and ids of one hash bucket, confirmed on the values.
 
-    Counting is done on whole columns; only the examples kept (at most EXAMPLES_MAX of
-    each kind) become Python objects: a training set whose representatives are also
-    members has one harmless group per cluster."""
-    import polars as pl
-
+    The digests are grouped in numpy; only the rows of a digest that could make a
+    finding are read back and compared, and counting is done on whole columns; only the
+    examples kept (at most EXAMPLES_MAX of each kind) become Python objects. polars is
+    imported only where there is something to confirm."""
     result = BucketResult()
-    present = {s for _, s, _ in pieces}
+    present = {p.split for p in pieces}
     pairs = [(a, b) for a, b in PAIRS if a in present and b in present]
-    seqs = _load_bucket(scratch, "seq", bucket, pieces)
+    coded = [(SPLITS.index(a), SPLITS.index(b)) for a, b in pairs]
+    seqs = _load_suspects(scratch, "seq", bucket, n_buckets, pieces, coded)
     if seqs is not None:
+        import polars as pl
+
         groups, result.hash_collisions = _group_rows(seqs, "seq")
         for split in present:
             hit = groups.filter(pl.col(f"n_{split}") > 1)
@@ -935,8 +1110,10 @@ def join_bucket(bucket: int, scratch: str, pieces: list[tuple[int, str, int]]) -
                     rows = _rows_of(g)
                     result.between_examples.append({"pair": key, "length": len(g["seq"]),
                                                     "a": _side(rows, a), "b": _side(rows, b)})
-    ids = _load_bucket(scratch, "id", bucket, pieces)
+    ids = _load_suspects(scratch, "id", bucket, n_buckets, pieces, coded)
     if ids is not None:
+        import polars as pl
+
         groups, collisions = _group_rows(ids, "id")
         result.hash_collisions += collisions
         for split in present:
@@ -961,6 +1138,7 @@ def join_bucket(bucket: int, scratch: str, pieces: list[tuple[int, str, int]]) -
                     })
     _cap(result)
     return result
+
 
 
 def _example_key(e: dict):
@@ -1151,7 +1329,7 @@ def headline(report: dict) -> str:
 
 def _n_buckets(pieces: list[Piece], workers: int) -> int:
     total = sum(p.size_bytes for p in pieces)
-    return max(2 * workers, math.ceil(total / (64 * 2**20)), 1)
+    return max(2 * workers, math.ceil(total / BUCKET_BYTES), 1)
 
 
 def _gather(client, reporter: Reporter, name: str, futures: list, amounts: list[int]) -> list:
@@ -1179,11 +1357,21 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
 
     Returns the report (plain JSON values) and the folder written. Nothing else in OUT is
     written: the work happens in ``OUT/.esm2dask-report-<token>``, removed at the end.
+    The report's ``stage_seconds`` say where its time went (``seconds``: all of it, up to
+    the plots drawn).
     """
-    from .report_html import write_report_files
+    from .report_html import write_plots, write_report_files
 
     reporter = reporter or Reporter()
     start = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
+    lap = [start]
+
+    def stage_end(name: str) -> None:
+        now = time.perf_counter()
+        stage_seconds[name] = round(now - lap[0], 3)
+        lap[0] = now
+
     root = config.root
     layout, pieces, sources, notes, clusters_file = plan_report(config)
     final = os.path.join(root, REPORT_DIR)
@@ -1201,7 +1389,9 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
         shutil.rmtree(work, ignore_errors=True)
         raise OutputError(f"{root}: cannot write the report folder there ({err.strerror})") from None
     try:
+        stage_end("plan")
         with dask_client(config.cluster, reporter.message) as client:
+            stage_end("cluster start")
             try:
                 workers = max(1, sum(client.nthreads().values()))
                 n_buckets = _n_buckets(pieces, workers)
@@ -1215,6 +1405,7 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                                   if clusters_file else None)
                 stats = [s for batch in _gather(client, reporter, "report-stats", futures,
                                                 [sum(p.size_bytes for p in b) for b in batches]) for s in batch]
+                stage_end("report-stats")
                 by_split: dict[str, list[PieceStats]] = {}
                 for p, s in zip(pieces, stats):
                     by_split.setdefault(p.split, []).append(s)
@@ -1228,9 +1419,10 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                 for p, s in zip(pieces, stats):
                     first_rows[p.index] = seen[p.split]
                     seen[p.split] += s.rows + s.excluded_rows
-                included = [(p.index, p.split, first_rows[p.index]) for p in pieces if p.split not in same_as]
-                join_futures = [client.submit(join_bucket, b, scratch, included, key=(f"report_join-{token}", b),
-                                              pure=False) for b in range(n_buckets)]
+                included = [JoinPiece(p.index, p.split, first_rows[p.index], s.source, p.kind != "csv")
+                            for p, s in zip(pieces, stats) if p.split not in same_as]
+                join_futures = [client.submit(join_bucket, b, n_buckets, scratch, included,
+                                              key=(f"report_join-{token}", b), pure=False) for b in range(n_buckets)]
                 per_bucket = sum(p.size_bytes for p in pieces) // n_buckets
                 amounts = [per_bucket] * n_buckets
                 amounts[-1] += sum(p.size_bytes for p in pieces) - per_bucket * n_buckets
@@ -1238,11 +1430,13 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                 cluster_stats = [cluster_future.result()] if cluster_future else \
                     [s for p, s in zip(pieces, stats) if p.split in (UF50_TRAIN, TRAIN) and
                      (p.counts is not None or p.cluster_column)]
+                stage_end("report-join")
             except BaseException:
                 # tasks already running would write into the folder removed below
                 client.cancel([f for f in client.futures.values() if token in str(f.key)])
                 settle(client, token)
                 raise
+        stage_end("cluster close")
         splits = [s for s in SPLITS if s in by_split]
         compared = [s for s in splits if s not in same_as]
         report = {
@@ -1267,8 +1461,12 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
             if split in same_as:
                 report["splits"][split]["same_as"] = same_as[split]
         report["headline"] = headline(report)
+        stage_end("summary")
+        plots = write_plots(report, folder)
+        stage_end("plots")
+        report["stage_seconds"] = stage_seconds
         report["seconds"] = round(time.perf_counter() - start, 3)
-        write_report_files(report, folder)
+        write_report_files(report, folder, plots)
         _switch(folder, final, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

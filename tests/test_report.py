@@ -276,6 +276,108 @@ def test_qc_leakage_against_a_plain_join(qc_report):
     assert report["headline"].startswith("LEAKAGE:")
 
 
+def _weak_first_half(data, starts, lengths):
+    """A digest that collides all the time: equal for values of equal length mod 7."""
+    import numpy as np
+
+    return np.stack([(lengths % 7).astype(np.uint64), np.zeros(len(lengths), dtype=np.uint64)], axis=1)
+
+
+def _weak_second_half(data, starts, lengths):
+    """Equal first halves whose second halves differ (the join must not group on one half)."""
+    import numpy as np
+
+    return np.stack([(lengths % 2).astype(np.uint64), (lengths % 5).astype(np.uint64)], axis=1)
+
+
+def _in_process_report(out: Path, layout: str | None = None) -> dict:
+    """The report computed by threads of this process (a monkeypatch reaches its tasks)."""
+    from esm2dask.config import ClusterConfig
+    from esm2dask.report import ReportConfig, build_report
+
+    cluster = ClusterConfig(workers=2, processes=False, dashboard_address=None)
+    return build_report(ReportConfig(str(out), cluster, layout))[0]
+
+
+def _without_timings(report: dict) -> dict:
+    report = json.loads(json.dumps(report))
+    for key in ("seconds", "stage_seconds"):
+        report.pop(key)
+    report["leakage"].pop("hash_collisions")
+    return report
+
+
+def test_suspects_are_grouped_on_all_128_bits():
+    """Rows are read back only where the whole digest repeats in a way that could be a
+    finding: two rows of one split, or both splits of a compared pair."""
+    import numpy as np
+
+    from esm2dask.report import KEY, SPLITS, _suspects
+
+    def keys(*digests):
+        out = np.zeros(len(digests), dtype=KEY)
+        out["h1"], out["h2"] = [d[0] for d in digests], [d[1] for d in digests]
+        out["k"] = range(len(digests))
+        return out
+
+    train, uf50, val = SPLITS.index("train"), SPLITS.index("uf50-train"), SPLITS.index("val")
+    pairs = [(train, val), (uf50, val)]
+    # first halves equal, second ones not, interleaved inside one piece: one pair repeats
+    found = _suspects([keys((1, 1), (1, 2), (1, 1), (1, 3))], [train], pairs)
+    assert sorted(zip(found[0].tolist(), found[1].tolist())) == [(0, 0), (0, 2)]
+    assert set(zip(found[2].tolist(), found[3].tolist())) == {(1, 1)}
+    # train and uf50-train share a digest (a representative and its member): not compared
+    assert _suspects([keys((5, 5)), keys((5, 5), (6, 1))], [train, uf50], pairs) is None
+    # train and val share one: both rows; val's other row has the first half only
+    found = _suspects([keys((5, 5)), keys((5, 6), (5, 5))], [train, val], pairs)
+    assert sorted(zip(found[0].tolist(), found[1].tolist())) == [(0, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("weak", [_weak_first_half, _weak_second_half])
+@pytest.mark.parametrize("layout", ALL)
+def test_findings_are_confirmed_on_the_values_not_the_digests(planted, dask_cluster, monkeypatch, layout, weak):
+    """With a digest that collides for most rows, the report is the same, down to every
+    example: only the hash-collision count tells."""
+    from esm2dask import report as report_module
+
+    want = _report(planted, dask_cluster, layout)
+    monkeypatch.setattr(report_module, "murmur3_128", weak)
+    got = _in_process_report(planted, layout)
+    assert got["leakage"]["hash_collisions"] > 0 and want["leakage"]["hash_collisions"] == 0
+    assert _without_timings(got) == _without_timings(want)
+
+
+def test_qc_leakage_with_a_colliding_digest(qc_report, monkeypatch):
+    """The QC tree (every representative in val) with every row's digest in one of 7
+    values: every count and example as with the real digest."""
+    from esm2dask import report as report_module
+
+    out, want = qc_report
+    monkeypatch.setattr(report_module, "murmur3_128", _weak_first_half)
+    got = _in_process_report(out)
+    assert got["leakage"]["hash_collisions"] > 1000
+    assert _without_timings(got) == _without_timings(want)
+
+
+@pytest.mark.parametrize("row, where, what", [
+    ("7,M 1,3,AAA\n", "line 3", "record_name"),
+    ("7,M1,3,AA\x01A\n", "line 3", "a byte in sequence"),
+    ('7,M1,3,AA"A\n', "line 3", "a byte in sequence"),
+    ("7,M1,AAA\n", "line 3", "four fields"),
+    ("7,M1,3,AA,A\n", "line 3", "four fields"),
+])
+def test_a_bad_row_is_one_error_line_naming_file_and_line(planted, tmp_path, dask_cluster, row, where, what):
+    out = tmp_path / "out"
+    shutil.copytree(planted / "uf50", out / "uf50")
+    shard = out / "uf50/val/x000.csv"
+    lines = shard.read_bytes().split(b"\n")
+    shard.write_bytes(b"\n".join(lines[:2] + [row.encode().rstrip(b"\n")] + lines[2:]))
+    before = _snapshot(out)
+    result = invoke("report", out, "--scheduler-address", dask_cluster.scheduler_address)
+    assert_one_line_error(result, "uf50/val/x000.csv", where, what)
+    assert _snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------- the command
 
 
