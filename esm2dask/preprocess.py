@@ -253,26 +253,33 @@ def split_targets(run: Run, found: Scan) -> tuple[tuple[Target, ...], str | None
     return targets, run.staging.write_labels(labels)
 
 
-def place(run: Run, found: Scan, stream: Stream) -> list[list]:
-    """Where each range's rows go: ``[shard, offset, bytes]`` of each of its cuts, from the
-    row sizes the count pass saved; the stream's shards are made at their final size (the
-    header in place), so that each range writes its rows once, straight into them."""
-    (target,) = stream.routing.targets
-    bounds = shard_bounds(target.n_rows, run.config.num_csv_files)
-    first = found.first[stream.name]
-    placed = run.runner.run(f"place-{stream.name}", [
-        (url, int(first[i]), bounds.tolist(), run.so) for i, url in enumerate(found.sizes_urls[stream.name])
-    ])
-    ends = [len(CSV_HEADER)] * run.config.num_csv_files
-    placement = []
-    for receipt in placed:
-        cuts = []
-        for shard, size in receipt.shard_bytes:
-            cuts.append([shard, ends[shard], size])
-            ends[shard] += size
-        placement.append(cuts)
-    run.staging.make_shards(target.split_dir, ends)
-    return placement
+def place(run: Run, found: Scan, streams: list[Stream]) -> dict[str, list[list]]:
+    """Where each range's rows go, for each of ``streams``: ``[shard, offset, bytes]`` of each
+    of its cuts, from the row sizes the count pass saved; the streams' shards are made at
+    their final size (the header in place), so that each range writes its rows once,
+    straight into them. All streams' place tasks run together, before any conversion."""
+    handles, bounds = {}, {}
+    for stream in streams:
+        (target,) = stream.routing.targets
+        bounds[stream.name] = shard_bounds(target.n_rows, run.config.num_csv_files)
+        first = found.first[stream.name]
+        handles[stream.name] = run.runner.submit(f"place-{stream.name}", [
+            (url, int(first[i]), bounds[stream.name].tolist(), run.so)
+            for i, url in enumerate(found.sizes_urls[stream.name])
+        ])
+    placements = {}
+    for stream in streams:
+        ends = [len(CSV_HEADER)] * run.config.num_csv_files
+        placement = []
+        for receipt in run.runner.wait(f"place-{stream.name}", handles[stream.name]):
+            cuts = []
+            for shard, size in receipt.shard_bytes:
+                cuts.append([shard, ends[shard], size])
+                ends[shard] += size
+            placement.append(cuts)
+        run.staging.make_shards(stream.routing.targets[0].split_dir, ends)
+        placements[stream.name] = placement
+    return placements
 
 
 def convert(run: Run, found: Scan, streams: dict[str, Stream], uf50_routing: Routing,
@@ -282,6 +289,14 @@ def convert(run: Run, found: Scan, streams: dict[str, Stream], uf50_routing: Rou
     place where :func:`esm2dask.stages.placed_streams` says). Returns the fast path's
     results of each stream that took it (see :func:`join` for the others)."""
     cfg, runner = run.config, run.runner
+    for name, stream in streams.items():
+        stream.report.records = int(found.first[name][-1])
+    # placed, where the fast path can hold, unless an interrupted run found the order broken
+    # (then every fast task's receipt is there: none runs again)
+    placements = place(run, found, [
+        s for name, s in streams.items() if s.placed and s.report.records == s.n_keys
+        and not run.staging.marker(f"fallback-{name}")
+    ])
     handles: dict[str, list] = {}
     if "write-counts" in runner.table:  # with esm2nv
         handles["write-counts"] = runner.submit("write-counts", [
@@ -308,18 +323,14 @@ def convert(run: Run, found: Scan, streams: dict[str, Stream], uf50_routing: Rou
             ])
     fast, checks = {}, {}
     for name, stream in streams.items():
-        n_records = int(found.first[name][-1])
-        stream.report.records = n_records
+        n_records = stream.report.records
         if n_records != stream.n_keys:
             stream.report.fallback_reason = f"{n_records} records for {stream.n_keys} mapping ids"
             continue
         pieces = [(getattr(m, f"{stream.kind}_url"), int(stream.key_first[i]),
                    int(stream.key_first[i + 1] - stream.key_first[i])) for i, m in enumerate(found.mapping)]
         first = found.first[name]
-        # placed, unless an interrupted run found the order broken (then every fast task's
-        # receipt is there: none runs again)
-        placement = (place(run, found, stream) if stream.placed and not run.staging.marker(f"fallback-{name}")
-                     else [None] * len(run.ranges(name)))
+        placement = placements.get(name) or [None] * len(run.ranges(name))
         fast[name] = runner.submit(f"fast-{name}", [
             (rng, int(first[i]), int(found.counts[name][i]), _slices_for(pieces, int(first[i]), int(first[i + 1])),
              stream.routing, placement[i])
