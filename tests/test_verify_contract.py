@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from conftest import run_preprocess
+from conftest import kept_unchanged, run_preprocess
 
 ALL = ("esm2nv", "bionemo2", "hf")
 MANIFEST = "esm2dask-manifest.json"
@@ -47,7 +47,7 @@ def qc_tree(qc_dir, tmp_path_factory, dask_cluster):
     cluster = ClusterConfig(scheduler_address=dask_cluster.scheduler_address, dashboard_address=None)
     run_preprocess(qc_dir, out, cluster, formats=ALL, uf90=str(qc_dir / "ur90_ur50_sampler.fasta"),
                    val=str(qc_dir / "uniref50_train_filt.fasta"), test=str(test))
-    return out
+    yield from kept_unchanged(out, out)
 
 
 @pytest.fixture
