@@ -72,6 +72,7 @@ def test_nothing_is_written_to_dev_shm(synth_raw, tmp_path, cluster_config):
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm here")
     before = set(os.listdir("/dev/shm"))
-    run_preprocess(synth_raw, tmp_path / "out", cluster_config, partition_size="64KB")
+    # every stage of a run, in many byte ranges (7 shards: the shard count changes no stage)
+    run_preprocess(synth_raw, tmp_path / "out", cluster_config, partition_size="64KB", num_csv_files=7)
     # multiprocessing's 32-byte semaphores (sem.*) come and go with any Python process here
     assert {f for f in set(os.listdir("/dev/shm")) - before if not f.startswith("sem.")} == set()
