@@ -143,15 +143,21 @@ def test_a_link_on_the_way_in_out_is_never_followed(raw, out, dask_cluster):
 # ----------------------------------------------------------------------------- 2. links in staging
 
 
-def _first_piece(staged: Path) -> Path:
-    return sorted((staged / "work" / "pieces" / "uf90" / "uf90_csvs" / "000").glob("*.csv"))[0]
+def _a_piece(staged: Path) -> Path:
+    """A uf90 piece an interrupted run left in ``staged``. The run stopped as assembly began,
+    but the assembly tasks it had already submitted may have run before the cancel reached
+    them (53 to 98 of the 200 here, in submission order), each turning its shard's first piece
+    into the shard: so a piece of the last shard, submitted last."""
+    pieces = sorted((staged / "work" / "pieces" / "uf90" / "uf90_csvs").glob("*/*.csv"))
+    assert pieces, f"no uf90 piece left in {staged}"
+    return pieces[-1]
 
 
 def test_resume_never_writes_through_links_planted_in_staging(raw, tmp_path, cluster_config, synth_digest):
     out = tmp_path / "site" / "out"
     staged = _interrupted_run(raw, out, cluster_config)
     victim, victim_log = tmp_path / "victim.csv", tmp_path / "victim.log"
-    piece = _first_piece(staged)
+    piece = _a_piece(staged)
     victim.write_bytes(piece.read_bytes() + b"precious bytes beyond the piece\n")
     victim_log.write_text("my own log\n")
     piece.unlink()
