@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from conftest import assert_one_line_error, tree_digest
+from conftest import assert_one_line_error, kept_unchanged, tree_digest
 
 
 def invoke(*args):
@@ -54,11 +54,33 @@ def run_cli(raw, out, address, *extra):
     return invoke("preprocess", raw, "-o", out, "--scheduler-address", address, "--plain", *extra)
 
 
-def test_synth_preprocess_verify_roundtrip(small_raw, tmp_path, dask_cluster):
-    out = tmp_path / "out"
+def _files_of(folder):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def small_run(small_raw, tmp_path_factory, dask_cluster):
+    """One output of ``small_raw`` by the command: ``(out, small_raw's files (name: size,
+    mtime) before the run, the command's output)``."""
+    before = _files_of(small_raw)
+    out = tmp_path_factory.mktemp("small-out") / "out"
     result = run_cli(small_raw, out, dask_cluster.scheduler_address)
     assert result.exit_code == 0, result.output
-    assert "uf90/uf90_csvs" in result.output and "MB/s" in result.output
+    assert invoke("verify", out).exit_code == 0
+    yield from kept_unchanged(out, (out, before, result.output))
+
+
+@pytest.fixture
+def small_out(small_run):
+    """That output, shared: the tampering tests each spoil a copy."""
+    return small_run[0]
+
+
+def test_synth_preprocess_verify_roundtrip(small_raw, small_run, tmp_path, dask_cluster):
+    done, _, output = small_run
+    assert "uf90/uf90_csvs" in output and "MB/s" in output
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
     manifest = json.loads((out / "esm2dask-manifest.json").read_text())
     assert manifest["outputs"]["uf50/train"]["rows"] == 300
     check = invoke("verify", out)
@@ -147,11 +169,9 @@ def test_output_inside_input_is_refused(small_raw, tmp_path, dask_cluster):
     assert not (raw / "out").exists()
 
 
-def test_input_folder_is_left_untouched(small_raw, tmp_path, dask_cluster):
-    raw = _copy_raw(small_raw, tmp_path)
-    before = sorted(p.name for p in raw.iterdir())
-    assert run_cli(raw, tmp_path / "out", dask_cluster.scheduler_address).exit_code == 0
-    assert sorted(p.name for p in raw.iterdir()) == before
+def test_input_folder_is_left_untouched(small_raw, small_run):
+    _, before, _ = small_run
+    assert _files_of(small_raw) == before
 
 
 def _bump_length(path):
@@ -175,18 +195,18 @@ def _bump_length(path):
     ],
     ids=["missing-file", "extra-file", "crlf", "record-id", "header", "starts", "length"],
 )
-def test_verify_catches_tampering(tamper, problem, small_raw, tmp_path, dask_cluster):
+def test_verify_catches_tampering(tamper, problem, small_out, tmp_path):
     out = tmp_path / "out"
-    assert run_cli(small_raw, out, dask_cluster.scheduler_address).exit_code == 0
+    shutil.copytree(small_out, out)
     tamper(out)
     result = invoke("verify", out)
     assert result.exit_code == 1
     assert problem in result.output, result.output
 
 
-def test_verify_checks_names_against_mapping(small_raw, tmp_path, dask_cluster):
+def test_verify_checks_names_against_mapping(small_out, tmp_path):
     out = tmp_path / "out"
-    assert run_cli(small_raw, out, dask_cluster.scheduler_address).exit_code == 0
+    shutil.copytree(small_out, out)
     path = out / "uf90/uf90_csvs/x004.csv"
     lines = path.read_text().splitlines(keepends=True)
     a, b = lines[1].split(","), lines[2].split(",")

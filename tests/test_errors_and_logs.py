@@ -80,14 +80,10 @@ def qc_args(raw: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def qc_out(raw, tmp_path_factory) -> Path:
-    """One run of the QC sample, copied by the tests that spoil it."""
-    from conftest import run_preprocess
-    from esm2dask.config import ClusterConfig
-
-    out = tmp_path_factory.mktemp("qc") / "out"
-    run_preprocess(raw, out, ClusterConfig(workers=2, processes=False, dashboard_address=None))
-    return out
+def qc_out(qc_esm2nv) -> Path:
+    """The session's run of the QC sample (conftest: the same uf50/uf90 bytes as a run of
+    ``raw``), copied by the tests that spoil it."""
+    return qc_esm2nv[0]
 
 
 # ----------------------------------------------------------------------------- item 3

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from conftest import concat_md5, file_md5, run_preprocess
+from conftest import concat_md5, file_md5, qc_fasta_options, run_preprocess
 
 SPEC_UF50 = "182293ff6155c04c75610bb53397d1af"
 SPEC_UF90 = "e9ffe11e5e6f5da097d65fc75219ce41"
@@ -12,14 +13,8 @@ SPEC_COUNTS = "049415ceb29b08ded142439ff3e7462f"
 SPEC_STARTS = "d82072cb9a026d333e08a281bffe665c"
 
 
-def _qc_options(qc_dir):
-    train = str(qc_dir / "uniref50_train_filt.fasta")
-    return dict(uf90=str(qc_dir / "ur90_ur50_sampler.fasta"), val=train, test=train)
-
-
-def test_v110_fingerprints(qc_dir, tmp_path, cluster_config):
-    out = tmp_path / "out"
-    result = run_preprocess(qc_dir, out, cluster_config, **_qc_options(qc_dir))
+def test_v110_fingerprints(qc_esm2nv):
+    out, result = qc_esm2nv
     assert concat_md5(out / "uf50/train") == SPEC_UF50
     assert concat_md5(out / "uf50/val") == SPEC_UF50
     assert concat_md5(out / "uf50/test") == SPEC_UF50
@@ -49,7 +44,7 @@ def test_random_split_fingerprints(qc_dir, tmp_path, cluster_config):
     out = tmp_path / "out"
     result = run_preprocess(
         qc_dir, out, cluster_config, split="random", val_size=500, test_size=100, seed=0,
-        **_qc_options(qc_dir),
+        **qc_fasta_options(qc_dir),
     )
     assert result.rows["uf50/train"] == 4401
     assert result.rows["uf50/val"] == 500
@@ -64,9 +59,12 @@ def test_random_split_fingerprints(qc_dir, tmp_path, cluster_config):
     assert len(sizes["val"]) == 500 and len(sizes["test"]) == 100
 
 
-def test_qc_sample_with_tiny_partitions_takes_the_same_bytes(qc_dir, tmp_path, cluster_config):
+# 256KB cuts the sample's uf90 and uf50 FASTAs into 19 and 8 byte ranges (the mapping into
+# 9); 37KB into 129, 50 and 62, a drill's time on 2 cores.
+@pytest.mark.parametrize("partition", ["256KB", pytest.param("37KB", marks=pytest.mark.drill)])
+def test_qc_sample_with_tiny_partitions_takes_the_same_bytes(qc_dir, tmp_path, cluster_config, partition):
     out = tmp_path / "out"
-    run_preprocess(qc_dir, out, cluster_config, partition_size="37KB", **_qc_options(qc_dir))
+    run_preprocess(qc_dir, out, cluster_config, partition_size=partition, **qc_fasta_options(qc_dir))
     assert concat_md5(out / "uf50/train") == SPEC_UF50
     assert concat_md5(out / "uf90/uf90_csvs") == SPEC_UF90
     assert file_md5(out / "uf50/train/starts.mmap") == SPEC_STARTS

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from conftest import concat_md5, run_preprocess
+from conftest import concat_md5, kept_unchanged, qc_fasta_options, run_preprocess
 from esm2dask.config import UF90_FASTA
 
 SPEC_UF50 = "182293ff6155c04c75610bb53397d1af"
@@ -38,11 +38,6 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def _qc_options(qc_dir):
-    train = str(qc_dir / "uniref50_train_filt.fasta")
-    return dict(uf90=str(qc_dir / "ur90_ur50_sampler.fasta"), val=train, test=train)
-
-
 def _cluster(dask_cluster):
     from esm2dask.config import ClusterConfig
 
@@ -55,8 +50,8 @@ def qc_out(qc_dir, tmp_path_factory, dask_cluster):
     so 5 hf parts)."""
     out = tmp_path_factory.mktemp("qc") / "out"
     result = run_preprocess(qc_dir, out, _cluster(dask_cluster), formats=ALL, partition_size="1MB",
-                            **_qc_options(qc_dir))
-    return out, result
+                            **qc_fasta_options(qc_dir))
+    yield from kept_unchanged(out, (out, result))
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -194,14 +189,23 @@ def test_qc_sample_in_three_layouts(qc_out, tmp_path):
     assert "checked: bionemo2" in check.output and "checked: hf" in check.output
 
 
-@pytest.mark.parametrize("val_size, test_size", [(500, 100), (4000, 900)])
-def test_random_split(val_size, test_size, qc_dir, tmp_path, cluster_config):
-    """Only the train-labelled clusters go into the train files. With 101 of them, some uf90
-    byte ranges (of 64 KB here) hold no training member: their hf parts are left out, the
-    others renumbered."""
+@pytest.fixture
+def qc_random_4000_900(qc_dir, tmp_path, cluster_config):
     out = tmp_path / "out"
-    result = run_preprocess(qc_dir, out, cluster_config, formats=ALL, split="random", partition_size="64KB",
-                            val_size=val_size, test_size=test_size, seed=0, **_qc_options(qc_dir))
+    result = run_preprocess(qc_dir, out, cluster_config, formats=ALL, split="random", val_size=4000,
+                            test_size=900, seed=0, partition_size="64KB", **qc_fasta_options(qc_dir))
+    return out, result
+
+
+@pytest.mark.parametrize("run, val_size, test_size", [
+    ("qc_random_all_formats", 500, 100),  # the session's run of this split (conftest)
+    ("qc_random_4000_900", 4000, 900),
+], ids=["500-100", "4000-900"])
+def test_random_split(run, val_size, test_size, tmp_path, request):
+    """Only the train-labelled clusters go into the train files. With 101 of them, some uf90
+    byte ranges hold no training member: their hf parts are left out, the others renumbered
+    (with 4000 + 900 held out, in 64 KB ranges)."""
+    out, result = request.getfixturevalue(run)
     tree = Esm2nvTree(out, with_test=True)
     assert len(tree.clusters) == 5001 - val_size - test_size
     _bionemo2_reads(out / "bionemo2", tree)
@@ -242,7 +246,7 @@ def _md5(path: Path) -> str:
 def test_without_esm2nv_the_csv_tree_is_not_published(qc_dir, qc_out, tmp_path, cluster_config):
     out = tmp_path / "out"
     result = run_preprocess(qc_dir, out, cluster_config, formats=("bionemo2",), partition_size="1MB",
-                            **_qc_options(qc_dir))
+                            **qc_fasta_options(qc_dir))
     assert not (out / "uf50").exists() and not (out / "uf90").exists() and not (out / "hf").exists()
     assert result.rows == {}
     full = qc_out[0] / "bionemo2"
@@ -253,7 +257,7 @@ def test_without_esm2nv_the_csv_tree_is_not_published(qc_dir, qc_out, tmp_path, 
     assert check.exit_code == 0, check.output
     assert "checked: uf50/train" not in check.output
     # a later run asking for other layouts replaces the whole output, stale layouts too
-    run_preprocess(qc_dir, out, cluster_config, formats=("hf",), overwrite=True, **_qc_options(qc_dir))
+    run_preprocess(qc_dir, out, cluster_config, formats=("hf",), overwrite=True, **qc_fasta_options(qc_dir))
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["hf"]
     assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
 
@@ -271,7 +275,7 @@ def test_without_esm2nv_no_train_csv_is_staged(qc_dir, tmp_path, cluster_config)
 
     out = tmp_path / "out"
     config = PreprocessConfig.from_options(raw_dir=str(qc_dir), output_dir=str(out), cluster=cluster_config,
-                                           formats=("bionemo2",), partition_size="1MB", **_qc_options(qc_dir))
+                                           formats=("bionemo2",), partition_size="1MB", **qc_fasta_options(qc_dir))
     with pytest.raises(Interrupted):
         preprocess(config, StopAt("bionemo2-train-layout"))
     (staged,) = [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]

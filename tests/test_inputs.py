@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from conftest import assert_one_line_error, concat_md5, file_md5, run_preprocess
+from conftest import assert_one_line_error, concat_md5
 from test_fingerprints import SPEC_UF90
 
 UF90_QC = "ur90_ur50_sampler.fasta"
@@ -23,21 +23,6 @@ RANDOM_TEST = "5db8f40cec84939f2ae633ceae6ba2b1"
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def qc_random_all_formats(qc_dir, tmp_path_factory, dask_cluster):
-    """The QC folder as NVIDIA ships it (no uniref50_valid.fasta), split at random, every layout."""
-    from esm2dask.config import ClusterConfig
-
-    assert not (qc_dir / "uniref50_valid.fasta").exists()
-    out = tmp_path_factory.mktemp("random") / "out"
-    cluster = ClusterConfig(scheduler_address=dask_cluster.scheduler_address, dashboard_address=None)
-    result = run_preprocess(
-        qc_dir, out, cluster, uf90=str(qc_dir / UF90_QC), split="random", val_size=500, test_size=100,
-        seed=0, formats=("esm2nv", "bionemo2", "hf"),
-    )
-    return out, result
 
 
 def test_random_split_needs_no_validation_fasta(qc_random_all_formats):

@@ -41,6 +41,15 @@ def raw(raw_set, tmp_path):
     return copy
 
 
+@pytest.fixture
+def done(synth_out, tmp_path) -> Path:
+    """A finished output of ``raw``'s bytes with the default options (a private copy of the
+    session's ``synth_out``), at ``tmp_path/out``."""
+    out = tmp_path / "out"
+    shutil.copytree(synth_out, out)
+    return out
+
+
 class StopAt(Reporter):
     """Interrupts the run (as Ctrl-C would) when ``stage`` begins; keeps the messages."""
 
@@ -127,22 +136,19 @@ def test_resume_refuses_an_input_edited_in_place_and_changed_options(raw, tmp_pa
     assert tree_digest(out) == tree_digest(fresh)
 
 
-def test_resume_continues_the_matching_run(raw, tmp_path, cluster_config):
+def test_resume_continues_the_matching_run(raw, tmp_path, cluster_config, synth_digest):
     out = tmp_path / "out"
     _interrupted_run(raw, out, cluster_config)
     reporter = StopAt()
     preprocess(_config(raw, out, cluster_config, resume=True), reporter)
     assert any(m.startswith("resuming the run staged in") for m in reporter.messages)
-    fresh = tmp_path / "fresh"
-    run_preprocess(raw, fresh, cluster_config)
-    assert tree_digest(out) == tree_digest(fresh) and not _stagings(out)
+    assert tree_digest(out) == synth_digest and not _stagings(out)  # what a fresh run gives
 
 
-def test_resume_with_nothing_to_resume_touches_nothing(raw, tmp_path, cluster_config):
+def test_resume_with_nothing_to_resume_touches_nothing(done, tmp_path, cluster_config):
     from esm2dask.synth import synth
 
-    out = tmp_path / "out"
-    run_preprocess(raw, out, cluster_config)
+    out = done
     notes = out / "uf50" / "train" / "notes.txt"
     notes.write_text("mine\n")
     before = tree_digest(out)
@@ -173,11 +179,10 @@ def test_overwrite_never_unlinks_a_file_it_did_not_write(raw, tmp_path, cluster_
     assert mine.read_text() == "my own notes\n"
 
 
-def test_overwrite_replaces_exactly_what_the_manifest_lists(raw, tmp_path, cluster_config):
+def test_overwrite_replaces_exactly_what_the_manifest_lists(raw, done, cluster_config):
     """A 50-file tree replaced by a 10-file one: x010…x049 go (the manifest listed them),
     the input copies are replaced, a FLIP folder beside them stays."""
-    out = tmp_path / "out"
-    run_preprocess(raw, out, cluster_config)
+    out = done
     (out / "FLIP").mkdir()
     (out / "FLIP" / "keep.txt").write_text("stays\n")
     run_preprocess(raw, out, cluster_config, overwrite=True, num_csv_files=10)
@@ -200,9 +205,8 @@ def _same_size_edit(path: Path) -> None:
         f.write(bytes(data))
 
 
-def test_manifest_checksums_every_file_and_verify_checks_them(raw, tmp_path, cluster_config):
-    out = tmp_path / "out"
-    run_preprocess(raw, out, cluster_config)
+def test_manifest_checksums_every_file_and_verify_checks_them(done):
+    out = done
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     files = manifest["files"]
     assert len(files) == 4 * 50 + 2
@@ -217,13 +221,12 @@ def test_manifest_checksums_every_file_and_verify_checks_them(raw, tmp_path, clu
     assert "uf90/uf90_csvs/x003.csv: SHA-256 differs from the manifest's" in result.output
 
 
-def test_failed_switch_restores_the_previous_output(raw, tmp_path, cluster_config, monkeypatch):
+def test_failed_switch_restores_the_previous_output(raw, done, cluster_config, monkeypatch):
     """The manifest, the last write of a run, fails: the previous tree and manifest are back,
     unchanged; the converted tree is kept and --resume publishes it."""
     from esm2dask import publish
 
-    out = tmp_path / "out"
-    run_preprocess(raw, out, cluster_config)
+    out = done
     before, manifest_before = tree_digest(out), (out / MANIFEST_NAME).read_bytes()
 
     def fail(url, text, *a, **kw):
@@ -242,13 +245,12 @@ def test_failed_switch_restores_the_previous_output(raw, tmp_path, cluster_confi
     assert _invoke("verify", out).exit_code == 0
 
 
-def test_driver_killed_during_the_switch_is_undone_by_resume(raw, tmp_path, cluster_config, monkeypatch):
+def test_driver_killed_during_the_switch_is_undone_by_resume(raw, done, tmp_path, cluster_config, monkeypatch):
     """Simulated: the switch stops after a few renames and nothing undoes it (the driver
     died); the next --resume finds the journal, puts the previous files back, publishes."""
     from esm2dask import publish
 
-    out = tmp_path / "out"
-    run_preprocess(raw, out, cluster_config)
+    out = done
     installed = []
     real_move = publish._move
 
@@ -291,13 +293,13 @@ def test_inputs_in_the_output_are_copies_not_links(raw, tmp_path, cluster_config
     with open(out / MAPPING_TSV, "ab") as f:
         f.write(b"UniRef50_X\tUniRef90_X\n")
     assert (raw / MAPPING_TSV).read_bytes() == raw_mapping
+    with open(out / MAPPING_TSV, "r+b") as f:
+        f.truncate(len(raw_mapping))  # the copy as the run wrote it (verify below checks its digest)
     # re-running synth over the raw folder leaves an earlier output alone
-    out2 = tmp_path / "out2"
-    run_preprocess(raw, out2, cluster_config)
-    kept = {name: (out2 / name).read_bytes() for name in INPUTS}
+    kept = {name: (out / name).read_bytes() for name in INPUTS}
     synth(str(raw), 300, seed=99, overwrite=True)
-    assert {name: (out2 / name).read_bytes() for name in INPUTS} == kept
-    assert _invoke("verify", out2).exit_code == 0
+    assert {name: (out / name).read_bytes() for name in INPUTS} == kept
+    assert _invoke("verify", out).exit_code == 0
 
 
 def test_hard_links_only_on_request(raw, tmp_path, cluster_config):

@@ -55,13 +55,35 @@ def test_a_normal_run_prints_no_dask_line_and_logs_everything(raw, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".esm2dask-staging")]
 
 
-@pytest.mark.parametrize("where", ["group", "command"])
+# A run takes ~5 s: the default run starts one with -v after the command; the drills one
+# with -v before it too (test_verbose_is_taken_on_either_side_of_the_command below checks,
+# without a cluster, that both places turn on the same records).
+@pytest.mark.parametrize("where", ["command", pytest.param("group", marks=pytest.mark.drill)])
 def test_verbose_shows_dask_logs_on_either_side_of_the_command(raw, tmp_path, where):
     args = ["preprocess", raw, "-o", tmp_path / "out", "--workers", "1", "--dashboard-address", "127.0.0.1:0"]
     args = ["-v", *args] if where == "group" else [*args[:1], "-v", *args[1:]]
     done = esm2dask(*args)
     assert done.returncode == 0, done.stderr
     assert "distributed.scheduler INFO" in done.stderr and "esm2dask INFO" in done.stderr
+
+
+@pytest.mark.parametrize("where", ["group", "command", "nowhere"])
+def test_verbose_is_taken_on_either_side_of_the_command(where, tmp_path):
+    """``esm2dask -v synth`` and ``esm2dask synth -v``: esm2dask's records on stderr
+    (synth's: no cluster); without -v, none."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from esm2dask import logs
+
+    args = ["synth", str(tmp_path / "s"), "--clusters", "3"]
+    args = {"group": ["-v", *args], "command": [args[0], "-v", *args[1:]], "nowhere": args}[where]
+    try:
+        result = CliRunner().invoke(cli, args)
+    finally:
+        logs.set_verbose(False)
+    assert result.exit_code == 0, result.output
+    assert ("esm2dask INFO: work: 13 records" in result.stderr) == (where != "nowhere"), result.stderr
 
 
 def test_bad_input_is_exactly_one_line(raw, tmp_path):

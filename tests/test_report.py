@@ -116,13 +116,27 @@ def planted(tmp_path_factory, dask_cluster):
     return out
 
 
+@pytest.fixture(scope="module")
+def planted_reports(planted, dask_cluster):
+    """``planted_reports(layout)``: the report of the planted tree read in ``layout``, built
+    once per layout (each build rewrites planted/esm2dask-report)."""
+    reports = {}
+
+    def report_of(layout: str) -> dict:
+        if layout not in reports:
+            reports[layout] = _report(planted, dask_cluster, layout)
+        return reports[layout]
+
+    return report_of
+
+
 def _ids_of(examples, key):
     return [sorted(e[key]["ids"]) for e in examples]
 
 
 @pytest.mark.parametrize("layout", ALL)
-def test_planted_duplicates_are_named_and_nothing_else(planted, dask_cluster, layout):
-    report = _report(planted, dask_cluster, layout)
+def test_planted_duplicates_are_named_and_nothing_else(planted_reports, layout):
+    report = planted_reports(layout)
     lk = report["leakage"]
     assert report["headline"].startswith("LEAKAGE: 1 sequence(s) in both train/val; 1 id(s) in both train/val")
     assert lk["found"] is True and lk["hash_collisions"] == 0
@@ -149,9 +163,9 @@ def test_planted_duplicates_are_named_and_nothing_else(planted, dask_cluster, la
     assert report["clusters"]["largest"][0]["members"] == 3
 
 
-def test_the_layouts_agree(planted, dask_cluster):
+def test_the_layouts_agree(planted_reports):
     """The same numbers from the CSVs, the SQLite databases and the parquet parts."""
-    reports = {layout: _report(planted, dask_cluster, layout) for layout in ALL}
+    reports = {layout: planted_reports(layout) for layout in ALL}
     keys = ("rows", "residues", "length_histogram", "beyond_crop", "composition", "nonstandard")
     for split in ("train", "val", "test"):
         want = {k: reports["esm2nv"]["splits"][split][k] for k in keys}
@@ -185,11 +199,10 @@ def test_random_split_counts_only_the_train_clusters_members(planted, tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def qc_report(qc_dir, tmp_path_factory, dask_cluster):
+def qc_report(qc_esm2nv, tmp_path_factory, dask_cluster):
+    """The report of a copy of the session's QC tree (the report is written into the tree)."""
     out = tmp_path_factory.mktemp("qc-report") / "out"
-    train = str(qc_dir / "uniref50_train_filt.fasta")
-    run_preprocess(qc_dir, out, _cluster(dask_cluster), uf90=str(qc_dir / "ur90_ur50_sampler.fasta"),
-                   val=train, test=train)
+    shutil.copytree(qc_esm2nv[0], out)
     return out, _report(out, dask_cluster)
 
 

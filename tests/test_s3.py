@@ -73,12 +73,21 @@ def _download(fs, url: str, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def local_digest(s3_raw, tmp_path_factory, dask_cluster):
+    """``local_digest(num_csv_files)``: the tree digest of ``s3_raw`` converted from and to
+    local folders (40 KB partitions), each made once."""
     from esm2dask.config import ClusterConfig
 
-    out = tmp_path_factory.mktemp("local") / "out"
-    run_preprocess(s3_raw, out, ClusterConfig(scheduler_address=dask_cluster.scheduler_address),
-                   partition_size="40KB")
-    return tree_digest(out)
+    digests = {}
+
+    def digest(num_csv_files: int = 50) -> dict[str, str]:
+        if num_csv_files not in digests:
+            out = tmp_path_factory.mktemp("local") / "out"
+            run_preprocess(s3_raw, out, ClusterConfig(scheduler_address=dask_cluster.scheduler_address),
+                           partition_size="40KB", num_csv_files=num_csv_files)
+            digests[num_csv_files] = tree_digest(out)
+        return digests[num_csv_files]
+
+    return digest
 
 
 @pytest.mark.drill  # S3 end to end and failure drills
@@ -94,7 +103,7 @@ def test_s3_to_s3_equals_local(s3_server, s3_raw, local_digest, tmp_path, cluste
     assert not [p for p in fs.ls("esm2dask-test/out1") if ".esm2dask-staging" in p]
     manifest = json.loads(fs.cat("esm2dask-test/out1/esm2dask-manifest.json"))
     assert len(manifest["files"]) == 4 * 50 + 2
-    assert tree_digest(_download(fs, "esm2dask-test/out1", tmp_path / "dl")) == local_digest
+    assert tree_digest(_download(fs, "esm2dask-test/out1", tmp_path / "dl")) == local_digest()
     # verify reads the tree in place, and trusts it only with its manifest
     opts = json.dumps(s3_server)
     check = CliRunner().invoke(cli, ["verify", "s3://esm2dask-test/out1", "--storage-options", opts])
@@ -104,17 +113,21 @@ def test_s3_to_s3_equals_local(s3_server, s3_raw, local_digest, tmp_path, cluste
     assert check.exit_code == 1 and "no esm2dask-manifest.json" in check.output
 
 
-def test_local_to_s3_and_s3_to_local(s3_server, s3_raw, local_digest, tmp_path, cluster_config):
+# Each object written to moto costs a few requests: the default 50 shards per split take
+# 30-45 s on 2 cores, so the default run writes 7 (the same code paths); the drills write 50.
+@pytest.mark.parametrize("num_csv_files", [7, pytest.param(50, marks=pytest.mark.drill)])
+def test_local_to_s3_and_s3_to_local(s3_server, s3_raw, local_digest, tmp_path, cluster_config, num_csv_files):
     import s3fs
 
-    run_preprocess(s3_raw, "s3://esm2dask-test/out2", cluster_config, partition_size="40KB",
-                   storage_options=s3_server)
+    prefix = f"esm2dask-test/out2-{num_csv_files}"
+    run_preprocess(s3_raw, f"s3://{prefix}", cluster_config, partition_size="40KB",
+                   storage_options=s3_server, num_csv_files=num_csv_files)
     fs = s3fs.S3FileSystem(**s3_server)
-    assert tree_digest(_download(fs, "esm2dask-test/out2", tmp_path / "dl")) == local_digest
+    assert tree_digest(_download(fs, prefix, tmp_path / "dl")) == local_digest(num_csv_files)
     out = tmp_path / "from-s3"
     run_preprocess("s3://esm2dask-test/raw", out, cluster_config, partition_size="40KB",
-                   storage_options=s3_server)
-    assert tree_digest(out) == local_digest
+                   storage_options=s3_server, num_csv_files=num_csv_files)
+    assert tree_digest(out) == local_digest(num_csv_files)
     assert (out / "mapping.tsv").exists()  # raw inputs copied beside the output
 
 

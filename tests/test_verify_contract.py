@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
-from conftest import run_preprocess
+from conftest import kept_unchanged, run_preprocess
 
 ALL = ("esm2nv", "bionemo2", "hf")
 MANIFEST = "esm2dask-manifest.json"
@@ -48,7 +48,7 @@ def qc_tree(qc_dir, tmp_path_factory, dask_cluster):
     # 1 MB byte ranges: uf90 in 5, so hf/train in 5 parts
     run_preprocess(qc_dir, out, cluster, formats=ALL, uf90=str(qc_dir / "ur90_ur50_sampler.fasta"),
                    val=str(qc_dir / "uniref50_train_filt.fasta"), test=str(test), partition_size="1MB")
-    return out
+    yield from kept_unchanged(out, out)
 
 
 def _uf90_place(tree: Path, part: str, row: int) -> str:

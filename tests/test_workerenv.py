@@ -63,18 +63,16 @@ def test_workers_started_by_hand_are_limited(tmp_path):
             p.wait(timeout=30)
 
 
-def test_nothing_is_written_to_dev_shm(tmp_path, cluster_config):
+def test_nothing_is_written_to_dev_shm(synth_raw, tmp_path, cluster_config):
     """A container's 64 MiB /dev/shm is smaller than a partition: the run must not use it."""
     from conftest import run_preprocess
-    from esm2dask.synth import synth
 
     package = Path(__file__).resolve().parents[1] / "esm2dask"
     assert not [p.name for p in package.glob("*.py") if "/dev/shm" in p.read_text()]
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm here")
-    raw = tmp_path / "raw"
-    synth(str(raw), 300, seed=2)
     before = set(os.listdir("/dev/shm"))
-    run_preprocess(raw, tmp_path / "out", cluster_config, partition_size="64KB")
+    # every stage of a run, in many byte ranges (7 shards: the shard count changes no stage)
+    run_preprocess(synth_raw, tmp_path / "out", cluster_config, partition_size="64KB", num_csv_files=7)
     # multiprocessing's 32-byte semaphores (sem.*) come and go with any Python process here
     assert {f for f in set(os.listdir("/dev/shm")) - before if not f.startswith("sem.")} == set()
