@@ -499,10 +499,10 @@ def measure_train_db(n_rows: int, workers: int, page_sizes: tuple[int, ...], fol
         os.unlink(r.pop("path"))
     disk = result["disk_write_MB_per_s"]["fsync"] * 1e6
     for r in new:
-        r["rows_per_s"] = round(n_rows / r["total_s"])
-        r["vs_old"] = round(old["total_s"] / r["total_s"], 1)
-        r["writer_vs_old_merge"] = round(old["merge_s"] / (r["pages_stage_s"] + r["final_s"]), 1)
-        per_worker = n_rows / (r["layout_task_s"] + r["pages_task_s"])
+        r["rows_per_s"] = round(n_rows / _at_least(r["total_s"]))
+        r["vs_old"] = round(old["total_s"] / _at_least(r["total_s"]), 1)
+        r["writer_vs_old_merge"] = round(old["merge_s"] / _at_least(r["pages_stage_s"] + r["final_s"]), 1)
+        per_worker = n_rows / _at_least(r["layout_task_s"] + r["pages_task_s"])
         r["per_worker_rows_per_s"] = round(per_worker)
         scale = NVIDIA_TRAIN_ROWS / n_rows
         compute = NVIDIA_TRAIN_ROWS / (64 * per_worker)
@@ -511,12 +511,17 @@ def measure_train_db(n_rows: int, workers: int, page_sizes: tuple[int, ...], fol
                                             "disk (the file at the fsync rate)": round(write, 1),
                                             "final step (scaled with the leaves)": round(r["final_s"] * scale, 1),
                                             "total": round(max(compute, write) + r["final_s"] * scale, 1)}
-    old["rows_per_s"] = round(n_rows / old["total_s"])
-    old["merge_rows_per_s"] = round(n_rows / old["merge_s"])
-    old["projected_187M_64_workers_s"] = round(NVIDIA_TRAIN_ROWS / old["merge_rows_per_s"]
-                                               + NVIDIA_TRAIN_ROWS / (64 * n_rows / old["bucket_task_s"]), 1)
+    old["rows_per_s"] = round(n_rows / _at_least(old["total_s"]))
+    old["merge_rows_per_s"] = round(n_rows / _at_least(old["merge_s"]))
+    old["projected_187M_64_workers_s"] = round(NVIDIA_TRAIN_ROWS / max(1, old["merge_rows_per_s"])
+                                               + NVIDIA_TRAIN_ROWS / (64 * n_rows / _at_least(old["bucket_task_s"])), 1)
     result["old"], result["new"] = old, new
     return result
+
+
+def _at_least(seconds: float) -> float:
+    """A smoke-sized run can take less time than the rounding keeps (0.0 s)."""
+    return max(seconds, 1e-3)
 
 
 class pa_memory_map:
