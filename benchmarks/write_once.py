@@ -82,7 +82,7 @@ def main(argv=None):
     bars("write_once", "Bytes written per byte published", [label for label, _, _ in FORMATS],
          {who: [by[f"{label}, {who}"].write_chars / max(1, by[f"{label}, {who}"].output_bytes)
                 for label, _, _ in FORMATS] for who in ("before", "after")},
-         "--format", "bytes written ÷ bytes published")
+         "configuration (--format, --partition-size)", "bytes written ÷ bytes published")
     print((RESULTS / "write_once.md").read_text())
 
 
