@@ -557,7 +557,11 @@ def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: floa
                         restore_interrupts = hold_interrupts()
                     # shut down in order: cancel this run's futures, let running tasks
                     # end, then (leaving the with blocks) close the client, the cluster
-                    runner.cancel_and_settle()
+                    try:
+                        runner.cancel_and_settle()
+                    except Exception as cleanup:  # a Ctrl-C can land in Dask's own code and
+                        # close the client's loop first: what failed is reported, not this
+                        log.debug("cancelling after %r failed: %r", err, cleanup)
                     raise
         result = PreprocessResult(
             output_dir=config.output_dir,
