@@ -96,7 +96,8 @@ def main(argv=None):
     from distributed import LocalCluster
 
     from esm2dask.config import ClusterConfig, PreprocessConfig
-    from esm2dask.preprocess import preprocess, stage_of_key
+    from esm2dask.preprocess import preprocess
+    from esm2dask.runner import stage_of_key
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address="127.0.0.1:0")

@@ -40,7 +40,7 @@ from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
 from .publish import OutputLock, StaleStaging, Staging, input_copies, refuse_output_in_input
 from .ranges import ByteRange
-from .runner import Runner, stage_of_key, task_key  # noqa: F401  (task keys are read back by their stage)
+from .runner import Runner
 from .stages import PLACED_DIRS, placed_streams, staged_csv_dirs
 from .tasks import Routing, Slice, Target
 

@@ -135,7 +135,3 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
     # sha256 of every output file and of every input copied beside them, for the manifest
     table.append(Stage("checksum", storage.sha256_file, n_files, exact=not hf))
     return tuple(table)
-
-
-def by_name(table: tuple[Stage, ...]) -> dict[str, Stage]:
-    return {s.name: s for s in table}

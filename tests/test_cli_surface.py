@@ -70,7 +70,7 @@ def test_command_modules_do_not_import_main():
 def test_task_keys_read_well_in_the_dashboard():
     from distributed.utils import key_split
 
-    from esm2dask.preprocess import stage_of_key, task_key
+    from esm2dask.runner import stage_of_key, task_key
 
     token = "20261129080742-ecc07c"
     for stage in ("convert-val", "fast-uf90", "check-ids-uf50", "bucket-fasta-uf90", "assemble", "scan-mapping"):
