@@ -242,11 +242,47 @@ def maybe_performance_report(filename: str | None):
 
 def hold_interrupts() -> Callable[[], None]:
     """After a first Ctrl-C: ignore further ones while the driver shuts down in order.
-    Returns the function that restores the previous handler."""
+    Returns the function that restores the previous handler.
+
+    A handler that does nothing, not ``SIG_IGN``: a Ctrl-C already caught at the C level
+    but not yet handled would otherwise be reported as "ignored due to race condition"."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, _ignore)
     return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+class TaskInterrupted(Exception):
+    """A Ctrl-C that surfaced inside a task rather than in the driver.
+
+    polars installs its own SIGINT handler and raises ``KeyboardInterrupt`` in whichever
+    thread runs a query: on a thread worker that is a Dask executor thread, and a
+    ``KeyboardInterrupt`` leaving a task stops the cluster's event loop (the driver then
+    hangs, or fails with "IOLoop is closed"). :func:`interruptible` turns it into this
+    ordinary task failure; :func:`task_result` turns it back into the interrupt."""
+
+
+def interruptible(fn, *args):
+    """Run a task's ``fn(*args)``; a Ctrl-C raised in it off the main thread becomes
+    :class:`TaskInterrupted` (see there). Every task of a run is submitted through this."""
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            raise
+        raise TaskInterrupted("interrupted") from None
+
+
+def task_result(future):
+    """A task's result in the driver; a failed task raises its own exception there, or
+    ``KeyboardInterrupt`` if a Ctrl-C stopped it (:class:`TaskInterrupted`)."""
+    if future.status == "error" and isinstance(future.exception(), TaskInterrupted):
+        raise KeyboardInterrupt
+    return future.result()
 
 
 #: A worker's task states in which the task may still run (and write) later: queued on the

@@ -51,7 +51,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from . import __version__
-from .cluster import dask_client, settle
+from .cluster import dask_client, interruptible, settle, task_result
 from .config import ClusterConfig
 from .errors import ConfigError, InputError, OutputError
 from .layout import CSV_HEADER, FORMATS, shard_bounds
@@ -1341,7 +1341,7 @@ def _gather(client, reporter: Reporter, name: str, futures: list, amounts: list[
     try:
         for future in as_completed(futures):
             if future.status == "error":
-                future.result()
+                task_result(future)
             reporter.progress(amount.get(future.key, 0))
             reporter.advance(name)
         results = client.gather(futures)
@@ -1398,9 +1398,9 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                 reporter.begin(sum(p.size_bytes for p in pieces) + sum(p.size_bytes for p in pieces))
                 total_bytes = sum(p.size_bytes for p in pieces)
                 batches = batch_pieces(pieces, min(BATCH_BYTES, max(1, total_bytes // (4 * workers))))
-                futures = [client.submit(stats_batch, b, scratch, n_buckets, key=(f"report_stats-{token}", i),
-                                         pure=False) for i, b in enumerate(batches)]
-                cluster_future = (client.submit(bionemo2_cluster_stats, clusters_file,
+                futures = [client.submit(interruptible, stats_batch, b, scratch, n_buckets,
+                                         key=(f"report_stats-{token}", i), pure=False) for i, b in enumerate(batches)]
+                cluster_future = (client.submit(interruptible, bionemo2_cluster_stats, clusters_file,
                                                 key=(f"report_clusters-{token}", 0), pure=False)
                                   if clusters_file else None)
                 stats = [s for batch in _gather(client, reporter, "report-stats", futures,
@@ -1421,13 +1421,13 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                     seen[p.split] += s.rows + s.excluded_rows
                 included = [JoinPiece(p.index, p.split, first_rows[p.index], s.source, p.kind != "csv")
                             for p, s in zip(pieces, stats) if p.split not in same_as]
-                join_futures = [client.submit(join_bucket, b, n_buckets, scratch, included,
+                join_futures = [client.submit(interruptible, join_bucket, b, n_buckets, scratch, included,
                                               key=(f"report_join-{token}", b), pure=False) for b in range(n_buckets)]
                 per_bucket = sum(p.size_bytes for p in pieces) // n_buckets
                 amounts = [per_bucket] * n_buckets
                 amounts[-1] += sum(p.size_bytes for p in pieces) - per_bucket * n_buckets
                 buckets = _gather(client, reporter, "report-join", join_futures, amounts)
-                cluster_stats = [cluster_future.result()] if cluster_future else \
+                cluster_stats = [task_result(cluster_future)] if cluster_future else \
                     [s for p, s in zip(pieces, stats) if p.split in (UF50_TRAIN, TRAIN) and
                      (p.counts is not None or p.cluster_column)]
                 stage_end("report-join")

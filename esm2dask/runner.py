@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from distributed import as_completed
 
 from . import receipts
-from .cluster import settle
+from .cluster import interruptible, task_result, settle
 from .errors import Esm2DaskError
 from .progress import Reporter
 from .publish import Staging
@@ -106,7 +106,7 @@ class Runner:
             key = task_key(name, self.token, i)
             if not keep_receipts:
                 self._read_bytes[key] = read
-                handles.append(self.client.submit(fn, *args, key=key, pure=False))
+                handles.append(self.client.submit(interruptible, fn, *args, key=key, pure=False))
                 continue
             receipt = self.staging.receipt_url(name, i)
             if receipt.rsplit("/", 1)[-1] in present:
@@ -116,7 +116,8 @@ class Runner:
                 self.skipped_tasks += 1
                 continue
             self._read_bytes[key] = read
-            handles.append(self.client.submit(receipts.recorded, fn, receipt, self.so, *args, key=key, pure=False))
+            handles.append(self.client.submit(interruptible, receipts.recorded, fn, receipt, self.so, *args,
+                                              key=key, pure=False))
         return handles
 
     def wait(self, name: str, handles: list) -> list:
@@ -128,7 +129,7 @@ class Runner:
             self.reporter.advance(name, len(handles) - len(futures))
             for future in as_completed(futures):
                 if future.status == "error":
-                    future.result()  # raises the task's exception here
+                    task_result(future)
                 self.reporter.progress(self._read_bytes.pop(future.key, 0))
                 self.reporter.advance(name)
             gathered = iter(self.client.gather(futures))

@@ -236,3 +236,52 @@ def test_stderr_to_log_does_not_loop_on_a_failing_handler():
     finally:
         logger.removeHandler(handler)
     assert seen == ["line one", "line two"]
+
+
+#: A driver with a thread worker whose task is inside a polars query when Ctrl-C comes:
+#: polars raises KeyboardInterrupt in the worker's thread as well as in the main thread.
+_CTRL_C_IN_POLARS = r'''
+import os, signal, sys, time
+import polars as pl
+from distributed import Client, LocalCluster
+from esm2dask.cluster import TaskInterrupted, interruptible, task_result
+
+def query(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:  # until the Ctrl-C reaches a query
+        pl.DataFrame({"a": range(2_000_000)}).lazy().group_by(pl.col("a") % 7).agg(pl.len()).collect()
+    return "finished"
+
+wrap = sys.argv[1] == "wrapped"
+with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+        Client(cluster) as client:
+    future = client.submit(interruptible, query, 60) if wrap else client.submit(query, 60)
+    while client.processing()[next(iter(client.processing()))] == ():
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside polars
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        pass
+    print("task:", type(future.exception(timeout=30)).__name__, flush=True)
+    try:
+        task_result(future)
+    except KeyboardInterrupt:
+        print("driver: KeyboardInterrupt", flush=True)
+    print("loop alive:", client.submit(sum, [40, 2]).result(timeout=30), flush=True)
+'''
+
+
+def test_ctrl_c_inside_a_polars_task_on_a_thread_worker_keeps_the_cluster_alive(tmp_path):
+    """The flaky drill above, made certain: the task is inside polars when the Ctrl-C comes.
+    Unwrapped, that KeyboardInterrupt leaves the task into Dask's event loop and stops it
+    (the driver hangs or fails with "IOLoop is closed"); wrapped, it is an ordinary task
+    failure that the driver reads as the interrupt, and the cluster shuts down in order."""
+    script = tmp_path / "ctrl_c_in_polars.py"
+    script.write_text(_CTRL_C_IN_POLARS)
+    done = subprocess.run([sys.executable, str(script), "wrapped"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["task: TaskInterrupted", "driver: KeyboardInterrupt", "loop alive: 42"], \
+        done.stdout + done.stderr
