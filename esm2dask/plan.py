@@ -20,7 +20,7 @@ from .config import DEFAULT_RAW_DIR, PreprocessConfig
 from .errors import ConfigError, InputError
 from .layout import MANIFEST_NAME, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
 from .logs import RunLog
-from .publish import input_copies
+from .publish import copied_by_task, input_copies
 from .ranges import ByteRange, plan_ranges
 from .stages import Stage, stage_table
 
@@ -152,8 +152,10 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
     by_role = {i.role: i for i in inputs}
     # Hash buckets of the join (and of the repeated-id check): one partition of FASTA each.
     buckets = {name: max(1, math.ceil(by_role[name].size_bytes / part)) for name in ("uf50", "uf90")}
+    copies = input_copies(config)
     stages = stage_table(config, {role: len(i.ranges) for role, i in by_role.items()},
-                         {role: i.size_bytes for role, i in by_role.items()}, buckets, len(input_copies(config)))
+                         {role: i.size_bytes for role, i in by_role.items()}, buckets,
+                         len(copies), sum(copied_by_task(config, url) for url, _ in copies))
     uf50_dirs = (UF50_TRAIN, UF50_VAL, UF50_TEST)
 
     files = [_shard_files(d, config.num_csv_files, with_arrays=d == UF50_TRAIN or config.split == "random")

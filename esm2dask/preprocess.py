@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -38,7 +39,7 @@ from .layout import CSV_HEADER, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF9
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
-from .publish import OutputLock, StaleStaging, Staging, input_copies, refuse_output_in_input
+from .publish import OutputLock, StaleStaging, Staging, copied_by_task, input_copies, refuse_output_in_input
 from .ranges import ByteRange
 from .runner import Runner
 from .stages import PLACED_DIRS, placed_streams, staged_csv_dirs
@@ -161,6 +162,7 @@ class Scan:
     first: dict[str, np.ndarray]  # role -> first record position of each range, then the total
     cluster_first: np.ndarray
     member_first: np.ndarray
+    copying: list  # the copy-inputs tasks, still running beside the conversion
 
     @property
     def n_clusters(self) -> int:
@@ -202,6 +204,7 @@ def scan(run: Run) -> Scan:
     count_handles = {role: run.runner.submit(f"count-{role}", [
         (r, run.so, storage.join(run.work, "sizes", role, f"{r.index:05d}.npy") if role in placed else None)
         for r in run.ranges(role)]) for role in roles}
+    copying = copy_inputs(run)  # beside the rest of the run; waited for before the checksums
     mapping = run.runner.wait("scan-mapping", mapping_handles)
     counted = {role: run.runner.wait(f"count-{role}", handles) for role, handles in count_handles.items()}
     check_unchanged(run, {"mapping": (mapping_handles, mapping),
@@ -209,7 +212,8 @@ def scan(run: Run) -> Scan:
     counts = {role: [c.n_records for c in got] for role, got in counted.items()}
     sizes_urls = {role: [c.sizes_url for c in got] for role, got in counted.items()}
     found = Scan(mapping, counts, sizes_urls, {role: _first_positions(c) for role, c in counts.items()},
-                 _first_positions([m.n_clusters for m in mapping]), _first_positions([m.n_members for m in mapping]))
+                 _first_positions([m.n_clusters for m in mapping]), _first_positions([m.n_members for m in mapping]),
+                 copying)
     if found.n_clusters == 0:
         raise Esm2DaskError(f"{run.config.mapping}: the mapping lists no clusters")
     return found
@@ -427,16 +431,50 @@ def assemble(run: Run, uf50_targets: tuple[Target, ...], placed: list[str]) -> t
     return out, shards + [f"{d}/{name}.mmap" for d, name in arrays]
 
 
-def checksums(run: Run) -> dict[str, str]:
+def copy_inputs(run: Run) -> list:
+    """Submit the copies of the local raw inputs into a local staging folder, one task per
+    input, each hashed as it is copied (the other copies are made at the switch)."""
+    jobs = [(url, dest, run.config.link_inputs) for url, _, dest in _task_copies(run)]
+    return run.runner.submit("copy-inputs", jobs) if jobs else []
+
+
+def _task_copies(run: Run) -> list[tuple[str, str, str]]:
+    """(input URL, name in OUT, copy's URL in staging) of each copy the copy-inputs stage makes."""
+    return [(url, name, storage.join(run.staging.inputs_dir, name))
+            for url, name in input_copies(run.config) if copied_by_task(run.config, url)]
+
+
+def copied_inputs(run: Run, copying: list) -> dict[str, str]:
+    """Wait for the copy-inputs stage; tell the staging folder what was copied and return
+    each copy's SHA-256 by its name in OUT. A copy an interrupted run made that is no
+    longer there whole, or was made from another source, is made again, here."""
+    if not copying:
+        return {}
+    digests = {}
+    for (url, name, dest), copy in zip(_task_copies(run), run.runner.wait("copy-inputs", copying)):
+        if copy.source != url or copy.dest_url != dest or not _whole(dest, copy.bytes):
+            copy = tasks.copy_input(url, dest, run.config.link_inputs)
+        run.staging.copied[name] = {"source": url, "bytes": copy.bytes, "how": copy.how}
+        digests[name] = copy.sha256
+    return digests
+
+
+def _whole(url: str, size: int) -> bool:
+    path = storage.local_path(url)
+    return os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == size
+
+
+def checksums(run: Run, copying: list) -> dict[str, str]:
     """SHA-256 of every staged output file and of every raw input copied beside the tree
     (by the copy's name: the copy holds the input's bytes), one task per file, for the
-    manifest."""
+    manifest; the copy-inputs stage hashed its copies as it made them."""
+    digests = copied_inputs(run, copying)
     files = list(run.staging.staged_files())
     urls = [(storage.join(run.staging.tree_dir, rel), run.so) for rel in files]
-    copies = input_copies(run.config)
+    copies = [(url, name) for url, name in input_copies(run.config) if name not in digests]
     urls += [(url, run.so) for url, _ in copies]
     names = files + [name for _, name in copies]
-    return dict(zip(names, run.runner.run("checksum", urls)))
+    return {**digests, **dict(zip(names, run.runner.run("checksum", urls)))}
 
 
 @dataclass
@@ -494,7 +532,8 @@ def execute(run: Run) -> Converted:
     run.staging.expected = esm2nv_files + [
         f"{rel}/{hf_part_name(i)}" for rel, entry in written.items() if "files" in entry for i in range(entry["files"])
     ] + [rel for rel, entry in written.items() if "files" not in entry]
-    return Converted(rows, sizes, {name: s.report for name, s in streams.items()}, written, checksums(run))
+    return Converted(rows, sizes, {name: s.report for name, s in streams.items()}, written,
+                     checksums(run, found.copying))
 
 
 def _kept_tasks(staging: Staging) -> int:

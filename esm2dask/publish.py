@@ -448,6 +448,12 @@ def input_copies(config) -> list[tuple[str, str]]:
     return out
 
 
+def copied_by_task(config, url: str) -> bool:
+    """Whether the run's ``copy-inputs`` stage copies (and hashes) this input, a local
+    file into a local OUT; any other copy is made when the tree is published."""
+    return storage.is_local(url) and storage.is_local(config.output_dir)
+
+
 def refuse_output_in_input(config) -> None:
     """OUT may not be the input folder or inside it, nor a file (checked before the lock is
     taken there)."""
@@ -483,6 +489,9 @@ class Staging:
         #: the files the run builds, relative to the tree (set once they are built): what is
         #: published, whatever else the folder holds (a dead writer's ``*.tmp``)
         self.expected: list[str] | None = None
+        #: the inputs the run's tasks copied into staging, by name in OUT: what the manifest
+        #: says of each (``source``, ``bytes``, ``how``)
+        self.copied: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ starting a run
 
@@ -841,19 +850,15 @@ class Staging:
         copies = {n: c for n, c in (copies.items() if isinstance(copies, dict) else ())
                   if n in wanted and isinstance(c, dict) and c.get("source") == wanted[n]
                   and isinstance(c.get("bytes"), int) and isinstance(c.get("how"), str)}
+        copies.update({n: c for n, c in self.copied.items() if n in wanted})  # by copy-inputs
         for url, name in input_copies(config):
             if name in copies:
                 continue
             src_fs, src = storage.get_fs(url, config.storage_options)
             size = int(src_fs.info(src)["size"])
             dest_url = storage.join(self.inputs_dir, name)
-            if storage.is_local(url) and self.local:
-                dest = storage.local_path(dest_url)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                if os.path.exists(dest):
-                    os.unlink(dest)
-                how = storage.place_copy(storage.local_path(src), dest, hard_link=config.link_inputs)
-            elif not self.local and type(src_fs) is type(fs) and src_fs.storage_options == fs.storage_options:
+            # a local input into a local OUT: copied by the run's copy-inputs stage (above)
+            if not self.local and type(src_fs) is type(fs) and src_fs.storage_options == fs.storage_options:
                 how = "server-side copy"  # at the switch, straight from the input
             elif self.local:
                 os.makedirs(os.path.dirname(storage.local_path(dest_url)), exist_ok=True)

@@ -75,9 +75,10 @@ def n_arrays(config) -> int:
 
 
 def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buckets: dict[str, int],
-                n_copies: int) -> tuple[Stage, ...]:
+                n_copies: int, n_task_copies: int) -> tuple[Stage, ...]:
     """The stages of one run: ``ranges``/``sizes`` by input role (mapping, uf50, uf90, val,
-    test), the join's hash buckets by stream, and the inputs copied beside the tree."""
+    test), the join's hash buckets by stream, the inputs copied beside the tree, and how
+    many of those the ``copy-inputs`` stage copies (and hashes on the way)."""
     fastas = [role for role in ranges if role != "mapping"]
     n_map = ranges["mapping"]
     esm2nv, bionemo2, hf = (f in config.formats for f in ("esm2nv", "bionemo2", "hf"))
@@ -87,6 +88,8 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
 
     table = [over("mapping", "scan-mapping", tasks.scan_mapping)]
     table += [over(role, f"count-{role}", tasks.count_fasta) for role in fastas]
+    if n_task_copies:  # local inputs into a local OUT, beside the conversion; hashed as copied
+        table.append(Stage("copy-inputs", tasks.copy_input, n_task_copies))
     placed = placed_streams(config)
     # --resume: the ranges the interrupted run had read are read again and compared
     table.append(Stage("check-inputs", tasks.range_digest, sum(ranges.values()), sum(sizes.values()), "resume",
@@ -131,7 +134,8 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
         table += [Stage(f"hf-{split}", formats.write_hf_eval_part, 1, exact=False) for _, split, _, _ in evals]
         # train: one part per uf90 range (written by fast-uf90 or gather-uf90), eval: one each
         n_layout_files += ranges["uf90"] + len(evals)
-    n_files = (n_shards if esm2nv else 0) + n_arrays(config) + n_layout_files + n_copies
-    # sha256 of every output file and of every input copied beside them, for the manifest
+    n_files = (n_shards if esm2nv else 0) + n_arrays(config) + n_layout_files + n_copies - n_task_copies
+    # sha256 of every output file and of every input copied beside them (but those the
+    # copy-inputs stage hashed), for the manifest
     table.append(Stage("checksum", storage.sha256_file, n_files, exact=not hf))
     return tuple(table)

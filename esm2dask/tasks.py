@@ -165,9 +165,22 @@ class ScatterReceipt:
     bytes: list[int]
 
 
+@dataclass
+class InputCopy:
+    """One raw input copied into staging by :func:`copy_input`: from ``source`` (the input's
+    URL as the run named it) to ``dest_url``, how (``copy``, ``reflink``, ``hardlink``), and
+    the SHA-256 of its bytes, hashed as they were copied."""
+
+    source: str
+    dest_url: str
+    bytes: int
+    how: str
+    sha256: str
+
+
 #: what ``--resume`` may read back (as JSON data, never code): one line per new receipt type
 receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt, CountReceipt,
-                  PlaceReceipt)
+                  PlaceReceipt, InputCopy)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -504,6 +517,15 @@ def place_rows(sizes_url: str, first_position: int, bounds: list[int], storage_o
         hi = min(int(cuts[shard + 1]), first_position + len(sizes)) - first_position
         out.append([shard, int(ends[hi] - ends[lo])])
     return PlaceReceipt(out)
+
+
+def copy_input(source: str, dest_url: str, hard_link: bool) -> InputCopy:
+    """Copy a local raw input into the staging folder (a local one) and hash it on the way:
+    the manifest's checksum of the copy needs no second read (see storage.copy_hashed)."""
+    src, dest = storage.local_path(source), storage.local_path(dest_url)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    how, digest = storage.copy_hashed(src, dest, hard_link=hard_link)
+    return InputCopy(source, dest_url, os.path.getsize(dest), how, digest)
 
 
 def write_counts(

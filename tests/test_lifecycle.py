@@ -330,6 +330,58 @@ def test_place_copy_is_a_new_file(tmp_path):
         assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("size", [0, 1, 8 << 20, (8 << 20) + 12_345])
+def test_copy_hashed_copies_and_hashes_in_one_read(tmp_path, size):
+    """The copy-inputs stage's copy: the same bytes, a new file, and the SHA-256 that the
+    coreutils' sha256sum finds in the source (chunk edges: empty, one byte, 8 MiB, past it)."""
+    from esm2dask.storage import copy_hashed
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(size))
+    oracle = subprocess.run(["sha256sum", str(src)], capture_output=True, text=True, check=True).stdout.split()[0]
+    how, digest = copy_hashed(str(src), str(tmp_path / "copy"))
+    assert how in ("reflink", "copy") and digest == oracle
+    assert (tmp_path / "copy").read_bytes() == src.read_bytes()
+    assert not os.path.samefile(src, tmp_path / "copy")
+    assert copy_hashed(str(src), str(tmp_path / "link"), hard_link=True) == ("hardlink", oracle)
+    assert os.path.samefile(src, tmp_path / "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "link", "src"]  # no temporary left
+
+
+def test_copy_hashed_replaces_a_link_at_the_destination_never_follows_it(tmp_path):
+    from esm2dask.storage import copy_hashed
+
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep me")
+    src = tmp_path / "src"
+    src.write_bytes(b">a\nACGT\n")
+    (tmp_path / "dest").symlink_to(outside)
+    copy_hashed(str(src), str(tmp_path / "dest"))
+    assert outside.read_bytes() == b"keep me"
+    assert not (tmp_path / "dest").is_symlink() and (tmp_path / "dest").read_bytes() == src.read_bytes()
+
+
+
+def test_a_resumed_run_makes_again_an_input_copy_that_is_gone_or_cut_short(raw, tmp_path, cluster_config):
+    """The copy-inputs receipts of an interrupted run are reused only while the staged copy is
+    there whole: one removed, or cut short, is made again, and the manifest's digest is its own."""
+    out = tmp_path / "out"
+    staged = _interrupted_run(raw, out, cluster_config, stage="checksum")  # after the copies
+    copies = staged / "inputs"
+    assert sorted(p.name for p in copies.iterdir()) == sorted(INPUTS)
+    (copies / MAPPING_TSV).unlink()
+    with open(copies / UF90_FASTA, "r+b") as f:
+        f.truncate(100)
+    preprocess(_config(raw, out, cluster_config, resume=True))
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    for name in INPUTS:
+        assert (out / name).read_bytes() == (raw / name).read_bytes()
+        oracle = subprocess.run(["sha256sum", str(raw / name)], capture_output=True, text=True).stdout.split()[0]
+        assert manifest["copied_inputs"][name]["sha256"] == oracle
+    assert _invoke("verify", out).exit_code == 0
+
+
+
 # ----------------------------------------------------------------------------- bad bytes, failures
 
 
