@@ -36,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--partition-size", default="64MiB")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--baseline", default=BASELINE)
+    ap.add_argument("--name", default="write_once", help="results/<name>.{md,json,png}")
     args = ap.parse_args(argv)
     clock = StudyClock()
     raw = dataset(args.clusters)
@@ -77,13 +78,13 @@ def main(argv=None):
         ratio = by[f"all three, {who}"].wall_s / by[f"esm2nv, {who}"].wall_s
         lines.append(f"\n`--format esm2nv,bionemo2,hf` ÷ `--format esm2nv`, {who}: {ratio:.2f} ×.")
     command = "python -m benchmarks.write_once " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_table("write_once", "Passes over the data: bytes read and written, before and after", command.strip(),
+    write_table(args.name, "Passes over the data: bytes read and written, before and after", command.strip(),
                 runs, "\n".join(lines), clock)
-    bars("write_once", "Bytes written per byte published", [label for label, _, _ in FORMATS],
+    bars(args.name, "Bytes written per byte published", [label for label, _, _ in FORMATS],
          {who: [by[f"{label}, {who}"].write_chars / max(1, by[f"{label}, {who}"].output_bytes)
                 for label, _, _ in FORMATS] for who in ("before", "after")},
          "configuration (--format, --partition-size)", "bytes written ÷ bytes published")
-    print((RESULTS / "write_once.md").read_text())
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
