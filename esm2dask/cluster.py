@@ -58,13 +58,30 @@ class _StderrToLog(io.TextIOBase):
         return len(text)
 
 
+def take_back_ctrl_c(handler=None) -> None:
+    """Put Python's own SIGINT handling back (or ``handler``) over the one polars installs.
+
+    polars' handler, with a query running in any thread, raises ``KeyboardInterrupt`` in
+    that thread (a Dask executor thread: it stops the cluster's event loop) and, if the
+    query ends before it looks, drops the Ctrl-C altogether (seen: a run interrupted at a
+    terminal that went on to publish). polars is imported first (its handler comes with
+    the import), then Python's handler is set again, so that a Ctrl-C reaches the main
+    thread only, as Python promises, and the driver shuts the run down in order."""
+    import polars  # noqa: F401
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, handler if handler is not None else
+                  current if current is not None else signal.default_int_handler)
+
+
 def dask_setup(worker) -> None:
     """Dask preload, run in each LocalCluster worker process as it starts. Ctrl-C is for the
     driver, which shuts the workers down in order; and what a worker would print on the way
     out (a traceback from a shutdown race, say) goes to the log, not to the terminal,
     unless the run is verbose."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    take_back_ctrl_c(signal.SIG_IGN)
     if not os.environ.get(VERBOSE_ENV):
         sys.stderr = _StderrToLog()
 
@@ -96,6 +113,7 @@ def dask_client(config: ClusterConfig, say: Callable[[str], None] = log.info) ->
 
     from .workerenv import ThreadLimits, thread_environment
 
+    take_back_ctrl_c()  # a Ctrl-C is the driver's: never polars' in a task's thread
     with dask.config.set({"distributed.worker.daemon": False}):
         if config.scheduler_address or config.scheduler_file:
             where = config.scheduler_address or config.scheduler_file
