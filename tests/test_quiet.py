@@ -24,6 +24,13 @@ def esm2dask(*args, **kwargs) -> subprocess.CompletedProcess:
                           timeout=300, **kwargs)
 
 
+def as_at_a_terminal() -> None:
+    """A child's SIGINT as at a terminal (Python's KeyboardInterrupt), whatever this test
+    run inherited: a shell starts a background job with SIGINT ignored, and a process that
+    starts so keeps ignoring it (esm2dask too: cluster.take_back_ctrl_c)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def noise(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if any(n in line for n in NOISE)]
 
@@ -126,7 +133,7 @@ def test_ctrl_c_is_one_line_and_resume_finishes_the_same_bytes(tmp_path, cluster
     args = ["preprocess", raw, "-o", out, "--workers", "1", "--dashboard-address", "127.0.0.1:0",
             "--partition-size", "64KiB", "--num-csv-files", "7"]
     proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=as_at_a_terminal)
     _wait_for(".esm2dask-staging-*/work/receipts/count-uf90/00000.*", out, proc)
     # Ctrl-C at a terminal: SIGINT to the whole foreground process group (workers included)
     os.killpg(proc.pid, signal.SIGINT)
@@ -285,7 +292,7 @@ def test_ctrl_c_inside_a_polars_task_on_a_thread_worker_keeps_the_cluster_alive(
     script = tmp_path / "ctrl_c_in_polars.py"
     script.write_text(_CTRL_C_IN_POLARS)
     done = subprocess.run([sys.executable, str(script), "polars' handler"], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).parents[1])
+                          timeout=120, cwd=Path(__file__).parents[1], preexec_fn=as_at_a_terminal)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     # the main thread may or may not be told (polars may keep the Ctrl-C to itself)
@@ -299,7 +306,7 @@ def test_ctrl_c_taken_back_from_polars_reaches_the_main_thread_only(tmp_path):
     script = tmp_path / "ctrl_c_in_polars.py"
     script.write_text(_CTRL_C_IN_POLARS)
     done = subprocess.run([sys.executable, str(script), "taken back"], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).parents[1])
+                          timeout=120, cwd=Path(__file__).parents[1], preexec_fn=as_at_a_terminal)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["main thread: KeyboardInterrupt", "task: finished", "loop alive: 42"], \
         done.stdout + done.stderr
