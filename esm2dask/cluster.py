@@ -59,14 +59,15 @@ class _StderrToLog(io.TextIOBase):
 
 
 def take_back_ctrl_c(handler=None) -> None:
-    """Put Python's own SIGINT handling back (or ``handler``) over the one polars installs.
+    """Put Python's own SIGINT disposition back (or ``handler``) over the one polars installs.
 
     polars' handler, with a query running in any thread, raises ``KeyboardInterrupt`` in
-    that thread (a Dask executor thread: it stops the cluster's event loop) and, if the
-    query ends before it looks, drops the Ctrl-C altogether (seen: a run interrupted at a
-    terminal that went on to publish). polars is imported first (its handler comes with
-    the import), then Python's handler is set again, so that a Ctrl-C reaches the main
-    thread only, as Python promises, and the driver shuts the run down in order."""
+    that thread: on a thread worker a Dask executor thread, where it stops the cluster's
+    event loop (the driver hangs, or fails with "IOLoop is closed"). polars is imported
+    first (its handler comes with the import), then what Python had is set again: its
+    handler, so that a Ctrl-C reaches the main thread only and the driver shuts the run
+    down in order; or ``SIG_IGN`` for a process started with SIGINT ignored (a shell's
+    background job), which keeps ignoring it, as any program does."""
     import polars  # noqa: F401
 
     if threading.current_thread() is not threading.main_thread():
