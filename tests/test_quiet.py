@@ -293,17 +293,22 @@ with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_
 '''
 
 
+def _ctrl_c_script(tmp_path, mode: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "ctrl_c_in_polars.py"
+    script.write_text(_CTRL_C_IN_POLARS)
+    done = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1], preexec_fn=as_at_a_terminal)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_ctrl_c_inside_a_polars_task_on_a_thread_worker_keeps_the_cluster_alive(tmp_path):
     """A KeyboardInterrupt raised in a task's thread (polars' handler does that) is an ordinary
     task failure to Dask (cluster.interruptible), so its event loop lives on, and the driver
     reads it back as the interrupt. Unwrapped, it leaves the task into the event loop and
     stops it (checked: with a bare task the driver's wait times out, then finds the loop
     closed)."""
-    script = tmp_path / "ctrl_c_in_polars.py"
-    script.write_text(_CTRL_C_IN_POLARS)
-    done = subprocess.run([sys.executable, str(script), "raised in the task"], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).parents[1], preexec_fn=as_at_a_terminal)
-    assert done.returncode == 0, done.stderr
+    done = _ctrl_c_script(tmp_path, "raised in the task")
     assert done.stdout.splitlines() == ["task: TaskInterrupted", "driver: KeyboardInterrupt", "loop alive: 42"], \
         done.stdout + done.stderr
 
@@ -311,10 +316,6 @@ def test_ctrl_c_inside_a_polars_task_on_a_thread_worker_keeps_the_cluster_alive(
 def test_ctrl_c_taken_back_from_polars_reaches_the_main_thread_only(tmp_path):
     """What every run does (cluster.take_back_ctrl_c, in dask_client): Python's handler
     over polars', so the Ctrl-C is the main thread's and the task in polars runs to its end."""
-    script = tmp_path / "ctrl_c_in_polars.py"
-    script.write_text(_CTRL_C_IN_POLARS)
-    done = subprocess.run([sys.executable, str(script), "taken back"], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).parents[1], preexec_fn=as_at_a_terminal)
-    assert done.returncode == 0, done.stderr
+    done = _ctrl_c_script(tmp_path, "taken back")
     assert done.stdout.splitlines() == ["main thread: KeyboardInterrupt", "task: finished", "loop alive: 42"], \
         done.stdout + done.stderr
