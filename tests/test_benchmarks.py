@@ -105,3 +105,14 @@ def test_train_db_smoke(bench, monkeypatch, tmp_path):
     assert "today: bucket databases" in table and "Projection" in table and "integrity_check` of the 65536-byte database: ok" in table
     assert "integrity_check` of the 4096-byte database: ok" in table
     assert (bench / "train_db.png").stat().st_size > 0
+
+
+def test_stage_costs_smoke(bench):
+    """Both configurations, wall and compute per stage, on a tiny input."""
+    from benchmarks import stage_costs
+
+    stage_costs.main(["--clusters", "300", "--workers", "1", "--repeats", "1"])
+    table = (bench / "stage_costs.md").read_text()
+    assert "| esm2nv | " in table and "| all three | " in table
+    assert "| bionemo2-train-pages | 0.00 | " in table and "| **total** |" in table
+    assert (bench / "stage_costs.png").stat().st_size > 0
