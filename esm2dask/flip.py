@@ -1,8 +1,8 @@
 """``flip``: the FLIP benchmark tasks as ESM2nv validation CSVs (``docs/flip.md``).
 
 Files come from the public FLIP server (or a mirror, or a local folder) into a cache that
-is reused when complete; a download lands in ``<name>.part`` and is renamed only when
-whole. Each task is converted into ``OUT/<task>/{train,val,test}/x000.csv`` in a staging
+is reused when complete; a download lands in a temporary name beside its own (``*.tmp``)
+and is renamed only when whole. Each task is converted into ``OUT/<task>/{train,val,test}/x000.csv`` in a staging
 folder and published with one rename.
 """
 
@@ -126,22 +126,18 @@ def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
     dest = os.path.join(config.cache_dir, source_key(config.source), task.name, filename)
     if os.path.exists(dest):
         return dest
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    part = dest + ".part"
     if url.startswith(("http://", "https://")):
         fs, remote = _http_fs(config.timeout_s), url
     else:  # s3:// and any other fsspec URL
         fs, remote = storage.get_fs(url, config.storage_options)
     for attempt in range(config.retries + 1):
         try:
-            fs.get_file(remote, part)
-            os.replace(part, dest)
+            with storage.built_in_place(dest) as part:  # removed again if the download fails
+                fs.get_file(remote, part)
             return dest
         except FileNotFoundError:
-            _unlink(part)
             raise InputError(url, "", f"FLIP task {task.name}: not found on the server (HTTP 404 / no such key)") from None
         except Exception as err:  # connection errors, timeouts, 5xx answers
-            _unlink(part)
             if attempt == config.retries:
                 raise InputError(
                     url, "", f"FLIP task {task.name}: download failed after {attempt + 1} attempt(s): "

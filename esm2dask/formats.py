@@ -37,9 +37,6 @@ import io
 import math
 import os
 import shutil
-import tempfile
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,42 +131,6 @@ receipts.register(Written, Uf90Parts, sqlite_pages.ChunkLayout, TrainChunkReceip
 # ----------------------------------------------------------------------------- files
 
 
-@contextmanager
-def _local_target(url: str, storage_options: dict):
-    """A local path to build ``url`` at: a temporary name beside it, renamed when complete
-    (a repeated attempt never sees half a file); elsewhere a temporary file, uploaded."""
-    if storage.is_local(url):
-        path = storage.local_path(url)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
-        try:
-            yield tmp
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return
-    with tempfile.TemporaryDirectory(prefix="esm2dask-") as folder:
-        tmp = os.path.join(folder, url.rsplit("/", 1)[-1])
-        yield tmp
-        fs, path = storage.get_fs(url, storage_options)
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        fs.put_file(tmp, path)
-
-
-@contextmanager
-def _local_source(url: str, storage_options: dict):
-    """A local path holding ``url``'s bytes (the file itself on a file system)."""
-    if storage.is_local(url):
-        yield storage.local_path(url)
-        return
-    with tempfile.TemporaryDirectory(prefix="esm2dask-") as folder:
-        tmp = os.path.join(folder, url.rsplit("/", 1)[-1])
-        fs, path = storage.get_fs(url, storage_options)
-        fs.get_file(path, tmp)
-        yield tmp
-
-
 def _size(url: str, storage_options: dict) -> int:
     fs, path = storage.get_fs(url, storage_options)
     return int(fs.size(path))
@@ -209,7 +170,7 @@ def _string_table(frame: pl.DataFrame):
 def _write_parquet(url: str, table, storage_options: dict, row_group_rows: int | None = None) -> int:
     import pyarrow.parquet as pq
 
-    with _local_target(url, storage_options) as path:
+    with storage.local_build(url, storage_options) as path:
         pq.write_table(table, path, compression="zstd", row_group_size=row_group_rows)
         size = os.path.getsize(path)
     return size
@@ -226,7 +187,7 @@ def _sorted_distinct(frame: pl.DataFrame) -> pl.DataFrame:
 def _write_db(url: str, frame: pl.DataFrame, storage_options: dict) -> int:
     """``frame`` (``id``, ``sequence``; sorted, distinct) as a database, in this process."""
     table = frame.to_arrow()
-    with _local_target(url, storage_options) as path:
+    with storage.local_build(url, storage_options) as path:
         return sqlite_pages.write_database(path, table["id"], table["sequence"], DB_PAGE_SIZE)
 
 
@@ -330,7 +291,7 @@ def layout_train_chunk(slices: list[Slice], first_rowid: int, order_url: str, pa
     """Sort one id range and count the ``train.db`` pages its rows fill; keep the order."""
     table = _chunk_rows(slices, storage_options)
     order = _id_order(table)
-    with _local_target(order_url, storage_options) as path:
+    with storage.local_build(order_url, storage_options) as path:
         with open(path, "wb") as f:
             np.save(f, order, allow_pickle=False)
     import pyarrow.compute as pc
@@ -344,16 +305,16 @@ def write_train_chunk(slices: list[Slice], order_url: str, first_rowid: int, fir
     """One id range's pages into the database file at their place (``pwrite``); on object
     storage into a file of their own, uploaded to ``region_url``. The edges go to ``edges_url``."""
     table = _chunk_rows(slices, storage_options)
-    with _local_source(order_url, storage_options) as path:
+    with storage.local_source(order_url, storage_options) as path:
         order = np.load(path, allow_pickle=False)
     chunk = sqlite_pages.Chunk(table["id"].take(order), table["sequence"].take(order), first_rowid, page_size)
     if storage.is_local(db_url):
         os.makedirs(os.path.dirname(storage.local_path(db_url)), exist_ok=True)
         edges = chunk.write(storage.local_path(db_url), first_page)
     else:
-        with _local_target(region_url, storage_options) as path:
+        with storage.local_build(region_url, storage_options) as path:
             edges = chunk.write(path, first_page, file_offset=0)
-    with _local_target(edges_url, storage_options) as path:
+    with storage.local_build(edges_url, storage_options) as path:
         edges.save(path)
     return TrainChunkReceipt(edges_url, None if storage.is_local(db_url) else region_url)
 
@@ -365,7 +326,7 @@ def finish_train_db(chunks: list[TrainChunkReceipt], layouts: list[sqlite_pages.
     uploaded (see benchmarks/results/formats.md for what that costs)."""
     edges = []
     for c in chunks:
-        with _local_source(c.edges_url, storage_options) as path:
+        with storage.local_source(c.edges_url, storage_options) as path:
             edges.append(sqlite_pages.ChunkEdges.load(path))
     next_page = sqlite_pages.chunk_pages_end(layouts)
     rows = sum(lay.rows for lay in layouts)
@@ -377,7 +338,7 @@ def finish_train_db(chunks: list[TrainChunkReceipt], layouts: list[sqlite_pages.
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(path, final)
         return Written(out_url, rows, os.path.getsize(final))
-    with _local_target(out_url, storage_options) as path:
+    with storage.local_build(out_url, storage_options) as path:
         with open(path, "wb") as f:
             for c, e in zip(chunks, edges):
                 fs, src = storage.get_fs(c.region_url, storage_options)
@@ -399,7 +360,7 @@ def write_train_clusters(spans: list[MappingSpan], labels: SplitLabels | None, o
     schema = pa.schema([pa.field("ur90_id", pa.list_(pa.string()))])
     label_of = _load_labels(labels, storage_options) if labels is not None else None
     rows = 0
-    with _local_target(out_url, storage_options) as path:
+    with storage.local_build(out_url, storage_options) as path:
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
             for s in spans:
                 if s.n_clusters == 0:

@@ -16,11 +16,11 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from . import storage
 from .errors import ConfigError, Esm2DaskError, ExternalCommandError
 from .logs import redact
 
@@ -261,12 +261,9 @@ class NgcState:
     def save(self, path: str) -> None:
         """Atomic: a temporary file in the same folder, then a rename."""
         self.updated = _now()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".ngc-state-")
-        with os.fdopen(fd, "w") as f:
+        with storage.built_in_place(path) as tmp, open(tmp, "w") as f:
             json.dump(asdict(self), f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, path)
 
 
 def _now() -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 
 import numpy as np
 
@@ -117,16 +116,8 @@ def recorded(fn, receipt_url: str, storage_options: dict, *args):
     result = fn(*args)
     data = encode(result)
     if storage.is_local(receipt_url):
-        path = storage.local_path(receipt_url)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-        except OSError as err:  # a full disk's error names no file: say which one was written
-            err.filename = err.filename or tmp
-            raise
-        os.replace(tmp, path)  # a receipt is there whole or not at all
+        with storage.built_in_place(storage.local_path(receipt_url)) as tmp, open(tmp, "wb") as f:
+            f.write(data)  # a receipt is there whole or not at all
     else:
         with storage.open_for_write(receipt_url, storage_options) as f:
             f.write(data)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from typing import Any
@@ -23,6 +24,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from .errors import ConfigError, InputError, OutputError, reason
+from .layout import TMP_SUFFIX
 
 #: Magic numbers of compressed formats we refuse (byte ranges need plain text).
 COMPRESSED_MAGIC = {
@@ -297,6 +299,61 @@ def place_copy(src: str, dest: str, hard_link: bool = False, copy: bool = True) 
     return "copy"
 
 
+def temporary_beside(path: str) -> str:
+    """A name to build ``path`` at, unique to this writer (process and thread): a task
+    re-run elsewhere (a lost worker, a resumed run) never shares it. It ends in
+    ``.tmp``, which publishing never takes for a file of the tree."""
+    return f"{path}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}"
+
+
+@contextlib.contextmanager
+def built_in_place(path: str):
+    """Yield a temporary name beside the local ``path``; when the block ends without an
+    error it is renamed to ``path`` (which appears whole or not at all), otherwise it is
+    removed. An ``OSError`` that names no file (a full disk's) names ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = temporary_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        err.filename = err.filename or path
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def local_build(url: str, storage_options: dict[str, Any] | None = None):
+    """Yield a local path to build ``url`` at: :func:`built_in_place` for a local ``url``;
+    for object storage a file in a temporary folder, uploaded when the block ends."""
+    if is_local(url):
+        with built_in_place(local_path(url)) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(prefix="esm2dask-") as folder:
+        tmp = os.path.join(folder, url.rsplit("/", 1)[-1])
+        yield tmp
+        fs, path = get_fs(url, storage_options)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.put_file(tmp, path)
+
+
+@contextlib.contextmanager
+def local_source(url: str, storage_options: dict[str, Any] | None = None):
+    """Yield a local path holding ``url``'s bytes: the file itself on a file system, a
+    downloaded copy in a temporary folder for object storage."""
+    if is_local(url):
+        yield local_path(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="esm2dask-") as folder:
+        tmp = os.path.join(folder, url.rsplit("/", 1)[-1])
+        fs, path = get_fs(url, storage_options)
+        fs.get_file(path, tmp)
+        yield tmp
+
+
 def copy_hashed(src: str, dest: str, hard_link: bool = False) -> tuple[str, str]:
     """:func:`place_copy`, and the SHA-256 of the bytes placed, reading ``src`` once.
 
@@ -305,7 +362,7 @@ def copy_hashed(src: str, dest: str, hard_link: bool = False) -> tuple[str, str]
     or reflink shares the blocks, which are hashed by reading ``src``. ``dest`` appears
     whole or not at all (a temporary beside it, then a rename); no link is followed there.
     """
-    tmp = f"{dest}.{os.getpid()}-{threading.get_ident()}.tmp"
+    tmp = temporary_beside(dest)
     digest = hashlib.sha256()
     try:
         how = "copy"

@@ -32,7 +32,6 @@ import io
 import logging
 import mmap
 import os
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -292,13 +291,9 @@ def _write_piece(routing: Routing, split_dir: str, shard: int, first_position: i
     size = len(header) + len(payload)
     final = piece_url(routing.work_dir, split_dir, shard, first_position, size)
     if storage.is_local(routing.work_dir):
-        # unique per writer: a task re-run elsewhere (lost worker, resumed run) never shares it
-        tmp = storage.local_path(final) + f".{os.getpid()}-{threading.get_ident()}.tmp"
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        with open(tmp, "wb", buffering=0) as f:
+        with storage.built_in_place(storage.local_path(final)) as tmp, open(tmp, "wb", buffering=0) as f:
             f.write(header)
             f.write(payload)
-        os.replace(tmp, storage.local_path(final))
         return
     with storage.open_for_write(final, routing.storage_options) as f:
         f.write(header + bytes(payload))

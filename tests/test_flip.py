@@ -145,7 +145,7 @@ def test_cache_is_reused_and_retries_recover(flip_server, tmp_path):
     result = flip("--tasks", "gb1", "-o", tmp_path / "b", "--source", flip_server.url, "--cache-dir", cache)
     assert result.exit_code == 0
     assert len(flip_server.requests) == before  # served from the cache
-    assert not list(cache.rglob("*.part"))
+    assert not list(cache.rglob("*.tmp"))
 
 
 def test_checksums_written_and_checked(flip_server, tmp_path):

@@ -361,6 +361,29 @@ def test_copy_hashed_replaces_a_link_at_the_destination_never_follows_it(tmp_pat
     assert not (tmp_path / "dest").is_symlink() and (tmp_path / "dest").read_bytes() == src.read_bytes()
 
 
+def test_built_in_place_appears_whole_or_not_at_all(tmp_path):
+    """The one atomic write: on success the file is there; on any failure the previous file
+    is untouched, no temporary is left, and a full disk's error (no file named) names it."""
+    import errno
+
+    from esm2dask.storage import built_in_place
+
+    path = tmp_path / "sub" / "file"
+    with built_in_place(str(path)) as tmp, open(tmp, "wb") as f:
+        f.write(b"first")
+    assert path.read_bytes() == b"first"
+    with pytest.raises(OSError) as caught:
+        with built_in_place(str(path)) as tmp, open(tmp, "wb") as f:
+            f.write(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(path)
+    with pytest.raises(ValueError):
+        with built_in_place(str(path)) as tmp, open(tmp, "wb") as f:
+            f.write(b"half")
+            raise ValueError("not an OSError")
+    assert path.read_bytes() == b"first"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["file"]
+
 
 def test_a_resumed_run_makes_again_an_input_copy_that_is_gone_or_cut_short(raw, tmp_path, cluster_config):
     """The copy-inputs receipts of an interrupted run are reused only while the staged copy is
