@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 
@@ -115,12 +114,7 @@ def recorded(fn, receipt_url: str, storage_options: dict, *args):
     """Run ``fn(*args)`` and keep its receipt, so that ``--resume`` can skip it next time."""
     result = fn(*args)
     data = encode(result)
-    if storage.is_local(receipt_url):
-        with storage.built_in_place(storage.local_path(receipt_url)) as tmp, open(tmp, "wb") as f:
-            f.write(data)  # a receipt is there whole or not at all
-    else:
-        with storage.open_for_write(receipt_url, storage_options) as f:
-            f.write(data)
+    storage.write_whole(receipt_url, [data], storage_options)  # a receipt is there whole or not at all
     return result
 
 

@@ -324,6 +324,19 @@ def built_in_place(path: str):
             os.unlink(tmp)
 
 
+def write_whole(url: str, parts, storage_options: dict[str, Any] | None = None) -> None:
+    """The bytes of ``parts`` (buffers, written one after the other) as the file ``url``,
+    there whole or not at all: :func:`built_in_place` on a file system, one upload (an
+    object appears only when its PUT completes) on object storage."""
+    if is_local(url):
+        with built_in_place(local_path(url)) as tmp, open(tmp, "wb", buffering=0) as f:
+            for part in parts:
+                f.write(part)
+        return
+    with open_for_write(url, storage_options) as f:
+        f.write(b"".join(bytes(part) for part in parts))
+
+
 @contextlib.contextmanager
 def local_build(url: str, storage_options: dict[str, Any] | None = None):
     """Yield a local path to build ``url`` at: :func:`built_in_place` for a local ``url``;

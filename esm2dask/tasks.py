@@ -290,13 +290,7 @@ def _write_piece(routing: Routing, split_dir: str, shard: int, first_position: i
     """One piece; the shard's first piece carries the header. Its name records its size."""
     size = len(header) + len(payload)
     final = piece_url(routing.work_dir, split_dir, shard, first_position, size)
-    if storage.is_local(routing.work_dir):
-        with storage.built_in_place(storage.local_path(final)) as tmp, open(tmp, "wb", buffering=0) as f:
-            f.write(header)
-            f.write(payload)
-        return
-    with storage.open_for_write(final, routing.storage_options) as f:
-        f.write(header + bytes(payload))
+    storage.write_whole(final, [header, payload], routing.storage_options)
 
 
 @storage.retrying
