@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from . import npyfile, receipts, sqlite_pages, storage
+from . import receipts, sqlite_pages, storage
 from .errors import ConfigError, Esm2DaskError
-from .layout import BIONEMO2_DIR, HF_DIR, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds, shard_name
-from .tasks import Slice, _write_ipc, read_slices
+from .layout import BIONEMO2_DIR, HF_DIR, UF50_TRAIN, shard_bounds, shard_name
+from .layout import eval_splits as layout_eval_splits
+from .tasks import Slice, _write_ipc, load_labels, read_slices
 
 #: The table BioNeMo 2 queries (``SELECT sequence FROM protein WHERE id = ?``).
 PROTEIN_DDL = sqlite_pages.PROTEIN_DDL
@@ -155,10 +156,6 @@ def read_shard_rows(url: str, row_lo: int, n_rows: int | None, storage_options: 
     return frame.with_columns(pl.col("sequence").fill_null(""))
 
 
-def _load_labels(labels: SplitLabels, storage_options: dict) -> np.ndarray:
-    return npyfile.load(labels.url, storage_options)  # not np.load: see npyfile
-
-
 def _string_table(frame: pl.DataFrame):
     """Arrow table of plain ``string`` columns (polars writes ``large_string``), no pandas metadata."""
     import pyarrow as pa
@@ -239,7 +236,7 @@ class Uf90Layouts:
         spans = [s for s in self.spans if s.first_member < first_position + n and s.first_member + s.n_members > first_position]
         ur50, cluster_positions = member_clusters(spans, first_position, first_position + n, so)
         if self.labels is not None:
-            keep = pl.Series(np.asarray(_load_labels(self.labels, so)[cluster_positions]) == self.labels.train_label)
+            keep = pl.Series(np.asarray(load_labels(self.labels.url, so)[cluster_positions]) == self.labels.train_label)
             names, sequences, ur50 = names.filter(keep), sequences.filter(keep), ur50.filter(keep)
         receipt = Uf90Parts()
         if self.hf:
@@ -358,7 +355,7 @@ def write_train_clusters(spans: list[MappingSpan], labels: SplitLabels | None, o
     import pyarrow.parquet as pq
 
     schema = pa.schema([pa.field("ur90_id", pa.list_(pa.string()))])
-    label_of = _load_labels(labels, storage_options) if labels is not None else None
+    label_of = load_labels(labels.url, storage_options) if labels is not None else None
     rows = 0
     with storage.local_build(out_url, storage_options) as path:
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -439,12 +436,8 @@ def plan_row_parts(n_rows: int, num_files: int, max_rows: int) -> list[list[tupl
 
 
 def eval_splits(config) -> list[tuple[str, str, str, str]]:
-    """``(esm2nv folder, hf split, bionemo2 clusters file, bionemo2 database)`` of each
-    evaluation split to write: validation, and test where it is its own data."""
-    splits = [(UF50_VAL, "validation", "valid_clusters.parquet", "validation.db")]
-    if config.has_own_test_split:
-        splits.append((UF50_TEST, "test", "test_clusters.parquet", "test.db"))
-    return splits
+    """:func:`esm2dask.layout.eval_splits` of this run."""
+    return layout_eval_splits(config.has_own_test_split)
 
 
 def check_row_counts(config, rows: dict[str, int]) -> None:

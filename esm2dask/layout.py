@@ -28,6 +28,17 @@ LOCK_NAME = ".esm2dask.lock"
 TMP_SUFFIX = ".tmp"
 
 
+def eval_splits(with_test: bool) -> list[tuple[str, str, str, str]]:
+    """``(esm2nv folder, hf split, bionemo2 clusters file, bionemo2 database)`` of each
+    evaluation split: validation, and test where the run has a test split of its own
+    (``PreprocessConfig.has_own_test_split``; otherwise ``uf50/test`` repeats validation
+    and the other layouts leave it out)."""
+    splits = [(UF50_VAL, "validation", "valid_clusters.parquet", "validation.db")]
+    if with_test:
+        splits.append((UF50_TEST, "test", "test_clusters.parquet", "test.db"))
+    return splits
+
+
 def shard_name(index: int) -> str:
     """``x007.csv``: three digits keep name order equal to numeric order (K ≤ 1000)."""
     return f"x{index:03d}.csv"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from . import storage
 from .config import DEFAULT_RAW_DIR, PreprocessConfig
 from .errors import ConfigError, InputError
-from .layout import MANIFEST_NAME, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_name
+from .layout import MANIFEST_NAME, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, eval_splits, shard_name
 from .logs import RunLog
 from .publish import copied_by_task, input_copies
 from .ranges import ByteRange, plan_ranges
@@ -163,12 +163,11 @@ def make_plan(config: PreprocessConfig, sizes: dict[str, int], cpu_count: int | 
     files.append(_shard_files(UF90, config.num_csv_files, with_arrays=False))
     if "esm2nv" not in config.formats:
         files = []  # built in the staging folder for the other layouts, not published
+    evals = eval_splits(config.has_own_test_split)
     if "bionemo2" in config.formats:
-        files.append("bionemo2/train_clusters.parquet, train.db, valid_clusters.parquet, validation.db"
-                     + (", test_clusters.parquet, test.db" if config.has_own_test_split else ""))
+        files.append(", ".join(["bionemo2/train_clusters.parquet, train.db", *(f"{c}, {db}" for *_, c, db in evals)]))
     if "hf" in config.formats:
-        files.append("hf/train/part-NNNNN.parquet, hf/validation/part-NNNNN.parquet"
-                     + (", hf/test/part-NNNNN.parquet" if config.has_own_test_split else ""))
+        files.append(", ".join(f"hf/{split}/part-NNNNN.parquet" for split in ["train", *(e[1] for e in evals)]))
     files += [MANIFEST_NAME, RunLog.NAME]
     if config.copy_inputs:
         names = sorted({u.rstrip("/").rsplit("/", 1)[-1] for u in roles.values()})

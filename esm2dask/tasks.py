@@ -268,10 +268,12 @@ def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b
     return content_digest(byte_range.url, data)
 
 
-def _labels(routing: Routing) -> np.ndarray | None:
-    if routing.labels_url is None:
+def load_labels(url: str | None, storage_options: dict) -> np.ndarray | None:
+    """The split label of every uf50 cluster, in mapping order (the random split's
+    ``labels.npy``), or None without a random split: the one reader of that file."""
+    if url is None:
         return None
-    return npyfile.load(routing.labels_url, routing.storage_options)  # not np.load: see npyfile
+    return npyfile.load(url, storage_options)  # not np.load: see npyfile
 
 
 def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int, n_bytes: int) -> str:
@@ -319,7 +321,7 @@ def write_rows(rows: Rows, first_position: int, routing: Routing, placement: lis
     driver), each cut is written straight into its shard in the staged tree instead, once.
     """
     n = len(rows)
-    labels = _labels(routing)
+    labels = load_labels(routing.labels_url, routing.storage_options)
     written = 0
     for target in routing.targets:
         if target.split_dir in routing.skip:
@@ -374,7 +376,7 @@ def write_count_pieces(
     starts[0:1] = first_member
     np.cumsum(counts[:-1], out=starts[1:])
     starts[1:] += np.uint64(first_member)
-    labels = _labels(routing)
+    labels = load_labels(routing.labels_url, routing.storage_options)
     for target in routing.targets:
         if target.label is None:
             mask = slice(None)

@@ -28,7 +28,7 @@ import polars as pl
 from . import storage
 from .config import has_own_test_split
 from .formats import PROTEIN_DDL
-from .layout import BIONEMO2_DIR, FORMATS, HF_DIR, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90
+from .layout import BIONEMO2_DIR, FORMATS, HF_DIR, UF50_TRAIN, UF90, eval_splits
 
 #: Ids fetched from a database at a time (few Python strings alive at once).
 FETCH_ROWS = 1_000_000
@@ -86,14 +86,11 @@ def layouts_present(fs, root_path: str, params: dict) -> tuple[str, ...]:
 
 def _eval_splits(params: dict, fs, root_path: str) -> list[tuple[str, str, str, str]]:
     """As :func:`esm2dask.formats.eval_splits`, from the manifest (else from what is there)."""
-    splits = [(UF50_VAL, "validation", "valid_clusters.parquet", "validation.db")]
-    test = (UF50_TEST, "test", "test_clusters.parquet", "test.db")
     if params:
-        if has_own_test_split(params.get("split"), params.get("val"), params.get("test")):
-            splits.append(test)
-    elif fs.exists(storage.join(root_path, BIONEMO2_DIR, test[2])) or fs.exists(storage.join(root_path, HF_DIR, "test")):
-        splits.append(test)
-    return splits
+        return eval_splits(has_own_test_split(params.get("split"), params.get("val"), params.get("test")))
+    _, split, clusters_name, _ = eval_splits(True)[-1]
+    return eval_splits(fs.exists(storage.join(root_path, BIONEMO2_DIR, clusters_name))
+                       or fs.exists(storage.join(root_path, HF_DIR, split)))
 
 
 class _Expected:
