@@ -231,12 +231,13 @@ class Uf90Layouts:
         their ids, from the kernel) → this task's parts and run, named by ``name``."""
         import pyarrow as pa
 
-        so, n = self.storage_options, len(rows)
+        storage_options, n = self.storage_options, len(rows)
         names, sequences = (pl.from_arrow(a) for a in rows.columns())
         spans = [s for s in self.spans if s.first_member < first_position + n and s.first_member + s.n_members > first_position]
-        ur50, cluster_positions = member_clusters(spans, first_position, first_position + n, so)
+        ur50, cluster_positions = member_clusters(spans, first_position, first_position + n, storage_options)
         if self.labels is not None:
-            keep = pl.Series(np.asarray(load_labels(self.labels.url, so)[cluster_positions]) == self.labels.train_label)
+            labels = load_labels(self.labels.url, storage_options)
+            keep = pl.Series(np.asarray(labels[cluster_positions]) == self.labels.train_label)
             names, sequences, ur50 = names.filter(keep), sequences.filter(keep), ur50.filter(keep)
         receipt = Uf90Parts()
         if self.hf:
@@ -247,12 +248,12 @@ class Uf90Layouts:
                                   "ur90_id": names.slice(lo, hi - lo).to_arrow(),
                                   "sequence": sequences.slice(lo, hi - lo).to_arrow()})
                 table = table.cast(pa.schema([pa.field(c, pa.string()) for c in table.column_names]))
-                receipt.hf.append(Written(url, hi - lo, _write_parquet(url, table, so, HF_ROW_GROUP_ROWS)))
+                receipt.hf.append(Written(url, hi - lo, _write_parquet(url, table, storage_options, HF_ROW_GROUP_ROWS)))
         if self.db:
             run = pl.DataFrame({"id": names, "sequence": sequences}).sort("id", maintain_order=True)
             cuts = run["id"].search_sorted(pl.Series(list(self.splitters), dtype=pl.String), side="left").to_list()
             receipt.run_url = storage.join(self.scratch, "runs", f"{name}.arrow")
-            _write_ipc(receipt.run_url, run, so)
+            _write_ipc(receipt.run_url, run, storage_options)
             receipt.bucket_bounds = [0, *cuts, len(run)]
         return receipt
 
@@ -463,7 +464,7 @@ class Layouts:
     the conversion is done (:meth:`finish`). Tasks are submitted early, waited for late."""
 
     def __init__(self, runner, staging, config, mapping, labels: SplitLabels | None, plan):
-        self.runner, self.cfg, self.so = runner, config, config.storage_options
+        self.runner, self.cfg, self.storage_options = runner, config, config.storage_options
         self.labels = labels
         self.tree = staging.tree_dir
         self.scratch = storage.join(staging.work_dir, "formats")
@@ -490,7 +491,7 @@ class Layouts:
             return None
         self.splitters = self._splitters() if self.want_db and self.n_buckets > 1 else []
         return Uf90Layouts(tuple(self.spans), self.labels, storage.join(self.scratch, "uf90"), self.want_hf,
-                           self.want_db, tuple(self.splitters), PART_ROWS, self.so)
+                           self.want_db, tuple(self.splitters), PART_ROWS, self.storage_options)
 
     def remove_uf90_parts(self) -> None:
         """The uf90 conversion is done again another way (the hash join): drop what the
@@ -515,9 +516,9 @@ class Layouts:
         for stage, handles, collect in self.pending:
             collect(self.runner.wait(stage, handles))
         if "esm2nv" not in self.cfg.formats:
-            fs, _ = storage.get_fs(self.tree, self.so)
+            fs, _ = storage.get_fs(self.tree, self.storage_options)
             for top in ("uf50", "uf90"):
-                path = storage.get_fs(storage.join(self.tree, top), self.so)[1]
+                path = storage.get_fs(storage.join(self.tree, top), self.storage_options)[1]
                 if fs.exists(path):
                     fs.rm(path, recursive=True)
         return dict(sorted(out.items()))
@@ -542,19 +543,19 @@ class Layouts:
     def bionemo2(self, out: dict) -> None:
         base = storage.join(self.tree, BIONEMO2_DIR)
         self._later("bionemo2-train-clusters",
-                    [(self.spans, self.labels, storage.join(base, "train_clusters.parquet"), self.so)],
+                    [(self.spans, self.labels, storage.join(base, "train_clusters.parquet"), self.storage_options)],
                     lambda results: self._record(out, results))
         for split_dir, _, clusters_name, db_name in eval_splits(self.cfg):
             shards = [self._shard_url(split_dir, k) for k in range(self.cfg.num_csv_files)]
             self._later(f"bionemo2-{db_name.split('.')[0]}",
-                        [(shards, storage.join(base, clusters_name), storage.join(base, db_name), self.so)],
+                        [(shards, storage.join(base, clusters_name), storage.join(base, db_name), self.storage_options)],
                         lambda results: self._record(out, results[0]))
 
     def _splitters(self) -> list[str]:
         """``n_buckets - 1`` member ids cutting the sorted ids into about equal ranges."""
         total = SAMPLES_PER_BUCKET * self.n_buckets
         samples = self.runner.run("bionemo2-sample-ids", [
-            (s.members_url, s.n_members, math.ceil(total * s.n_members / max(1, self.n_members)), i, self.so)
+            (s.members_url, s.n_members, math.ceil(total * s.n_members / max(1, self.n_members)), i, self.storage_options)
             for i, s in enumerate(self.spans)
         ])
         pooled = sorted(set(x for sample in samples for x in sample))
@@ -567,7 +568,7 @@ class Layouts:
             parts = plan_row_parts(self.rows[split_dir], self.cfg.num_csv_files, PART_ROWS)
             self._later(f"hf-{split}", [
                 ([ShardPart(i, self._shard_url(split_dir, k), lo, n) for k, lo, n in pieces],
-                 storage.join(self.tree, HF_DIR, split, hf_part_name(i)), self.so)
+                 storage.join(self.tree, HF_DIR, split, hf_part_name(i)), self.storage_options)
                 for i, pieces in enumerate(parts)
             ], lambda results, split=split: self._record(out, results, f"{HF_DIR}/{split}"))
 
@@ -582,7 +583,7 @@ class Layouts:
         scratch = storage.join(self.scratch, "train-db")
         order = [storage.join(scratch, "order", f"{b:05d}.npy") for b in range(n)]
         layouts = self.runner.run("bionemo2-train-layout", [
-            (slices[b], first_rowids[b], order[b], DB_PAGE_SIZE, self.so) for b in range(n)
+            (slices[b], first_rowids[b], order[b], DB_PAGE_SIZE, self.storage_options) for b in range(n)
         ])
         firsts = sqlite_pages.plan_pages(layouts)
         pages_url = storage.join(scratch, "train.db.pages")
@@ -590,12 +591,12 @@ class Layouts:
         chunks = self.runner.run("bionemo2-train-pages", [
             (slices[b], order[b], first_rowids[b], firsts[b], pages_url,
              storage.join(scratch, "edges", f"{b:05d}.npz"), storage.join(scratch, "regions", f"{b:05d}.pages"),
-             DB_PAGE_SIZE, self.so)
+             DB_PAGE_SIZE, self.storage_options)
             for b in range(n)
         ])
         self._remove(storage.join(self.scratch, "uf90", "runs"))
         (train_db,) = self.runner.run("bionemo2-train-db", [
-            (chunks, layouts, pages_url, out_url, DB_PAGE_SIZE, self.so)
+            (chunks, layouts, pages_url, out_url, DB_PAGE_SIZE, self.storage_options)
         ])
         self._remove(scratch)
         return train_db
@@ -607,9 +608,9 @@ class Layouts:
         named = []
         for j, w in enumerate(x for x in written if x.rows):
             target = storage.join(self.tree, HF_DIR, "train", hf_part_name(j))
-            fs, src = storage.get_fs(w.path, self.so)
+            fs, src = storage.get_fs(w.path, self.storage_options)
             if fs.exists(src):
-                dest = storage.get_fs(target, self.so)[1]
+                dest = storage.get_fs(target, self.storage_options)[1]
                 fs.makedirs(fs._parent(dest), exist_ok=True)
                 fs.mv(src, dest)
             named.append(Written(target, w.rows, w.bytes))
@@ -617,6 +618,6 @@ class Layouts:
 
     def _remove(self, url: str) -> None:
         """Scratch files no stage needs any more (a resumed run skips the stages that read them)."""
-        fs, path = storage.get_fs(url, self.so)
+        fs, path = storage.get_fs(url, self.storage_options)
         if fs.exists(path):
             fs.rm(path, recursive=True)

@@ -140,7 +140,7 @@ class Run:
     staging: Staging
 
     @property
-    def so(self) -> dict:
+    def storage_options(self) -> dict:
         return self.config.storage_options
 
     @property
@@ -199,10 +199,10 @@ def scan(run: Run) -> Scan:
     hash_buckets = {"clusters": buckets["uf50"], "members": buckets["uf90"]}
     roles = [i.role for i in run.plan.inputs if i.role != "mapping"]
     mapping_handles = run.runner.submit(
-        "scan-mapping", [(r, run.work, run.so, hash_buckets) for r in run.ranges("mapping")])
+        "scan-mapping", [(r, run.work, run.storage_options, hash_buckets) for r in run.ranges("mapping")])
     placed = placed_streams(run.config)
     count_handles = {role: run.runner.submit(f"count-{role}", [
-        (r, run.so, storage.join(run.work, "sizes", role, f"{r.index:05d}.npy") if role in placed else None)
+        (r, run.storage_options, storage.join(run.work, "sizes", role, f"{r.index:05d}.npy") if role in placed else None)
         for r in run.ranges(role)]) for role in roles}
     copying = copy_inputs(run)  # beside the rest of the run; waited for before the checksums
     mapping = run.runner.wait("scan-mapping", mapping_handles)
@@ -232,7 +232,7 @@ def check_unchanged(run: Run, first_pass: dict[str, tuple[list, list]]) -> None:
     if not jobs:
         return
     run.runner.grow(sum(rng.length for rng, _, _ in jobs))
-    handles = run.runner.submit("check-inputs", [(rng, run.so, marker) for rng, _, marker in jobs],
+    handles = run.runner.submit("check-inputs", [(rng, run.storage_options, marker) for rng, _, marker in jobs],
                                 keep_receipts=False)
     now = run.runner.wait("check-inputs", handles)
     changed = [rng for (rng, digest, _), digest_now in zip(jobs, now) if digest_now != digest]
@@ -268,7 +268,7 @@ def place(run: Run, found: Scan, streams: list[Stream]) -> dict[str, list[list]]
         bounds[stream.name] = shard_bounds(target.n_rows, run.config.num_csv_files)
         first = found.first[stream.name]
         handles[stream.name] = run.runner.submit(f"place-{stream.name}", [
-            (url, int(first[i]), bounds[stream.name].tolist(), run.so)
+            (url, int(first[i]), bounds[stream.name].tolist(), run.storage_options)
             for i, url in enumerate(found.sizes_urls[stream.name])
         ])
     placements = {}
@@ -344,7 +344,7 @@ def convert(run: Run, found: Scan, streams: dict[str, Stream], uf50_routing: Rou
         # wins"; hashes of the ids, bucketed by the mapping scan, tell.
         checks[name] = runner.submit(f"check-ids-{name}", [
             ([Slice(m.hash_urls[stream.kind], m.hash_bounds[stream.kind][b], m.hash_bounds[stream.kind][b + 1])
-              for m in found.mapping], run.so)
+              for m in found.mapping], run.storage_options)
             for b in range(run.plan.hash_buckets[name])
         ])
     for stage, stage_handles in handles.items():
@@ -373,17 +373,18 @@ def join(run: Run, found: Scan, stream: Stream) -> list:
     runner.grow(run.plan.read_bytes(f"fallback-{name}"))
     id_receipts = runner.run(f"bucket-ids-{name}", [
         (getattr(m, f"{stream.kind}_url"), int(stream.key_first[i]), n_buckets,
-         storage.join(run.work, "buckets", f"{name}-ids", f"{i:05d}.arrow"), run.so)
+         storage.join(run.work, "buckets", f"{name}-ids", f"{i:05d}.arrow"), run.storage_options)
         for i, m in enumerate(found.mapping)
     ])
     name_receipts = runner.run(f"index-{name}", [
-        (r, int(counts[i]), n_buckets, storage.join(run.work, "buckets", name, f"{r.index:05d}.arrow"), run.so)
+        (r, int(counts[i]), n_buckets, storage.join(run.work, "buckets", name, f"{r.index:05d}.arrow"),
+         run.storage_options)
         for i, r in enumerate(ranges)
     ])
     joins = runner.run(f"join-{name}", [
         ([Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in id_receipts],
          [Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in name_receipts],
-         len(ranges), storage.join(run.work, "joined", name, f"{b:05d}.arrow"), run.so)
+         len(ranges), storage.join(run.work, "joined", name, f"{b:05d}.arrow"), run.storage_options)
         for b in range(n_buckets)
     ])
     n_missing = sum(j.n_missing for j in joins)
@@ -397,7 +398,7 @@ def join(run: Run, found: Scan, stream: Stream) -> list:
     blocks = np.append(np.arange(0, stream.n_keys, block_rows), stream.n_keys).astype(np.int64)
     scattered = runner.run(f"scatter-{name}", [
         (r, int(counts[i]), [Slice(j.url, j.range_bounds[i], j.range_bounds[i + 1]) for j in joins],
-         blocks.tolist(), storage.join(run.work, "scattered", name, f"{r.index:05d}.csv"), run.so)
+         blocks.tolist(), storage.join(run.work, "scattered", name, f"{r.index:05d}.csv"), run.storage_options)
         for i, r in enumerate(ranges)
     ])
     return runner.run(f"gather-{name}", [
@@ -414,7 +415,7 @@ def assemble(run: Run, uf50_targets: tuple[Target, ...], placed: list[str]) -> t
     cfg = run.config
     jobs = [(d, k) for d in staged_csv_dirs(cfg) if d not in placed for k in range(cfg.num_csv_files)]
     run.staging.make_split_dirs([d for d in staged_csv_dirs(cfg)])
-    sizes = run.runner.run("assemble", [(run.work, run.staging.tree_dir, d, k, run.so) for d, k in jobs])
+    sizes = run.runner.run("assemble", [(run.work, run.staging.tree_dir, d, k, run.storage_options) for d, k in jobs])
     out: dict[str, int] = {d: 0 for d in SPLIT_DIRS}
     for d in placed:
         out[d] = sum(run.staging.shard_sizes(d, cfg.num_csv_files))
@@ -423,7 +424,7 @@ def assemble(run: Run, uf50_targets: tuple[Target, ...], placed: list[str]) -> t
     arrays = []
     if "assemble-mmap" in run.runner.table:  # with esm2nv
         arrays = [(t.split_dir, name) for t in uf50_targets for name in ("counts", "starts")]
-        array_sizes = run.runner.run("assemble-mmap", [(run.work, run.staging.tree_dir, d, name, run.so)
+        array_sizes = run.runner.run("assemble-mmap", [(run.work, run.staging.tree_dir, d, name, run.storage_options)
                                                        for d, name in arrays])
         for (d, _), size in zip(arrays, array_sizes):
             out[d] += size
@@ -470,9 +471,9 @@ def checksums(run: Run, copying: list) -> dict[str, str]:
     manifest; the copy-inputs stage hashed its copies as it made them."""
     digests = copied_inputs(run, copying)
     files = list(run.staging.staged_files())
-    urls = [(storage.join(run.staging.tree_dir, rel), run.so) for rel in files]
+    urls = [(storage.join(run.staging.tree_dir, rel), run.storage_options) for rel in files]
     copies = [(url, name) for url, name in input_copies(run.config) if name not in digests]
-    urls += [(url, run.so) for url, _ in copies]
+    urls += [(url, run.storage_options) for url, _ in copies]
     names = files + [name for _, name in copies]
     return {**digests, **dict(zip(names, run.runner.run("checksum", urls)))}
 
@@ -496,7 +497,7 @@ def execute(run: Run) -> Converted:
     layouts = Layouts(run.runner, run.staging, cfg, found.mapping,
                       SplitLabels(labels_url, LABEL_TRAIN) if labels_url else None, run.plan)
     skip = tuple(d for d in SPLIT_DIRS if d not in staged_csv_dirs(cfg))
-    routing = Routing((), cfg.num_csv_files, run.work, None, run.so, skip, tree_dir=run.staging.tree_dir)
+    routing = Routing((), cfg.num_csv_files, run.work, None, run.storage_options, skip, tree_dir=run.staging.tree_dir)
     placed = placed_streams(cfg)
     streams = {
         "uf50": Stream("uf50", "clusters", found.cluster_first,

@@ -60,7 +60,7 @@ class Runner:
         self.client = client
         self.staging = staging
         self.reporter = reporter
-        self.so = storage_options
+        self.storage_options = storage_options
         self.table = {s.name: s for s in table}
         # the staging token and this attempt's own number: a resumed run on a long-lived
         # cluster must not reuse the keys of the attempt it resumes, which the scheduler
@@ -110,13 +110,13 @@ class Runner:
                 continue
             receipt = self.staging.receipt_url(name, i)
             if receipt.rsplit("/", 1)[-1] in present:
-                handles.append(Finished(receipts.load(receipt, self.so, inside=self.staging.root)))
+                handles.append(Finished(receipts.load(receipt, self.storage_options, inside=self.staging.root)))
                 self.reporter.skip(read)
                 self.skipped_read_bytes += read
                 self.skipped_tasks += 1
                 continue
             self._read_bytes[key] = read
-            handles.append(self.client.submit(interruptible, receipts.recorded, fn, receipt, self.so, *args,
+            handles.append(self.client.submit(interruptible, receipts.recorded, fn, receipt, self.storage_options, *args,
                                               key=key, pure=False))
         return handles
 

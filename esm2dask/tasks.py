@@ -615,12 +615,12 @@ def _bucket_of(names: pl.Series, n_buckets: int) -> np.ndarray:
     return hash_bucket(names.hash(seed=0).to_numpy(), n_buckets)
 
 
-def _write_bucketed(frame: pl.DataFrame, key: str, n_buckets: int, url: str, so) -> BucketReceipt:
+def _write_bucketed(frame: pl.DataFrame, key: str, n_buckets: int, url: str, storage_options) -> BucketReceipt:
     bucket = _bucket_of(frame[key], n_buckets)
     order = np.argsort(bucket, kind="stable")
     frame = frame[order]
     bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1), side="left")
-    _write_ipc(url, frame, so)
+    _write_ipc(url, frame, storage_options)
     return BucketReceipt(url, bounds.tolist())
 
 

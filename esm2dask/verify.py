@@ -149,8 +149,8 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     Names are checked against ``mapping`` (a path or URL), else against the tree's own
     ``mapping.tsv`` when it holds one.
     """
-    so = storage_options or {}
-    fs, root_path = storage.get_fs(root, so)
+    storage_options = storage_options or {}
+    fs, root_path = storage.get_fs(root, storage_options)
     fs.invalidate_cache(root_path)  # a long-lived process may have listed it before
     report = VerifyReport(root)
     if not fs.exists(root_path):
@@ -165,7 +165,7 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
         report.problems.append(
             f"{root}: no {MANIFEST_NAME}: on an object store a tree is complete only once its manifest is written"
         )
-    _check_manifest_files(root, manifest.get("files"), report, so)
+    _check_manifest_files(root, manifest.get("files"), report, storage_options)
     copies = _plain_copies(root, manifest.get("copied_inputs"), report)
     copy_digests = _hash_copies(fs, root_path, copies)
     split = params.get("split", "fasta")
@@ -221,7 +221,8 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
         report.checked.append("counts/starts")
 
     _check_checksums(fs, root_path, manifest.get("files"), report)
-    mapping_fs, mapping_path = (fs, storage.join(root_path, "mapping.tsv")) if mapping is None else storage.get_fs(mapping, so)
+    mapping_fs, mapping_path = ((fs, storage.join(root_path, "mapping.tsv")) if mapping is None
+                                else storage.get_fs(mapping, storage_options))
     if mapping_fs.exists(mapping_path) and all(data.get(d) is not None for d in train_dirs) and data.get(UF90) is not None:
         _check_names(mapping_fs, mapping_path, data, train_dirs, cluster_counts, report,
                      own_copy=mapping is None)
@@ -334,13 +335,13 @@ def _check_checksums(fs, root_path: str, files: dict | None, report: VerifyRepor
     report.checked.append("checksums against the manifest")
 
 
-def _check_manifest_files(root: str, files: dict | None, report: VerifyReport, so: dict) -> None:
+def _check_manifest_files(root: str, files: dict | None, report: VerifyReport, storage_options: dict) -> None:
     """Every file the manifest lists is there with its size, and no other shard is."""
     if not files:
         return
     from .publish import list_output_files
 
-    present = list_output_files(root, so)
+    present = list_output_files(root, storage_options)
     for name, entry in files.items():
         size = entry["bytes"] if isinstance(entry, dict) else entry
         if name not in present:
