@@ -114,7 +114,7 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
             Stage(f"join-{name}", tasks.join_ids, hash_buckets[name], 0, when),
             over(name, f"scatter-{name}", tasks.scatter_fasta, when),
             # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
-            Stage(f"gather-{name}", tasks.gather_block, ranges[name], 0, when),
+            Stage(f"gather-{name}", tasks.merge_scattered_block, ranges[name], 0, when),
         ]
     n_shards = len(staged_csv_dirs(config)) * config.num_csv_files
     # at most: the placed folders' shards are written in place, unless their FASTA is out of order

@@ -21,8 +21,9 @@ When the order does not hold, step 3 joins ids first and moves each record once:
 :func:`bucket_ids` and :func:`index_fasta` partition the mapping ids (with positions) and
 the FASTA names (with where each record is) by hash of the id; :func:`join_ids` joins
 one bucket, so that each record learns its positions; :func:`scatter_fasta` converts a
-range again and writes its rows, with their ids, sorted by position; :func:`gather_block`
-merges one block of consecutive positions from every range and writes its pieces.
+range again and writes its rows, with their ids, sorted by position;
+:func:`merge_scattered_block` (the ``gather-*`` stages) merges one block of consecutive
+positions from every range and writes its pieces.
 """
 
 from __future__ import annotations
@@ -724,7 +725,7 @@ def _read_span(url: str, lo: int, hi: int, storage_options: dict) -> bytes:
         return f.read(hi - lo)
 
 
-def gather_block(
+def merge_scattered_block(
     parts: list[tuple[str, str, int, int, int, int]], first_position: int, n_rows: int, routing: Routing,
     block: int,
 ):
