@@ -41,13 +41,13 @@ import os
 import secrets
 import shutil
 import stat
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from . import storage
 from .config import MANIFEST, RAW_README, RESUME, options_where
-from .errors import Esm2DaskError, OutputError, UnexpectedError, describe_os_error, reason
+from .errors import Esm2DaskError, Interrupted, OutputError, UnexpectedError, describe_os_error, reason
 from .layout import LOCK_NAME, MANIFEST_NAME, STAGING_PREFIX, TMP_SUFFIX, TOP_DIRS
 from .logs import RunLog
 
@@ -873,55 +873,114 @@ class Staging:
                 json.dump(copies, f)
         return copies
 
-    # ------------------------------------------------------------------ failures
+    # ------------------------------------------------------------------ after a failure
 
-    def failed(self, err: BaseException, reporter) -> BaseException:
-        """Clean up after ``err`` as what it is; returns the exception to raise.
-
-        Bad input or options: the staging folder is removed (nothing is left behind). A full
-        output file system: the same, with one clear line. An interruption (Ctrl-C, a signal):
-        the finished part is kept for ``--resume``. A failed switch: the previous output is
-        back, the staging folder kept. Anything else is reported as the failure it is; its
-        finished part is kept, since the cause may be passing (a lost connection).
-        """
-        if isinstance(err, (PublishError, StaleStaging)):
-            return err
-        if isinstance(err, Esm2DaskError):
-            self.discard()
-            return err
-        if storage.is_no_space(err):
-            self.discard()
-            # a copy's error names its source first: the file being written is the second name
-            written = getattr(err, "filename2", None) or getattr(err, "filename", None)
-            where = f" (writing {written})" if written else f" (writing in {self.root})"
-            return OutputError(
-                f"{self.output_dir}: no space left on the output file system{where}; nothing was published "
-                f"and the previous output is unchanged; free space (a run needs about twice its output "
-                f"size there while it runs) and run again"
-            )
-        if not isinstance(err, Exception):
-            reporter.message(
-                f"interrupted; the finished part is kept in {self.root}: run the same command with "
-                f"--resume to finish it"
-            )
-            return err
-        kept = f"the finished part is kept in {self.root}: once the cause is fixed, --resume continues"
-        if isinstance(err, OSError):  # an I/O failure: one line, in words
-            return OutputError(f"{self.output_dir}: {describe_os_error(err)}; nothing was published; {kept}")
-        if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
-            return OutputError(f"{self.output_dir}: object storage request failed ({reason(err)}); nothing was "
-                               f"published; {kept}")
-        return UnexpectedError(f"{self.output_dir}: the run failed ({reason(err)}); nothing was published; {kept}")
+    def remove(self) -> None:
+        """Remove the staging folder (published, or not worth keeping)."""
+        _remove_quietly(self.fs, self._path(self.root))
 
     def discard(self) -> None:
-        _remove_quietly(self.fs, self._path(self.root))
+        """Remove the staging folder, and OUT itself when this run made it and it is empty."""
+        self.remove()
         if self.created_output and self.local:
-            out = self._path(self.output_dir)
-            try:
-                if self.fs.exists(out) and not self.fs.ls(out, detail=False):
-                    self.fs.rmdir(out)
-            except OSError:
-                pass
+            self._remove_output_if_empty()
+
+    def clean_up(self, outcome: FailureOutcome) -> None:
+        """Leave what :func:`decide_failure` said a failed run leaves."""
+        if outcome.remove_staging:
+            self.remove()
+        if outcome.remove_created_output:
+            self._remove_output_if_empty()
+
+    def _remove_output_if_empty(self) -> None:
+        out = self._path(self.output_dir)
+        try:
+            if self.fs.exists(out) and not self.fs.ls(out, detail=False):
+                self.fs.rmdir(out)
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------- what a failure leaves
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """What :func:`decide_failure` is told of a run that stopped (read before, never by it)."""
+
+    output_dir: str
+    staging_root: str
+    log_url: str  # where the run's log stays (an unforeseen failure's traceback is in it)
+    finished_tasks: int = 0  # the receipts an interrupted run leaves (counted for an interrupt)
+    created_output: bool = False  # this run made OUT, a local folder
+
+
+@dataclass(frozen=True)
+class FailureOutcome:
+    """What a failed run leaves and says: :meth:`Staging.clean_up` acts on the first
+    two, the run's log on the next two; then ``notice`` is printed and the error raised."""
+
+    remove_staging: bool
+    remove_created_output: bool
+    keep_log: bool  # the run's log stays in the staging folder (else it is closed, not uploaded)
+    log_traceback: bool  # the traceback goes to the log, never the terminal
+    notice: str | None = None  # one line said before the error goes on
+    raise_as: type[Esm2DaskError] | None = None  # None: the error itself goes on
+    message: str = ""
+
+
+def decide_failure(err: BaseException, run: FailedRun) -> FailureOutcome:
+    """What a run that stopped on ``err`` leaves and says (no I/O).
+
+    Bad input or options: the staging folder is removed (nothing is left behind). A full
+    output file system: the same, with one clear line. An interruption (Ctrl-C, a signal):
+    the finished part is kept for ``--resume``. A failed switch: the previous output is
+    back, the staging folder kept. Anything else is reported as the failure it is; its
+    finished part is kept, since the cause may be passing (a lost connection).
+
+    >>> run = FailedRun("out", "out/.esm2dask-staging-1", "out/.esm2dask-staging-1/esm2dask.log", 7)
+    >>> decide_failure(KeyboardInterrupt(), run).message
+    '7 finished task(s) kept in out/.esm2dask-staging-1; run the same command with --resume to finish'
+    >>> decide_failure(OutputError("out: bad"), run).remove_staging
+    True
+    """
+    ours = isinstance(err, Esm2DaskError)
+    logged = {"keep_log": not ours, "log_traceback": isinstance(err, Exception) and not ours}
+    kept = FailureOutcome(remove_staging=False, remove_created_output=False, **logged)
+    if isinstance(err, (PublishError, StaleStaging)):
+        return kept
+    removed = FailureOutcome(remove_staging=True, remove_created_output=run.created_output, **logged)
+    if ours:
+        return removed
+    out, root = run.output_dir, run.staging_root
+    if storage.is_no_space(err):
+        # a copy's error names its source first: the file being written is the second name
+        written = getattr(err, "filename2", None) or getattr(err, "filename", None)
+        where = f" (writing {written})" if written else f" (writing in {root})"
+        return replace(removed, raise_as=OutputError, message=(
+            f"{out}: no space left on the output file system{where}; nothing was published "
+            f"and the previous output is unchanged; free space (a run needs about twice its output "
+            f"size there while it runs) and run again"
+        ))
+    if isinstance(err, KeyboardInterrupt):
+        return replace(kept, raise_as=Interrupted, message=(
+            f"{run.finished_tasks} finished task(s) kept in {root}; run the same command with --resume to finish"
+        ))
+    if not isinstance(err, Exception):
+        return replace(kept, notice=(
+            f"interrupted; the finished part is kept in {root}: run the same command with --resume to finish it"
+        ))
+    kept_part = f"the finished part is kept in {root}: once the cause is fixed, --resume continues"
+    if isinstance(err, OSError):  # an I/O failure: one line, in words
+        return replace(kept, raise_as=OutputError,
+                       message=f"{out}: {describe_os_error(err)}; nothing was published; {kept_part}")
+    if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+        return replace(kept, raise_as=OutputError, message=(
+            f"{out}: object storage request failed ({reason(err)}); nothing was published; {kept_part}"
+        ))
+    return replace(kept, raise_as=UnexpectedError, message=(
+        f"{out}: the run failed ({reason(err)}); nothing was published; {kept_part}; the traceback is in {run.log_url}"
+    ))
 
 
 def _move(src: str, dest: str) -> None:
