@@ -39,8 +39,8 @@ from .layout import CSV_HEADER, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF9
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
-from .publish import (FailedRun, OutputLock, StaleStaging, Staging, copied_by_task, decide_failure, input_copies,
-                      refuse_output_in_input)
+from .publish import (FailedRun, OutputLock, Publisher, StaleStaging, StagingFolder, copied_by_task, decide_failure,
+                      input_copies, refuse_output_in_input)
 from .ranges import ByteRange
 from .runner import Runner
 from .stages import PLACED_DIRS, placed_streams, staged_csv_dirs
@@ -138,7 +138,7 @@ class Run:
     config: PreprocessConfig
     plan: RunPlan
     runner: Runner
-    staging: Staging
+    staging: StagingFolder
 
     @property
     def so(self) -> dict:
@@ -537,7 +537,7 @@ def execute(run: Run) -> Converted:
                      checksums(run, found.copying))
 
 
-def _kept_tasks(staging: Staging) -> int:
+def _kept_tasks(staging: StagingFolder) -> int:
     """How many finished tasks an interrupted run leaves receipts for."""
     fs, path = storage.get_fs(storage.join(staging.work_dir, "receipts"), staging.so)
     try:
@@ -574,7 +574,7 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
 
 def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: float, inputs: dict[str, int],
                        plan: RunPlan) -> PreprocessResult:
-    staging = Staging.create(config, inputs)
+    staging = StagingFolder.create(config, inputs)
     run_log = RunLog(staging.root, config.output_dir, config.storage_options)
     log.info("esm2dask %s: %s -> %s", __version__, config.raw_dir, config.output_dir)
     if staging.resumed:
@@ -618,7 +618,7 @@ def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: floa
             layouts=done.layouts,
         )
         run_log.seal()  # the switch moves it in with the tree, or leaves it in staging
-        result.manifest_url = staging.publish(config, result, done.digests, __version__)
+        result.manifest_url = Publisher(staging).publish(config, result, done.digests, __version__)
         result.log_url = run_log.final_url
     except BaseException as err:
         interrupted = isinstance(err, KeyboardInterrupt)
@@ -635,7 +635,7 @@ def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: floa
             run_log.keep()
         else:
             run_log.discard()
-        staging.clean_up(outcome)  # a half-done switch is already undone (Staging.publish)
+        staging.clean_up(outcome)  # a half-done switch is already undone (Publisher.publish)
         if outcome.notice:
             reporter.message(outcome.notice)
         if outcome.raise_as is None:

@@ -1,10 +1,15 @@
 """Staging, resuming, publishing and the manifest: a run's life cycle in OUT.
 
-A run builds everything under ``OUT/.esm2dask-staging-<token>/``: ``work/`` (pieces,
-intermediate Arrow files, task receipts as JSON, ``plan.json``), ``tree/`` (the finished
-``uf50/`` and ``uf90/``), ``inputs/`` (the copies of the raw inputs). OUT itself is not
-touched until everything is built, checksummed and the manifest is ready. Then the
-*switch*:
+A record's way out: its task writes its row into the run's :class:`StagingFolder`, and
+:class:`Publisher` switches the finished tree into OUT; if the run fails instead,
+:func:`decide_failure` says what of the staging folder is kept and what the one error line
+says.
+
+A run builds everything under ``OUT/.esm2dask-staging-<token>/`` (:class:`StagingFolder`,
+a new one or the one ``--resume`` continues): ``work/`` (pieces, intermediate Arrow files,
+task receipts as JSON, ``plan.json``), ``tree/`` (the finished ``uf50/`` and ``uf90/``),
+``inputs/`` (the copies of the raw inputs). OUT itself is not touched until everything is
+built, checksummed and the manifest is ready. Then the *switch* (:class:`Publisher`):
 
 1. a journal (``switch.json``) records which files leave and which arrive;
 2. the previous manifest and every file it lists are set aside in ``previous/`` (a rename
@@ -16,7 +21,11 @@ touched until everything is built, checksummed and the manifest is ready. Then t
 If any step fails, the previous files are put back from ``previous/`` and the converted
 tree back into staging: OUT holds the previous tree and its manifest, unchanged, and
 ``--resume`` publishes the new one. A driver killed during the switch leaves the journal;
-the next ``--resume`` undoes the half switch first.
+the next ``--resume`` undoes the half switch first (:meth:`Publisher.recover`).
+
+What a failed run leaves is :func:`decide_failure`'s answer, a pure function of the error:
+bad input or options, or a full output file system, remove the staging folder; a failed
+switch, an interruption or any other failure keeps it, for ``--resume``.
 
 Files that no manifest lists (a user's notes in ``uf50/train/``, a folder written by
 something else) are never removed or replaced: the run refuses before it starts.
@@ -468,8 +477,12 @@ def refuse_output_in_input(config) -> None:
         raise OutputError(f"{out}: is a file, not a folder; --output-dir names the folder to write into")
 
 
-class Staging:
-    """The hidden folder (or prefix) one run writes into before publishing."""
+class StagingFolder:
+    """The hidden folder (or prefix) one run writes into before publishing,
+    ``OUT/.esm2dask-staging-<token>/``: choosing it (a new one, or the one ``--resume``
+    continues), its layout (``work/``, ``tree/``, ``inputs/``, ``previous/``) and what the run
+    keeps there (the plan, receipts, markers, the input copies). :class:`Publisher` switches
+    its tree into OUT; :func:`decide_failure` says what a failed run leaves of it."""
 
     def __init__(self, output_dir: str, token: str, storage_options: dict, created_output: bool,
                  resumed: bool = False):
@@ -496,7 +509,7 @@ class Staging:
     # ------------------------------------------------------------------ starting a run
 
     @classmethod
-    def create(cls, config, inputs: dict[str, int]) -> "Staging":
+    def create(cls, config, inputs: dict[str, int]) -> "StagingFolder":
         """A new staging folder, or the one ``--resume`` continues; refuses what would lose data."""
         out = config.output_dir
         so = config.storage_options
@@ -514,7 +527,7 @@ class Staging:
         # a driver killed while publishing left a half switch: undo it (from its journal)
         # before anything else looks at OUT or removes a staging folder
         for name in stagings:
-            cls(out, name[len(STAGING_PREFIX) + 1 :], so, False).recover()
+            Publisher(cls(out, name[len(STAGING_PREFIX) + 1 :], so, False)).recover()
         fs.invalidate_cache(out_path)
         names = [_name(p) for p in fs.ls(out_path, detail=False) if _name(p) != LOCK_NAME] if listing else []
         existing = [n for n in names if not n.startswith(STAGING_PREFIX)]
@@ -551,7 +564,7 @@ class Staging:
         return staging
 
     @classmethod
-    def _resumable(cls, config, stagings: list[str], plan: dict) -> "Staging | None":
+    def _resumable(cls, config, stagings: list[str], plan: dict) -> "StagingFolder | None":
         """The newest staging folder staged with ``plan``; None (with ``--overwrite``) or a
         refusal that says why when there is none."""
         out = config.output_dir
@@ -580,9 +593,6 @@ class Staging:
 
     def _path(self, url: str) -> str:
         return storage.get_fs(url, self.so)[1]
-
-    def _out(self, rel: str) -> str:
-        return self._path(storage.join(self.output_dir, rel))
 
     def read_plan(self) -> dict | None:
         path = self._path(storage.join(self.work_dir, PLAN_NAME))
@@ -682,160 +692,8 @@ class Staging:
                 sizes[rel] = int(self.fs.info(path)["size"])
         return dict(sorted(sizes.items()))
 
-    # ------------------------------------------------------------------ publishing
 
-    def publish(self, config, result, digests: dict[str, str], version: str) -> str:
-        """Put the staged tree, the input copies and the manifest into OUT (see the module
-        doc); returns the manifest's URL. Raises :class:`PublishError` after undoing a
-        failed switch."""
-        out = config.output_dir
-        fs, out_path = storage.get_fs(out, self.so)
-        _refuse_foreign_files(config, fs, out_path)
-        tree = self.staged_files()
-        copies = self._stage_inputs(config)
-        for name, entry in copies.items():  # hashed from the inputs by the run's checksum stage
-            if name in digests:
-                entry[CHECKSUM] = digests[name]
-        previous = read_manifest(out, self.so)
-        manifest = build_manifest(config, result, self.identities, tree, digests, copies, version)
-        # the manifest first: from its move on, OUT is not to be trusted until the new one is there
-        old = [MANIFEST_NAME] if fs.exists(self._out(MANIFEST_NAME)) else []
-        # the run's log goes in with the tree (and the previous one is put back if that fails)
-        at_root = [RunLog.NAME] if fs.exists(self._path(storage.join(self.root, RunLog.NAME))) else []
-        if at_root and fs.exists(self._out(RunLog.NAME)):
-            old.append(RunLog.NAME)
-        where = storage.join(out, MANIFEST_NAME)
-        old += sorted(r for r in manifest_listed(previous, where) if fs.exists(self._out(r)))
-        new = sorted(tree) + sorted(copies) + at_root
-        journal = {"old": old, "new": new, "sources": {n: c["source"] for n, c in copies.items()},
-                   "at_root": at_root}
-        if self.local:
-            refuse_links_in(storage.local_path(self._path(self.root)), "the staging folder")
-            for rel in old + new:
-                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
-        with storage.open_for_write(storage.join(self.root, JOURNAL_NAME), self.so, "w") as f:
-            json.dump(journal, f)
-        try:
-            self._switch(journal, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        except BaseException as err:
-            try:
-                self._undo(journal)
-            except Exception as undo_err:
-                raise PublishError(
-                    f"{out}: publishing failed ({reason(err)}) and putting the previous output "
-                    f"back failed too ({reason(undo_err)}); its files are in "
-                    f"{self.previous_dir}, the new tree in {self.tree_dir}; run the same command with --resume "
-                    f"to finish"
-                ) from None
-            if self.local:
-                _remove_empty_dirs(storage.local_path(out_path))  # folders the switch made for new files
-            if not isinstance(err, Exception):
-                raise
-            raise PublishError(
-                f"{out}: publishing failed ({reason(err)}); the previous output and its "
-                f"manifest are unchanged; the converted tree and this run's log are kept in {self.root}: run "
-                f"the same command with --resume to publish it"
-            ) from None
-        _remove_quietly(self.fs, self._path(self.root))
-        if self.local:
-            _remove_empty_dirs(storage.local_path(out_path))
-        fs.invalidate_cache(out_path)
-        return storage.join(out, MANIFEST_NAME)
-
-    def _source(self, rel: str, journal: dict) -> str:
-        """Where a new file comes from: the staged tree, staged inputs or (object store,
-        same store) the input itself."""
-        if rel in journal.get("at_root", ()):
-            return self._path(storage.join(self.root, rel))
-        if rel in journal["sources"]:
-            staged = storage.join(self.inputs_dir, rel)
-            if self.local or self.fs.exists(self._path(staged)):
-                return self._path(staged)
-            return self._path(journal["sources"][rel])
-        return self._path(storage.join(self.tree_dir, rel))
-
-    def _switch(self, journal: dict, manifest_text: str) -> None:
-        fs = self.fs
-        old_only = [r for r in journal["old"] if r not in journal["new"] and r != MANIFEST_NAME]
-        if self.local:
-            for rel in journal["old"]:
-                _move(self._out(rel), self._path(storage.join(self.previous_dir, rel)))
-            for rel in journal["new"]:
-                _move(self._source(rel, journal), self._out(rel))
-        else:
-            if journal["old"]:
-                fs.copy([self._out(r) for r in journal["old"]],
-                        [self._path(storage.join(self.previous_dir, r)) for r in journal["old"]])
-            if MANIFEST_NAME in journal["old"]:
-                fs.rm(self._out(MANIFEST_NAME))
-            fs.copy([self._source(r, journal) for r in journal["new"]], [self._out(r) for r in journal["new"]])
-            for rel in old_only:
-                fs.rm(self._out(rel))
-        write_manifest_file(storage.join(self.output_dir, MANIFEST_NAME), manifest_text, self.so,
-                            tmp_dir=self.root if self.local else None)
-
-    def _undo(self, journal: dict) -> None:
-        """Put OUT back as the journal found it; safe to repeat (each step checks first)."""
-        fs = self.fs
-        fs.invalidate_cache(self._path(self.output_dir))
-        if self.local:
-            manifest = self._out(MANIFEST_NAME)
-            if MANIFEST_NAME not in journal["old"] and os.path.exists(manifest):
-                os.unlink(manifest)  # written by this run
-            for rel in reversed(journal["new"]):
-                src = self._source(rel, journal)
-                if not os.path.exists(src) and os.path.exists(self._out(rel)):
-                    _move(self._out(rel), src)
-            for rel in journal["old"]:
-                kept = self._path(storage.join(self.previous_dir, rel))
-                if os.path.exists(kept):
-                    _move(kept, self._out(rel))
-        else:
-            for rel in [*journal["new"], MANIFEST_NAME]:
-                if rel not in journal["old"] and fs.exists(self._out(rel)):
-                    fs.rm(self._out(rel))
-            kept = [r for r in journal["old"] if fs.exists(self._path(storage.join(self.previous_dir, r)))]
-            if kept:
-                fs.copy([self._path(storage.join(self.previous_dir, r)) for r in kept], [self._out(r) for r in kept])
-            _remove_quietly(fs, self._path(self.previous_dir))
-        _remove_quietly(fs, self._path(storage.join(self.root, JOURNAL_NAME)))
-
-    def recover(self) -> None:
-        """Undo the half switch of a driver killed while publishing (its journal is there).
-
-        Every name in the journal is checked first (a plain relative path; no link on the
-        way in OUT, none in the staging folder): a bad one is an error and nothing moves."""
-        path = self._path(storage.join(self.root, JOURNAL_NAME))
-        if self.local:
-            root = storage.local_path(self._path(self.root))
-            if _lstat(root) is None or not stat.S_ISDIR(_lstat(root).st_mode):
-                return  # not a folder (a link named like one is never followed)
-            if _lstat(path) is None:
-                return
-            refuse_links_in(root, "the staging folder of a half-done switch")
-        elif not self.fs.exists(path):
-            return
-        where = storage.join(self.root, JOURNAL_NAME)
-        try:
-            with self.fs.open(path, "r") as f:
-                journal = json.load(f)
-        except (OSError, ValueError):
-            journal = None
-        if (not isinstance(journal, dict) or not isinstance(journal.get("old"), list)
-                or not isinstance(journal.get("new"), list) or not isinstance(journal.get("sources", {}), dict)
-                or not isinstance(journal.get("at_root", []), list)):
-            raise OutputError(f"{where}: not a journal esm2dask wrote; nothing was moved: move OUT's files back "
-                              f"from {self.previous_dir} by hand, or remove the staging folder")
-        journal = {"old": [checked_name(r, where) for r in journal["old"]],
-                   "new": [checked_name(r, where) for r in journal["new"]],
-                   "sources": {checked_name(k, where): str(v) for k, v in journal.get("sources", {}).items()},
-                   "at_root": [r for r in journal.get("at_root", []) if r == RunLog.NAME]}
-        if self.local:
-            for rel in journal["old"] + journal["new"]:
-                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
-        self._undo(journal)
-
-    def _stage_inputs(self, config) -> dict[str, dict]:
+    def stage_inputs(self, config) -> dict[str, dict]:
         """Copy the raw inputs into staging (object store to the same store: copied at the
         switch, server-side); returns what the manifest says about each."""
         record = storage.join(self.work_dir, "inputs.json")
@@ -901,6 +759,177 @@ class Staging:
             pass
 
 
+class Publisher:
+    """The switch of one staging folder's tree into OUT (see the module doc): the journal
+    first, the previous files set aside in ``previous/``, the new ones put in place, the
+    manifest last; undone from the journal when a step fails, and by the next run when the
+    driver was killed half way."""
+
+    def __init__(self, folder: StagingFolder):
+        self.folder = folder
+        self.output_dir = folder.output_dir
+        self.so = folder.so
+        self.fs = folder.fs
+        self.local = folder.local
+
+    def _path(self, url: str) -> str:
+        return storage.get_fs(url, self.so)[1]
+
+    def _out(self, rel: str) -> str:
+        return self._path(storage.join(self.output_dir, rel))
+
+    def publish(self, config, result, digests: dict[str, str], version: str) -> str:
+        """Put the staged tree, the input copies and the manifest into OUT (see the module
+        doc); returns the manifest's URL. Raises :class:`PublishError` after undoing a
+        failed switch."""
+        out = config.output_dir
+        fs, out_path = storage.get_fs(out, self.so)
+        _refuse_foreign_files(config, fs, out_path)
+        tree = self.folder.staged_files()
+        copies = self.folder.stage_inputs(config)
+        for name, entry in copies.items():  # hashed from the inputs by the run's checksum stage
+            if name in digests:
+                entry[CHECKSUM] = digests[name]
+        previous = read_manifest(out, self.so)
+        manifest = build_manifest(config, result, self.folder.identities, tree, digests, copies, version)
+        # the manifest first: from its move on, OUT is not to be trusted until the new one is there
+        old = [MANIFEST_NAME] if fs.exists(self._out(MANIFEST_NAME)) else []
+        # the run's log goes in with the tree (and the previous one is put back if that fails)
+        at_root = [RunLog.NAME] if fs.exists(self._path(storage.join(self.folder.root, RunLog.NAME))) else []
+        if at_root and fs.exists(self._out(RunLog.NAME)):
+            old.append(RunLog.NAME)
+        where = storage.join(out, MANIFEST_NAME)
+        old += sorted(r for r in manifest_listed(previous, where) if fs.exists(self._out(r)))
+        new = sorted(tree) + sorted(copies) + at_root
+        journal = {"old": old, "new": new, "sources": {n: c["source"] for n, c in copies.items()},
+                   "at_root": at_root}
+        if self.local:
+            refuse_links_in(storage.local_path(self._path(self.folder.root)), "the staging folder")
+            for rel in old + new:
+                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
+        with storage.open_for_write(storage.join(self.folder.root, JOURNAL_NAME), self.so, "w") as f:
+            json.dump(journal, f)
+        try:
+            self._switch(journal, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        except BaseException as err:
+            try:
+                self._undo(journal)
+            except Exception as undo_err:
+                raise PublishError(
+                    f"{out}: publishing failed ({reason(err)}) and putting the previous output "
+                    f"back failed too ({reason(undo_err)}); its files are in "
+                    f"{self.folder.previous_dir}, the new tree in {self.folder.tree_dir}; run the same command with --resume "
+                    f"to finish"
+                ) from None
+            if self.local:
+                _remove_empty_dirs(storage.local_path(out_path))  # folders the switch made for new files
+            if not isinstance(err, Exception):
+                raise
+            raise PublishError(
+                f"{out}: publishing failed ({reason(err)}); the previous output and its "
+                f"manifest are unchanged; the converted tree and this run's log are kept in {self.folder.root}: run "
+                f"the same command with --resume to publish it"
+            ) from None
+        self.folder.remove()
+        if self.local:
+            _remove_empty_dirs(storage.local_path(out_path))
+        fs.invalidate_cache(out_path)
+        return storage.join(out, MANIFEST_NAME)
+
+    def _source(self, rel: str, journal: dict) -> str:
+        """Where a new file comes from: the staged tree, staged inputs or (object store,
+        same store) the input itself."""
+        if rel in journal.get("at_root", ()):
+            return self._path(storage.join(self.folder.root, rel))
+        if rel in journal["sources"]:
+            staged = storage.join(self.folder.inputs_dir, rel)
+            if self.local or self.fs.exists(self._path(staged)):
+                return self._path(staged)
+            return self._path(journal["sources"][rel])
+        return self._path(storage.join(self.folder.tree_dir, rel))
+
+    def _switch(self, journal: dict, manifest_text: str) -> None:
+        fs = self.fs
+        old_only = [r for r in journal["old"] if r not in journal["new"] and r != MANIFEST_NAME]
+        if self.local:
+            for rel in journal["old"]:
+                _move(self._out(rel), self._path(storage.join(self.folder.previous_dir, rel)))
+            for rel in journal["new"]:
+                _move(self._source(rel, journal), self._out(rel))
+        else:
+            if journal["old"]:
+                fs.copy([self._out(r) for r in journal["old"]],
+                        [self._path(storage.join(self.folder.previous_dir, r)) for r in journal["old"]])
+            if MANIFEST_NAME in journal["old"]:
+                fs.rm(self._out(MANIFEST_NAME))
+            fs.copy([self._source(r, journal) for r in journal["new"]], [self._out(r) for r in journal["new"]])
+            for rel in old_only:
+                fs.rm(self._out(rel))
+        write_manifest_file(storage.join(self.output_dir, MANIFEST_NAME), manifest_text, self.so,
+                            tmp_dir=self.folder.root if self.local else None)
+
+    def _undo(self, journal: dict) -> None:
+        """Put OUT back as the journal found it; safe to repeat (each step checks first)."""
+        fs = self.fs
+        fs.invalidate_cache(self._path(self.output_dir))
+        if self.local:
+            manifest = self._out(MANIFEST_NAME)
+            if MANIFEST_NAME not in journal["old"] and os.path.exists(manifest):
+                os.unlink(manifest)  # written by this run
+            for rel in reversed(journal["new"]):
+                src = self._source(rel, journal)
+                if not os.path.exists(src) and os.path.exists(self._out(rel)):
+                    _move(self._out(rel), src)
+            for rel in journal["old"]:
+                kept = self._path(storage.join(self.folder.previous_dir, rel))
+                if os.path.exists(kept):
+                    _move(kept, self._out(rel))
+        else:
+            for rel in [*journal["new"], MANIFEST_NAME]:
+                if rel not in journal["old"] and fs.exists(self._out(rel)):
+                    fs.rm(self._out(rel))
+            kept = [r for r in journal["old"] if fs.exists(self._path(storage.join(self.folder.previous_dir, r)))]
+            if kept:
+                fs.copy([self._path(storage.join(self.folder.previous_dir, r)) for r in kept], [self._out(r) for r in kept])
+            _remove_quietly(fs, self._path(self.folder.previous_dir))
+        _remove_quietly(fs, self._path(storage.join(self.folder.root, JOURNAL_NAME)))
+
+    def recover(self) -> None:
+        """Undo the half switch of a driver killed while publishing (its journal is there).
+
+        Every name in the journal is checked first (a plain relative path; no link on the
+        way in OUT, none in the staging folder): a bad one is an error and nothing moves."""
+        path = self._path(storage.join(self.folder.root, JOURNAL_NAME))
+        if self.local:
+            root = storage.local_path(self._path(self.folder.root))
+            if _lstat(root) is None or not stat.S_ISDIR(_lstat(root).st_mode):
+                return  # not a folder (a link named like one is never followed)
+            if _lstat(path) is None:
+                return
+            refuse_links_in(root, "the staging folder of a half-done switch")
+        elif not self.fs.exists(path):
+            return
+        where = storage.join(self.folder.root, JOURNAL_NAME)
+        try:
+            with self.fs.open(path, "r") as f:
+                journal = json.load(f)
+        except (OSError, ValueError):
+            journal = None
+        if (not isinstance(journal, dict) or not isinstance(journal.get("old"), list)
+                or not isinstance(journal.get("new"), list) or not isinstance(journal.get("sources", {}), dict)
+                or not isinstance(journal.get("at_root", []), list)):
+            raise OutputError(f"{where}: not a journal esm2dask wrote; nothing was moved: move OUT's files back "
+                              f"from {self.folder.previous_dir} by hand, or remove the staging folder")
+        journal = {"old": [checked_name(r, where) for r in journal["old"]],
+                   "new": [checked_name(r, where) for r in journal["new"]],
+                   "sources": {checked_name(k, where): str(v) for k, v in journal.get("sources", {}).items()},
+                   "at_root": [r for r in journal.get("at_root", []) if r == RunLog.NAME]}
+        if self.local:
+            for rel in journal["old"] + journal["new"]:
+                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
+        self._undo(journal)
+
+
 # ----------------------------------------------------------------------------- what a failure leaves
 
 
@@ -917,7 +946,7 @@ class FailedRun:
 
 @dataclass(frozen=True)
 class FailureOutcome:
-    """What a failed run leaves and says: :meth:`Staging.clean_up` acts on the first
+    """What a failed run leaves and says: :meth:`StagingFolder.clean_up` acts on the first
     two, the run's log on the next two; then ``notice`` is printed and the error raised."""
 
     remove_staging: bool
