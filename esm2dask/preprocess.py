@@ -33,13 +33,14 @@ import numpy as np
 from . import __version__, storage, tasks
 from .cluster import dashboard_link, dask_client, hold_interrupts, maybe_performance_report
 from .config import PreprocessConfig
-from .errors import ConfigError, Esm2DaskError, Interrupted, UnexpectedError
+from .errors import ConfigError, Esm2DaskError
 from .formats import Layouts, SplitLabels, hf_part_name
 from .layout import CSV_HEADER, SPLIT_DIRS, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, shard_bounds, shard_name
 from .logs import RunLog
 from .progress import Reporter
 from .plan import RunPlan, input_sizes, make_plan
-from .publish import OutputLock, StaleStaging, Staging, copied_by_task, input_copies, refuse_output_in_input
+from .publish import (FailedRun, OutputLock, Publisher, StaleStaging, StagingFolder, copied_by_task, decide_failure,
+                      input_copies, refuse_output_in_input)
 from .ranges import ByteRange
 from .runner import Runner
 from .stages import PLACED_DIRS, placed_streams, staged_csv_dirs
@@ -137,7 +138,7 @@ class Run:
     config: PreprocessConfig
     plan: RunPlan
     runner: Runner
-    staging: Staging
+    staging: StagingFolder
 
     @property
     def storage_options(self) -> dict:
@@ -537,7 +538,7 @@ def execute(run: Run) -> Converted:
                      checksums(run, found.copying))
 
 
-def _kept_tasks(staging: Staging) -> int:
+def _kept_tasks(staging: StagingFolder) -> int:
     """How many finished tasks an interrupted run leaves receipts for."""
     fs, path = storage.get_fs(storage.join(staging.work_dir, "receipts"), staging.so)
     try:
@@ -574,7 +575,7 @@ def preprocess(config: PreprocessConfig, reporter: Reporter | None = None) -> Pr
 
 def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: float, inputs: dict[str, int],
                        plan: RunPlan) -> PreprocessResult:
-    staging = Staging.create(config, inputs)
+    staging = StagingFolder.create(config, inputs)
     run_log = RunLog(staging.root, config.output_dir, config.storage_options)
     log.info("esm2dask %s: %s -> %s", __version__, config.raw_dir, config.output_dir)
     if staging.resumed:
@@ -618,31 +619,29 @@ def _preprocess_locked(config: PreprocessConfig, reporter: Reporter, start: floa
             layouts=done.layouts,
         )
         run_log.seal()  # the switch moves it in with the tree, or leaves it in staging
-        result.manifest_url = staging.publish(config, result, done.digests, __version__)
+        result.manifest_url = Publisher(staging).publish(config, result, done.digests, __version__)
         result.log_url = run_log.final_url
-    except KeyboardInterrupt as err:
-        restore_interrupts = restore_interrupts or hold_interrupts()
-        run_log.keep()
-        failure = staging.failed(err, Reporter())  # undoes a half-done switch; keeps the work
-        if failure is not err:
-            raise failure from None
-        raise Interrupted(
-            f"{_kept_tasks(staging)} finished task(s) kept in {staging.root}; "
-            f"run the same command with --resume to finish"
-        ) from None
     except BaseException as err:
-        if isinstance(err, Esm2DaskError):
-            run_log.discard()
-        else:
-            if isinstance(err, Exception):  # its traceback goes to the log, never the terminal
-                log.error("the run failed", exc_info=err)
+        interrupted = isinstance(err, KeyboardInterrupt)
+        if interrupted:
+            restore_interrupts = restore_interrupts or hold_interrupts()
+        outcome = decide_failure(err, FailedRun(
+            config.output_dir, staging.root, run_log.staged_url,
+            finished_tasks=_kept_tasks(staging) if interrupted else 0,
+            created_output=staging.created_output and staging.local,
+        ))
+        if outcome.log_traceback:
+            log.error("the run failed", exc_info=err)
+        if outcome.keep_log:
             run_log.keep()
-        failure = staging.failed(err, reporter)
-        if failure is err:
+        else:
+            run_log.discard()
+        staging.clean_up(outcome)  # a half-done switch is already undone (Publisher.publish)
+        if outcome.notice:
+            reporter.message(outcome.notice)
+        if outcome.raise_as is None:
             raise
-        if isinstance(failure, UnexpectedError):
-            raise UnexpectedError(f"{failure}; the traceback is in {run_log.staged_url}") from None
-        raise failure from None
+        raise outcome.raise_as(outcome.message) from None
     finally:
         if restore_interrupts:
             restore_interrupts()

@@ -1,10 +1,15 @@
 """Staging, resuming, publishing and the manifest: a run's life cycle in OUT.
 
-A run builds everything under ``OUT/.esm2dask-staging-<token>/``: ``work/`` (pieces,
-intermediate Arrow files, task receipts as JSON, ``plan.json``), ``tree/`` (the finished
-``uf50/`` and ``uf90/``), ``inputs/`` (the copies of the raw inputs). OUT itself is not
-touched until everything is built, checksummed and the manifest is ready. Then the
-*switch*:
+A record's way out: its task writes its row into the run's :class:`StagingFolder`, and
+:class:`Publisher` switches the finished tree into OUT; if the run fails instead,
+:func:`decide_failure` says what of the staging folder is kept and what the one error line
+says.
+
+A run builds everything under ``OUT/.esm2dask-staging-<token>/`` (:class:`StagingFolder`,
+a new one or the one ``--resume`` continues): ``work/`` (pieces, intermediate Arrow files,
+task receipts as JSON, ``plan.json``), ``tree/`` (the finished ``uf50/`` and ``uf90/``),
+``inputs/`` (the copies of the raw inputs). OUT itself is not touched until everything is
+built, checksummed and the manifest is ready. Then the *switch* (:class:`Publisher`):
 
 1. a journal (``switch.json``) records which files leave and which arrive;
 2. the previous manifest and every file it lists are set aside in ``previous/`` (a rename
@@ -16,7 +21,11 @@ touched until everything is built, checksummed and the manifest is ready. Then t
 If any step fails, the previous files are put back from ``previous/`` and the converted
 tree back into staging: OUT holds the previous tree and its manifest, unchanged, and
 ``--resume`` publishes the new one. A driver killed during the switch leaves the journal;
-the next ``--resume`` undoes the half switch first.
+the next ``--resume`` undoes the half switch first (:meth:`Publisher.recover`).
+
+What a failed run leaves is :func:`decide_failure`'s answer, a pure function of the error:
+bad input or options, or a full output file system, remove the staging folder; a failed
+switch, an interruption or any other failure keeps it, for ``--resume``.
 
 Files that no manifest lists (a user's notes in ``uf50/train/``, a folder written by
 something else) are never removed or replaced: the run refuses before it starts.
@@ -41,13 +50,13 @@ import os
 import secrets
 import shutil
 import stat
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from . import storage
 from .config import MANIFEST, RAW_README, RESUME, options_where
-from .errors import Esm2DaskError, OutputError, UnexpectedError, describe_os_error, reason
+from .errors import Esm2DaskError, Interrupted, OutputError, UnexpectedError, describe_os_error, reason
 from .layout import LOCK_NAME, MANIFEST_NAME, STAGING_PREFIX, TMP_SUFFIX, TOP_DIRS
 from .logs import RunLog
 
@@ -468,8 +477,12 @@ def refuse_output_in_input(config) -> None:
         raise OutputError(f"{out}: is a file, not a folder; --output-dir names the folder to write into")
 
 
-class Staging:
-    """The hidden folder (or prefix) one run writes into before publishing."""
+class StagingFolder:
+    """The hidden folder (or prefix) one run writes into before publishing,
+    ``OUT/.esm2dask-staging-<token>/``: choosing it (a new one, or the one ``--resume``
+    continues), its layout (``work/``, ``tree/``, ``inputs/``, ``previous/``) and what the run
+    keeps there (the plan, receipts, markers, the input copies). :class:`Publisher` switches
+    its tree into OUT; :func:`decide_failure` says what a failed run leaves of it."""
 
     def __init__(self, output_dir: str, token: str, storage_options: dict, created_output: bool,
                  resumed: bool = False):
@@ -496,7 +509,7 @@ class Staging:
     # ------------------------------------------------------------------ starting a run
 
     @classmethod
-    def create(cls, config, inputs: dict[str, int]) -> "Staging":
+    def create(cls, config, inputs: dict[str, int]) -> "StagingFolder":
         """A new staging folder, or the one ``--resume`` continues; refuses what would lose data."""
         out = config.output_dir
         so = config.storage_options
@@ -514,7 +527,7 @@ class Staging:
         # a driver killed while publishing left a half switch: undo it (from its journal)
         # before anything else looks at OUT or removes a staging folder
         for name in stagings:
-            cls(out, name[len(STAGING_PREFIX) + 1 :], so, False).recover()
+            Publisher(cls(out, name[len(STAGING_PREFIX) + 1 :], so, False)).recover()
         fs.invalidate_cache(out_path)
         names = [_name(p) for p in fs.ls(out_path, detail=False) if _name(p) != LOCK_NAME] if listing else []
         existing = [n for n in names if not n.startswith(STAGING_PREFIX)]
@@ -551,7 +564,7 @@ class Staging:
         return staging
 
     @classmethod
-    def _resumable(cls, config, stagings: list[str], plan: dict) -> "Staging | None":
+    def _resumable(cls, config, stagings: list[str], plan: dict) -> "StagingFolder | None":
         """The newest staging folder staged with ``plan``; None (with ``--overwrite``) or a
         refusal that says why when there is none."""
         out = config.output_dir
@@ -580,9 +593,6 @@ class Staging:
 
     def _path(self, url: str) -> str:
         return storage.get_fs(url, self.so)[1]
-
-    def _out(self, rel: str) -> str:
-        return self._path(storage.join(self.output_dir, rel))
 
     def read_plan(self) -> dict | None:
         path = self._path(storage.join(self.work_dir, PLAN_NAME))
@@ -682,160 +692,8 @@ class Staging:
                 sizes[rel] = int(self.fs.info(path)["size"])
         return dict(sorted(sizes.items()))
 
-    # ------------------------------------------------------------------ publishing
 
-    def publish(self, config, result, digests: dict[str, str], version: str) -> str:
-        """Put the staged tree, the input copies and the manifest into OUT (see the module
-        doc); returns the manifest's URL. Raises :class:`PublishError` after undoing a
-        failed switch."""
-        out = config.output_dir
-        fs, out_path = storage.get_fs(out, self.so)
-        _refuse_foreign_files(config, fs, out_path)
-        tree = self.staged_files()
-        copies = self._stage_inputs(config)
-        for name, entry in copies.items():  # hashed from the inputs by the run's checksum stage
-            if name in digests:
-                entry[CHECKSUM] = digests[name]
-        previous = read_manifest(out, self.so)
-        manifest = build_manifest(config, result, self.identities, tree, digests, copies, version)
-        # the manifest first: from its move on, OUT is not to be trusted until the new one is there
-        old = [MANIFEST_NAME] if fs.exists(self._out(MANIFEST_NAME)) else []
-        # the run's log goes in with the tree (and the previous one is put back if that fails)
-        at_root = [RunLog.NAME] if fs.exists(self._path(storage.join(self.root, RunLog.NAME))) else []
-        if at_root and fs.exists(self._out(RunLog.NAME)):
-            old.append(RunLog.NAME)
-        where = storage.join(out, MANIFEST_NAME)
-        old += sorted(r for r in manifest_listed(previous, where) if fs.exists(self._out(r)))
-        new = sorted(tree) + sorted(copies) + at_root
-        journal = {"old": old, "new": new, "sources": {n: c["source"] for n, c in copies.items()},
-                   "at_root": at_root}
-        if self.local:
-            refuse_links_in(storage.local_path(self._path(self.root)), "the staging folder")
-            for rel in old + new:
-                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
-        with storage.open_for_write(storage.join(self.root, JOURNAL_NAME), self.so, "w") as f:
-            json.dump(journal, f)
-        try:
-            self._switch(journal, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        except BaseException as err:
-            try:
-                self._undo(journal)
-            except Exception as undo_err:
-                raise PublishError(
-                    f"{out}: publishing failed ({reason(err)}) and putting the previous output "
-                    f"back failed too ({reason(undo_err)}); its files are in "
-                    f"{self.previous_dir}, the new tree in {self.tree_dir}; run the same command with --resume "
-                    f"to finish"
-                ) from None
-            if self.local:
-                _remove_empty_dirs(storage.local_path(out_path))  # folders the switch made for new files
-            if not isinstance(err, Exception):
-                raise
-            raise PublishError(
-                f"{out}: publishing failed ({reason(err)}); the previous output and its "
-                f"manifest are unchanged; the converted tree and this run's log are kept in {self.root}: run "
-                f"the same command with --resume to publish it"
-            ) from None
-        _remove_quietly(self.fs, self._path(self.root))
-        if self.local:
-            _remove_empty_dirs(storage.local_path(out_path))
-        fs.invalidate_cache(out_path)
-        return storage.join(out, MANIFEST_NAME)
-
-    def _source(self, rel: str, journal: dict) -> str:
-        """Where a new file comes from: the staged tree, staged inputs or (object store,
-        same store) the input itself."""
-        if rel in journal.get("at_root", ()):
-            return self._path(storage.join(self.root, rel))
-        if rel in journal["sources"]:
-            staged = storage.join(self.inputs_dir, rel)
-            if self.local or self.fs.exists(self._path(staged)):
-                return self._path(staged)
-            return self._path(journal["sources"][rel])
-        return self._path(storage.join(self.tree_dir, rel))
-
-    def _switch(self, journal: dict, manifest_text: str) -> None:
-        fs = self.fs
-        old_only = [r for r in journal["old"] if r not in journal["new"] and r != MANIFEST_NAME]
-        if self.local:
-            for rel in journal["old"]:
-                _move(self._out(rel), self._path(storage.join(self.previous_dir, rel)))
-            for rel in journal["new"]:
-                _move(self._source(rel, journal), self._out(rel))
-        else:
-            if journal["old"]:
-                fs.copy([self._out(r) for r in journal["old"]],
-                        [self._path(storage.join(self.previous_dir, r)) for r in journal["old"]])
-            if MANIFEST_NAME in journal["old"]:
-                fs.rm(self._out(MANIFEST_NAME))
-            fs.copy([self._source(r, journal) for r in journal["new"]], [self._out(r) for r in journal["new"]])
-            for rel in old_only:
-                fs.rm(self._out(rel))
-        write_manifest_file(storage.join(self.output_dir, MANIFEST_NAME), manifest_text, self.so,
-                            tmp_dir=self.root if self.local else None)
-
-    def _undo(self, journal: dict) -> None:
-        """Put OUT back as the journal found it; safe to repeat (each step checks first)."""
-        fs = self.fs
-        fs.invalidate_cache(self._path(self.output_dir))
-        if self.local:
-            manifest = self._out(MANIFEST_NAME)
-            if MANIFEST_NAME not in journal["old"] and os.path.exists(manifest):
-                os.unlink(manifest)  # written by this run
-            for rel in reversed(journal["new"]):
-                src = self._source(rel, journal)
-                if not os.path.exists(src) and os.path.exists(self._out(rel)):
-                    _move(self._out(rel), src)
-            for rel in journal["old"]:
-                kept = self._path(storage.join(self.previous_dir, rel))
-                if os.path.exists(kept):
-                    _move(kept, self._out(rel))
-        else:
-            for rel in [*journal["new"], MANIFEST_NAME]:
-                if rel not in journal["old"] and fs.exists(self._out(rel)):
-                    fs.rm(self._out(rel))
-            kept = [r for r in journal["old"] if fs.exists(self._path(storage.join(self.previous_dir, r)))]
-            if kept:
-                fs.copy([self._path(storage.join(self.previous_dir, r)) for r in kept], [self._out(r) for r in kept])
-            _remove_quietly(fs, self._path(self.previous_dir))
-        _remove_quietly(fs, self._path(storage.join(self.root, JOURNAL_NAME)))
-
-    def recover(self) -> None:
-        """Undo the half switch of a driver killed while publishing (its journal is there).
-
-        Every name in the journal is checked first (a plain relative path; no link on the
-        way in OUT, none in the staging folder): a bad one is an error and nothing moves."""
-        path = self._path(storage.join(self.root, JOURNAL_NAME))
-        if self.local:
-            root = storage.local_path(self._path(self.root))
-            if _lstat(root) is None or not stat.S_ISDIR(_lstat(root).st_mode):
-                return  # not a folder (a link named like one is never followed)
-            if _lstat(path) is None:
-                return
-            refuse_links_in(root, "the staging folder of a half-done switch")
-        elif not self.fs.exists(path):
-            return
-        where = storage.join(self.root, JOURNAL_NAME)
-        try:
-            with self.fs.open(path, "r") as f:
-                journal = json.load(f)
-        except (OSError, ValueError):
-            journal = None
-        if (not isinstance(journal, dict) or not isinstance(journal.get("old"), list)
-                or not isinstance(journal.get("new"), list) or not isinstance(journal.get("sources", {}), dict)
-                or not isinstance(journal.get("at_root", []), list)):
-            raise OutputError(f"{where}: not a journal esm2dask wrote; nothing was moved: move OUT's files back "
-                              f"from {self.previous_dir} by hand, or remove the staging folder")
-        journal = {"old": [checked_name(r, where) for r in journal["old"]],
-                   "new": [checked_name(r, where) for r in journal["new"]],
-                   "sources": {checked_name(k, where): str(v) for k, v in journal.get("sources", {}).items()},
-                   "at_root": [r for r in journal.get("at_root", []) if r == RunLog.NAME]}
-        if self.local:
-            for rel in journal["old"] + journal["new"]:
-                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
-        self._undo(journal)
-
-    def _stage_inputs(self, config) -> dict[str, dict]:
+    def stage_inputs(self, config) -> dict[str, dict]:
         """Copy the raw inputs into staging (object store to the same store: copied at the
         switch, server-side); returns what the manifest says about each."""
         record = storage.join(self.work_dir, "inputs.json")
@@ -873,55 +731,285 @@ class Staging:
                 json.dump(copies, f)
         return copies
 
-    # ------------------------------------------------------------------ failures
+    # ------------------------------------------------------------------ after a failure
 
-    def failed(self, err: BaseException, reporter) -> BaseException:
-        """Clean up after ``err`` as what it is; returns the exception to raise.
-
-        Bad input or options: the staging folder is removed (nothing is left behind). A full
-        output file system: the same, with one clear line. An interruption (Ctrl-C, a signal):
-        the finished part is kept for ``--resume``. A failed switch: the previous output is
-        back, the staging folder kept. Anything else is reported as the failure it is; its
-        finished part is kept, since the cause may be passing (a lost connection).
-        """
-        if isinstance(err, (PublishError, StaleStaging)):
-            return err
-        if isinstance(err, Esm2DaskError):
-            self.discard()
-            return err
-        if storage.is_no_space(err):
-            self.discard()
-            # a copy's error names its source first: the file being written is the second name
-            written = getattr(err, "filename2", None) or getattr(err, "filename", None)
-            where = f" (writing {written})" if written else f" (writing in {self.root})"
-            return OutputError(
-                f"{self.output_dir}: no space left on the output file system{where}; nothing was published "
-                f"and the previous output is unchanged; free space (a run needs about twice its output "
-                f"size there while it runs) and run again"
-            )
-        if not isinstance(err, Exception):
-            reporter.message(
-                f"interrupted; the finished part is kept in {self.root}: run the same command with "
-                f"--resume to finish it"
-            )
-            return err
-        kept = f"the finished part is kept in {self.root}: once the cause is fixed, --resume continues"
-        if isinstance(err, OSError):  # an I/O failure: one line, in words
-            return OutputError(f"{self.output_dir}: {describe_os_error(err)}; nothing was published; {kept}")
-        if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
-            return OutputError(f"{self.output_dir}: object storage request failed ({reason(err)}); nothing was "
-                               f"published; {kept}")
-        return UnexpectedError(f"{self.output_dir}: the run failed ({reason(err)}); nothing was published; {kept}")
+    def remove(self) -> None:
+        """Remove the staging folder (published, or not worth keeping)."""
+        _remove_quietly(self.fs, self._path(self.root))
 
     def discard(self) -> None:
-        _remove_quietly(self.fs, self._path(self.root))
+        """Remove the staging folder, and OUT itself when this run made it and it is empty."""
+        self.remove()
         if self.created_output and self.local:
-            out = self._path(self.output_dir)
+            self._remove_output_if_empty()
+
+    def clean_up(self, outcome: FailureOutcome) -> None:
+        """Leave what :func:`decide_failure` said a failed run leaves."""
+        if outcome.remove_staging:
+            self.remove()
+        if outcome.remove_created_output:
+            self._remove_output_if_empty()
+
+    def _remove_output_if_empty(self) -> None:
+        out = self._path(self.output_dir)
+        try:
+            if self.fs.exists(out) and not self.fs.ls(out, detail=False):
+                self.fs.rmdir(out)
+        except OSError:
+            pass
+
+
+class Publisher:
+    """The switch of one staging folder's tree into OUT (see the module doc): the journal
+    first, the previous files set aside in ``previous/``, the new ones put in place, the
+    manifest last; undone from the journal when a step fails, and by the next run when the
+    driver was killed half way."""
+
+    def __init__(self, folder: StagingFolder):
+        self.folder = folder
+        self.output_dir = folder.output_dir
+        self.so = folder.so
+        self.fs = folder.fs
+        self.local = folder.local
+
+    def _path(self, url: str) -> str:
+        return storage.get_fs(url, self.so)[1]
+
+    def _out(self, rel: str) -> str:
+        return self._path(storage.join(self.output_dir, rel))
+
+    def publish(self, config, result, digests: dict[str, str], version: str) -> str:
+        """Put the staged tree, the input copies and the manifest into OUT (see the module
+        doc); returns the manifest's URL. Raises :class:`PublishError` after undoing a
+        failed switch."""
+        out = config.output_dir
+        fs, out_path = storage.get_fs(out, self.so)
+        _refuse_foreign_files(config, fs, out_path)
+        tree = self.folder.staged_files()
+        copies = self.folder.stage_inputs(config)
+        for name, entry in copies.items():  # hashed from the inputs by the run's checksum stage
+            if name in digests:
+                entry[CHECKSUM] = digests[name]
+        previous = read_manifest(out, self.so)
+        manifest = build_manifest(config, result, self.folder.identities, tree, digests, copies, version)
+        # the manifest first: from its move on, OUT is not to be trusted until the new one is there
+        old = [MANIFEST_NAME] if fs.exists(self._out(MANIFEST_NAME)) else []
+        # the run's log goes in with the tree (and the previous one is put back if that fails)
+        at_root = [RunLog.NAME] if fs.exists(self._path(storage.join(self.folder.root, RunLog.NAME))) else []
+        if at_root and fs.exists(self._out(RunLog.NAME)):
+            old.append(RunLog.NAME)
+        where = storage.join(out, MANIFEST_NAME)
+        old += sorted(r for r in manifest_listed(previous, where) if fs.exists(self._out(r)))
+        new = sorted(tree) + sorted(copies) + at_root
+        journal = {"old": old, "new": new, "sources": {n: c["source"] for n, c in copies.items()},
+                   "at_root": at_root}
+        if self.local:
+            refuse_links_in(storage.local_path(self._path(self.folder.root)), "the staging folder")
+            for rel in old + new:
+                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
+        with storage.open_for_write(storage.join(self.folder.root, JOURNAL_NAME), self.so, "w") as f:
+            json.dump(journal, f)
+        try:
+            self._switch(journal, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        except BaseException as err:
             try:
-                if self.fs.exists(out) and not self.fs.ls(out, detail=False):
-                    self.fs.rmdir(out)
-            except OSError:
-                pass
+                self._undo(journal)
+            except Exception as undo_err:
+                raise PublishError(
+                    f"{out}: publishing failed ({reason(err)}) and putting the previous output "
+                    f"back failed too ({reason(undo_err)}); its files are in "
+                    f"{self.folder.previous_dir}, the new tree in {self.folder.tree_dir}; run the same command with --resume "
+                    f"to finish"
+                ) from None
+            if self.local:
+                _remove_empty_dirs(storage.local_path(out_path))  # folders the switch made for new files
+            if not isinstance(err, Exception):
+                raise
+            raise PublishError(
+                f"{out}: publishing failed ({reason(err)}); the previous output and its "
+                f"manifest are unchanged; the converted tree and this run's log are kept in {self.folder.root}: run "
+                f"the same command with --resume to publish it"
+            ) from None
+        self.folder.remove()
+        if self.local:
+            _remove_empty_dirs(storage.local_path(out_path))
+        fs.invalidate_cache(out_path)
+        return storage.join(out, MANIFEST_NAME)
+
+    def _source(self, rel: str, journal: dict) -> str:
+        """Where a new file comes from: the staged tree, staged inputs or (object store,
+        same store) the input itself."""
+        if rel in journal.get("at_root", ()):
+            return self._path(storage.join(self.folder.root, rel))
+        if rel in journal["sources"]:
+            staged = storage.join(self.folder.inputs_dir, rel)
+            if self.local or self.fs.exists(self._path(staged)):
+                return self._path(staged)
+            return self._path(journal["sources"][rel])
+        return self._path(storage.join(self.folder.tree_dir, rel))
+
+    def _switch(self, journal: dict, manifest_text: str) -> None:
+        fs = self.fs
+        old_only = [r for r in journal["old"] if r not in journal["new"] and r != MANIFEST_NAME]
+        if self.local:
+            for rel in journal["old"]:
+                _move(self._out(rel), self._path(storage.join(self.folder.previous_dir, rel)))
+            for rel in journal["new"]:
+                _move(self._source(rel, journal), self._out(rel))
+        else:
+            if journal["old"]:
+                fs.copy([self._out(r) for r in journal["old"]],
+                        [self._path(storage.join(self.folder.previous_dir, r)) for r in journal["old"]])
+            if MANIFEST_NAME in journal["old"]:
+                fs.rm(self._out(MANIFEST_NAME))
+            fs.copy([self._source(r, journal) for r in journal["new"]], [self._out(r) for r in journal["new"]])
+            for rel in old_only:
+                fs.rm(self._out(rel))
+        write_manifest_file(storage.join(self.output_dir, MANIFEST_NAME), manifest_text, self.so,
+                            tmp_dir=self.folder.root if self.local else None)
+
+    def _undo(self, journal: dict) -> None:
+        """Put OUT back as the journal found it; safe to repeat (each step checks first)."""
+        fs = self.fs
+        fs.invalidate_cache(self._path(self.output_dir))
+        if self.local:
+            manifest = self._out(MANIFEST_NAME)
+            if MANIFEST_NAME not in journal["old"] and os.path.exists(manifest):
+                os.unlink(manifest)  # written by this run
+            for rel in reversed(journal["new"]):
+                src = self._source(rel, journal)
+                if not os.path.exists(src) and os.path.exists(self._out(rel)):
+                    _move(self._out(rel), src)
+            for rel in journal["old"]:
+                kept = self._path(storage.join(self.folder.previous_dir, rel))
+                if os.path.exists(kept):
+                    _move(kept, self._out(rel))
+        else:
+            for rel in [*journal["new"], MANIFEST_NAME]:
+                if rel not in journal["old"] and fs.exists(self._out(rel)):
+                    fs.rm(self._out(rel))
+            kept = [r for r in journal["old"] if fs.exists(self._path(storage.join(self.folder.previous_dir, r)))]
+            if kept:
+                fs.copy([self._path(storage.join(self.folder.previous_dir, r)) for r in kept], [self._out(r) for r in kept])
+            _remove_quietly(fs, self._path(self.folder.previous_dir))
+        _remove_quietly(fs, self._path(storage.join(self.folder.root, JOURNAL_NAME)))
+
+    def recover(self) -> None:
+        """Undo the half switch of a driver killed while publishing (its journal is there).
+
+        Every name in the journal is checked first (a plain relative path; no link on the
+        way in OUT, none in the staging folder): a bad one is an error and nothing moves."""
+        path = self._path(storage.join(self.folder.root, JOURNAL_NAME))
+        if self.local:
+            root = storage.local_path(self._path(self.folder.root))
+            if _lstat(root) is None or not stat.S_ISDIR(_lstat(root).st_mode):
+                return  # not a folder (a link named like one is never followed)
+            if _lstat(path) is None:
+                return
+            refuse_links_in(root, "the staging folder of a half-done switch")
+        elif not self.fs.exists(path):
+            return
+        where = storage.join(self.folder.root, JOURNAL_NAME)
+        try:
+            with self.fs.open(path, "r") as f:
+                journal = json.load(f)
+        except (OSError, ValueError):
+            journal = None
+        if (not isinstance(journal, dict) or not isinstance(journal.get("old"), list)
+                or not isinstance(journal.get("new"), list) or not isinstance(journal.get("sources", {}), dict)
+                or not isinstance(journal.get("at_root", []), list)):
+            raise OutputError(f"{where}: not a journal esm2dask wrote; nothing was moved: move OUT's files back "
+                              f"from {self.folder.previous_dir} by hand, or remove the staging folder")
+        journal = {"old": [checked_name(r, where) for r in journal["old"]],
+                   "new": [checked_name(r, where) for r in journal["new"]],
+                   "sources": {checked_name(k, where): str(v) for k, v in journal.get("sources", {}).items()},
+                   "at_root": [r for r in journal.get("at_root", []) if r == RunLog.NAME]}
+        if self.local:
+            for rel in journal["old"] + journal["new"]:
+                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
+        self._undo(journal)
+
+
+# ----------------------------------------------------------------------------- what a failure leaves
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """What :func:`decide_failure` is told of a run that stopped (read before, never by it)."""
+
+    output_dir: str
+    staging_root: str
+    log_url: str  # where the run's log stays (an unforeseen failure's traceback is in it)
+    finished_tasks: int = 0  # the receipts an interrupted run leaves (counted for an interrupt)
+    created_output: bool = False  # this run made OUT, a local folder
+
+
+@dataclass(frozen=True)
+class FailureOutcome:
+    """What a failed run leaves and says: :meth:`StagingFolder.clean_up` acts on the first
+    two, the run's log on the next two; then ``notice`` is printed and the error raised."""
+
+    remove_staging: bool
+    remove_created_output: bool
+    keep_log: bool  # the run's log stays in the staging folder (else it is closed, not uploaded)
+    log_traceback: bool  # the traceback goes to the log, never the terminal
+    notice: str | None = None  # one line said before the error goes on
+    raise_as: type[Esm2DaskError] | None = None  # None: the error itself goes on
+    message: str = ""
+
+
+def decide_failure(err: BaseException, run: FailedRun) -> FailureOutcome:
+    """What a run that stopped on ``err`` leaves and says (no I/O).
+
+    Bad input or options: the staging folder is removed (nothing is left behind). A full
+    output file system: the same, with one clear line. An interruption (Ctrl-C, a signal):
+    the finished part is kept for ``--resume``. A failed switch: the previous output is
+    back, the staging folder kept. Anything else is reported as the failure it is; its
+    finished part is kept, since the cause may be passing (a lost connection).
+
+    >>> run = FailedRun("out", "out/.esm2dask-staging-1", "out/.esm2dask-staging-1/esm2dask.log", 7)
+    >>> decide_failure(KeyboardInterrupt(), run).message
+    '7 finished task(s) kept in out/.esm2dask-staging-1; run the same command with --resume to finish'
+    >>> decide_failure(OutputError("out: bad"), run).remove_staging
+    True
+    """
+    ours = isinstance(err, Esm2DaskError)
+    logged = {"keep_log": not ours, "log_traceback": isinstance(err, Exception) and not ours}
+    kept = FailureOutcome(remove_staging=False, remove_created_output=False, **logged)
+    if isinstance(err, (PublishError, StaleStaging)):
+        return kept
+    removed = FailureOutcome(remove_staging=True, remove_created_output=run.created_output, **logged)
+    if ours:
+        return removed
+    out, root = run.output_dir, run.staging_root
+    if storage.is_no_space(err):
+        # a copy's error names its source first: the file being written is the second name
+        written = getattr(err, "filename2", None) or getattr(err, "filename", None)
+        where = f" (writing {written})" if written else f" (writing in {root})"
+        return replace(removed, raise_as=OutputError, message=(
+            f"{out}: no space left on the output file system{where}; nothing was published "
+            f"and the previous output is unchanged; free space (a run needs about twice its output "
+            f"size there while it runs) and run again"
+        ))
+    if isinstance(err, KeyboardInterrupt):
+        return replace(kept, raise_as=Interrupted, message=(
+            f"{run.finished_tasks} finished task(s) kept in {root}; run the same command with --resume to finish"
+        ))
+    if not isinstance(err, Exception):
+        return replace(kept, notice=(
+            f"interrupted; the finished part is kept in {root}: run the same command with --resume to finish it"
+        ))
+    kept_part = f"the finished part is kept in {root}: once the cause is fixed, --resume continues"
+    if isinstance(err, OSError):  # an I/O failure: one line, in words
+        return replace(kept, raise_as=OutputError,
+                       message=f"{out}: {describe_os_error(err)}; nothing was published; {kept_part}")
+    if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+        return replace(kept, raise_as=OutputError, message=(
+            f"{out}: object storage request failed ({reason(err)}); nothing was published; {kept_part}"
+        ))
+    return replace(kept, raise_as=UnexpectedError, message=(
+        f"{out}: the run failed ({reason(err)}); nothing was published; {kept_part}; the traceback is in {run.log_url}"
+    ))
 
 
 def _move(src: str, dest: str) -> None:

@@ -25,7 +25,7 @@ from . import receipts
 from .cluster import interruptible, task_result, settle
 from .errors import Esm2DaskError
 from .progress import Reporter
-from .publish import Staging
+from .publish import StagingFolder
 from .ranges import ByteRange
 from .stages import Stage
 
@@ -55,7 +55,7 @@ class Finished:
 class Runner:
     """Runs the stages of one attempt on ``client``; see the module notes."""
 
-    def __init__(self, client, staging: Staging, reporter: Reporter, table: tuple[Stage, ...],
+    def __init__(self, client, staging: StagingFolder, reporter: Reporter, table: tuple[Stage, ...],
                  storage_options: dict):
         self.client = client
         self.staging = staging

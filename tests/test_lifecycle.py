@@ -262,7 +262,7 @@ def test_driver_killed_during_the_switch_is_undone_by_resume(raw, done, tmp_path
         real_move(src, dest)
 
     monkeypatch.setattr(publish, "_move", dying_move)
-    monkeypatch.setattr(publish.Staging, "_undo", lambda self, journal: None)
+    monkeypatch.setattr(publish.Publisher, "_undo", lambda self, journal: None)
     with pytest.raises(SystemExit):
         run_preprocess(raw, out, cluster_config, overwrite=True, num_csv_files=7)
     assert not (out / MANIFEST_NAME).exists()  # half switched: not to be trusted

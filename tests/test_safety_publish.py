@@ -180,7 +180,7 @@ def test_a_link_in_the_staged_tree_is_never_published(raw, tmp_path, cluster_con
     out = tmp_path / "out"
     victim = tmp_path / "victim.csv"
     victim.write_text("mine\n")
-    real_stage_inputs = publish.Staging._stage_inputs
+    real_stage_inputs = publish.StagingFolder.stage_inputs
 
     def plant(self, config):
         shard = Path(self.tree_dir) / "uf90" / "uf90_csvs" / "x001.csv"
@@ -188,7 +188,7 @@ def test_a_link_in_the_staged_tree_is_never_published(raw, tmp_path, cluster_con
         os.symlink(victim, shard)
         return real_stage_inputs(self, config)
 
-    monkeypatch.setattr(publish.Staging, "_stage_inputs", plant)
+    monkeypatch.setattr(publish.StagingFolder, "stage_inputs", plant)
     with pytest.raises(OutputError, match="x001.csv: a symbolic link"):
         run_preprocess(raw, out, cluster_config)
     assert victim.read_text() == "mine\n" and not (out / "uf90").exists()
@@ -210,7 +210,7 @@ def _kill_after_setting_aside(monkeypatch):
         real_move(src, dest)
 
     monkeypatch.setattr(publish, "_move", dying_move)
-    monkeypatch.setattr(publish.Staging, "_undo", lambda self, journal: None)
+    monkeypatch.setattr(publish.Publisher, "_undo", lambda self, journal: None)
 
 
 def test_a_half_switch_is_undone_before_any_staging_folder_is_removed(raw, out, cluster_config, monkeypatch):
