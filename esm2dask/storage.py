@@ -466,3 +466,66 @@ def _log_retry(fn, err: BaseException, attempt: int) -> None:
         "%s failed (%s: %s); retrying in %.1f s", fn.__name__, type(err).__name__, err, delay
     )
     time.sleep(delay)
+
+
+#: Rows per record batch of the Arrow files esm2dask writes: a reader of a slice on an
+#: object store fetches only the batches it needs (ranged reads), not the whole file.
+ARROW_BATCH_ROWS = 1 << 16
+
+
+def write_arrow(url: str, table, storage_options: dict[str, Any] | None = None) -> None:
+    """A pyarrow table as an Arrow IPC file, in batches of :data:`ARROW_BATCH_ROWS`."""
+    import pyarrow.ipc as ipc
+
+    table = table.combine_chunks()
+    with open_for_write(url, storage_options) as f, ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table, max_chunksize=ARROW_BATCH_ROWS)
+
+
+@retrying
+def read_arrow(url: str, storage_options: dict[str, Any] | None = None):
+    """The whole Arrow IPC file ``url`` as a pyarrow table (memory-mapped where local)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    if is_local(url):
+        with pa.memory_map(local_path(url)) as src:
+            return ipc.open_file(src).read_all()
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return ipc.open_file(pa.BufferReader(f.read())).read_all()
+
+
+def read_arrow_slices(slices, storage_options: dict[str, Any] | None = None):
+    """Rows ``[lo, hi)`` of each Arrow file (``slices``: objects with ``url``, ``lo`` and
+    ``hi``), concatenated as one pyarrow table; None if there are none. Local files are
+    memory-mapped and remote ones read batch by batch, so a slice costs what it holds,
+    not the whole file."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    tables = []
+    for s in slices:
+        if s.hi <= s.lo:
+            continue
+        if is_local(s.url):
+            with pa.memory_map(local_path(s.url)) as src:
+                tables.append(ipc.open_file(src).read_all().slice(s.lo, s.hi - s.lo))
+        else:
+            tables.append(_read_remote_slice(s.url, s.lo, s.hi, storage_options))
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+@retrying
+def _read_remote_slice(url: str, lo: int, hi: int, storage_options: dict[str, Any] | None):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    fs, path = get_fs(url, storage_options)
+    first, last = lo // ARROW_BATCH_ROWS, (hi - 1) // ARROW_BATCH_ROWS
+    with fs.open(path, "rb") as f:
+        reader = ipc.open_file(f)
+        table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last + 1)], reader.schema)
+    return table.slice(lo - first * ARROW_BATCH_ROWS, hi - lo)

@@ -29,7 +29,6 @@ positions from every range and writes its pieces.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import mmap
 import os
@@ -186,63 +185,20 @@ receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, Scatt
 # ----------------------------------------------------------------------------- helpers
 
 
-#: Rows per record batch of the Arrow files: a reader of a slice on an object store
-#: fetches only the batches it needs (ranged reads), not the whole file.
-IPC_BATCH_ROWS = 1 << 16
-
-
 @storage.retrying
 def _write_ipc(url: str, frame: pl.DataFrame, storage_options: dict) -> None:
-    import pyarrow.ipc as ipc
-
-    table = frame.to_arrow().combine_chunks()
-    with storage.open_for_write(url, storage_options) as f, ipc.new_file(f, table.schema) as writer:
-        writer.write_table(table, max_chunksize=IPC_BATCH_ROWS)
+    storage.write_arrow(url, frame.to_arrow(), storage_options)
 
 
-@storage.retrying
 def _read_ipc(url: str, storage_options: dict) -> pl.DataFrame:
-    if storage.is_local(url):  # glob=False: a '[' in OUT's path is a name, not a pattern
-        return pl.scan_ipc(storage.local_path(url), glob=False).collect()
-    fs, path = storage.get_fs(url, storage_options)
-    with fs.open(path, "rb") as f:
-        return pl.read_ipc(io.BytesIO(f.read()))
+    return pl.from_arrow(storage.read_arrow(url, storage_options))
 
 
 def read_slices(slices, storage_options: dict) -> pl.DataFrame | None:
-    """Rows ``[lo, hi)`` of each Arrow file, concatenated; None if there are none.
-
-    Local files are memory-mapped and remote ones read batch by batch, so a slice costs
-    what it holds, not the whole file.
-    """
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    tables = []
-    for s in slices:
-        if s.hi <= s.lo:
-            continue
-        if storage.is_local(s.url):
-            with pa.memory_map(storage.local_path(s.url)) as src:
-                tables.append(ipc.open_file(src).read_all().slice(s.lo, s.hi - s.lo))
-        else:
-            tables.append(_read_remote_slice(s, storage_options))
-    if not tables:
-        return None
-    return pl.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
-
-
-@storage.retrying
-def _read_remote_slice(s: "Slice", storage_options: dict):
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    fs, path = storage.get_fs(s.url, storage_options)
-    first, last = s.lo // IPC_BATCH_ROWS, (s.hi - 1) // IPC_BATCH_ROWS
-    with fs.open(path, "rb") as f:
-        reader = ipc.open_file(f)
-        table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last + 1)], reader.schema)
-    return table.slice(s.lo - first * IPC_BATCH_ROWS, s.hi - s.lo)
+    """Rows ``[lo, hi)`` of each Arrow file, concatenated (:func:`esm2dask.storage.read_arrow_slices`);
+    None if there are none."""
+    table = storage.read_arrow_slices(slices, storage_options)
+    return None if table is None else pl.from_arrow(table)
 
 
 @storage.retrying

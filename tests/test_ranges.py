@@ -95,14 +95,14 @@ def test_arrow_slices_read_the_same_locally_and_from_a_remote_store(tmp_path):
     import numpy as np
     import polars as pl
 
-    from esm2dask import tasks
+    from esm2dask import storage, tasks
 
-    n = 3 * tasks.IPC_BATCH_ROWS + 123
+    n = 3 * storage.ARROW_BATCH_ROWS + 123
     frame = pl.DataFrame({"id": [f"id{i}" for i in range(n)], "pos": np.arange(n)})
     local, remote = str(tmp_path / "f.arrow"), "memory://esm2dask-test/f.arrow"
     tasks._write_ipc(local, frame, {})
     tasks._write_ipc(remote, frame, {})
-    edges = [0, 1, tasks.IPC_BATCH_ROWS - 1, tasks.IPC_BATCH_ROWS, 2 * tasks.IPC_BATCH_ROWS + 5, n]
+    edges = [0, 1, storage.ARROW_BATCH_ROWS - 1, storage.ARROW_BATCH_ROWS, 2 * storage.ARROW_BATCH_ROWS + 5, n]
     for lo in edges:
         for hi in edges:
             if hi <= lo:
