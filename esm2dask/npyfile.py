@@ -6,17 +6,16 @@ numpy reads a ``.npy`` header, a Python dict literal, with ``ast.literal_eval``;
 at the same moment failed with "SystemError: AST constructor recursion depth mismatch". The
 headers ``numpy.save`` writes for our arrays have one fixed form
 (``{'descr': '<u8', 'fortran_order': False, 'shape': (5,), }``), parsed here with a regular
-expression; the data is then memory-mapped or taken from the bytes as numpy would.
+expression (:func:`parse_header`); :func:`esm2dask.storage.read_npy` then memory-maps the
+data or takes it from the bytes, as numpy would.
 """
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
 
-from . import storage
 from .errors import Esm2DaskError
 
 MAGIC = b"\x93NUMPY"
@@ -47,29 +46,3 @@ def parse_header(head: bytes, url: str = "") -> tuple[np.dtype, tuple[int, ...],
         raise Esm2DaskError(f"{url}: a .npy header esm2dask does not write (is the staging folder damaged?)")
     shape = tuple(int(x) for x in match["shape"].replace(" ", "").split(",") if x)
     return np.dtype(match["descr"]), shape, start + header_len
-
-
-def load(url: str, storage_options: dict | None = None, mmap: bool = True) -> np.ndarray:
-    """The array in ``url`` (``numpy.load``'s result, ``mmap_mode="r"`` for a local file
-    when ``mmap``), read without ``ast``."""
-    if storage.is_local(url):
-        path = storage.local_path(url)
-        with open(path, "rb") as f:
-            head = f.read(4096)
-            try:
-                dtype, shape, offset = parse_header(head, url)
-            except EOFError as short:
-                f.seek(0)
-                dtype, shape, offset = parse_header(f.read(short.args[0]), url)
-            if not mmap or math.prod(shape) == 0:
-                f.seek(offset)
-                return np.fromfile(f, dtype=dtype, count=math.prod(shape)).reshape(shape)
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-    fs, path = storage.get_fs(url, storage_options)
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    try:
-        dtype, shape, offset = parse_header(data, url)
-    except EOFError:
-        raise Esm2DaskError(f"{url}: a .npy file cut short (is the staging folder damaged?)") from None
-    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -21,9 +22,11 @@ import time
 from typing import Any
 
 import fsspec
+import numpy as np
 from fsspec.core import url_to_fs
 
-from .errors import ConfigError, InputError, OutputError, reason
+from . import npyfile
+from .errors import ConfigError, Esm2DaskError, InputError, OutputError, reason
 from .layout import TMP_SUFFIX
 
 #: Magic numbers of compressed formats we refuse (byte ranges need plain text).
@@ -529,3 +532,36 @@ def _read_remote_slice(url: str, lo: int, hi: int, storage_options: dict[str, An
         reader = ipc.open_file(f)
         table = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last + 1)], reader.schema)
     return table.slice(lo - first * ARROW_BATCH_ROWS, hi - lo)
+
+
+def write_npy(url: str, array, storage_options: dict[str, Any] | None = None) -> None:
+    """``array`` as a ``.npy`` file (read back with :func:`read_npy`)."""
+    with open_for_write(url, storage_options) as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def read_npy(url: str, storage_options: dict[str, Any] | None = None, mmap: bool = True):
+    """The array in the ``.npy`` file ``url`` (``numpy.load``'s result, ``mmap_mode="r"``
+    for a local file when ``mmap``), its header read without ``ast`` (see
+    :mod:`esm2dask.npyfile`)."""
+    if is_local(url):
+        path = local_path(url)
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            try:
+                dtype, shape, offset = npyfile.parse_header(head, url)
+            except EOFError as short:
+                f.seek(0)
+                dtype, shape, offset = npyfile.parse_header(f.read(short.args[0]), url)
+            if not mmap or math.prod(shape) == 0:
+                f.seek(offset)
+                return np.fromfile(f, dtype=dtype, count=math.prod(shape)).reshape(shape)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        dtype, shape, offset = npyfile.parse_header(data, url)
+    except EOFError:
+        raise Esm2DaskError(f"{url}: a .npy file cut short (is the staging folder damaged?)") from None
+    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)

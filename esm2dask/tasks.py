@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from . import npyfile, receipts, storage
+from . import receipts, storage
 from .errors import Esm2DaskError, InputError
 from .kernel import Rows, as_array, convert_block, count_records, row_sizes
 from .layout import CSV_HEADER, shard_bounds, shard_name
@@ -230,7 +230,7 @@ def load_labels(url: str | None, storage_options: dict) -> np.ndarray | None:
     ``labels.npy``), or None without a random split: the one reader of that file."""
     if url is None:
         return None
-    return npyfile.load(url, storage_options)  # not np.load: see npyfile
+    return storage.read_npy(url, storage_options)  # not np.load: see esm2dask.npyfile
 
 
 def piece_url(work_dir: str, split_dir: str, shard: int, first_position: int, n_bytes: int) -> str:
@@ -358,13 +358,8 @@ def hash_bucket(hashes: np.ndarray, n_buckets: int) -> np.ndarray:
     return (hashes // width).astype(np.int64)
 
 
-def _write_npy(url: str, array: np.ndarray, storage_options: dict) -> None:
-    with storage.open_for_write(url, storage_options) as f:
-        np.save(f, array)
-
-
 def _read_npy_slice(s: "Slice", storage_options: dict) -> np.ndarray:
-    return np.asarray(npyfile.load(s.url, storage_options)[s.lo : s.hi])  # not np.load: see npyfile
+    return np.asarray(storage.read_npy(s.url, storage_options)[s.lo : s.hi])  # not np.load: see esm2dask.npyfile
 
 
 def scan_mapping(
@@ -392,7 +387,7 @@ def scan_mapping(
     for kind, frame in (("clusters", block.clusters), ("members", block.members)):
         hashes = np.sort(frame["id"].hash(seed=0).to_numpy())
         url = storage.join(work_dir, "mapping", f"{kind}-hashes", f"{byte_range.index:05d}.npy")
-        _write_npy(url, hashes, storage_options)
+        storage.write_npy(url, hashes, storage_options)
         bounds = np.searchsorted(hash_bucket(hashes, hash_buckets[kind]), np.arange(hash_buckets[kind] + 1))
         receipt.hash_urls[kind] = url
         receipt.hash_bounds[kind] = bounds.tolist()
@@ -412,7 +407,7 @@ def count_fasta(byte_range: ByteRange, storage_options: dict, sizes_url: str | N
         n = count_records(view)
         if sizes_url is None:
             return CountReceipt(n, content_digest(byte_range.url, view))
-        _write_npy(sizes_url, row_sizes(view, n), storage_options)
+        storage.write_npy(sizes_url, row_sizes(view, n), storage_options)
         return CountReceipt(n, content_digest(byte_range.url, view), sizes_url)
 
     if not storage.is_local(byte_range.url):
@@ -450,7 +445,7 @@ def place_rows(sizes_url: str, first_position: int, bounds: list[int], storage_o
     """The bytes the rows of positions ``first_position, …`` (one range's records, whose
     sizes but the ids the count pass saved) fill in each shard of ``bounds`` (the shards'
     first positions): the row of position p carries ``record_id`` p + 1."""
-    sizes = npyfile.load(sizes_url, storage_options)
+    sizes = storage.read_npy(sizes_url, storage_options)
     if len(sizes) == 0:
         return PlaceReceipt([])
     ids = np.arange(first_position + 1, first_position + 1 + len(sizes), dtype=np.int64)
@@ -667,7 +662,7 @@ def scatter_fasta(
     with storage.open_for_write(out_url, storage_options) as f:
         f.write(rows.data)
     index_url = out_url + ".idx.npy"
-    _write_npy(index_url, np.stack([positions, rows.starts[:-1]], axis=1) if len(rows) else np.zeros((0, 2), np.int64), storage_options)
+    storage.write_npy(index_url, np.stack([positions, rows.starts[:-1]], axis=1) if len(rows) else np.zeros((0, 2), np.int64), storage_options)
     row_bounds = np.searchsorted(positions, np.asarray(block_starts), side="left")
     byte_bounds = rows.starts[row_bounds]
     return ScatterReceipt(out_url, index_url, row_bounds.tolist(), byte_bounds.tolist())
