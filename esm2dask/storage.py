@@ -1,7 +1,17 @@
 """File access through fsspec, so that every path may also be a URL (``s3://…``).
 
 Only small, picklable descriptions of files travel to the workers; each task opens
-its own file here.
+its own file here. This module is the storage seam: what differs between a local file
+system and an object store is decided here, behind calls that read the same either way.
+
+- Writing whole or not at all: :func:`built_in_place` (a temporary beside the file, then
+  a rename), :func:`write_whole`, :func:`local_build` (a local path to build a URL at),
+  :func:`copy_hashed` (an input copy, hashed as it is copied).
+- Reading: :func:`read_head`, :func:`local_source`, the Arrow files' :func:`read_arrow`
+  and :func:`read_arrow_slices` (a slice reads only its record batches), the ``.npy``
+  files' :func:`read_npy` (memory-mapped where local; no ``ast``).
+- Object stores: :func:`get_fs`, :func:`input_identity`, :func:`retrying` for transient
+  errors, and :func:`check_output_location` (a bucket is never created) before a run starts.
 """
 
 from __future__ import annotations
