@@ -51,7 +51,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from . import __version__
-from .cluster import dask_client, interruptible, settle, task_result
+from .cluster import dashboard_link, dask_client, interruptible, settle, task_result
 from .config import ClusterConfig
 from .errors import ConfigError, InputError, OutputError
 from .layout import CSV_HEADER, FORMATS, shard_bounds
@@ -92,10 +92,11 @@ _PART_RE = re.compile(r"^part-\d{5}\.parquet$")
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """One ``report`` run: the output tree (a local folder), the layout to read, the cluster."""
+    """One ``report`` run: the output tree (a local folder), the layout to read, the cluster
+    (by default a LocalCluster without a dashboard: a report lasts seconds)."""
 
     output_dir: str
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(dashboard_address=None))
     #: ``esm2nv``, ``bionemo2`` or ``hf``; None: the first of those present.
     layout: str | None = None
 
@@ -1391,6 +1392,10 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
     try:
         stage_end("plan")
         with dask_client(config.cluster, reporter.message) as client:
+            if config.cluster.external or config.cluster.dashboard_address is not None:
+                link = dashboard_link(client, None if config.cluster.external else config.cluster.dashboard_address)
+                if link:
+                    reporter.message(f"Dask dashboard: {link}")
             stage_end("cluster start")
             try:
                 workers = max(1, sum(client.nthreads().values()))

@@ -424,6 +424,34 @@ def test_cli_json_exit_codes_and_nothing_else_touched(planted, dask_cluster):
     assert _snapshot(planted) == before
 
 
+def test_the_dashboard_starts_only_when_asked_for(planted, tmp_path):
+    """A report lasts seconds: no dashboard by default; ``--dashboard-address`` starts one
+    and its link is said."""
+    from esm2dask.config import ClusterConfig
+    from esm2dask.progress import Reporter
+    from esm2dask.report import ReportConfig, build_report
+
+    from cli.report_cmd import report as report_command
+
+    class Said(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.said = []
+
+        def message(self, text):
+            self.said.append(text)
+
+    assert next(p for p in report_command.params if p.name == "dashboard_address").default == "none"
+    assert ReportConfig(str(planted)).cluster.dashboard_address is None
+    out = tmp_path / "out"
+    shutil.copytree(planted, out)
+    for address, links in ((None, 0), ("127.0.0.1:0", 1)):
+        said = Said()
+        build_report(ReportConfig(str(out), ClusterConfig(workers=1, dashboard_address=address)), said)
+        dashboard = [m for m in said.said if m.startswith("Dask dashboard: http://127.0.0.1:")]
+        assert len(dashboard) == links, said.said
+
+
 def test_not_our_tree_is_one_error_line(tmp_path, dask_cluster):
     (tmp_path / "notes.txt").write_text("hello")
     result = invoke("report", tmp_path, "--scheduler-address", dask_cluster.scheduler_address)
