@@ -152,14 +152,14 @@ def plot(name: str, record: dict) -> None:
         if key.startswith("report before"):
             bars[f"report before ({record['before']})"] = {
                 "outside (interpreter start, imports, exit)": run["best_wall_s"] - run["inside_s"],
-                "inside (its plots counted outside)": run["inside_s"]}
+                "inside (its own seconds)": run["inside_s"]}
             break
     parts = record["breakdown"]
     bars["report"] = {p: v for p, v in parts.items() if p in DRAWN}
     bars["report"]["the rest"] = sum(v for p, v in parts.items() if p not in DRAWN)
     fig, ax = plt.subplots(figsize=(8, 2.4 + 0.7 * len(bars)))
     colors = {"whole command": "#1f77b4", "outside (interpreter start, imports, exit)": "#ff7f0e",
-              "inside (its plots counted outside)": "#2ca02c", "cluster start": "#d62728", "report-stats": "#9467bd",
+              "inside (its own seconds)": "#2ca02c", "cluster start": "#d62728", "report-stats": "#9467bd",
               "report-join": "#8c564b", "plots": "#e377c2", "the rest": "#7f7f7f"}
     labels = list(bars)[::-1]
     drawn = set()
@@ -170,7 +170,8 @@ def plot(name: str, record: dict) -> None:
                     label=None if part in drawn else part)
             drawn.add(part)
             left += width
-        ax.text(left, i, f" {left:.1f} s", va="center", fontsize=9)
+        ax.text(left, i, f" {left:.1f} s", va="center", fontsize=9,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     ax.axvline(TARGET * pre, color="black", linestyle="--", linewidth=1,
                label=f"target: {TARGET} × preprocess ({TARGET * pre:.1f} s)")
     ax.set_yticks(range(len(labels)), labels)
