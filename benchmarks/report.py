@@ -9,8 +9,10 @@ and flags; then ``esm2dask preprocess --report``, where the report runs in the p
 that made the tree (no second interpreter start, imports or exit): its share is the
 report's own ``seconds`` against the rest of that command's wall clock, in one run.
 
-``--before DIR`` also runs the report of an earlier source tree (``git archive REV | tar
--x -C DIR``) on the same output, with the same interpreter and packages, in turn with
+The report runs with its own defaults (no dashboard), and once more with
+``--dashboard-address :0`` (a dashboard, as preprocess has by default: its row shows what
+the dashboard costs). ``--before DIR`` also runs the report of an earlier source tree
+(``git archive REV | tar -x -C DIR``) on the same output, with the same interpreter and packages, in turn with
 this one (the order alternates between repeats). Each command's CPU time (user + system,
 of its process and the children it waited for) and the 1-minute load average when it
 started are recorded: the machine is shared, and the CPU time tells a slow run from a
@@ -72,10 +74,14 @@ def time_preprocess(raw: Path, workers: str, formats: str, *extra: str) -> tuple
     return timed(cmd), out
 
 
-def time_report(out: Path, workers: str, layout: str | None, before: Path | None = None) -> Timed:
-    """``esm2dask report`` of this tree, or (``before``) of an earlier source tree."""
-    cmd = [*ESM2DASK, "report", str(out.resolve()), "--json", "--plain", "--workers", workers,
-           "--dashboard-address", ":0"]
+def time_report(out: Path, workers: str, layout: str | None, before: Path | None = None,
+                dashboard: bool = False) -> Timed:
+    """``esm2dask report`` of this tree, or (``before``) of an earlier source tree; with its
+    default cluster, or ``dashboard``: ``--dashboard-address :0``, which an earlier tree always
+    gets (its default was a dashboard on port 8787, which two runs at once would share)."""
+    cmd = [*ESM2DASK, "report", str(out.resolve()), "--json", "--plain", "--workers", workers]
+    if dashboard or before is not None:
+        cmd += ["--dashboard-address", ":0"]
     if layout:
         cmd += ["--layout", layout]
     if before is None:
@@ -146,14 +152,14 @@ def plot(name: str, record: dict) -> None:
         if key.startswith("report before"):
             bars[f"report before ({record['before']})"] = {
                 "outside (interpreter start, imports, exit)": run["best_wall_s"] - run["inside_s"],
-                "inside (its plots counted outside)": run["inside_s"]}
+                "inside (its own seconds)": run["inside_s"]}
             break
     parts = record["breakdown"]
     bars["report"] = {p: v for p, v in parts.items() if p in DRAWN}
     bars["report"]["the rest"] = sum(v for p, v in parts.items() if p not in DRAWN)
     fig, ax = plt.subplots(figsize=(8, 2.4 + 0.7 * len(bars)))
     colors = {"whole command": "#1f77b4", "outside (interpreter start, imports, exit)": "#ff7f0e",
-              "inside (its plots counted outside)": "#2ca02c", "cluster start": "#d62728", "report-stats": "#9467bd",
+              "inside (its own seconds)": "#2ca02c", "cluster start": "#d62728", "report-stats": "#9467bd",
               "report-join": "#8c564b", "plots": "#e377c2", "the rest": "#7f7f7f"}
     labels = list(bars)[::-1]
     drawn = set()
@@ -164,7 +170,8 @@ def plot(name: str, record: dict) -> None:
                     label=None if part in drawn else part)
             drawn.add(part)
             left += width
-        ax.text(left, i, f" {left:.1f} s", va="center", fontsize=9)
+        ax.text(left, i, f" {left:.1f} s", va="center", fontsize=9,
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     ax.axvline(TARGET * pre, color="black", linestyle="--", linewidth=1,
                label=f"target: {TARGET} × preprocess ({TARGET * pre:.1f} s)")
     ax.set_yticks(range(len(labels)), labels)
@@ -197,18 +204,21 @@ def main(argv=None):
     pre: list[Timed] = []
     now: dict[str, list[Timed]] = {layout: [] for layout in layouts}
     before: dict[str, list[Timed]] = {layout: [] for layout in layouts}
+    dashboard: dict[str, list[Timed]] = {layout: [] for layout in layouts}
+    series = {"now": now, "before": before, "dashboard": dashboard}
     with_report: list[Timed] = []
     for repeat in range(args.repeats):
         run, out = time_preprocess(raw, args.workers, args.format)
         pre.append(run)
         print(f"preprocess {run.wall_s:.2f} s, {run.cpu_s:.1f} s CPU, load {run.load:.1f}", flush=True)
         for layout in layouts:
-            order = ["now", "before"] if repeat % 2 == 0 else ["before", "now"]
+            order = ["now", "before", "dashboard"] if repeat % 2 == 0 else ["dashboard", "before", "now"]
             for which in order:
                 if which == "before" and args.before is None:
                     continue
-                run = time_report(out, args.workers, layout, args.before if which == "before" else None)
-                (now if which == "now" else before)[layout].append(run)
+                run = time_report(out, args.workers, layout, args.before if which == "before" else None,
+                                  dashboard=which == "dashboard")
+                series[which][layout].append(run)
                 print(f"report {which} {layout} {run.wall_s:.2f} s, {run.cpu_s:.1f} s CPU, load {run.load:.1f}",
                       flush=True)
         shutil.rmtree(out.parent)
@@ -226,9 +236,11 @@ def main(argv=None):
         f"Reproduce: `{command.strip()}`", "",
         f"Machine: {os.cpu_count()} vCPUs, shared with other sessions; measured {time.strftime('%Y-%m-%d %H:%M')}. "
         f"Input {input_mb:.0f} MB (`synth --clusters {args.clusters} --seed 1`), {args.workers} workers (threads), "
-        f"`--format {args.format}`, `--dashboard-address :0` for both; {args.repeats} repeat(s), each a preprocess "
-        f"run and then the report(s) of its tree. Wall clock of the whole command (interpreter and LocalCluster "
-        f"start included); 'inside': the report's own `seconds` (up to the plots drawn); CPU: user + system "
+        f"`--format {args.format}`; preprocess with `--dashboard-address :0` (a dashboard, as by default, on "
+        f"any free port), the report with its defaults (no dashboard), and again with `--dashboard-address :0`"
+        f"{', as the earlier report (whose default was a dashboard)' if args.before else ''}; {args.repeats} "
+        f"repeat(s), each a preprocess run and then the report(s) of its tree. Wall clock of the whole command "
+        f"(interpreter and LocalCluster start included); 'inside': the report's own `seconds` (up to the plots drawn); CPU: user + system "
         f"seconds of the fastest run; load: the 1-minute load average when each run started.", "",
         "| command | layout read | bytes read MB | wall s, best | wall s, median | inside s | CPU s | "
         "× preprocess, best | × preprocess, median | × preprocess, CPU | load |",
@@ -240,6 +252,9 @@ def main(argv=None):
     for layout in layouts:
         mb = now[layout][0].out["bytes_read"] / 1e6
         line, records[f"report {layout}"] = _row("report", layout, mb, now[layout], pre)
+        lines.append(line)
+        line, records[f"report dashboard {layout}"] = _row("report --dashboard-address :0", layout, mb,
+                                                           dashboard[layout], pre)
         lines.append(line)
         if before[layout]:
             line, records[f"report before {layout}"] = _row(f"report before ({args.before.name})", layout, mb,

@@ -8,8 +8,7 @@ from dataclasses import asdict
 
 import click
 
-from esm2dask.config import DEFAULT_DASHBOARD_ADDRESS, DEFAULT_PARTITION_SIZE
-from esm2dask.plan import MAX_RANGES_PER_INPUT
+from esm2dask.config import DEFAULT_DASHBOARD_ADDRESS, DEFAULT_PARTITION_SIZE, MAX_RANGES_PER_INPUT
 from esm2dask.progress import human_amount, human_seconds
 
 from .clusters import cluster_config

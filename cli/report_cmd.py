@@ -60,8 +60,10 @@ def run_and_print(config, plain: bool | None, as_json: bool) -> dict:
 @click.option("--scheduler-file", help="Use a running Dask cluster described by this scheduler file.")
 @click.option("--scheduler-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for --scheduler-file to appear and the scheduler to answer.")
-@click.option("--dashboard-address", default=":8787", show_default=True,
-              help="LocalCluster dashboard: [HOST]:PORT (port 0: any free port), or 'none'.")
+@click.option("--dashboard-address", default="none",
+              help="LocalCluster dashboard: [HOST]:PORT (port 0: any free port), or 'none' [default: none: a "
+                   "report lasts seconds, and the dashboard's start is a tenth of them; give an address to "
+                   "watch it, its link is printed].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
 @click.option("--plain", is_flag=True, default=None, help="A plain progress line every few seconds instead of a bar.")
 def report(out, layout, fail_on_leakage, workers, processes, threads_per_worker, memory_limit, scheduler_address,

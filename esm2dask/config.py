@@ -71,6 +71,9 @@ def has_own_test_split(split: str, val: str, test: str) -> bool:
 #: takes ~150 MB; a 64 MiB range needs ~0.5 GB at its peak, benchmarks/results/partition_sweep.md).
 MIN_MEMORY_LIMIT = 256 * 2**20
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
+#: At most this many byte ranges per input file (at the default 64 MiB: 640 GiB of FASTA);
+#: :mod:`esm2dask.plan` enforces it. Here so that the CLI's help needs no heavy import.
+MAX_RANGES_PER_INPUT = 10_000
 SCHEDULER_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
 
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from . import storage
-from .config import DEFAULT_RAW_DIR, PreprocessConfig
+from .config import DEFAULT_RAW_DIR, MAX_RANGES_PER_INPUT, PreprocessConfig
 from .errors import ConfigError, InputError
 from .layout import MANIFEST_NAME, UF50_TEST, UF50_TRAIN, UF50_VAL, UF90, eval_splits, shard_name
 from .logs import RunLog
@@ -24,8 +24,6 @@ from .publish import copied_by_task, input_copies
 from .ranges import ByteRange, plan_ranges
 from .stages import Stage, stage_table
 
-#: At most this many byte ranges per input file (at the default 64 MiB: 640 GiB of FASTA).
-MAX_RANGES_PER_INPUT = 10_000
 #: The mapping is cut into ranges this many times smaller than the FASTAs': mapping lines
 #: cost more per byte than FASTA (polars splits and hashes them), and smaller ranges keep
 #: the first stage from waiting on one long task.

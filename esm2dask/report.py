@@ -51,7 +51,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from . import __version__
-from .cluster import dask_client, interruptible, settle, task_result
+from .cluster import dashboard_link, dask_client, interruptible, settle, task_result
 from .config import ClusterConfig
 from .errors import ConfigError, InputError, OutputError
 from .layout import CSV_HEADER, FORMATS, shard_bounds
@@ -92,10 +92,11 @@ _PART_RE = re.compile(r"^part-\d{5}\.parquet$")
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """One ``report`` run: the output tree (a local folder), the layout to read, the cluster."""
+    """One ``report`` run: the output tree (a local folder), the layout to read, the cluster
+    (by default a LocalCluster without a dashboard: a report lasts seconds)."""
 
     output_dir: str
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(dashboard_address=None))
     #: ``esm2nv``, ``bionemo2`` or ``hf``; None: the first of those present.
     layout: str | None = None
 
@@ -1358,9 +1359,10 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
     Returns the report (plain JSON values) and the folder written. Nothing else in OUT is
     written: the work happens in ``OUT/.esm2dask-report-<token>``, removed at the end.
     The report's ``stage_seconds`` say where its time went (``seconds``: all of it, up to
-    the plots drawn).
+    the plots drawn; they are drawn by a process of their own while the workers join, and
+    ``plots`` is the wait for them at the end).
     """
-    from .report_html import write_plots, write_report_files
+    from .report_html import PlotProcess, write_report_files
 
     reporter = reporter or Reporter()
     start = time.perf_counter()
@@ -1388,9 +1390,15 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
     except OSError as err:
         shutil.rmtree(work, ignore_errors=True)
         raise OutputError(f"{root}: cannot write the report folder there ({err.strerror})") from None
+    plotter = None
     try:
         stage_end("plan")
+        plotter = PlotProcess(scratch)  # imports matplotlib while the cluster starts and the workers read
         with dask_client(config.cluster, reporter.message) as client:
+            if config.cluster.external or config.cluster.dashboard_address is not None:
+                link = dashboard_link(client, None if config.cluster.external else config.cluster.dashboard_address)
+                if link:
+                    reporter.message(f"Dask dashboard: {link}")
             stage_end("cluster start")
             try:
                 workers = max(1, sum(client.nthreads().values()))
@@ -1423,13 +1431,20 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                             for p, s in zip(pieces, stats) if p.split not in same_as]
                 join_futures = [client.submit(interruptible, join_bucket, b, n_buckets, scratch, included,
                                               key=(f"report_join-{token}", b), pure=False) for b in range(n_buckets)]
+                cluster_stats = [task_result(cluster_future)] if cluster_future else \
+                    [s for p, s in zip(pieces, stats) if p.split in (UF50_TRAIN, TRAIN) and
+                     (p.counts is not None or p.cluster_column)]
+                splits = [s for s in SPLITS if s in by_split]
+                summaries = {split: _split_summary(by_split[split], sources[split]) for split in splits}
+                for split, other in same_as.items():
+                    summaries[split]["same_as"] = other
+                clusters = _clusters_summary(cluster_stats, layout)
+                plotter.draw({"splits": summaries, "clusters": clusters, "standard_amino_acids": STANDARD,
+                              "crop": {"tokens": CROP_TOKENS, "residues": CROP_RESIDUES}}, folder)
                 per_bucket = sum(p.size_bytes for p in pieces) // n_buckets
                 amounts = [per_bucket] * n_buckets
                 amounts[-1] += sum(p.size_bytes for p in pieces) - per_bucket * n_buckets
                 buckets = _gather(client, reporter, "report-join", join_futures, amounts)
-                cluster_stats = [task_result(cluster_future)] if cluster_future else \
-                    [s for p, s in zip(pieces, stats) if p.split in (UF50_TRAIN, TRAIN) and
-                     (p.counts is not None or p.cluster_column)]
                 stage_end("report-join")
             except BaseException:
                 # tasks already running would write into the folder removed below
@@ -1437,7 +1452,6 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                 settle(client, token)
                 raise
         stage_end("cluster close")
-        splits = [s for s in SPLITS if s in by_split]
         compared = [s for s in splits if s not in same_as]
         report = {
             "headline": "",
@@ -1449,28 +1463,27 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
             "manifest": _manifest_identity(root),
             "crop": {"tokens": CROP_TOKENS, "residues": CROP_RESIDUES},
             "standard_amino_acids": STANDARD,
-            "splits": {},
-            "clusters": _clusters_summary(cluster_stats, layout),
+            "splits": summaries,
+            "clusters": clusters,
             "leakage": _merge_buckets(buckets, compared),
             "notes": notes,
             "files_read": len(pieces) + (1 if clusters_file else 0),
             "bytes_read": sum(p.size_bytes for p in pieces),
         }
-        for split in splits:
-            report["splits"][split] = _split_summary(by_split[split], sources[split])
-            if split in same_as:
-                report["splits"][split]["same_as"] = same_as[split]
         report["headline"] = headline(report)
         stage_end("summary")
-        plots = write_plots(report, folder)
+        plots = plotter.plots()
         stage_end("plots")
         report["stage_seconds"] = stage_seconds
         report["seconds"] = round(time.perf_counter() - start, 3)
         write_report_files(report, folder, plots)
         _switch(folder, final, work)
     except BaseException:
+        if plotter is not None:
+            plotter.close()  # before its folder goes
         shutil.rmtree(work, ignore_errors=True)
         raise
+    plotter.close()
     shutil.rmtree(work, ignore_errors=True)
     return report, final
 

@@ -1,13 +1,21 @@
 """The report's pictures and page: one PNG per plot (matplotlib's Agg canvas, no display,
 no pyplot state) and ``report.html``, which embeds the PNGs as base64 data and needs
-nothing else: no script, no stylesheet or font from the network."""
+nothing else: no script, no stylesheet or font from the network.
+
+:class:`PlotProcess` draws the plots in a Python process of its own, started with the
+report."""
 
 from __future__ import annotations
 
 import base64
 import html
 import json
+import logging
 import os
+import subprocess
+import sys
+
+log = logging.getLogger("esm2dask")
 
 
 SPLIT_TITLES = {
@@ -155,6 +163,93 @@ def write_plots(report: dict, folder: str) -> list[tuple[str, str]]:
     if report.get("clusters"):
         out.append((plot_cluster_sizes(report["clusters"], folder), "Members per cluster"))
     return out
+
+
+def plot_input(report: dict) -> dict:
+    """What :func:`write_plots` reads of a report: the statistics, none of the join."""
+    return {k: report.get(k) for k in ("splits", "clusters", "standard_amino_acids", "crop")}
+
+
+class PlotProcess:
+    """The plots drawn by a child Python process, started before the statistics are read.
+
+    matplotlib is Python through and through: in the report's process its import (a
+    quarter of a second) and the drawing (a third) hold the GIL that the workers' threads
+    need, and the second core waits. The child imports matplotlib while the statistics are
+    read, and draws while the workers join; the report waits for it at the end
+    (``benchmarks/results/report.md``). Where no process can be started, or the child fails
+    (the log says why), the plots are drawn here, as before: the same PNGs either way."""
+
+    def __init__(self, scratch: str):
+        #: the child's stderr: a file, never a pipe that a long warning could fill
+        self._stderr_path = os.path.join(scratch, "plots-stderr.txt")
+        self._job: dict | None = None
+        try:
+            with open(self._stderr_path, "wb") as stderr:
+                # a session of its own: a Ctrl-C at the terminal is the report's, which stops it
+                self._proc = subprocess.Popen([sys.executable, "-c", _child_code()], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+        except OSError:
+            self._proc = None
+
+    def draw(self, report: dict, folder: str) -> None:
+        """Hand over the statistics (:func:`plot_input`); the PNGs go into ``folder``."""
+        self._job = {"report": plot_input(report), "folder": folder}
+        if self._proc is None:
+            return
+        try:
+            self._proc.stdin.write(json.dumps(self._job).encode())
+            self._proc.stdin.close()
+        except OSError:  # the child is gone: plots() says why, or draws them here
+            pass
+
+    def plots(self) -> list[tuple[str, str]]:
+        """Wait for the child; its plots as :func:`write_plots` returns them."""
+        if self._proc is not None:
+            out = self._proc.stdout.read()
+            if self._proc.wait() == 0 and out:
+                return [tuple(p) for p in json.loads(out)]
+            with open(self._stderr_path, "rb") as f:
+                lines = f.read().decode("utf-8", "replace").strip().splitlines() or ["no message"]
+            log.warning("the plot process failed (exit %s: %s); drawing the plots in this process",
+                        self._proc.returncode, lines[-1])
+        # here a failure is the report's own, with its traceback
+        return write_plots(self._job["report"], self._job["folder"])
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the report failed or was interrupted)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc is not None:
+            self._proc.stdout.close()
+
+
+def _child_code() -> str:
+    """``python -c`` of the child: this very esm2dask (the folder that holds it first on the
+    path, unless it is there already, as an installed package's site-packages is; never the
+    current folder), then :func:`_child`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return (f"import sys; root = {root!r}; sys.path[:1] = [] if root in sys.path else [root]; "
+            f"from esm2dask.report_html import _child; _child()")
+
+
+def _child() -> None:
+    """:class:`PlotProcess`'s child: imports matplotlib, reads one job (JSON) on stdin,
+    draws, writes the plots (JSON) on stdout."""
+    import gc
+
+    import matplotlib.backends.backend_agg  # noqa: F401  (while the report reads)
+    import matplotlib.figure  # noqa: F401
+    import matplotlib.ticker  # noqa: F401
+
+    text = sys.stdin.buffer.read()
+    if not text:  # the report stopped before its statistics
+        return
+    job = json.loads(text)
+    sys.stdout.write(json.dumps(write_plots(job["report"], job["folder"])))
+    sys.stdout.flush()
+    gc.freeze()  # as cli.main does: no collector passes over matplotlib at exit
 
 
 # ----------------------------------------------------------------------------- the page

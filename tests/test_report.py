@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import csv
 import json
+import logging
 import os
 import random
 import shutil
@@ -422,6 +423,54 @@ def test_cli_json_exit_codes_and_nothing_else_touched(planted, dask_cluster):
     assert result.exit_code == 3
     assert result.stdout.splitlines()[0].startswith("LEAKAGE: 1 sequence(s) in both train/val")
     assert _snapshot(planted) == before
+
+
+def test_the_dashboard_starts_only_when_asked_for(planted, tmp_path):
+    """A report lasts seconds: no dashboard by default; ``--dashboard-address`` starts one
+    and its link is said."""
+    from esm2dask.config import ClusterConfig
+    from esm2dask.progress import Reporter
+    from esm2dask.report import ReportConfig, build_report
+
+    from cli.report_cmd import report as report_command
+
+    class Said(Reporter):
+        def __init__(self):
+            super().__init__()
+            self.said = []
+
+        def message(self, text):
+            self.said.append(text)
+
+    assert next(p for p in report_command.params if p.name == "dashboard_address").default == "none"
+    assert ReportConfig(str(planted)).cluster.dashboard_address is None
+    out = tmp_path / "out"
+    shutil.copytree(planted, out)
+    for address, links in ((None, 0), ("127.0.0.1:0", 1)):
+        said = Said()
+        build_report(ReportConfig(str(out), ClusterConfig(workers=1, dashboard_address=address)), said)
+        dashboard = [m for m in said.said if m.startswith("Dask dashboard: http://127.0.0.1:")]
+        assert len(dashboard) == links, said.said
+
+
+@pytest.mark.parametrize("python", ["/nonexistent/python", "/bin/false"])
+def test_the_plots_are_the_same_drawn_here_when_no_plot_process_runs(planted, tmp_path, dask_cluster,
+                                                                     monkeypatch, caplog, python):
+    """The plot process (a child Python) draws the PNGs; where it cannot start, or fails,
+    the report draws them itself: the same bytes."""
+    from esm2dask import report_html
+
+    out = tmp_path / "out"
+    shutil.copytree(planted, out)
+    first = _report(out, dask_cluster)
+    drawn = {name: (out / "esm2dask-report" / name).read_bytes() for name in first["plots"]}
+    monkeypatch.setattr(report_html.sys, "executable", python)
+    with caplog.at_level(logging.WARNING, logger="esm2dask"):
+        again = _report(out, dask_cluster)
+    assert again["plots"] == first["plots"]
+    assert {name: (out / "esm2dask-report" / name).read_bytes() for name in again["plots"]} == drawn
+    assert ("the plot process failed" in caplog.text) == (python == "/bin/false")
+    assert not [p for p in os.listdir(out) if p.startswith(".esm2dask-report-")]
 
 
 def test_not_our_tree_is_one_error_line(tmp_path, dask_cluster):
