@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import click
 
@@ -111,7 +111,9 @@ def preprocess(raw_dir, output_dir, uf50, uf90, mapping, val, test, split, val_s
     if with_report:  # checked before the run: a report needs a local output folder
         from esm2dask.report import ReportConfig
 
-        report_config = ReportConfig(output_dir=config.output_dir, cluster=cluster)
+        # the report's own LocalCluster starts no dashboard, and one link is printed per run
+        report_config = ReportConfig(output_dir=config.output_dir, cluster=replace(cluster, dashboard_address=None),
+                                     announce_dashboard=False)
     reporter = make_reporter(plain)
     try:
         result = run_preprocess(config, reporter)

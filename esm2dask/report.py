@@ -99,6 +99,8 @@ class ReportConfig:
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(dashboard_address=None))
     #: ``esm2nv``, ``bionemo2`` or ``hf``; None: the first of those present.
     layout: str | None = None
+    #: print the dashboard's link (``preprocess --report`` has printed its own already)
+    announce_dashboard: bool = True
 
     def __post_init__(self):
         if "://" in self.output_dir and not self.output_dir.startswith("file://"):
@@ -1395,7 +1397,7 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
         stage_end("plan")
         plotter = PlotProcess(scratch)  # imports matplotlib while the cluster starts and the workers read
         with dask_client(config.cluster, reporter.message) as client:
-            if config.cluster.external or config.cluster.dashboard_address is not None:
+            if config.announce_dashboard and (config.cluster.external or config.cluster.dashboard_address is not None):
                 link = dashboard_link(client, None if config.cluster.external else config.cluster.dashboard_address)
                 if link:
                     reporter.message(f"Dask dashboard: {link}")

@@ -516,6 +516,7 @@ def test_preprocess_report(planted, tmp_path, dask_cluster):
                     dask_cluster.scheduler_address, "--plain", "--report")
     assert result.exit_code == 0, result.output
     assert "LEAKAGE: 1 sequence(s) in both train/val" in result.stdout
+    assert result.output.count("Dask dashboard:") == 1  # the run's link, not the report's again
     report = json.loads((out / "esm2dask-report/report.json").read_text())
     assert report["layout"] == "esm2nv" and report["leakage"]["found"]
     check = invoke("verify", out)  # the report folder is not part of the tree
