@@ -2,8 +2,8 @@
 
 Files come from the public FLIP server (or a mirror, or a local folder) into a cache that
 is reused when complete; a download lands in a temporary name beside its own (``*.tmp``)
-and is renamed only when whole. Each task is converted into ``OUT/<task>/{train,val,test}/x000.csv`` in a staging
-folder and published with one rename.
+and is renamed only when whole. Each task is converted into
+``OUT/<task>/{train,val,test}/x000.csv`` in a staging folder and published with one rename.
 """
 
 from __future__ import annotations

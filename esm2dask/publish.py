@@ -771,9 +771,7 @@ class Publisher:
         self.so = folder.so
         self.fs = folder.fs
         self.local = folder.local
-
-    def _path(self, url: str) -> str:
-        return storage.get_fs(url, self.so)[1]
+        self._path = folder._path
 
     def _out(self, rel: str) -> str:
         return self._path(storage.join(self.output_dir, rel))

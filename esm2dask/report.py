@@ -1441,8 +1441,10 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                 for split, other in same_as.items():
                     summaries[split]["same_as"] = other
                 clusters = _clusters_summary(cluster_stats, layout)
-                plotter.draw({"splits": summaries, "clusters": clusters, "standard_amino_acids": STANDARD,
-                              "crop": {"tokens": CROP_TOKENS, "residues": CROP_RESIDUES}}, folder)
+                # what the plots show, drawn while the workers join; the report holds it too
+                drawn = {"crop": {"tokens": CROP_TOKENS, "residues": CROP_RESIDUES}, "standard_amino_acids": STANDARD,
+                         "splits": summaries, "clusters": clusters}
+                plotter.draw(drawn, folder)
                 per_bucket = sum(p.size_bytes for p in pieces) // n_buckets
                 amounts = [per_bucket] * n_buckets
                 amounts[-1] += sum(p.size_bytes for p in pieces) - per_bucket * n_buckets
@@ -1463,10 +1465,7 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
             "layout": layout,
             "layouts_found": list(layouts_found(root)),
             "manifest": _manifest_identity(root),
-            "crop": {"tokens": CROP_TOKENS, "residues": CROP_RESIDUES},
-            "standard_amino_acids": STANDARD,
-            "splits": summaries,
-            "clusters": clusters,
+            **drawn,
             "leakage": _merge_buckets(buckets, compared),
             "notes": notes,
             "files_read": len(pieces) + (1 if clusters_file else 0),
