@@ -14,15 +14,20 @@ from .progress import make_reporter
 LEAKAGE_EXIT = 3
 
 
-def run_and_print(config, plain: bool | None, as_json: bool) -> dict:
-    """Build the report, print its summary (or its JSON); return the report."""
-    from esm2dask.report import build_report
-
-    reporter = make_reporter(plain)
+def run_and_print(config, plain: bool | None, as_json: bool, plotter=None) -> dict:
+    """Build the report, print its summary (or its JSON); return the report. ``plotter``:
+    the plot process, if the caller started it already (it is closed here)."""
     try:
-        report, folder = build_report(config, reporter)
+        from esm2dask.report import build_report
+
+        reporter = make_reporter(plain)
+        try:
+            report, folder = build_report(config, reporter, plotter)
+        finally:
+            reporter.close()
     finally:
-        reporter.close()
+        if plotter is not None:
+            plotter.close()
     if as_json:
         click.echo(json.dumps(report))
         return report
@@ -74,13 +79,22 @@ def report(out, layout, fail_on_leakage, workers, processes, threads_per_worker,
     touches nothing else in OUT. Exits 0 even when leakage is found (the first line
     says so), unless --fail-on-leakage is given.
     """
-    from esm2dask.report import ReportConfig
+    from esm2dask.report_html import PlotProcess
 
-    from .clusters import cluster_config
+    # first of all: the child imports matplotlib on another core while this process imports
+    # numba and distributed and starts the cluster (benchmarks/results/report.md)
+    plotter = PlotProcess()
+    try:
+        from esm2dask.report import ReportConfig
 
-    cluster = cluster_config(workers, threads_per_worker, processes, memory_limit, scheduler_address,
-                             scheduler_file, scheduler_timeout, dashboard_address)
-    result = run_and_print(ReportConfig(output_dir=out, cluster=cluster, layout=layout), plain, as_json)
+        from .clusters import cluster_config
+
+        cluster = cluster_config(workers, threads_per_worker, processes, memory_limit, scheduler_address,
+                                 scheduler_file, scheduler_timeout, dashboard_address)
+    except BaseException:
+        plotter.close()
+        raise
+    result = run_and_print(ReportConfig(output_dir=out, cluster=cluster, layout=layout), plain, as_json, plotter)
     if fail_on_leakage and result["leakage"]["found"]:
         click.echo(f"esm2dask: leakage found; exit {LEAKAGE_EXIT} (--fail-on-leakage)", err=True)
         sys.exit(LEAKAGE_EXIT)

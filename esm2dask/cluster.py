@@ -103,18 +103,23 @@ def wait_for_scheduler_file(path: str, timeout_s: float, say: Callable[[str], No
 
 
 @contextlib.contextmanager
-def dask_client(config: ClusterConfig, say: Callable[[str], None] = log.info) -> Iterator:
+def dask_client(config: ClusterConfig, say: Callable[[str], None] = log.info,
+                ctrl_c_now: bool = True) -> Iterator:
     """A connected client; the LocalCluster, if one is started, closes on exit.
 
     Every worker's thread pools (polars, Arrow, numba, BLAS) are limited to its Dask
-    threads (:mod:`esm2dask.workerenv`), whoever started the worker.
+    threads (:mod:`esm2dask.workerenv`), whoever started the worker. ``ctrl_c_now=False``:
+    the caller calls :func:`take_back_ctrl_c` itself, before its first task that uses
+    polars (the import it needs costs 0.1-0.2 s: the report does it while its first
+    tasks run).
     """
     import dask
     from distributed import Client, LocalCluster
 
     from .workerenv import ThreadLimits, thread_environment
 
-    take_back_ctrl_c()  # a Ctrl-C is the driver's: never polars' in a task's thread
+    if ctrl_c_now:
+        take_back_ctrl_c()  # a Ctrl-C is the driver's: never polars' in a task's thread
     with dask.config.set({"distributed.worker.daemon": False}):
         if config.scheduler_address or config.scheduler_file:
             where = config.scheduler_address or config.scheduler_file

@@ -51,7 +51,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from . import __version__
-from .cluster import dashboard_link, dask_client, interruptible, settle, task_result
+from .cluster import dashboard_link, dask_client, interruptible, settle, take_back_ctrl_c, task_result
 from .config import ClusterConfig
 from .errors import ConfigError, InputError, OutputError
 from .layout import CSV_HEADER, FORMATS, shard_bounds
@@ -406,20 +406,25 @@ BYTE_CLASSES = _byte_classes()
 
 
 @njit(nogil=True, cache=True)
-def parse_esm2nv(data: np.ndarray, start: int, keep: np.ndarray, classes: np.ndarray):
+def parse_esm2nv(data: np.ndarray, start: int, keep: np.ndarray, room: int, classes: np.ndarray):
     """One pass over the rows of an ESM2nv shard (``data[start:]``, after the header):
     ``record_id,record_name,sequence_length,sequence\\n``, never quoted.
 
-    For the rows whose ``keep`` is set (one entry per line), returns where their
+    For the rows whose ``keep`` is set (one entry per line; every row if ``keep`` is
+    empty, with room for ``room`` rows: no line count first), returns where their
     record_name and sequence are in ``data`` (start, length), the count of every raw
     sequence byte, and for every byte value ``u`` that is not a standard amino acid the
     first LETTER_EXAMPLES rows (index among the kept rows, -1 beyond) whose upper-cased
-    sequence holds ``u``; then the bad line or 0, and what is wrong. Every line is checked
-    (four fields; no control, non-ASCII, space or '"' byte in name or sequence)."""
+    sequence holds ``u``; then the rows read, the bad line or 0, and what is wrong
+    (:data:`_NO_ROOM`: more rows than ``room``). Every line is checked (four fields; no
+    control, non-ASCII, space or '"' byte in name or sequence)."""
     n_data = len(data)
-    n_keep = 0
-    for i in range(len(keep)):
-        n_keep += keep[i]
+    keep_all = len(keep) == 0
+    n_keep = room
+    if not keep_all:
+        n_keep = 0
+        for i in range(len(keep)):
+            n_keep += keep[i]
     id_start = np.empty(n_keep, dtype=np.int64)
     id_len = np.empty(n_keep, dtype=np.int64)
     seq_start = np.empty(n_keep, dtype=np.int64)
@@ -432,31 +437,33 @@ def parse_esm2nv(data: np.ndarray, start: int, keep: np.ndarray, classes: np.nda
     p = start
     while p < n_data:
         line = rows + 2
-        if rows >= len(keep):
-            return id_start, id_len, seq_start, seq_len, counts, examples, line, 1
-        take = keep[rows] != 0
+        if not keep_all and rows >= len(keep):
+            return id_start, id_len, seq_start, seq_len, counts, examples, rows, line, 1
+        take = keep_all or keep[rows] != 0
+        if take and k == n_keep:
+            return id_start, id_len, seq_start, seq_len, counts, examples, rows, line, _NO_ROOM
         # record_id
         while p < n_data and data[p] != 44 and data[p] != 10:
             p += 1
         if p >= n_data or data[p] != 44:
-            return id_start, id_len, seq_start, seq_len, counts, examples, line, 2
+            return id_start, id_len, seq_start, seq_len, counts, examples, rows, line, 2
         p += 1
         # record_name
         q = p
         while q < n_data and data[q] != 44 and data[q] != 10:
             b = data[q]
             if b <= 32 or b >= 127 or b == 34:
-                return id_start, id_len, seq_start, seq_len, counts, examples, line, 3
+                return id_start, id_len, seq_start, seq_len, counts, examples, rows, line, 3
             q += 1
         if q >= n_data or data[q] != 44:
-            return id_start, id_len, seq_start, seq_len, counts, examples, line, 2
+            return id_start, id_len, seq_start, seq_len, counts, examples, rows, line, 2
         name_at, name_len = p, q - p
         p = q + 1
         # sequence_length
         while p < n_data and data[p] != 44 and data[p] != 10:
             p += 1
         if p >= n_data or data[p] != 44:
-            return id_start, id_len, seq_start, seq_len, counts, examples, line, 2
+            return id_start, id_len, seq_start, seq_len, counts, examples, rows, line, 2
         p += 1
         # sequence, up to the end of the line (or of the file)
         q = p
@@ -468,7 +475,7 @@ def parse_esm2nv(data: np.ndarray, start: int, keep: np.ndarray, classes: np.nda
                     if b == 10:
                         break
                     if c == 1:
-                        return id_start, id_len, seq_start, seq_len, counts, examples, line, 4 if b != 44 else 2
+                        return id_start, id_len, seq_start, seq_len, counts, examples, rows, line, 4 if b != 44 else 2
                     u = b - 32 if 97 <= b <= 122 else b
                     n = n_examples[u]
                     if classes[u] != 0 and n < 3 and (n == 0 or examples[u, n - 1] != k):
@@ -482,18 +489,22 @@ def parse_esm2nv(data: np.ndarray, start: int, keep: np.ndarray, classes: np.nda
                 if classes[b] == 1:
                     if b == 10:
                         break
-                    return id_start, id_len, seq_start, seq_len, counts, examples, line, 4 if b != 44 else 2
+                    return id_start, id_len, seq_start, seq_len, counts, examples, rows, line, 4 if b != 44 else 2
                 q += 1
         if take:
             id_start[k], id_len[k], seq_start[k], seq_len[k] = name_at, name_len, p, q - p
             k += 1
         p = q + 1
         rows += 1
-    if rows != len(keep):
-        return id_start, id_len, seq_start, seq_len, counts, examples, rows + 2, 1
-    return id_start, id_len, seq_start, seq_len, counts, examples, 0, 0
+    if not keep_all and rows != len(keep):
+        return id_start, id_len, seq_start, seq_len, counts, examples, rows, rows + 2, 1
+    return id_start[:k], id_len[:k], seq_start[:k], seq_len[:k], counts, examples, rows, 0, 0
 
 
+#: :func:`parse_esm2nv` ran out of room for rows (read again with the lines counted).
+_NO_ROOM = 5
+#: Bytes per row that :func:`parse_esm2nv` first makes room for (UniRef's rows are ~10×).
+_ROOM_BYTES_PER_ROW = 32
 _PARSE_ERRORS = {
     1: "more rows than lines (a line break inside a row)",
     2: "not the four fields record_id,record_name,sequence_length,sequence of an ESM2nv shard",
@@ -564,15 +575,24 @@ def _read_csv_rows(piece: Piece) -> _Rows:
     if data[:start].tobytes() != CSV_HEADER:
         raise InputError(piece.path, "line 1", f"not the header {CSV_HEADER.decode().strip()!r} of an ESM2nv shard")
     body = data[start:]
-    lines = int(np.count_nonzero(body == 10)) + (1 if len(body) and body[-1] != 10 else 0)
-    keep = _keep_mask(piece, lines)
-    id_start, id_len, seq_start, seq_len, raw_counts, examples, bad, what = parse_esm2nv(data, start, keep,
-                                                                                          BYTE_CLASSES)
+
+    def lines() -> int:
+        return int(np.count_nonzero(body == 10)) + (1 if len(body) and body[-1] != 10 else 0)
+
+    if piece.exclude:  # a random split's val/test rows: a mask of the lines
+        keep = _keep_mask(piece, lines())
+        found = parse_esm2nv(data, start, keep, 0, BYTE_CLASSES)
+    else:  # every row: room for a guess at how many (a count of the lines costs a pass)
+        keep = np.zeros(0, dtype=np.uint8)
+        found = parse_esm2nv(data, start, keep, len(body) // _ROOM_BYTES_PER_ROW + 16, BYTE_CLASSES)
+        if found[-1] == _NO_ROOM:
+            found = parse_esm2nv(data, start, keep, lines(), BYTE_CLASSES)
+    id_start, id_len, seq_start, seq_len, raw_counts, examples, n_lines, bad, what = found
     if bad:
         raise InputError(piece.path, f"line {bad}", _PARSE_ERRORS[what])
-    row = np.flatnonzero(keep).astype(np.int64)
+    row = np.flatnonzero(keep).astype(np.int64) if len(keep) else np.arange(n_lines, dtype=np.int64)
     rows = _Rows(data, id_start, id_len, seq_start, seq_len, row, raw_counts, False, piece.path, {},
-                 int(lines - len(row)))
+                 int(n_lines - len(row)))
     for u in np.flatnonzero(examples[:, 0] >= 0).tolist():
         rows.letter_examples[chr(u)] = [rows.id_at(i) for i in examples[u].tolist() if i >= 0]
     return rows
@@ -1355,14 +1375,17 @@ def _gather(client, reporter: Reporter, name: str, futures: list, amounts: list[
     return results
 
 
-def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tuple[dict, str]:
+def build_report(config: ReportConfig, reporter: Reporter | None = None,
+                 plotter=None) -> tuple[dict, str]:
     """Compute the report of ``config.output_dir`` on Dask and write ``OUT/esm2dask-report``.
 
     Returns the report (plain JSON values) and the folder written. Nothing else in OUT is
     written: the work happens in ``OUT/.esm2dask-report-<token>``, removed at the end.
     The report's ``stage_seconds`` say where its time went (``seconds``: all of it, up to
     the plots drawn; they are drawn by a process of their own while the workers join, and
-    ``plots`` is the wait for them at the end).
+    ``plots`` is the wait for them at the end). ``plotter``: a
+    :class:`~esm2dask.report_html.PlotProcess` started earlier by the caller (this
+    function closes it), or None to start one here.
     """
     from .report_html import PlotProcess, write_report_files
 
@@ -1392,11 +1415,13 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
     except OSError as err:
         shutil.rmtree(work, ignore_errors=True)
         raise OutputError(f"{root}: cannot write the report folder there ({err.strerror})") from None
-    plotter = None
+    # a csv piece's statistics use no polars: its import (and Ctrl-C taken back from it)
+    # can wait until those tasks run
+    polars_first = any(p.kind != "csv" for p in pieces)
     try:
         stage_end("plan")
-        plotter = PlotProcess(scratch)  # imports matplotlib while the cluster starts and the workers read
-        with dask_client(config.cluster, reporter.message) as client:
+        plotter = plotter or PlotProcess()  # imports matplotlib while the cluster starts and the workers read
+        with dask_client(config.cluster, reporter.message, ctrl_c_now=polars_first) as client:
             if config.announce_dashboard and (config.cluster.external or config.cluster.dashboard_address is not None):
                 link = dashboard_link(client, None if config.cluster.external else config.cluster.dashboard_address)
                 if link:
@@ -1410,6 +1435,8 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
                 batches = batch_pieces(pieces, min(BATCH_BYTES, max(1, total_bytes // (4 * workers))))
                 futures = [client.submit(interruptible, stats_batch, b, scratch, n_buckets,
                                          key=(f"report_stats-{token}", i), pure=False) for i, b in enumerate(batches)]
+                if not polars_first:
+                    take_back_ctrl_c()  # imports polars while the workers read (numba, not holding the GIL)
                 cluster_future = (client.submit(interruptible, bionemo2_cluster_stats, clusters_file,
                                                 key=(f"report_clusters-{token}", 0), pure=False)
                                   if clusters_file else None)
@@ -1481,7 +1508,7 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None) -> tupl
         _switch(folder, final, work)
     except BaseException:
         if plotter is not None:
-            plotter.close()  # before its folder goes
+            plotter.close()
         shutil.rmtree(work, ignore_errors=True)
         raise
     plotter.close()

@@ -3,7 +3,7 @@ no pyplot state) and ``report.html``, which embeds the PNGs as base64 data and n
 nothing else: no script, no stylesheet or font from the network.
 
 :class:`PlotProcess` draws the plots in a Python process of its own, started with the
-report."""
+report (by ``esm2dask report`` first of all, before it imports the rest)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 
 log = logging.getLogger("esm2dask")
 
@@ -180,15 +181,16 @@ class PlotProcess:
     (``benchmarks/results/report.md``). Where no process can be started, or the child fails
     (the log says why), the plots are drawn here, as before: the same PNGs either way."""
 
-    def __init__(self, scratch: str):
-        #: the child's stderr: a file, never a pipe that a long warning could fill
-        self._stderr_path = os.path.join(scratch, "plots-stderr.txt")
+    def __init__(self):
+        #: the child's stderr: a file without a name (never a pipe that a long warning
+        #: could fill), gone when closed
+        self._stderr = None
         self._job: dict | None = None
         try:
-            with open(self._stderr_path, "wb") as stderr:
-                # a session of its own: a Ctrl-C at the terminal is the report's, which stops it
-                self._proc = subprocess.Popen([sys.executable, "-c", _child_code()], stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+            self._stderr = tempfile.TemporaryFile()
+            # a session of its own: a Ctrl-C at the terminal is the report's, which stops it
+            self._proc = subprocess.Popen([sys.executable, "-c", _child_code()], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=self._stderr, start_new_session=True)
         except OSError:
             self._proc = None
 
@@ -209,8 +211,8 @@ class PlotProcess:
             out = self._proc.stdout.read()
             if self._proc.wait() == 0 and out:
                 return [tuple(p) for p in json.loads(out)]
-            with open(self._stderr_path, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").strip().splitlines() or ["no message"]
+            self._stderr.seek(0)
+            lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines() or ["no message"]
             log.warning("the plot process failed (exit %s: %s); drawing the plots in this process",
                         self._proc.returncode, lines[-1])
         # here a failure is the report's own, with its traceback
@@ -223,6 +225,8 @@ class PlotProcess:
             self._proc.wait()
         if self._proc is not None:
             self._proc.stdout.close()
+        if self._stderr is not None:
+            self._stderr.close()
 
 
 def _child_code() -> str:

@@ -392,6 +392,37 @@ def test_a_bad_row_is_one_error_line_naming_file_and_line(planted, tmp_path, das
     assert _snapshot(out) == before
 
 
+def _short_rows_shard(path: Path, n: int, bad_at: int | None = None) -> None:
+    """``n`` rows of 1 to 4 residues (any letter, either case), far shorter than the
+    room the parser first makes (32 bytes a row); a bad row at line ``bad_at``."""
+    letters = STANDARD + "XBZUOJ" + STANDARD.lower() + "xbz"
+    with open(path, "w", newline="") as f:
+        f.write("record_id,record_name,sequence_length,sequence\n")
+        for i in range(n):
+            seq = "".join(rng.choice(letters) for _ in range(1 + i % 4))
+            f.write(f"{i},S{i},{len(seq)},{seq}\n" if i + 2 != bad_at else f"{i},S {i},1,A\n")
+
+
+def test_rows_shorter_than_the_first_guess_are_all_counted(planted, tmp_path, dask_cluster):
+    out = tmp_path / "out"
+    shutil.copytree(planted / "uf50", out / "uf50")
+    _short_rows_shard(out / "uf50/val/x000.csv", 5_000)
+    s = _report(out, dask_cluster)["splits"]["val"]
+    want = _oracle_split(out / "uf50/val", s["length_histogram"]["edges"])
+    assert s["rows"] == want["rows"] > 5_000 and s["residues"] == want["residues"]  # and the other shards
+    assert s["length_histogram"]["counts"] == want["hist"]
+    assert s["composition"] == want["composition"]
+    assert s["nonstandard"]["letters"] == want["other"] and s["nonstandard"]["examples"] == want["examples"]
+
+
+def test_a_bad_row_after_the_first_guess_names_its_line(planted, tmp_path, dask_cluster):
+    out = tmp_path / "out"
+    shutil.copytree(planted / "uf50", out / "uf50")
+    _short_rows_shard(out / "uf50/val/x000.csv", 5_000, bad_at=4_321)
+    result = invoke("report", out, "--scheduler-address", dask_cluster.scheduler_address)
+    assert_one_line_error(result, "uf50/val/x000.csv", "line 4321", "record_name")
+
+
 # ----------------------------------------------------------------------------- the command
 
 
