@@ -347,6 +347,44 @@ def test_suspects_are_grouped_on_all_128_bits():
     assert sorted(zip(found[0].tolist(), found[1].tolist())) == [(0, 0), (1, 1)]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_suspects_equal_a_plain_grouping(seed):
+    """Against a dict of the digests: pieces of any size and split, digests that repeat,
+    that differ only in the low bits of the first half (the bits the sort gives to the
+    split and row), or only in the second half, and big runs of one digest."""
+    import numpy as np
+
+    from esm2dask.report import KEY, PAIRS, SPLITS, _suspects
+
+    r = random.Random(seed)
+    pool = [(r.getrandbits(64), r.getrandbits(64)) for _ in range(40)]
+    pool += [((pool[0][0] & ~0xFFFFFF) | r.getrandbits(24), pool[0][1]) for _ in range(10)]  # low bits only
+    pool += [(pool[1][0], r.getrandbits(64)) for _ in range(10)]  # second half only
+    pool += [(r.getrandbits(64), r.getrandbits(64)) for _ in range(400)]  # mostly unique
+    pieces, codes = [], []
+    for _ in range(r.randint(1, 7)):
+        n = r.choice([0, 1, 2, r.randint(3, 300), 2000])
+        digests = [pool[0] if n == 2000 else r.choice(pool) for _ in range(n)]
+        keys = np.zeros(n, dtype=KEY)
+        keys["h1"], keys["h2"] = [d[0] for d in digests], [d[1] for d in digests]
+        keys["k"] = r.sample(range(10 * n + 1), n)  # rows of the piece, in bucket order
+        pieces.append(keys)
+        codes.append(r.randrange(len(SPLITS)))
+    pairs = [(SPLITS.index(a), SPLITS.index(b)) for a, b in PAIRS if r.random() < 0.7]
+    groups: dict = {}
+    for j, keys in enumerate(pieces):
+        for h1, h2, k in keys.tolist():
+            groups.setdefault((h1, h2), []).append((j, k))
+    want = set()
+    for digest, rows in groups.items():
+        per_split = Counter(codes[j] for j, _ in rows)
+        if any(c > 1 for c in per_split.values()) or any(per_split[a] and per_split[b] for a, b in pairs):
+            want |= {(j, k) + digest for j, k in rows}
+    found = _suspects(pieces, codes, pairs)
+    got = set() if found is None else set(zip(*(a.tolist() for a in found)))
+    assert got == want and (found is None or len(found[0]) == len(want))
+
+
 @pytest.mark.parametrize("weak", [_weak_first_half, _weak_second_half])
 @pytest.mark.parametrize("layout", ALL)
 def test_findings_are_confirmed_on_the_values_not_the_digests(planted, dask_cluster, monkeypatch, layout, weak):
