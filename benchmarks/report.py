@@ -1,7 +1,7 @@
 """``esm2dask report`` against the ``preprocess`` run that made its tree, side by side.
 
     python -m benchmarks.report [--clusters 800000] [--workers 2] [--repeats 3] [--format esm2nv]
-                                [--before DIR] [--name report] [--small]
+                                [--before DIR [--before-defaults]] [--name report] [--small]
 
 Each repeat runs ``esm2dask preprocess`` (wall clock of the whole command) and then
 ``esm2dask report`` on its output (likewise), both as subprocesses with the same workers
@@ -75,12 +75,13 @@ def time_preprocess(raw: Path, workers: str, formats: str, *extra: str) -> tuple
 
 
 def time_report(out: Path, workers: str, layout: str | None, before: Path | None = None,
-                dashboard: bool = False) -> Timed:
+                dashboard: bool = False, before_defaults: bool = False) -> Timed:
     """``esm2dask report`` of this tree, or (``before``) of an earlier source tree; with its
-    default cluster, or ``dashboard``: ``--dashboard-address :0``, which an earlier tree always
-    gets (its default was a dashboard on port 8787, which two runs at once would share)."""
+    default cluster, or ``dashboard``: ``--dashboard-address :0``, which an earlier tree gets
+    too (before 51e6f4e its default was a dashboard on port 8787, which two runs at once would
+    share) unless ``before_defaults`` (an earlier tree whose default is no dashboard)."""
     cmd = [*ESM2DASK, "report", str(out.resolve()), "--json", "--plain", "--workers", workers]
-    if dashboard or before is not None:
+    if dashboard or (before is not None and not before_defaults):
         cmd += ["--dashboard-address", ":0"]
     if layout:
         cmd += ["--layout", layout]
@@ -194,6 +195,8 @@ def main(argv=None):
     ap.add_argument("--format", default="esm2nv", help="--format of the preprocess run; the report reads each "
                                                        "layout of it in turn")
     ap.add_argument("--before", type=Path, help="an earlier source tree whose report runs beside this one")
+    ap.add_argument("--before-defaults", action="store_true",
+                    help="run the earlier tree with its own defaults (a tree from 51e6f4e on: no dashboard)")
     ap.add_argument("--name", default="report", help="results file name (benchmarks/results/NAME.md)")
     add_small(ap, clusters=20_000, repeats=1)
     args = ap.parse_args(argv)
@@ -217,7 +220,7 @@ def main(argv=None):
                 if which == "before" and args.before is None:
                     continue
                 run = time_report(out, args.workers, layout, args.before if which == "before" else None,
-                                  dashboard=which == "dashboard")
+                                  dashboard=which == "dashboard", before_defaults=args.before_defaults)
                 series[which][layout].append(run)
                 print(f"report {which} {layout} {run.wall_s:.2f} s, {run.cpu_s:.1f} s CPU, load {run.load:.1f}",
                       flush=True)
@@ -238,7 +241,7 @@ def main(argv=None):
         f"Input {input_mb:.0f} MB (`synth --clusters {args.clusters} --seed 1`), {args.workers} workers (threads), "
         f"`--format {args.format}`; preprocess with `--dashboard-address :0` (a dashboard, as by default, on "
         f"any free port), the report with its defaults (no dashboard), and again with `--dashboard-address :0`"
-        f"{', as the earlier report (whose default was a dashboard)' if args.before else ''}; {args.repeats} "
+        f"{'; the earlier report with its own defaults (no dashboard)' if args.before and args.before_defaults else ', as the earlier report (whose default was a dashboard)' if args.before else ''}; {args.repeats} "
         f"repeat(s), each a preprocess run and then the report(s) of its tree. Wall clock of the whole command "
         f"(interpreter and LocalCluster start included); 'inside': the report's own `seconds` (up to the plots drawn); CPU: user + system "
         f"seconds of the fastest run; load: the 1-minute load average when each run started.", "",
