@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -111,21 +110,21 @@ class FlipTaskResult:
 # ----------------------------------------------------------------------------- fetching
 
 
-def _is_remote(source: str) -> bool:
-    return "://" in source and not source.startswith("file://")
-
-
 def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
     """Local path of one source file: the local folder's, or the cache's (downloaded once)."""
-    if not _is_remote(config.source):
-        path = os.path.join(storage.local_path(config.source), task.name, filename)
-        if not os.path.exists(path):
-            raise InputError(path, "", f"FLIP task {task.name}: file not found in --source")
-        return path
-    url = config.source.rstrip("/") + f"/{task.name}/{filename}"
-    dest = os.path.join(config.cache_dir, source_key(config.source), task.name, filename)
-    if os.path.exists(dest):
-        return dest
+    url = storage.join(config.source, task.name, filename)
+    try:
+        return storage.cached_local(url, _cache_path(config, task, filename),
+                                    lambda: _download(config, task, url, _cache_path(config, task, filename)))
+    except FileNotFoundError as err:
+        raise InputError(err.filename, "", f"FLIP task {task.name}: file not found in --source") from None
+
+
+def _cache_path(config: FlipConfig, task: FlipTask, filename: str) -> str:
+    return os.path.join(config.cache_dir, source_key(config.source), task.name, filename)
+
+
+def _download(config: FlipConfig, task: FlipTask, url: str, dest: str) -> None:
     if url.startswith(("http://", "https://")):
         fs, remote = _http_fs(config.timeout_s), url
     else:  # s3:// and any other fsspec URL
@@ -134,7 +133,7 @@ def fetch(config: FlipConfig, task: FlipTask, filename: str) -> str:
         try:
             with storage.built_in_place(dest) as part:  # removed again if the download fails
                 fs.get_file(remote, part)
-            return dest
+            return
         except FileNotFoundError:
             raise InputError(url, "", f"FLIP task {task.name}: not found on the server (HTTP 404 / no such key)") from None
         except Exception as err:  # connection errors, timeouts, 5xx answers
@@ -321,22 +320,17 @@ def run_flip(config: FlipConfig) -> list[FlipTaskResult]:
     """Fetch, check, convert and publish every task of ``config``."""
     expected = read_checksums(config.checksums) if config.checksums else {}
     out = config.output_dir
-    remote_out = _is_remote(out)
     out_fs, out_path = storage.get_fs(out, config.storage_options)
-    links = [t.name for t in config.tasks if not remote_out and os.path.islink(os.path.join(out, t.name))]
+    links = [(t.name, target) for t in config.tasks if (target := storage.link_target(storage.join(out, t.name)))]
     if links:  # never replaced, followed or emptied: the link may lead outside OUT
-        raise OutputError(f"{os.path.join(out, links[0])}: is a symbolic link (to {os.readlink(os.path.join(out, links[0]))}); "
+        name, target = links[0]
+        raise OutputError(f"{storage.join(out, name)}: is a symbolic link (to {target}); "
                           f"esm2dask does not write through links: remove it, or choose another --output-dir")
     existing = [t.name for t in config.tasks if out_fs.exists(storage.join(out_path, t.name))]
     if existing and not config.overwrite:
         raise OutputError(f"{out}: task folder(s) {', '.join(existing)} exist; pass --overwrite to replace them")
-    try:
-        if remote_out:  # built locally, then uploaded task by task
-            staging = tempfile.mkdtemp(prefix="esm2dask-flip-")
-        else:
-            os.makedirs(out, exist_ok=True)
-            staging = os.path.join(out, f".esm2dask-flip-staging-{os.getpid()}")
-            os.makedirs(staging, exist_ok=True)
+    try:  # in OUT (published with renames), or for an object store a local folder (uploaded)
+        staging = storage.build_folder(out, f".esm2dask-flip-staging-{os.getpid()}")
     except OSError as err:
         raise OutputError(f"{out}: cannot write the output folder ({err})") from None
     results, sums = [], {}
@@ -348,7 +342,7 @@ def run_flip(config: FlipConfig) -> list[FlipTaskResult]:
                 digest = sha256(path) if (expected or config.write_checksums) else None
                 sums[key] = digest
                 if expected and key in expected and expected[key] != digest:
-                    if _is_remote(config.source):
+                    if path == _cache_path(config, task, f):
                         _unlink(path)  # a bad cached copy must not be reused
                     raise InputError(path, "", f"sha256 {digest} does not match {expected[key]} in {config.checksums}")
             rows, result = convert_task(task, paths, config.labels)
@@ -361,16 +355,7 @@ def run_flip(config: FlipConfig) -> list[FlipTaskResult]:
                 )
             results.append(result)
         for task in config.tasks:
-            if remote_out:
-                dest = storage.join(out_path, task.name)
-                if out_fs.exists(dest):
-                    out_fs.rm(dest, recursive=True)
-                out_fs.put(os.path.join(staging, task.name) + "/", dest + "/", recursive=True)
-                continue
-            dest = os.path.join(out, task.name)
-            if os.path.exists(dest):
-                shutil.rmtree(dest)
-            os.replace(os.path.join(staging, task.name), dest)
+            storage.replace_folder(os.path.join(staging, task.name), storage.join(out, task.name), config.storage_options)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if config.write_checksums:

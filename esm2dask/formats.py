@@ -33,7 +33,6 @@ files.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import shutil
@@ -141,18 +140,8 @@ def _size(url: str, storage_options: dict) -> int:
 def read_shard_rows(url: str, row_lo: int, n_rows: int | None, storage_options: dict) -> pl.DataFrame:
     """``record_id``, ``record_name``, ``sequence`` of rows ``[row_lo, row_lo + n_rows)`` of a
     staged CSV shard (all rows when ``n_rows`` is None); an empty sequence reads as ``""``."""
-    columns = ["record_id", "record_name", "sequence"]
-    if storage.is_local(url):
-        frame = pl.scan_csv(storage.local_path(url), schema=_CSV_SCHEMA, quote_char=None, glob=False)
-        if n_rows is not None:
-            frame = frame.slice(row_lo, n_rows)
-        frame = frame.select(columns).collect()
-    else:
-        fs, path = storage.get_fs(url, storage_options)
-        with fs.open(path, "rb") as f:
-            data = f.read()
-        frame = pl.read_csv(io.BytesIO(data), schema=_CSV_SCHEMA, quote_char=None, columns=columns)
-        frame = frame.slice(row_lo, n_rows)
+    frame = storage.read_csv_rows(url, row_lo, n_rows, ["record_id", "record_name", "sequence"], storage_options,
+                                  schema=_CSV_SCHEMA, quote_char=None)
     return frame.with_columns(pl.col("sequence").fill_null(""))
 
 
@@ -306,15 +295,15 @@ def write_train_chunk(slices: list[Slice], order_url: str, first_rowid: int, fir
     with storage.local_source(order_url, storage_options) as path:
         order = np.load(path, allow_pickle=False)
     chunk = sqlite_pages.Chunk(table["id"].take(order), table["sequence"].take(order), first_rowid, page_size)
-    if storage.is_local(db_url):
-        os.makedirs(os.path.dirname(storage.local_path(db_url)), exist_ok=True)
-        edges = chunk.write(storage.local_path(db_url), first_page)
+    in_place = storage.is_local(db_url)  # pwrite at offsets into one file: a file system's alone
+    if in_place:
+        edges = chunk.write(storage.ensure_parent(db_url), first_page)
     else:
         with storage.local_build(region_url, storage_options) as path:
             edges = chunk.write(path, first_page, file_offset=0)
     with storage.local_build(edges_url, storage_options) as path:
         edges.save(path)
-    return TrainChunkReceipt(edges_url, None if storage.is_local(db_url) else region_url)
+    return TrainChunkReceipt(edges_url, None if in_place else region_url)
 
 
 def finish_train_db(chunks: list[TrainChunkReceipt], layouts: list[sqlite_pages.ChunkLayout], pages_url: str,
@@ -328,8 +317,8 @@ def finish_train_db(chunks: list[TrainChunkReceipt], layouts: list[sqlite_pages.
             edges.append(sqlite_pages.ChunkEdges.load(path))
     next_page = sqlite_pages.chunk_pages_end(layouts)
     rows = sum(lay.rows for lay in layouts)
-    if storage.is_local(out_url):
-        path, final = storage.local_path(pages_url), storage.local_path(out_url)
+    if chunks[0].region_url is None:  # the pages were written in place (write_train_chunk)
+        path, final = storage.ensure_parent(pages_url), storage.ensure_parent(out_url)
         if not os.path.exists(path) and os.path.exists(final):  # placed by an interrupted attempt
             path = final
         sqlite_pages.finish_database(path, edges, next_page, page_size)

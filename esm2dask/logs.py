@@ -198,19 +198,8 @@ class RunLog:
         self.sealed = False  # closed, whole in the staging folder, for the switch to move in
         self.staged_url = storage.join(staging_root, self.NAME)
         self.final_url = storage.join(output_dir, self.NAME)
-        self.local = storage.is_local(staging_root)
-        if self.local:
-            self.path = storage.local_path(self.staged_url)
-        else:
-            import tempfile
-
-            fd, self.path = tempfile.mkstemp(prefix="esm2dask-", suffix=".log")
-            os.close(fd)
-            fs, staged = storage.get_fs(self.staged_url, storage_options)
-            if fs.exists(staged):  # the log of the run this one resumes
-                with fs.open(staged, "rb") as src, open(self.path, "wb") as dst:
-                    dst.write(src.read())
-        self.handler: logging.Handler | None = add_sink(FileSink(self.path, mode="a", delay=False))
+        self.file = storage.WorkingCopy(self.staged_url, storage_options)  # appends to a resumed run's log
+        self.handler: logging.Handler | None = add_sink(FileSink(self.file.path, mode="a", delay=False))
 
     def _close(self) -> None:
         if self.handler is not None:
@@ -219,15 +208,10 @@ class RunLog:
 
     def publish(self) -> str:
         """Move the log next to the manifest; returns where it is."""
-        from . import storage
-
         logging.getLogger("esm2dask").info("publishing the log to %s", self.final_url)
         self._close()
         self.published = True
-        if self.local:
-            os.replace(self.path, storage.local_path(self.final_url))
-        else:
-            self._upload(self.final_url)
+        self.file.move_to(self.final_url)
         return self.final_url
 
     def seal(self) -> str:
@@ -236,28 +220,21 @@ class RunLog:
         switch leaves it there, and OUT's previous log in place). Returns its staged URL."""
         logging.getLogger("esm2dask").info("publishing the log to %s", self.final_url)
         self._close()
-        if not self.local and not self.sealed:
-            self._upload(self.staged_url)
+        if not self.sealed:
+            self.file.move_to(self.staged_url)
         self.sealed = True
         return self.staged_url
 
     def keep(self) -> None:
         """The run stopped early: leave the log in the staging folder for ``--resume``."""
         self._close()
-        if not self.local and not self.published and not self.sealed:
+        if not self.published and not self.sealed:
             try:
-                self._upload(self.staged_url)
+                self.file.move_to(self.staged_url)
             except OSError:
                 pass
 
     def discard(self) -> None:
         self._close()
-        if not self.local and not self.published and not self.sealed:
-            os.unlink(self.path)
-
-    def _upload(self, url: str) -> None:
-        from . import storage
-
-        fs, path = storage.get_fs(url, self.storage_options)
-        fs.put_file(self.path, path)
-        os.unlink(self.path)
+        if not self.published and not self.sealed:
+            self.file.drop()

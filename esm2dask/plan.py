@@ -100,7 +100,7 @@ def input_sizes(config: PreprocessConfig) -> dict[str, int]:
     Without a RAW_DIR argument a missing folder is explained: where it was looked for, why.
     """
     raw = config.raw_dir
-    if storage.is_local(raw) and not os.path.isdir(storage.local_path(raw)):
+    if storage.folder_missing(raw):
         missing = [u for u in config.input_roles().values() if u.startswith(raw + "/")]
         if missing:
             if raw == os.environ.get("ESM2DASK_RAW_DIR", "").rstrip("/"):

@@ -462,8 +462,7 @@ def copied_inputs(run: Run, copying: list) -> dict[str, str]:
 
 
 def _whole(url: str, size: int) -> bool:
-    path = storage.local_path(url)
-    return os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == size
+    return storage.is_plain_file(url) and storage.file_size(url) == size
 
 
 def checksums(run: Run, copying: list) -> dict[str, str]:
@@ -540,7 +539,7 @@ def execute(run: Run) -> Converted:
 
 def _kept_tasks(staging: StagingFolder) -> int:
     """How many finished tasks an interrupted run leaves receipts for."""
-    fs, path = storage.get_fs(storage.join(staging.work_dir, "receipts"), staging.so)
+    fs, path = storage.get_fs(storage.join(staging.work_dir, "receipts"), staging.storage_options)
     try:
         suffix = "." + staging.receipt_url("stage", 0).rsplit(".", 1)[-1]
         return sum(1 for p in fs.find(path) if p.endswith(suffix))

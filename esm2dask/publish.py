@@ -73,11 +73,6 @@ class StaleStaging(OutputError):
     """The staging folder ``--resume`` chose was built from other bytes: refused, and kept."""
 
 
-def _inside(child: str, parent: str) -> bool:
-    child, parent = os.path.realpath(child), os.path.realpath(parent)
-    return child == parent or child.startswith(parent.rstrip("/") + "/")
-
-
 def _name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
@@ -103,64 +98,6 @@ def checked_name(name, where: str) -> str:
             f"never touches anything outside it: remove the entry (or the whole file) and run again"
         )
     return name
-
-
-def refuse_links_on_the_way(base: str, rel: str, where: str) -> None:
-    """No symbolic link (nor anything but folders and, last, a regular file) from local
-    folder ``base`` down to ``base/rel``: each part is checked with ``lstat``, never
-    followed. A part that does not exist ends the check."""
-    path = base
-    parts = rel.split("/")
-    for i, part in enumerate(parts):
-        path = os.path.join(path, part)
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return
-        last = i == len(parts) - 1
-        if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or (last and stat.S_ISREG(mode))):
-            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file or folder"
-            raise OutputError(
-                f"{path}: {what} ({where} names {rel!r}); esm2dask never follows links under the "
-                f"output folder: remove it and run again"
-            )
-
-
-def refuse_links_in(folder: str, what: str) -> None:
-    """No symbolic link (or FIFO, device, socket) anywhere in local ``folder``: a staging
-    folder, or a tree about to be published, holds plain files and folders only."""
-    try:
-        top = os.lstat(folder).st_mode
-    except FileNotFoundError:
-        return
-    entries = [folder] if stat.S_ISLNK(top) or not stat.S_ISDIR(top) else []
-    if not entries:
-        for root, dirs, files in os.walk(folder):
-            for name in (*dirs, *files):
-                mode = os.lstat(os.path.join(root, name)).st_mode
-                if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                    entries.append(os.path.join(root, name))
-    if entries:
-        kind = "a symbolic link" if os.path.islink(entries[0]) else "not a plain file or folder"
-        raise OutputError(
-            f"{entries[0]}: {kind} in {what}; esm2dask never follows links under the output folder: "
-            f"remove {folder} and run again"
-        )
-
-
-def _remove_temporaries(folder: str) -> int:
-    """Remove the ``*.tmp`` files of writers that died (a killed run; this run holds the
-    lock, so no live writer of OUT has one); returns how many."""
-    removed = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if name.endswith(TMP_SUFFIX):
-                try:
-                    os.unlink(os.path.join(root, name))
-                    removed += 1
-                except FileNotFoundError:  # its writer (a task of the killed run) just renamed it
-                    pass
-    return removed
 
 
 def run_plan(config, identities: dict[str, dict]) -> dict:
@@ -254,9 +191,10 @@ class OutputLock:
 
     def __init__(self, output_dir: str, storage_options: dict | None = None):
         self.output_dir = output_dir
-        self.so = storage_options or {}
+        self.storage_options = storage_options or {}
         self.url = storage.join(output_dir, LOCK_NAME)
-        self.local = storage.is_local(output_dir)
+        # the one choice of lock: flock in a file system's folder, else an object store's lease
+        self.folder = storage.local_path(output_dir) if storage.is_local(output_dir) else None
         self.created_output = False
         self.owner = {"host": os.uname().nodename, "pid": os.getpid(), "token": secrets.token_hex(8),
                       "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -266,7 +204,7 @@ class OutputLock:
     @classmethod
     def acquire(cls, output_dir: str, storage_options: dict | None = None) -> "OutputLock":
         lock = cls(output_dir, storage_options)
-        if lock.local:
+        if lock.folder is not None:
             lock._lock_file()
         else:
             lock._take_lease()
@@ -284,7 +222,7 @@ class OutputLock:
     def _lock_file(self) -> None:
         import fcntl
 
-        out = storage.local_path(self.output_dir)
+        out = self.folder
         path = os.path.join(out, LOCK_NAME)
         try:
             self.created_output = not os.path.lexists(out)
@@ -322,7 +260,7 @@ class OutputLock:
             raise OutputError(f"{self.output_dir}: {why}") from None
 
     def _take_lease(self) -> None:
-        fs, path = storage.get_fs(self.url, self.so)
+        fs, path = storage.get_fs(self.url, self.storage_options)
         try:
             for attempt in range(2):
                 try:
@@ -348,7 +286,7 @@ class OutputLock:
         """Let go (the lock file or lease object is removed); a folder the lock created for
         a run that left nothing in it is removed too."""
         if self._fd is not None:
-            out = storage.local_path(self.output_dir)
+            out = self.folder
             try:
                 os.unlink(os.path.join(out, LOCK_NAME))
             except OSError:
@@ -360,7 +298,7 @@ class OutputLock:
         if self._renewer is not None:
             self._renewer.stop()
             self._renewer = None
-            fs, path = storage.get_fs(self.url, self.so)
+            fs, path = storage.get_fs(self.url, self.storage_options)
             try:
                 if (_read_json(fs, path) or {}).get("token") == self.owner["token"]:
                     fs.rm(path)
@@ -460,20 +398,19 @@ def input_copies(config) -> list[tuple[str, str]]:
 def copied_by_task(config, url: str) -> bool:
     """Whether the run's ``copy-inputs`` stage copies (and hashes) this input, a local
     file into a local OUT; any other copy is made when the tree is published."""
-    return storage.is_local(url) and storage.is_local(config.output_dir)
+    return storage.copies_locally(url, config.output_dir)
 
 
 def refuse_output_in_input(config) -> None:
     """OUT may not be the input folder or inside it, nor a file (checked before the lock is
     taken there)."""
     out = config.output_dir
-    if storage.is_local(out) and storage.is_local(config.raw_dir):
-        if _inside(storage.local_path(out), storage.local_path(config.raw_dir)):
-            raise OutputError(
-                f"{out}: the output folder may not be the input folder or inside it "
-                f"(esm2dask never writes into {config.raw_dir}); choose another --output-dir"
-            )
-    if storage.is_local(out) and os.path.lexists(storage.local_path(out)) and not os.path.isdir(storage.local_path(out)):
+    if storage.is_inside(out, config.raw_dir):
+        raise OutputError(
+            f"{out}: the output folder may not be the input folder or inside it "
+            f"(esm2dask never writes into {config.raw_dir}); choose another --output-dir"
+        )
+    if storage.blocks_folder(out):
         raise OutputError(f"{out}: is a file, not a folder; --output-dir names the folder to write into")
 
 
@@ -488,9 +425,11 @@ class StagingFolder:
                  resumed: bool = False):
         self.output_dir = output_dir
         self.token = token
-        self.so = storage_options
+        self.storage_options = storage_options
         self.created_output = created_output
         self.resumed = resumed
+        # how the switch moves files (renames, or an object store's server-side copies) and
+        # what it can check (links, empty folders, a created OUT): decided once, here
         self.local = storage.is_local(output_dir)
         self.root = storage.join(output_dir, f"{STAGING_PREFIX}-{token}")
         self.work_dir = storage.join(self.root, "work")
@@ -512,8 +451,8 @@ class StagingFolder:
     def create(cls, config, inputs: dict[str, int]) -> "StagingFolder":
         """A new staging folder, or the one ``--resume`` continues; refuses what would lose data."""
         out = config.output_dir
-        so = config.storage_options
-        fs, out_path = storage.get_fs(out, so)
+        storage_options = config.storage_options
+        fs, out_path = storage.get_fs(out, storage_options)
         refuse_output_in_input(config)
         try:
             fs.invalidate_cache(out_path)
@@ -522,12 +461,12 @@ class StagingFolder:
             raise OutputError(f"{out}: cannot read the output location ({reason(err)})") from None
         names = [_name(p) for p in listing if _name(p) != LOCK_NAME]
         stagings = sorted(n for n in names if n.startswith(STAGING_PREFIX))
-        identities = {url: storage.input_identity(url, so) for url in inputs}
+        identities = {url: storage.input_identity(url, storage_options) for url in inputs}
         plan = run_plan(config, identities)
         # a driver killed while publishing left a half switch: undo it (from its journal)
         # before anything else looks at OUT or removes a staging folder
         for name in stagings:
-            Publisher(cls(out, name[len(STAGING_PREFIX) + 1 :], so, False)).recover()
+            Publisher(cls(out, name[len(STAGING_PREFIX) + 1 :], storage_options, False)).recover()
         fs.invalidate_cache(out_path)
         names = [_name(p) for p in fs.ls(out_path, detail=False) if _name(p) != LOCK_NAME] if listing else []
         existing = [n for n in names if not n.startswith(STAGING_PREFIX)]
@@ -538,8 +477,8 @@ class StagingFolder:
                 f"{out}: output folder exists and is not empty; pass --overwrite to replace "
                 f"its uf50/ and uf90/ (or --resume to finish an interrupted run)"
             )
-        if chosen is not None and chosen.local:
-            _remove_temporaries(storage.local_path(chosen._path(chosen.root)))  # of writers the kill stopped
+        if chosen is not None:
+            storage.remove_temporaries(chosen.root)  # of writers the kill stopped (this run holds the lock)
         _refuse_foreign_files(config, fs, out_path)
         if config.overwrite:  # stale attempts: this run does not need them
             for name in stagings:
@@ -550,11 +489,11 @@ class StagingFolder:
             return chosen
         created = not listing and not fs.exists(out_path)
         token = _dt.datetime.now().strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
-        staging = cls(out, token, so, created)
+        staging = cls(out, token, storage_options, created)
         staging.identities = identities
         try:
             fs.makedirs(staging._path(staging.work_dir), exist_ok=True)
-            with storage.open_for_write(storage.join(staging.work_dir, PLAN_NAME), so, "w") as f:
+            with storage.open_for_write(storage.join(staging.work_dir, PLAN_NAME), storage_options, "w") as f:
                 json.dump(plan, f, sort_keys=True)
         except (PermissionError, OSError) as err:
             staging.discard()
@@ -571,9 +510,9 @@ class StagingFolder:
         candidates = [cls(out, n[len(STAGING_PREFIX) + 1 :], config.storage_options, False, resumed=True)
                       for n in reversed(stagings)]
         chosen = next((c for c in candidates if c.read_plan() == plan), None)
-        if chosen is not None and chosen.local:
+        if chosen is not None:
             try:  # a link planted in it would make this run write (or read) outside OUT
-                refuse_links_in(storage.local_path(chosen._path(chosen.root)), "the staging folder of an interrupted run")
+                storage.refuse_links_in(chosen.root, "the staging folder of an interrupted run")
             except OutputError:
                 if not config.overwrite:
                     raise
@@ -592,12 +531,13 @@ class StagingFolder:
         )
 
     def _path(self, url: str) -> str:
-        return storage.get_fs(url, self.so)[1]
+        return storage.get_fs(url, self.storage_options)[1]
 
     def read_plan(self) -> dict | None:
-        path = self._path(storage.join(self.work_dir, PLAN_NAME))
-        if self.local and (_lstat(path) is None or not stat.S_ISREG(_lstat(path).st_mode)):
+        url = storage.join(self.work_dir, PLAN_NAME)
+        if not storage.is_plain_file(url, self.storage_options):
             return None  # missing, or a link: never followed
+        path = self._path(url)
         try:
             with self.fs.open(path, "r") as f:
                 return json.load(f)
@@ -619,12 +559,12 @@ class StagingFolder:
         return self.fs.exists(self._path(storage.join(self.work_dir, "receipts", name)))
 
     def set_marker(self, name: str) -> None:
-        with storage.open_for_write(storage.join(self.work_dir, "receipts", name), self.so) as f:
+        with storage.open_for_write(storage.join(self.work_dir, "receipts", name), self.storage_options) as f:
             f.write(b"done\n")
 
     def write_labels(self, labels: np.ndarray) -> str:
         url = storage.join(self.work_dir, "labels.npy")
-        with storage.open_for_write(url, self.so) as f:
+        with storage.open_for_write(url, self.storage_options) as f:
             np.save(f, labels)
         return url
 
@@ -676,7 +616,7 @@ class StagingFolder:
         which files it builds (:attr:`expected`), exactly those, each a plain file; before,
         what the tree holds, less temporary names."""
         if self.expected is None:
-            return {rel: size for rel, size in list_output_files(self.tree_dir, self.so).items()
+            return {rel: size for rel, size in list_output_files(self.tree_dir, self.storage_options).items()
                     if not rel.endswith(TMP_SUFFIX)}
         sizes = {}
         for rel in self.expected:
@@ -686,7 +626,7 @@ class StagingFolder:
                 if st is None:
                     raise RuntimeError(f"{path}: the run built no such file")  # a defect, not bad input
                 if not stat.S_ISREG(st.st_mode):
-                    refuse_links_on_the_way(self._path(self.tree_dir), rel, "the staged tree")
+                    storage.refuse_links_on_the_way(self.tree_dir, rel, "the staged tree")
                 sizes[rel] = st.st_size
             else:
                 sizes[rel] = int(self.fs.info(path)["size"])
@@ -719,15 +659,14 @@ class StagingFolder:
             if not self.local and type(src_fs) is type(fs) and src_fs.storage_options == fs.storage_options:
                 how = "server-side copy"  # at the switch, straight from the input
             elif self.local:
-                os.makedirs(os.path.dirname(storage.local_path(dest_url)), exist_ok=True)
-                src_fs.get_file(src, storage.local_path(dest_url))
+                src_fs.get_file(src, storage.ensure_parent(dest_url))
                 how = "download"
             else:
                 with src_fs.open(src, "rb") as fin, fs.open(self._path(dest_url), "wb") as fout:
                     shutil.copyfileobj(fin, fout, 8 * 1024 * 1024)
                 how = "upload"
             copies[name] = {"source": url, "bytes": size, "how": how}
-            with storage.open_for_write(record, self.so, "w") as f:
+            with storage.open_for_write(record, self.storage_options, "w") as f:
                 json.dump(copies, f)
         return copies
 
@@ -768,7 +707,7 @@ class Publisher:
     def __init__(self, folder: StagingFolder):
         self.folder = folder
         self.output_dir = folder.output_dir
-        self.so = folder.so
+        self.storage_options = folder.storage_options
         self.fs = folder.fs
         self.local = folder.local
         self._path = folder._path
@@ -781,14 +720,14 @@ class Publisher:
         doc); returns the manifest's URL. Raises :class:`PublishError` after undoing a
         failed switch."""
         out = config.output_dir
-        fs, out_path = storage.get_fs(out, self.so)
+        fs, out_path = storage.get_fs(out, self.storage_options)
         _refuse_foreign_files(config, fs, out_path)
         tree = self.folder.staged_files()
         copies = self.folder.stage_inputs(config)
         for name, entry in copies.items():  # hashed from the inputs by the run's checksum stage
             if name in digests:
                 entry[CHECKSUM] = digests[name]
-        previous = read_manifest(out, self.so)
+        previous = read_manifest(out, self.storage_options)
         manifest = build_manifest(config, result, self.folder.identities, tree, digests, copies, version)
         # the manifest first: from its move on, OUT is not to be trusted until the new one is there
         old = [MANIFEST_NAME] if fs.exists(self._out(MANIFEST_NAME)) else []
@@ -801,11 +740,10 @@ class Publisher:
         new = sorted(tree) + sorted(copies) + at_root
         journal = {"old": old, "new": new, "sources": {n: c["source"] for n, c in copies.items()},
                    "at_root": at_root}
-        if self.local:
-            refuse_links_in(storage.local_path(self._path(self.folder.root)), "the staging folder")
-            for rel in old + new:
-                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
-        with storage.open_for_write(storage.join(self.folder.root, JOURNAL_NAME), self.so, "w") as f:
+        storage.refuse_links_in(self.folder.root, "the staging folder")
+        for rel in old + new:
+            storage.refuse_links_on_the_way(self.output_dir, rel, where)
+        with storage.open_for_write(storage.join(self.folder.root, JOURNAL_NAME), self.storage_options, "w") as f:
             json.dump(journal, f)
         try:
             self._switch(journal, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -819,8 +757,7 @@ class Publisher:
                     f"{self.folder.previous_dir}, the new tree in {self.folder.tree_dir}; run the same command with --resume "
                     f"to finish"
                 ) from None
-            if self.local:
-                _remove_empty_dirs(storage.local_path(out_path))  # folders the switch made for new files
+            _remove_empty_dirs(out)  # folders the switch made for new files
             if not isinstance(err, Exception):
                 raise
             raise PublishError(
@@ -829,8 +766,7 @@ class Publisher:
                 f"the same command with --resume to publish it"
             ) from None
         self.folder.remove()
-        if self.local:
-            _remove_empty_dirs(storage.local_path(out_path))
+        _remove_empty_dirs(out)
         fs.invalidate_cache(out_path)
         return storage.join(out, MANIFEST_NAME)
 
@@ -863,8 +799,8 @@ class Publisher:
             fs.copy([self._source(r, journal) for r in journal["new"]], [self._out(r) for r in journal["new"]])
             for rel in old_only:
                 fs.rm(self._out(rel))
-        write_manifest_file(storage.join(self.output_dir, MANIFEST_NAME), manifest_text, self.so,
-                            tmp_dir=self.folder.root if self.local else None)
+        write_manifest_file(storage.join(self.output_dir, MANIFEST_NAME), manifest_text, self.storage_options,
+                            tmp_dir=self.folder.root)
 
     def _undo(self, journal: dict) -> None:
         """Put OUT back as the journal found it; safe to repeat (each step checks first)."""
@@ -897,17 +833,12 @@ class Publisher:
 
         Every name in the journal is checked first (a plain relative path; no link on the
         way in OUT, none in the staging folder): a bad one is an error and nothing moves."""
-        path = self._path(storage.join(self.folder.root, JOURNAL_NAME))
-        if self.local:
-            root = storage.local_path(self._path(self.folder.root))
-            if _lstat(root) is None or not stat.S_ISDIR(_lstat(root).st_mode):
-                return  # not a folder (a link named like one is never followed)
-            if _lstat(path) is None:
-                return
-            refuse_links_in(root, "the staging folder of a half-done switch")
-        elif not self.fs.exists(path):
-            return
         where = storage.join(self.folder.root, JOURNAL_NAME)
+        path = self._path(where)
+        # not a folder (a link named like one is never followed), or no journal: nothing to undo
+        if not storage.is_plain_folder(self.folder.root) or not storage.exists(where, self.storage_options):
+            return
+        storage.refuse_links_in(self.folder.root, "the staging folder of a half-done switch")
         try:
             with self.fs.open(path, "r") as f:
                 journal = json.load(f)
@@ -922,9 +853,8 @@ class Publisher:
                    "new": [checked_name(r, where) for r in journal["new"]],
                    "sources": {checked_name(k, where): str(v) for k, v in journal.get("sources", {}).items()},
                    "at_root": [r for r in journal.get("at_root", []) if r == RunLog.NAME]}
-        if self.local:
-            for rel in journal["old"] + journal["new"]:
-                refuse_links_on_the_way(self._path(self.output_dir), rel, where)
+        for rel in journal["old"] + journal["new"]:
+            storage.refuse_links_on_the_way(self.output_dir, rel, where)
         self._undo(journal)
 
 
@@ -1026,11 +956,7 @@ def _remove_quietly(fs, path: str) -> None:
 def _remove_empty_dirs(out: str) -> None:
     """Folders under the layouts' top folders emptied by the switch (never a file)."""
     for top in TOP_DIRS:
-        for root, _, _ in sorted(os.walk(os.path.join(out, top)), key=lambda w: -len(w[0])):
-            try:
-                os.rmdir(root)
-            except OSError:
-                pass
+        storage.remove_empty_folders(storage.join(out, top))
 
 
 def _refuse_foreign_files(config, fs, out_path: str) -> None:
@@ -1038,9 +964,8 @@ def _refuse_foreign_files(config, fs, out_path: str) -> None:
     or a file the manifest lists lies behind a link (local)."""
     where = storage.join(config.output_dir, MANIFEST_NAME)
     listed = manifest_listed(read_manifest(config.output_dir, config.storage_options), where)
-    if storage.is_local(config.output_dir):
-        for rel in (*TOP_DIRS, *sorted(listed)):
-            refuse_links_on_the_way(out_path, rel, where)
+    for rel in (*TOP_DIRS, *sorted(listed)):
+        storage.refuse_links_on_the_way(config.output_dir, rel, where)
     present = set(list_output_files(config.output_dir, config.storage_options))
     for _, name in input_copies(config):
         if fs.exists(storage.join(out_path, name)):
@@ -1085,12 +1010,4 @@ def build_manifest(config, result, identities: dict, tree: dict[str, int], diges
 def write_manifest_file(url: str, text: str, storage_options: dict, tmp_dir: str | None = None) -> None:
     """The last write of a run: a rename on a file system, one PUT on an object store
     (which appears whole or not at all)."""
-    fs, path = storage.get_fs(url, storage_options)
-    if storage.is_local(url):
-        tmp = os.path.join(storage.local_path(tmp_dir or os.path.dirname(path)), MANIFEST_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    else:
-        with fs.open(path, "w") as f:
-            f.write(text)
+    storage.write_whole(url, [text.encode()], storage_options, tmp_dir=tmp_dir)

@@ -60,6 +60,7 @@ def placed_streams(config) -> tuple[str, ...]:
     or POSIX output, uf90, and uf50 unless ``--split random`` spreads its rows over three
     folders. The others, and any FASTA out of mapping order, write pieces that are then
     assembled into the shards."""
+    # policy, not access: rows placed with pwrite (storage.write_at) need a file system's output
     if "esm2nv" not in config.formats or not storage.is_local(config.output_dir):
         return ()
     return ("uf90",) if config.split == "random" else ("uf50", "uf90")

@@ -2,14 +2,31 @@
 
 Only small, picklable descriptions of files travel to the workers; each task opens
 its own file here. This module is the storage seam: what differs between a local file
-system and an object store is decided here, behind calls that read the same either way.
+system and an object store is decided here, behind calls that read the same either way;
+:func:`is_local` is the one test of which it is, and callers outside this module ask it
+only for policy (the few places that say why).
 
 - Writing whole or not at all: :func:`built_in_place` (a temporary beside the file, then
-  a rename), :func:`write_whole`, :func:`local_build` (a local path to build a URL at),
-  :func:`copy_hashed` (an input copy, hashed as it is copied).
-- Reading: :func:`read_head`, :func:`local_source`, the Arrow files' :func:`read_arrow`
-  and :func:`read_arrow_slices` (a slice reads only its record batches), the ``.npy``
-  files' :func:`read_npy` (memory-mapped where local; no ``ast``).
+  a rename), :func:`write_whole` (also the manifest, its temporary in the staging folder),
+  :func:`local_build` (a local path to build a URL at), :func:`copy_hashed` (an input
+  copy, hashed as it is copied), :func:`ensure_parent`.
+- Pieces into files: :func:`write_at` (``pwrite`` into a shard made at its final size),
+  :func:`concatenate` and :func:`concatenate_pieces` (on a file system the first piece
+  becomes the file, the others appended in the kernel; copied on an object store).
+- Reading: :func:`read_head`, :func:`open_input` and :func:`range_view` (a byte range,
+  memory-mapped where local), :func:`content_digest`, :func:`read_csv_rows`, the Arrow
+  files' :func:`read_arrow` and :func:`read_arrow_slices` (a slice reads only its record
+  batches), the ``.npy`` files' :func:`read_npy` (memory-mapped where local; no ``ast``).
+- Local copies: :func:`local_source` and :func:`local_copy` (a local path holding a file),
+  :func:`cached_local` (a download kept in a cache), :class:`WorkingCopy` (a local file
+  standing for a URL while it is written, the run's log), :func:`build_folder` and
+  :func:`replace_folder` (a tree built locally, then renamed or uploaded into place).
+- Safety under the output folder, each a no-op on an object store (no links, no
+  temporaries, no folders of its own): :func:`refuse_links_on_the_way`,
+  :func:`refuse_links_in`, :func:`link_target`, :func:`is_plain_file`,
+  :func:`is_plain_folder`, :func:`remove_temporaries`, :func:`remove_empty_folders`;
+  questions about folders: :func:`exists`, :func:`folder_missing`, :func:`blocks_folder`,
+  :func:`is_inside`, :func:`copies_locally`.
 - Object stores: :func:`get_fs`, :func:`input_identity`, :func:`retrying` for transient
   errors, and :func:`check_output_location` (a bucket is never created) before a run starts.
 """
@@ -23,9 +40,12 @@ import functools
 import hashlib
 import json
 import logging
+import io
 import math
+import mmap
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -209,6 +229,63 @@ def local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+def ensure_parent(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Make ``url``'s parent folder where the store has folders; returns the path to open
+    (a file system's own path; the path within the store elsewhere)."""
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return path
+    fs, path = get_fs(url, storage_options)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    return path
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether anything is at ``url`` (a local link counts, and is not followed)."""
+    if is_local(url):
+        return os.path.lexists(local_path(url))
+    fs, path = get_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def folder_missing(url: str) -> bool:
+    """Whether the folder ``url`` is not there (nothing, or not a folder) on a file system;
+    never on an object store, where a prefix is no thing of its own (its objects are looked
+    for one by one)."""
+    return is_local(url) and not os.path.isdir(local_path(url))
+
+
+def blocks_folder(url: str) -> bool:
+    """Whether something other than a folder stands at ``url``, where a folder is to be
+    (a file, a link to one); never on an object store, where an object and a prefix of
+    the same name live side by side."""
+    path = local_path(url)
+    return is_local(url) and os.path.lexists(path) and not os.path.isdir(path)
+
+
+def is_inside(child: str, parent: str) -> bool:
+    """Whether the folder ``child`` is ``parent`` or inside it, links resolved, both on a
+    file system (never for an object store's URL)."""
+    if not (is_local(child) and is_local(parent)):
+        return False
+    child, parent = os.path.realpath(local_path(child)), os.path.realpath(local_path(parent))
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def copies_locally(src: str, dest: str) -> bool:
+    """Whether :func:`copy_hashed` can copy ``src`` to ``dest``: both on a file system."""
+    return is_local(src) and is_local(dest)
+
+
+def link_target(url: str) -> str | None:
+    """Where the symbolic link ``url`` leads; None where it is no link (always on an object
+    store, which has none)."""
+    if not is_local(url) or not os.path.islink(local_path(url)):
+        return None
+    return os.readlink(local_path(url))
+
+
 def check_output_location(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Before anything is written: an object-store output's bucket must exist already.
     fsspec's ``makedirs`` would create a missing bucket (in whatever region and with
@@ -320,12 +397,13 @@ def temporary_beside(path: str) -> str:
 
 
 @contextlib.contextmanager
-def built_in_place(path: str):
-    """Yield a temporary name beside the local ``path``; when the block ends without an
-    error it is renamed to ``path`` (which appears whole or not at all), otherwise it is
-    removed. An ``OSError`` that names no file (a full disk's) names ``path``."""
+def built_in_place(path: str, tmp_beside: str | None = None):
+    """Yield a temporary name beside the local ``path`` (or beside ``tmp_beside``, a name on
+    the same file system); when the block ends without an error it is renamed to ``path``
+    (which appears whole or not at all), otherwise it is removed. An ``OSError`` that names
+    no file (a full disk's) names ``path``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = temporary_beside(path)
+    tmp = temporary_beside(tmp_beside or path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -337,12 +415,14 @@ def built_in_place(path: str):
             os.unlink(tmp)
 
 
-def write_whole(url: str, parts, storage_options: dict[str, Any] | None = None) -> None:
+def write_whole(url: str, parts, storage_options: dict[str, Any] | None = None, tmp_dir: str | None = None) -> None:
     """The bytes of ``parts`` (buffers, written one after the other) as the file ``url``,
-    there whole or not at all: :func:`built_in_place` on a file system, one upload (an
-    object appears only when its PUT completes) on object storage."""
+    there whole or not at all: :func:`built_in_place` on a file system (the temporary in
+    the folder ``tmp_dir`` of the same file system when given, else beside the file), one
+    upload (an object appears only when its PUT completes) on object storage."""
     if is_local(url):
-        with built_in_place(local_path(url)) as tmp, open(tmp, "wb", buffering=0) as f:
+        tmp_path = None if tmp_dir is None else os.path.join(local_path(tmp_dir), os.path.basename(local_path(url)))
+        with built_in_place(local_path(url), tmp_path) as tmp, open(tmp, "wb", buffering=0) as f:
             for part in parts:
                 f.write(part)
         return
@@ -383,11 +463,13 @@ def local_source(url: str, storage_options: dict[str, Any] | None = None):
 def copy_hashed(src: str, dest: str, hard_link: bool = False) -> tuple[str, str]:
     """:func:`place_copy`, and the SHA-256 of the bytes placed, reading ``src`` once.
 
+    Both are files on a file system (paths or ``file://`` URLs); ``dest``'s folder is made.
     A plain copy is read, hashed and written in one loop (measured on an 806 MB FASTA:
     1.3 s, against 1.6 s for ``copy_file_range`` followed by a hashing read); a hard link
     or reflink shares the blocks, which are hashed by reading ``src``. ``dest`` appears
     whole or not at all (a temporary beside it, then a rename); no link is followed there.
     """
+    src, dest = local_path(src), ensure_parent(dest)
     tmp = temporary_beside(dest)
     digest = hashlib.sha256()
     try:
@@ -575,3 +657,372 @@ def read_npy(url: str, storage_options: dict[str, Any] | None = None, mmap: bool
     except EOFError:
         raise Esm2DaskError(f"{url}: a .npy file cut short (is the staging folder damaged?)") from None
     return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- ranges and pieces
+
+
+def open_input(url: str, storage_options: dict[str, Any] | None = None):
+    """``url`` opened for reading in binary: the file itself on a file system (so that
+    :func:`range_view` can map it), an fsspec file on an object store."""
+    if is_local(url):
+        return open(local_path(url), "rb")
+    fs, path = get_fs(url, storage_options)
+    return fs.open(path, "rb")
+
+
+@contextlib.contextmanager
+def range_view(f, url: str, begin: int, end: int):
+    """Yield bytes ``[begin, end)`` of ``f`` (from :func:`open_input`) as a ``uint8`` array:
+    a local file is memory-mapped, not read (the page cache in place, no copy), an object
+    store's bytes are read. A file shorter than ``end`` is an ``OSError`` (changed during
+    the run)."""
+    if not is_local(url):
+        f.seek(begin)
+        data = f.read(end - begin)
+        if len(data) != end - begin:
+            raise OSError(f"{url}: short read at byte {begin} ({len(data)} of {end - begin} bytes); "
+                          "was the file changed during the run?")
+        yield np.frombuffer(data, dtype=np.uint8)
+        return
+    size = os.fstat(f.fileno()).st_size
+    if size < end:
+        raise OSError(
+            f"{url}: short read at byte {begin} ({max(size - begin, 0)} of {end - begin} "
+            "bytes); was the file changed during the run?"
+        )
+    mapped = mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ)
+    mapped.madvise(mmap.MADV_SEQUENTIAL, begin - begin % mmap.PAGESIZE)
+    view = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin)
+    try:
+        yield view
+    finally:
+        del view
+        try:
+            mapped.close()
+        except BufferError:  # a library still holds a view (numba frees its own later):
+            pass  # the map goes with the last reference to it
+
+
+def content_digest(url: str, data) -> str:
+    """SHA-256 of bytes read from ``url`` (SHA-NI makes it hashlib's fastest here, see
+    ``benchmarks/results/digest_cost.md``), for a file on a file system: what ``--resume``
+    compares to know that the bytes earlier tasks read are the bytes there now (an edit in
+    place, even of the same size and with the mtime put back, changes it). Empty for an
+    object store, whose ETag/version (:func:`input_identity`) already changes with every write."""
+    if not is_local(url):
+        return ""
+    return hashlib.sha256(data).hexdigest()
+
+
+@retrying
+def write_at(url: str, offset: int, payload) -> None:
+    """``payload`` at byte ``offset`` of the existing file ``url`` (``pwrite``; a file
+    system's file only: an object store has no writes at an offset). A task run again
+    writes the same bytes at the same place."""
+    path = local_path(url)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(payload):
+            done += os.pwrite(fd, payload[done:], offset + done)
+    except OSError as err:  # name the file (a full disk is said with the file being written)
+        raise OSError(err.errno, err.strerror, path) from None
+    finally:
+        os.close(fd)
+
+
+#: bytes per read when an object store's pieces are copied into one object
+COPY_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def _append(out, paths: list[str]) -> None:
+    """Append local files to the open unbuffered file ``out``, in the kernel."""
+    for path in paths:
+        with open(path, "rb") as src:
+            remaining = os.fstat(src.fileno()).st_size
+            while remaining > 0:
+                sent = os.copy_file_range(src.fileno(), out.fileno(), remaining)
+                if sent == 0:
+                    break
+                remaining -= sent
+
+
+@retrying
+def concatenate(url: str, head: bytes, pieces: list[str], storage_options: dict[str, Any] | None = None) -> int:
+    """Write ``head`` then every piece (paths on ``url``'s file system), in order, to
+    ``url``; returns bytes written. On a file system the pieces are appended in the kernel
+    (``copy_file_range``)."""
+    if is_local(url):
+        with open(local_path(url), "wb", buffering=0) as out:
+            out.write(head)
+            _append(out, pieces)
+            return out.tell()
+    fs, out_path = get_fs(url, storage_options)
+    size = len(head)
+    with fs.open(out_path, "wb") as out:
+        out.write(head)
+        for piece in pieces:
+            with fs.open(piece, "rb") as src:
+                while chunk := src.read(COPY_CHUNK_BYTES):
+                    out.write(chunk)
+                    size += len(chunk)
+    return size
+
+
+def concatenate_pieces(url: str, head: bytes, pieces: list[str], first_bytes: int,
+                       storage_options: dict[str, Any] | None = None) -> int:
+    """``url`` made of ``pieces`` in order (the first begins with ``head``; only ``head``
+    when there are none); returns its size. Safe to repeat after an attempt that finished.
+
+    On a file system the first piece becomes the file itself: cut back to ``first_bytes``
+    (which makes a repeated attempt exact), the others appended in the kernel, then
+    renamed to ``url``; a file already there is an earlier attempt's. Elsewhere the pieces
+    are copied into the object (:func:`concatenate`)."""
+    if not is_local(url):
+        return concatenate(url, b"" if pieces else head, pieces, storage_options)
+    out_path = local_path(url)
+    if not pieces:
+        if os.path.exists(out_path):
+            return os.path.getsize(out_path)  # finished by an earlier attempt
+        return concatenate(url, head, [], storage_options)
+    first = pieces[0]
+    with open(first, "rb") as f:
+        carries_header = f.read(len(head)) == head
+    if not carries_header and os.path.exists(out_path):
+        return os.path.getsize(out_path)  # an earlier attempt finished (its first piece became the file)
+    with open(first, "r+b", buffering=0) as out:
+        out.truncate(first_bytes)
+        out.seek(0, os.SEEK_END)
+        _append(out, pieces[1:])
+        size = out.tell()
+    os.replace(first, out_path)
+    return size
+
+
+def read_csv_rows(url: str, row_lo: int, n_rows: int | None, columns: list[str],
+                  storage_options: dict[str, Any] | None = None, **options):
+    """Columns ``columns`` of rows ``[row_lo, row_lo + n_rows)`` of the CSV file ``url`` (all
+    rows when ``n_rows`` is None) as a polars frame; ``options`` go to polars. A local file
+    is scanned (only the rows asked for are parsed); an object store's is read whole."""
+    import polars as pl
+
+    if is_local(url):
+        frame = pl.scan_csv(local_path(url), glob=False, **options)
+        if n_rows is not None:
+            frame = frame.slice(row_lo, n_rows)
+        return frame.select(columns).collect()
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    return pl.read_csv(io.BytesIO(data), columns=columns, **options).slice(row_lo, n_rows)
+
+
+# ----------------------------------------------------------------------------- local copies
+
+
+def _is_local_fs(fs) -> bool:
+    """Whether the fsspec filesystem ``fs`` is the local one (its paths open as they are)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+@contextlib.contextmanager
+def local_copy(fs, path: str):
+    """Yield a local path holding the file ``path`` of ``fs`` (for readers of local files
+    only, SQLite): the file itself on the local file system, a downloaded copy in a
+    temporary folder elsewhere."""
+    if _is_local_fs(fs):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="esm2dask-") as folder:
+        tmp = os.path.join(folder, path.rstrip("/").rsplit("/", 1)[-1])
+        fs.get_file(path, tmp)
+        yield tmp
+
+
+def cached_local(url: str, cache_path: str, download) -> str:
+    """A local path holding ``url``'s bytes, for as long as it is needed: the file itself on a
+    file system (``FileNotFoundError`` naming it when there is none); elsewhere the local
+    ``cache_path``, filled by ``download()`` the first time (which should build it with
+    :func:`built_in_place`, so that a cached file is always whole)."""
+    if is_local(url):
+        path = local_path(url)
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return path
+    if not os.path.exists(cache_path):
+        download()
+    return cache_path
+
+
+class WorkingCopy:
+    """A local file that stands for ``url`` while it is written (a log a handler appends
+    to): ``url``'s own file on a file system; elsewhere a temporary file, starting with
+    ``url``'s bytes if it exists, sent to its place by :meth:`move_to`."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url, self.storage_options = url, storage_options
+        self.in_place = is_local(url)
+        if self.in_place:
+            self.path = local_path(url)
+            return
+        fd, self.path = tempfile.mkstemp(prefix="esm2dask-", suffix=f"-{url.rsplit('/', 1)[-1]}")
+        os.close(fd)
+        fs, path = get_fs(url, storage_options)
+        if fs.exists(path):  # e.g. the log of the run this one resumes
+            with fs.open(path, "rb") as src, open(self.path, "wb") as dst:
+                dst.write(src.read())
+
+    def move_to(self, url: str) -> None:
+        """The file is done: put it at ``url`` (a rename on a file system, nothing to do
+        for its own ``url`` there; an upload elsewhere, and the temporary file is removed)."""
+        if self.in_place:
+            if url != self.url:
+                os.replace(self.path, local_path(url))
+            return
+        fs, path = get_fs(url, self.storage_options)
+        fs.put_file(self.path, path)
+        os.unlink(self.path)
+
+    def drop(self) -> None:
+        """Forget the temporary file of an object store's (a file system's file stays)."""
+        if not self.in_place:
+            os.unlink(self.path)
+
+
+def build_folder(url: str, name: str) -> str:
+    """A new local folder to build a tree in, for :func:`replace_folder` to put under
+    ``url``: the folder ``name`` inside ``url`` on a file system (so that the rename stays
+    on one file system; ``url`` is made), a temporary folder elsewhere."""
+    if is_local(url):
+        folder = os.path.join(local_path(url), name)
+        os.makedirs(folder, exist_ok=True)
+        return folder
+    return tempfile.mkdtemp(prefix="esm2dask-")
+
+
+def replace_folder(folder: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """The local ``folder`` becomes ``url``, replacing what is there: a rename on a file
+    system, an upload of every file elsewhere (after the old objects are removed)."""
+    if is_local(url):
+        dest = local_path(url)
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        os.replace(folder, dest)
+        return
+    fs, dest = get_fs(url, storage_options)
+    if fs.exists(dest):
+        fs.rm(dest, recursive=True)
+    fs.put(folder.rstrip("/") + "/", dest + "/", recursive=True)
+
+
+# ----------------------------------------------------------------------------- links and leftovers
+
+
+def _fs_path(url: str) -> str:
+    return get_fs(url)[1]
+
+
+def refuse_links_on_the_way(base: str, rel: str, where: str) -> None:
+    """No symbolic link (nor anything but folders and, last, a regular file) from folder
+    ``base`` down to ``base/rel``: each part is checked with ``lstat``, never followed. A
+    part that does not exist ends the check. Nothing to check on an object store, which
+    has no links."""
+    if not is_local(base):
+        return
+    path = _fs_path(base)
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        path = os.path.join(path, part)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        last = i == len(parts) - 1
+        if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or (last and stat.S_ISREG(mode))):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file or folder"
+            raise OutputError(
+                f"{path}: {what} ({where} names {rel!r}); esm2dask never follows links under the "
+                f"output folder: remove it and run again"
+            )
+
+
+def refuse_links_in(url: str, what: str) -> None:
+    """No symbolic link (or FIFO, device, socket) anywhere in the folder ``url``: a staging
+    folder, or a tree about to be published, holds plain files and folders only. Nothing
+    to check on an object store, which has no links."""
+    if not is_local(url):
+        return
+    folder = _fs_path(url)
+    try:
+        top = os.lstat(folder).st_mode
+    except FileNotFoundError:
+        return
+    entries = [folder] if stat.S_ISLNK(top) or not stat.S_ISDIR(top) else []
+    if not entries:
+        for root, dirs, files in os.walk(folder):
+            for name in (*dirs, *files):
+                mode = os.lstat(os.path.join(root, name)).st_mode
+                if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                    entries.append(os.path.join(root, name))
+    if entries:
+        kind = "a symbolic link" if os.path.islink(entries[0]) else "not a plain file or folder"
+        raise OutputError(
+            f"{entries[0]}: {kind} in {what}; esm2dask never follows links under the output folder: "
+            f"remove {folder} and run again"
+        )
+
+
+def is_plain_file(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``url`` is a regular file, not a link (``lstat``, never followed); on an
+    object store, whether the object exists."""
+    if not is_local(url):
+        fs, path = get_fs(url, storage_options)
+        return fs.isfile(path)
+    try:
+        return stat.S_ISREG(os.lstat(_fs_path(url)).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def is_plain_folder(url: str) -> bool:
+    """Whether ``url`` is a folder, not a link (``lstat``, never followed); an object
+    store's prefix always is (it has no links, and its folders are only names)."""
+    if not is_local(url):
+        return True
+    try:
+        return stat.S_ISDIR(os.lstat(_fs_path(url)).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def remove_temporaries(url: str) -> int:
+    """Remove the ``*.tmp`` files of writers that died under the folder ``url`` (the caller
+    knows no live writer has one); returns how many. An object store has none: an object
+    appears only when its upload completes."""
+    if not is_local(url):
+        return 0
+    removed = 0
+    for root, _, files in os.walk(_fs_path(url)):
+        for name in files:
+            if name.endswith(TMP_SUFFIX):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:  # its writer just renamed it
+                    pass
+    return removed
+
+
+def remove_empty_folders(url: str) -> None:
+    """Remove every empty folder under ``url``, deepest first, and ``url`` itself if it is
+    left empty (never a file, never through a link). Nothing to do on an object store,
+    whose folders are prefixes of objects."""
+    if not is_local(url):
+        return
+    for root, _, _ in sorted(os.walk(_fs_path(url)), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass

@@ -28,9 +28,7 @@ positions from every range and writes its pieces.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import mmap
 import os
 from dataclasses import dataclass, field
 
@@ -38,13 +36,12 @@ import numpy as np
 import polars as pl
 
 from . import receipts, storage
+from .storage import content_digest
 from .errors import Esm2DaskError, InputError
 from .kernel import Rows, as_array, convert_block, count_records, row_sizes
 from .layout import CSV_HEADER, shard_bounds, shard_name
 from .mapping import line_number, parse_mapping_block
 from .ranges import ByteRange, find_record_start, read_owned_bytes
-
-COPY_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- records
@@ -203,20 +200,8 @@ def read_slices(slices, storage_options: dict) -> pl.DataFrame | None:
 
 @storage.retrying
 def _read_range(byte_range: ByteRange, storage_options: dict, marker: bytes = b">"):
-    fs, path = storage.get_fs(byte_range.url, storage_options)
-    with fs.open(path, "rb") as f:
+    with storage.open_input(byte_range.url, storage_options) as f:
         return read_owned_bytes(f, byte_range, marker)
-
-
-def content_digest(url: str, data) -> str:
-    """SHA-256 of the bytes a range owns, for a local input (SHA-NI makes it hashlib's
-    fastest here, see ``benchmarks/results/digest_cost.md``): what ``--resume`` compares
-    to know that the bytes earlier tasks read are the bytes there now (an edit in place,
-    even of the same size and with the mtime put back, changes it). Empty for an object
-    store, whose ETag/version already changes with every write."""
-    if not storage.is_local(url):
-        return ""
-    return hashlib.sha256(data).hexdigest()
 
 
 def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b">") -> str:
@@ -250,21 +235,6 @@ def _write_piece(routing: Routing, split_dir: str, shard: int, first_position: i
     size = len(header) + len(payload)
     final = piece_url(routing.work_dir, split_dir, shard, first_position, size)
     storage.write_whole(final, [header, payload], routing.storage_options)
-
-
-@storage.retrying
-def _write_placed(path: str, offset: int, payload: memoryview) -> None:
-    """Rows at their place in a shard the driver made at its final size (``pwrite``): a
-    task run again writes the same bytes at the same place."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        done = 0
-        while done < len(payload):
-            done += os.pwrite(fd, payload[done:], offset + done)
-    except OSError as err:  # name the file (a full disk is said with the file being written)
-        raise OSError(err.errno, err.strerror, path) from None
-    finally:
-        os.close(fd)
 
 
 def write_rows(rows: Rows, first_position: int, routing: Routing, placement: list | None = None) -> int:
@@ -312,8 +282,8 @@ def write_rows(rows: Rows, first_position: int, routing: Routing, placement: lis
                     raise Esm2DaskError(
                         f"rows {first_position + lo}…{first_position + hi} of {target.split_dir}: {len(payload)} "
                         f"bytes where the count pass measured {size}; was an input changed during the run?")
-                _write_placed(storage.local_path(storage.join(routing.tree_dir, target.split_dir, shard_name(shard))),
-                              offset, payload)
+                # rows at their place in a shard the driver made at its final size
+                storage.write_at(storage.join(routing.tree_dir, target.split_dir, shard_name(shard)), offset, payload)
             written += 1
     return written
 
@@ -410,31 +380,13 @@ def count_fasta(byte_range: ByteRange, storage_options: dict, sizes_url: str | N
         storage.write_npy(sizes_url, row_sizes(view, n), storage_options)
         return CountReceipt(n, content_digest(byte_range.url, view), sizes_url)
 
-    if not storage.is_local(byte_range.url):
-        _, data = _read_range(byte_range, storage_options)
-        return counted(as_array(data))
-    with open(storage.local_path(byte_range.url), "rb") as f:
+    with storage.open_input(byte_range.url, storage_options) as f:
         begin = find_record_start(f, byte_range.start, byte_range.file_size)
         end = find_record_start(f, byte_range.stop, byte_range.file_size)
         if end <= begin:
             return counted(np.zeros(0, dtype=np.uint8))
-        size = os.fstat(f.fileno()).st_size
-        if size < end:
-            raise OSError(
-                f"{byte_range.url}: short read at byte {begin} ({max(size - begin, 0)} of {end - begin} "
-                "bytes); was the file changed during the run?"
-            )
-        mapped = mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ)
-        mapped.madvise(mmap.MADV_SEQUENTIAL, begin - begin % mmap.PAGESIZE)
-        view = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin)
-        try:
+        with storage.range_view(f, byte_range.url, begin, end) as view:  # mapped where local
             return counted(view)
-        finally:
-            del view
-            try:
-                mapped.close()
-            except BufferError:  # a library still holds a view (numba frees its own later):
-                pass  # the map goes with the last reference to it
 
 
 #: 10, 100, … : a number's decimal digits are 1 + how many of these are not above it
@@ -465,10 +417,8 @@ def place_rows(sizes_url: str, first_position: int, bounds: list[int], storage_o
 def copy_input(source: str, dest_url: str, hard_link: bool) -> InputCopy:
     """Copy a local raw input into the staging folder (a local one) and hash it on the way:
     the manifest's checksum of the copy needs no second read (see storage.copy_hashed)."""
-    src, dest = storage.local_path(source), storage.local_path(dest_url)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    how, digest = storage.copy_hashed(src, dest, hard_link=hard_link)
-    return InputCopy(source, dest_url, os.path.getsize(dest), how, digest)
+    how, digest = storage.copy_hashed(source, dest_url, hard_link=hard_link)
+    return InputCopy(source, dest_url, storage.file_size(dest_url), how, digest)
 
 
 def write_counts(
@@ -710,38 +660,6 @@ def _list_pieces(work_dir: str, parts: tuple[str, ...], storage_options: dict) -
     return sorted(p for p in fs.ls(path, detail=False) if p.endswith(".csv") or p.endswith(".u64"))
 
 
-def _append(out, paths: list[str]) -> None:
-    """Append local files to the open unbuffered file ``out``, in the kernel."""
-    for path in paths:
-        with open(path, "rb") as src:
-            remaining = os.fstat(src.fileno()).st_size
-            while remaining > 0:
-                sent = os.copy_file_range(src.fileno(), out.fileno(), remaining)
-                if sent == 0:
-                    break
-                remaining -= sent
-
-
-@storage.retrying
-def _concatenate(out_url: str, head: bytes, pieces: list[str], storage_options: dict) -> int:
-    """Write ``head`` then every piece, in order, to ``out_url``; returns bytes written."""
-    if storage.is_local(out_url):
-        with open(storage.local_path(out_url), "wb", buffering=0) as out:
-            out.write(head)
-            _append(out, pieces)
-            return out.tell()
-    fs, out_path = storage.get_fs(out_url, storage_options)
-    size = len(head)
-    with fs.open(out_path, "wb") as out:
-        out.write(head)
-        for piece in pieces:
-            with fs.open(piece, "rb") as src:
-                while chunk := src.read(COPY_CHUNK_BYTES):
-                    out.write(chunk)
-                    size += len(chunk)
-    return size
-
-
 def _piece_bytes(path: str) -> int:
     return int(path.rsplit("/", 1)[-1].split("-")[1].split(".")[0])
 
@@ -751,32 +669,14 @@ def assemble_shard(
 ) -> int:
     """The shard's pieces in position order → ``<split_dir>/x###.csv``.
 
-    The first piece of a non-empty shard already holds the header. On a local file
-    system it becomes the shard itself: cut back to its recorded size (which makes a
-    repeated attempt exact), the other pieces appended in the kernel, then renamed.
-    Elsewhere the pieces are copied into the shard.
+    The first piece of a non-empty shard already holds the header; its name records its
+    size. :func:`esm2dask.storage.concatenate_pieces` makes it the shard on a file system
+    (the other pieces appended in the kernel), and copies the pieces elsewhere.
     """
     pieces = _list_pieces(work_dir, (split_dir, f"{shard:03d}"), storage_options)
     out_url = storage.join(tree_dir, split_dir, shard_name(shard))
-    if not pieces:
-        if storage.is_local(out_url) and os.path.exists(storage.local_path(out_url)):
-            return os.path.getsize(storage.local_path(out_url))  # finished by an earlier attempt
-        return _concatenate(out_url, CSV_HEADER, [], storage_options)
-    if not storage.is_local(out_url):
-        return _concatenate(out_url, b"", pieces, storage_options)
-    first = pieces[0]
-    out_path = storage.local_path(out_url)
-    with open(first, "rb") as f:
-        carries_header = f.read(len(CSV_HEADER)) == CSV_HEADER
-    if not carries_header and os.path.exists(out_path):
-        return os.path.getsize(out_path)  # an earlier attempt finished (its first piece became the shard)
-    with open(first, "r+b", buffering=0) as out:
-        out.truncate(_piece_bytes(first))
-        out.seek(0, os.SEEK_END)
-        _append(out, pieces[1:])
-        size = out.tell()
-    os.replace(first, out_path)
-    return size
+    first_bytes = _piece_bytes(pieces[0]) if pieces else 0
+    return storage.concatenate_pieces(out_url, CSV_HEADER, pieces, first_bytes, storage_options)
 
 
 def assemble_array(
@@ -785,7 +685,7 @@ def assemble_array(
     """Concatenate the ``counts``/``starts`` pieces of one split into ``<name>.mmap``."""
     pieces = _list_pieces(work_dir, (split_dir, name), storage_options)
     out_url = storage.join(tree_dir, split_dir, f"{name}.mmap")
-    return _concatenate(out_url, b"", pieces, storage_options)
+    return storage.concatenate(out_url, b"", pieces, storage_options)
 
 
 def raise_missing(url: str, kind: str, n_missing: int, examples: list[str]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -161,6 +160,7 @@ def verify_tree(root: str, storage_options: dict | None = None, num_csv_files: i
     if fs.exists(mpath):
         manifest = _load_manifest(fs, mpath, storage.join(root, MANIFEST_NAME))
     params = manifest.get("parameters", {})
+    # an object store's switch copies file by file: only the manifest, written last, says it ended
     if not manifest and not storage.is_local(root):
         report.problems.append(
             f"{root}: no {MANIFEST_NAME}: on an object store a tree is complete only once its manifest is written"
@@ -240,7 +240,7 @@ def _plain_copies(root: str, listed, report: VerifyReport) -> dict:
             continue
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             report.problems.append(f"{name!r}: an input copy must be a file name inside the tree; not read")
-        elif storage.is_local(root) and os.path.islink(os.path.join(storage.local_path(root), name)):
+        elif storage.link_target(storage.join(root, name)) is not None:
             report.problems.append(f"{name}: input copy is a symbolic link; not followed")
         else:
             copies[name] = entry

@@ -16,11 +16,8 @@ sequences are held in memory.
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
-import tempfile
-from contextlib import contextmanager
 
 import numpy as np
 import polars as pl
@@ -225,26 +222,13 @@ def _first_mismatch(got: pl.Series, want: pl.Series, label: str, what: str) -> s
 # ----------------------------------------------------------------------------- SQLite
 
 
-@contextmanager
-def _local_copy(fs, path: str):
-    """A local path holding the file (SQLite opens only local files)."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="esm2dask-verify-") as folder:
-        local = os.path.join(folder, "copy.db")
-        fs.get_file(path, local)
-        yield local
-
-
 def _check_db(fs, path: str, label: str, report) -> pl.DataFrame | None:
     """DDL, journal mode, types, legal upper-case sequences; returns (id, seq_hash) sorted
     by id, or None."""
     if not fs.exists(path):
         report.problems.append(f"{label}: missing")
         return None
-    with _local_copy(fs, path) as local:
+    with storage.local_copy(fs, path) as local:  # SQLite opens only local files
         try:
             con = sqlite3.connect(f"file:{local}?mode=ro", uri=True)
             try:
