@@ -53,7 +53,7 @@ CONFIGS = (
     ("hf alone", "hf"),
 )
 #: the stages each added layout brings (the uf90 parts and runs are written inside the
-#: fast-uf90 / gather-uf90 tasks, from the same parse: no stage of their own)
+#: fast-uf90 / merge-uf90 tasks, from the same parse: no stage of their own)
 LAYOUT_STAGES = ("bionemo2-sample-ids", "bionemo2-train-layout", "bionemo2-train-pages", "bionemo2-train-db",
                  "bionemo2-train-clusters", "bionemo2-validation", "bionemo2-test", "hf-validation", "hf-test")
 

@@ -402,7 +402,7 @@ def join(run: Run, found: Scan, stream: Stream) -> list:
          blocks.tolist(), storage.join(run.work, "scattered", name, f"{r.index:05d}.csv"), run.storage_options)
         for i, r in enumerate(ranges)
     ])
-    return runner.run(f"gather-{name}", [
+    return runner.run(f"merge-{name}", [
         ([(s.url, s.index_url, s.rows[g], s.rows[g + 1], s.bytes[g], s.bytes[g + 1]) for s in scattered],
          int(blocks[g]), int(blocks[g + 1] - blocks[g]), stream.routing, g)
         for g in range(len(blocks) - 1)

@@ -115,7 +115,7 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
             Stage(f"join-{name}", tasks.join_ids, hash_buckets[name], 0, when),
             over(name, f"scatter-{name}", tasks.scatter_fasta, when),
             # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
-            Stage(f"gather-{name}", tasks.merge_scattered_block, ranges[name], 0, when),
+            Stage(f"merge-{name}", tasks.merge_scattered_block, ranges[name], 0, when),
         ]
     n_shards = len(staged_csv_dirs(config)) * config.num_csv_files
     # at most: the placed folders' shards are written in place, unless their FASTA is out of order
@@ -133,7 +133,7 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
         n_layout_files += 2 + 2 * len(evals)
     if hf:
         table += [Stage(f"hf-{split}", formats.write_hf_eval_part, 1, exact=False) for _, split, _, _ in evals]
-        # train: one part per uf90 range (written by fast-uf90 or gather-uf90), eval: one each
+        # train: one part per uf90 range (written by fast-uf90 or merge-uf90), eval: one each
         n_layout_files += ranges["uf90"] + len(evals)
     n_files = (n_shards if esm2nv else 0) + n_arrays(config) + n_layout_files + n_copies - n_task_copies
     # sha256 of every output file and of every input copied beside them (but those the

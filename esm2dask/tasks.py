@@ -22,7 +22,7 @@ When the order does not hold, step 3 joins ids first and moves each record once:
 the FASTA names (with where each record is) by hash of the id; :func:`join_ids` joins
 one bucket, so that each record learns its positions; :func:`scatter_fasta` converts a
 range again and writes its rows, with their ids, sorted by position;
-:func:`merge_scattered_block` (the ``gather-*`` stages) merges one block of consecutive
+:func:`merge_scattered_block` (the ``merge-*`` stages) merges one block of consecutive
 positions from every range and writes its pieces.
 """
 

@@ -128,7 +128,7 @@ def test_driver_killed_then_resumed(external_cluster, cluster_raw, reference_dig
            "--scheduler-file", external_cluster, "--partition-size", "20KB"]
     driver = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     for line in driver.stderr:  # -v: esm2dask's log lines, one per stage start
-        if "esm2dask INFO: gather-uf90:" in line:
+        if "esm2dask INFO: merge-uf90:" in line:
             break  # the moment: uf90's join is done, its gather stage starting
     driver.send_signal(signal.SIGKILL)
     driver.wait()
