@@ -229,6 +229,14 @@ def local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+def _file_system_path(url: str, what: str) -> str:
+    """``url``'s path, for a call that works on a file system only (``what``): an object
+    store's key would be opened as a relative path under the working folder."""
+    if not is_local(url):
+        raise ValueError(f"{what} needs a file on a file system, not {url}")
+    return local_path(url)
+
+
 def ensure_parent(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """Make ``url``'s parent folder where the store has folders; returns the path to open
     (a file system's own path; the path within the store elsewhere)."""
@@ -469,7 +477,7 @@ def copy_hashed(src: str, dest: str, hard_link: bool = False) -> tuple[str, str]
     or reflink shares the blocks, which are hashed by reading ``src``. ``dest`` appears
     whole or not at all (a temporary beside it, then a rename); no link is followed there.
     """
-    src, dest = local_path(src), ensure_parent(dest)
+    src, dest = _file_system_path(src, "copy_hashed"), ensure_parent(_file_system_path(dest, "copy_hashed"))
     tmp = temporary_beside(dest)
     digest = hashlib.sha256()
     try:
@@ -720,7 +728,7 @@ def write_at(url: str, offset: int, payload) -> None:
     """``payload`` at byte ``offset`` of the existing file ``url`` (``pwrite``; a file
     system's file only: an object store has no writes at an offset). A task run again
     writes the same bytes at the same place."""
-    path = local_path(url)
+    path = _file_system_path(url, "write_at")
     fd = os.open(path, os.O_WRONLY)
     try:
         done = 0
@@ -979,7 +987,10 @@ def is_plain_file(url: str, storage_options: dict[str, Any] | None = None) -> bo
     object store, whether the object exists."""
     if not is_local(url):
         fs, path = get_fs(url, storage_options)
-        return fs.isfile(path)
+        try:  # not fs.isfile, which answers False on any error (a throttled request too)
+            return fs.info(path)["type"] == "file"
+        except FileNotFoundError:
+            return False
     try:
         return stat.S_ISREG(os.lstat(_fs_path(url)).st_mode)
     except FileNotFoundError:
@@ -1019,7 +1030,7 @@ def remove_empty_folders(url: str) -> None:
     """Remove every empty folder under ``url``, deepest first, and ``url`` itself if it is
     left empty (never a file, never through a link). Nothing to do on an object store,
     whose folders are prefixes of objects."""
-    if not is_local(url):
+    if not is_local(url) or not is_plain_folder(url):  # os.walk would follow a link at the top
         return
     for root, _, _ in sorted(os.walk(_fs_path(url)), key=lambda w: -len(w[0])):
         try:

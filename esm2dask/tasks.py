@@ -380,13 +380,20 @@ def count_fasta(byte_range: ByteRange, storage_options: dict, sizes_url: str | N
         storage.write_npy(sizes_url, row_sizes(view, n), storage_options)
         return CountReceipt(n, content_digest(byte_range.url, view), sizes_url)
 
+    return _count_range(byte_range, storage_options, counted)
+
+
+@storage.retrying  # a dropped connection or a throttled read of an object store
+def _count_range(byte_range: ByteRange, storage_options: dict, counted):
     with storage.open_input(byte_range.url, storage_options) as f:
         begin = find_record_start(f, byte_range.start, byte_range.file_size)
         end = find_record_start(f, byte_range.stop, byte_range.file_size)
         if end <= begin:
             return counted(np.zeros(0, dtype=np.uint8))
         with storage.range_view(f, byte_range.url, begin, end) as view:  # mapped where local
-            return counted(view)
+            result = counted(view)
+            del view  # the last reference: the map is closed as the view's context ends
+        return result
 
 
 #: 10, 100, … : a number's decimal digits are 1 + how many of these are not above it

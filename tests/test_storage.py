@@ -309,3 +309,58 @@ def test_folder_questions_on_a_file_system(tmp_path):
     assert storage.is_inside(str(tmp_path / "raw"), str(tmp_path / "raw"))
     assert storage.is_inside(str(tmp_path / "raw" / "out"), "file://" + str(tmp_path))
     assert not storage.is_inside(str(tmp_path / "rawer"), str(tmp_path / "raw"))
+
+
+def test_an_object_store_error_is_not_a_missing_file(s3, monkeypatch):
+    """fsspec's isfile answers False on any error; a throttled or refused request must
+    not read as 'no such file' (a resumable run would be taken for a stale one)."""
+    base, options = s3
+    fs, _ = storage.get_fs(base, options)
+
+    def refused(path, **kwargs):
+        raise PermissionError("AccessDenied")
+
+    monkeypatch.setattr(fs, "info", refused)  # fsspec caches the instance get_fs gives
+    with pytest.raises(PermissionError):
+        storage.is_plain_file(storage.join(base, "plan.json"), options)
+
+
+def test_remove_empty_folders_never_goes_through_a_link_at_the_top(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "empty").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    os.symlink(outside, tmp_path / "out" / "link")
+    storage.remove_empty_folders(str(tmp_path / "out" / "link"))
+    assert (outside / "empty").is_dir()
+
+
+def test_file_system_only_calls_refuse_an_object_store_url(tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x")
+    with pytest.raises(ValueError, match="file system"):
+        storage.write_at("s3://bucket/key", 0, b"y")
+    with pytest.raises(ValueError, match="file system"):
+        storage.copy_hashed(str(src), "s3://bucket/key")
+    assert not os.path.exists("bucket") and not os.path.exists(os.path.join(os.getcwd(), "bucket"))
+
+
+def test_a_count_retries_a_dropped_read(tmp_path, monkeypatch, caplog):
+    """The count pass reads its range again after a transient error, as the others do."""
+    from esm2dask import tasks
+    from esm2dask.ranges import ByteRange
+
+    fasta = tmp_path / "in.fasta"
+    fasta.write_bytes(b">a\nMK\n>b\nLL\n")
+    real, calls = storage.open_input, []
+
+    def flaky(url, options):
+        calls.append(url)
+        if len(calls) == 1:
+            raise ConnectionResetError("connection reset by peer")
+        return real(url, options)
+
+    monkeypatch.setattr(storage, "open_input", flaky)
+    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.0)
+    size = fasta.stat().st_size
+    receipt = tasks.count_fasta(ByteRange(str(fasta), 0, size, 0, size), {})
+    assert receipt.n_records == 2 and len(calls) == 2
