@@ -640,9 +640,9 @@ def write_npy(url: str, array, storage_options: dict[str, Any] | None = None) ->
         np.save(f, array, allow_pickle=False)
 
 
-def read_npy(url: str, storage_options: dict[str, Any] | None = None, mmap: bool = True):
+def read_npy(url: str, storage_options: dict[str, Any] | None = None, mapped: bool = True):
     """The array in the ``.npy`` file ``url`` (``numpy.load``'s result, ``mmap_mode="r"``
-    for a local file when ``mmap``), its header read without ``ast`` (see
+    for a local file when ``mapped``), its header read without ``ast`` (see
     :mod:`esm2dask.npyfile`)."""
     if is_local(url):
         path = local_path(url)
@@ -653,7 +653,7 @@ def read_npy(url: str, storage_options: dict[str, Any] | None = None, mmap: bool
             except EOFError as short:
                 f.seek(0)
                 dtype, shape, offset = npyfile.parse_header(f.read(short.args[0]), url)
-            if not mmap or math.prod(shape) == 0:
+            if not mapped or math.prod(shape) == 0:
                 f.seek(offset)
                 return np.fromfile(f, dtype=dtype, count=math.prod(shape)).reshape(shape)
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
