@@ -268,44 +268,47 @@ def sample_member_ids(members_url: str, n_members: int, n_samples: int, seed: in
 
 
 def _chunk_rows(slices: list[Slice], storage_options: dict):
-    """One id range of every sorted run, as one Arrow table of ``id``, ``sequence``."""
+    """One id range of every sorted run, as one Arrow table of ``id``, ``sequence`` (local runs
+    memory-mapped: a column's bytes are read where a task touches them, and only then)."""
     import pyarrow as pa
 
-    frame = read_slices(slices, storage_options)
-    if frame is None:
+    table = storage.read_arrow_slices(slices, storage_options)
+    if table is None:
         return pa.table({"id": pa.array([], pa.string()), "sequence": pa.array([], pa.string())})
-    return frame.to_arrow()
+    return table
 
 
-def _id_order(table) -> np.ndarray:
+def _id_order(ids) -> np.ndarray:
     """Of each id's first row, in id order (bytewise), its row number: the rows sorted and distinct."""
-    frame = pl.from_arrow(table.select(["id"]))
+    frame = pl.from_arrow(ids).to_frame("id")
     return (frame.with_row_index("row").sort("id", maintain_order=True)
             .unique("id", keep="first", maintain_order=True)["row"].to_numpy().astype(np.int64))
 
 
 def layout_train_chunk(slices: list[Slice], first_rowid: int, order_url: str, page_size: int,
                        storage_options: dict) -> sqlite_pages.ChunkLayout:
-    """Sort one id range and count the ``train.db`` pages its rows fill; keep the order."""
+    """Sort one id range and count the ``train.db`` pages its rows fill; keep the order. Of
+    the sequences only their lengths are read (from the Arrow offsets), never their bytes."""
+    import pyarrow.compute as pc
+
     table = _chunk_rows(slices, storage_options)
-    order = _id_order(table)
+    order = _id_order(table["id"])
     with storage.local_build(order_url, storage_options) as path:
         with open(path, "wb") as f:
             np.save(f, order, allow_pickle=False)
-    import pyarrow.compute as pc
-
-    lengths = pc.binary_length(table["sequence"]).to_numpy().astype(np.int64)
-    return sqlite_pages.layout_rows(table["id"].take(order), lengths[order], first_rowid, page_size)
+    id_lengths, seq_lengths = (pc.binary_length(table[c]).to_numpy().astype(np.int64) for c in ("id", "sequence"))
+    return sqlite_pages.layout_rows(id_lengths[order], seq_lengths[order], first_rowid, page_size)
 
 
 def write_train_chunk(slices: list[Slice], order_url: str, first_rowid: int, first_page: int, db_url: str,
                       edges_url: str, region_url: str, page_size: int, storage_options: dict) -> TrainChunkReceipt:
     """One id range's pages into the database file at their place (``pwrite``); on object
-    storage into a file of their own, uploaded to ``region_url``. The edges go to ``edges_url``."""
+    storage into a file of their own, uploaded to ``region_url``. The edges go to ``edges_url``.
+    The rows are read in id order through the saved order, not sorted into a copy."""
     table = _chunk_rows(slices, storage_options)
     with storage.local_source(order_url, storage_options) as path:
         order = np.load(path, allow_pickle=False)
-    chunk = sqlite_pages.Chunk(table["id"].take(order), table["sequence"].take(order), first_rowid, page_size)
+    chunk = sqlite_pages.Chunk(table["id"], table["sequence"], first_rowid, page_size, order=order)
     if storage.is_local(db_url):
         os.makedirs(os.path.dirname(storage.local_path(db_url)), exist_ok=True)
         edges = chunk.write(storage.local_path(db_url), first_page)
