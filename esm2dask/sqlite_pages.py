@@ -615,6 +615,23 @@ def _varint(v: int) -> bytes:
     return buf[: _put_varint(buf, 0, v)].tobytes()
 
 
+@njit(nogil=True, cache=True)
+def _put_varints(values, buf, ends):
+    pos = 0
+    for k in range(len(values)):
+        pos = _put_varint(buf, pos, values[k])
+        ends[k] = pos
+
+
+def _varints(values: np.ndarray) -> list[bytes]:
+    """:func:`_varint` of each value, encoded in one call (a table's keys: one per leaf)."""
+    values = np.ascontiguousarray(values, np.int64)
+    buf, ends = np.zeros(9 * len(values), np.uint8), np.zeros(len(values), np.int64)
+    _put_varints(values, buf, ends)
+    data, cuts = buf.tobytes(), [0, *ends.tolist()]
+    return [data[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 def _leaf_page(kind: int, cells: list[bytes], u: int, header_at: int = 0) -> bytearray:
     page = bytearray(u)
     top = u
@@ -733,7 +750,7 @@ def _interior_level(children: list[int], keys: list[bytes], pages: _Pages, kind:
 def _table_root(leaves: list[int], max_rowids: list[int], pages: _Pages) -> int:
     if not leaves:
         return pages.add(_leaf_page(_LEAF_TABLE, [], pages.u))
-    keys = [_varint(r) for r in max_rowids]
+    keys = _varints(np.asarray(max_rowids, np.int64))
     while len(leaves) > 1:
         leaves, keys = _interior_level(leaves, keys, pages, _INTERIOR_TABLE)
     return leaves[0]

@@ -315,6 +315,12 @@ def test_varints_decode_as_the_format_says(v):
     assert _read_varint(encoded + b"\x00" * 9) == (v, len(encoded)) and len(encoded) == sp._varint_len(v)
 
 
+def test_varints_in_one_call_are_each_varint():
+    values = [0, 1, 127, 128, 16383, 16384, 2**32, 2**56 - 1, 2**56, 2**63 - 1, 5, 300]
+    assert sp._varints(np.array(values)) == [sp._varint(v) for v in values]
+    assert sp._varints(np.array([], np.int64)) == []
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(0, 1200), id_max=st.sampled_from([8, 60, 130, 400]), seq_max=st.sampled_from([0, 40, 700, 3000]),
        cut_fractions=st.lists(st.floats(0, 1), max_size=8), lock_at=st.none() | st.integers(9, 700),
