@@ -526,15 +526,16 @@ def measure_train_db(n_rows: int, workers: int, page_sizes: tuple[int, ...], fol
 
 
 #: Seconds every way waits (untimed) before it starts, after an ``os.sync``.
-SETTLE_S = 10
+SETTLE_S = 30
 
 
 def _settle() -> None:
     """Let every way start from the same state: no dirty page left by the way before, and no
-    memory freed a moment ago. On this VM (Firecracker, free page reporting) memory free for a
-    few seconds is handed back to the host: a new file's pages then go at about 400 MB/s, but
-    at 4 GB/s into memory freed an instant before (measured: results/train_db.md), which would
-    favour whichever way runs right after a file is deleted."""
+    memory freed a moment ago. On this VM (Firecracker, free page reporting) freed memory is
+    handed back to the host within seconds, and a new file's pages then go at about 400 MB/s,
+    but at up to 4 GB/s into memory freed an instant before: 6 GiB freed, a new 3 GiB file
+    10 s later went at 791 MB/s, 25 s and 45 s later at 399 and 415 MB/s. Without the wait
+    whichever way ran first after a deletion was favoured (measured: results/train_db.md)."""
     os.sync()
     time.sleep(SETTLE_S)
 
