@@ -5,10 +5,12 @@ B-trees (sqlite.org, "Database File Format"): the table keyed by rowid, and the 
 ``sqlite_autoindex_protein_1`` keyed by ``(id, rowid)``. From rows sorted by id, with rowid
 ascending in id order, both can be built bottom-up and in parallel:
 
-1. Each worker sorts its id range (a *chunk*) and lays it out (:func:`layout_rows`): how many
-   table leaves, index leaves and overflow pages its rows fill. Nothing is written yet.
+1. Each worker sorts its id range (a *chunk*) and lays it out (:func:`layout_rows`, from the
+   lengths of its ids and sequences): how many table leaves, index leaves and overflow pages its
+   rows fill. Nothing is written yet.
 2. The driver gives every chunk a contiguous run of page numbers (:func:`plan_pages`, pure).
-3. Each worker writes its pages there (:func:`write_chunk`, one ``pwrite``): table leaves, the
+3. Each worker writes its pages there (:meth:`Chunk.write`, a few MiB a ``pwrite``, its rows
+   read through the sorted order): table leaves, the
    index leaves between its first and last, overflow pages. It hands back, in a small file
    (:class:`ChunkEdges`), what the tree above needs: each table leaf's largest rowid, and the
    index cells it did not place (its first and last index leaf, and the divider cells between
