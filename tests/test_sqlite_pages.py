@@ -360,11 +360,11 @@ def _long_rows(seed: int, page_size: int) -> list[tuple[str, str]]:
     return sorted(rows.items(), key=lambda r: r[0].encode())
 
 
-def _write_one(path: Path, chunks: list, window_bytes: int | None = None) -> bytes:
+def _write_one(path: Path, chunks: list, window_bytes: int | None = None, direct: bool = True) -> bytes:
     """``chunks`` written as one database (``window_bytes`` at a time); the file's bytes."""
     layouts = [c.layout for c in chunks]
     path.write_bytes(b"")
-    kw = {} if window_bytes is None else {"window_bytes": window_bytes}
+    kw = {"direct": direct} if window_bytes is None else {"window_bytes": window_bytes, "direct": direct}
     edges = [c.write(str(path), f, **kw) for c, f in zip(chunks, sp.plan_pages(layouts))]
     sp.finish_database(str(path), edges, sp.chunk_pages_end(layouts), chunks[0].u)
     return path.read_bytes()
@@ -419,6 +419,36 @@ def test_pages_written_a_window_at_a_time_are_the_same_bytes(tmp_path):
             assert _write_one(tmp_path / "default.db", chunks) == whole
             check(tmp_path / "default.db", rows, page_size, len(whole) // page_size, cli=True,
                   pending=(lock - 1) * page_size)
+
+
+@pytest.mark.parametrize("page_size", [4096, 65536])
+def test_pages_written_past_the_page_cache_are_the_same_bytes(tmp_path, monkeypatch, page_size):
+    """``O_DIRECT`` writes (taken here: ext4 or the like under the temp folder), writes through
+    the page cache, and a file system that takes ``O_DIRECT`` at open but refuses the write
+    (EINVAL: written again through the page cache) give the same file."""
+    import errno
+    import fcntl
+    import os
+
+    rows = _long_rows(35, page_size)
+    chunks = [sp.Chunk(i, s, 1 + a, page_size) for (i, s), a in zip(_chunks(rows, [100, 400]), [0, 100, 400])]
+    with sp._PageFile(str(tmp_path / "probe"), True) as probe:
+        direct_taken = probe.direct
+    buffered = _write_one(tmp_path / "buffered.db", chunks, direct=False)
+    assert _write_one(tmp_path / "direct.db", chunks, window_bytes=3 * page_size) == buffered
+    real = sp._pwrite_all
+    refused = []
+
+    def refuse_direct(fd, buf, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, buf, offset)
+
+    monkeypatch.setattr(sp, "_pwrite_all", refuse_direct)
+    assert _write_one(tmp_path / "refused.db", chunks, window_bytes=3 * page_size) == buffered
+    assert len(refused) == (3 if direct_taken else 0)  # one a chunk: the rest go through the page cache
+    check(tmp_path / "refused.db", rows, page_size, len(buffered) // page_size)
 
 
 def test_layout_from_lengths_is_the_chunks_layout():
