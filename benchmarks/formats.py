@@ -430,6 +430,7 @@ def _disk_write_rate(folder: Path, total: int = 2 << 30) -> dict:
     pages are fresh memory, as a database's are."""
     import mmap
 
+    total -= total % (1 << 20)  # whole blocks, as O_DIRECT needs
     buf = np.frombuffer(mmap.mmap(-1, 64 << 20), np.uint8)  # page-aligned, as O_DIRECT needs
     buf[:] = np.random.default_rng(0).integers(0, 256, len(buf), dtype=np.uint8)
     rates = {}
@@ -499,7 +500,7 @@ def measure_train_db(n_rows: int, workers: int, page_sizes: tuple[int, ...], fol
     # spawned, not forked: a fork of a process whose Arrow/polars threads hold locks can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_warm, range(workers)))
-        disk_bytes = min(4 << 30, max(64 << 20, text))  # about the database's size
+        disk_bytes = min(4 << 30, max(64 << 20, text)) >> 20 << 20  # about the database's size, whole MiB
         result["disk_write_MB_per_s"] = _disk_write_rate(folder, disk_bytes)
         result["disk_test_bytes"] = disk_bytes
         print(result["disk_write_MB_per_s"], flush=True)
