@@ -411,31 +411,61 @@ def _run_new(pool, buckets, folder: Path, page_size: int) -> dict:
     t2 = time.perf_counter()
     written = formats.finish_train_db([x for x, _ in wrote], layouts, pages, out, page_size, {})
     t3 = time.perf_counter()
+    fsync_s = _fsync_seconds(out)
     for b in range(n):
         os.unlink(order[b])
         os.unlink(folder / f"edges-{b:05d}.npz")
     return {"page_size": page_size, "rows": written.rows, "layout_stage_s": round(t1 - t0, 2),
             "layout_task_s": round(sum(s for _, s in lay), 2), "pages_stage_s": round(t2 - t1, 2),
             "pages_task_s": round(sum(s for _, s in wrote), 2), "final_s": round(t3 - t2, 3),
-            "total_s": round(t3 - t0, 2), "db_bytes": written.bytes, "path": out}
+            "total_s": round(t3 - t0, 2), "fsync_after_s": round(fsync_s, 2), "db_bytes": written.bytes, "path": out}
 
 
 def _disk_write_rate(folder: Path, total: int = 2 << 30) -> dict:
-    """MB/s of 64 MiB ``pwrite`` calls into one new file, without and then with ``fsync``."""
-    buf = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
+    """MB/s of 64 MiB ``pwrite`` calls into one new file of ``total`` bytes, in one pass: to
+    the last ``pwrite`` (``page_cache``: the bytes in memory, not on the disk) and to the end
+    of the ``fsync`` after it (``fsync``: the bytes on the disk, what a file of many times the
+    memory costs); then a second new file written with ``O_DIRECT``, as the page writer writes
+    its pages, to the end of its ``fsync`` (``direct``). The files are new, so the first one's
+    pages are fresh memory, as a database's are."""
+    import mmap
+
+    total -= total % (1 << 20)  # whole blocks, as O_DIRECT needs
+    buf = np.frombuffer(mmap.mmap(-1, 64 << 20), np.uint8)  # page-aligned, as O_DIRECT needs
+    buf[:] = np.random.default_rng(0).integers(0, 256, len(buf), dtype=np.uint8)
     rates = {}
-    for sync in (False, True):
+    for how, flags in (("page_cache", 0), ("direct", getattr(os, "O_DIRECT", 0))):
         path = folder / "disk.bin"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
+        except OSError:  # a file system without O_DIRECT (tmpfs): the page writer writes buffered there
+            rates["direct"] = rates["fsync"]
+            continue
         t = time.perf_counter()
         for off in range(0, total, len(buf)):
-            os.pwrite(fd, buf, off)
-        if sync:
-            os.fsync(fd)
-        rates["fsync" if sync else "page_cache"] = round(total / (time.perf_counter() - t) / 1e6)
+            os.pwrite(fd, buf[: min(len(buf), total - off)], off)
+        written = time.perf_counter() - t
+        os.fsync(fd)
+        synced = time.perf_counter() - t
         os.close(fd)
         os.unlink(path)
+        if how == "page_cache":
+            rates["page_cache"], rates["fsync"] = round(total / written / 1e6), round(total / synced / 1e6)
+            _settle()  # the second file does not write into the memory the first one freed
+        else:
+            rates["direct"] = round(total / synced / 1e6)
     return rates
+
+
+def _fsync_seconds(path: str) -> float:
+    """Seconds to put on the disk what of ``path`` is not there yet (written, never synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t = time.perf_counter()
+        os.fsync(fd)
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
 
 
 def _lookups(path: str, ids: list[str], repeats: int = 1) -> float:
@@ -470,34 +500,29 @@ def measure_train_db(n_rows: int, workers: int, page_sizes: tuple[int, ...], fol
     # spawned, not forked: a fork of a process whose Arrow/polars threads hold locks can hang
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_warm, range(workers)))
-        disk_bytes = min(2 << 30, max(64 << 20, text))
+        disk_bytes = min(4 << 30, max(64 << 20, text)) >> 20 << 20  # about the database's size, whole MiB
         result["disk_write_MB_per_s"] = _disk_write_rate(folder, disk_bytes)
         result["disk_test_bytes"] = disk_bytes
         print(result["disk_write_MB_per_s"], flush=True)
-        new = []
-        for u in page_sizes:
-            new.append(_run_new(pool, buckets, folder, u))
-            print(new[-1], flush=True)
+        # Today's way first: its database answers the lookups every other is held to.
+        _settle()
         old = _run_old(pool, buckets, folder)
         print(old, flush=True)
-    # checks: the same rows; SQLite's own integrity_check of every page writer's database
-    con_old = sqlite3.connect(str(folder / "old.db"))
-    want = {i: con_old.execute("SELECT sequence FROM protein WHERE id = ?", (i,)).fetchone() for i in ids}
-    con_old.close()
-    old["lookups_per_s"] = _lookups(str(folder / "old.db"), ids)
-    os.unlink(folder / "old.db")
-    for r in new:
-        con = sqlite3.connect(f"file:{r['path']}?mode=ro", uri=True)
-        assert con.execute("SELECT count(*) FROM protein").fetchone()[0] == old["rows"] == r["rows"]
-        assert all(con.execute("SELECT sequence FROM protein WHERE id = ?", (i,)).fetchone() == want[i] for i in ids)
-        tq = time.perf_counter()
-        r["integrity_check"] = con.execute("PRAGMA integrity_check").fetchone()[0]
-        r["integrity_check_s"] = round(time.perf_counter() - tq, 1)
-        assert r["integrity_check"] == "ok", (r["page_size"], r["integrity_check"])
-        con.close()
-        r["lookups_per_s"] = _lookups(r["path"], ids)
-        os.unlink(r.pop("path"))
-    disk = result["disk_write_MB_per_s"]["fsync"] * 1e6
+        con_old = sqlite3.connect(str(folder / "old.db"))
+        want = {i: con_old.execute("SELECT sequence FROM protein WHERE id = ?", (i,)).fetchone() for i in ids}
+        con_old.close()
+        old["lookups_per_s"] = _lookups(str(folder / "old.db"), ids)
+        os.unlink(folder / "old.db")
+        new = []
+        for u in page_sizes:
+            _settle()
+            r = _run_new(pool, buckets, folder, u)
+            print(r, flush=True)
+            _check_new(r, old["rows"], ids, want)  # and deleted
+            new.append(r)
+    # the disk as the page writer writes to it: O_DIRECT (page sizes 4096 and up), on the disk
+    # at the end of the fsync
+    disk = result["disk_write_MB_per_s"]["direct"] * 1e6
     for r in new:
         r["rows_per_s"] = round(n_rows / _at_least(r["total_s"]))
         r["vs_old"] = round(old["total_s"] / _at_least(r["total_s"]), 1)
@@ -508,7 +533,7 @@ def measure_train_db(n_rows: int, workers: int, page_sizes: tuple[int, ...], fol
         compute = NVIDIA_TRAIN_ROWS / (64 * per_worker)
         write = r["db_bytes"] * scale / disk
         r["projected_187M_64_workers_s"] = {"workers (layout + pages)": round(compute, 1),
-                                            "disk (the file at the fsync rate)": round(write, 1),
+                                            "disk (the file at the O_DIRECT + fsync rate)": round(write, 1),
                                             "final step (scaled with the leaves)": round(r["final_s"] * scale, 1),
                                             "total": round(max(compute, write) + r["final_s"] * scale, 1)}
     old["rows_per_s"] = round(n_rows / _at_least(old["total_s"]))
@@ -517,6 +542,35 @@ def measure_train_db(n_rows: int, workers: int, page_sizes: tuple[int, ...], fol
                                                + NVIDIA_TRAIN_ROWS / (64 * n_rows / _at_least(old["bucket_task_s"])), 1)
     result["old"], result["new"] = old, new
     return result
+
+
+#: Seconds every way waits (untimed) before it starts, after an ``os.sync``.
+SETTLE_S = 30
+
+
+def _settle() -> None:
+    """Let every way start from the same state: no dirty page left by the way before, and no
+    memory freed a moment ago. On this VM (Firecracker, free page reporting) freed memory is
+    handed back to the host within seconds, and a new file's pages then go at about 400 MB/s,
+    but at up to 4 GB/s into memory freed an instant before: 6 GiB freed, a new 3 GiB file
+    10 s later went at 791 MB/s, 25 s and 45 s later at 399 and 415 MB/s. Without the wait
+    whichever way ran first after a deletion was favoured (measured: results/train_db.md)."""
+    os.sync()
+    time.sleep(SETTLE_S)
+
+
+def _check_new(r: dict, rows: int, ids: list[str], want: dict) -> None:
+    """A page writer's database: the same rows as today's, SQLite's own integrity_check; then deleted."""
+    con = sqlite3.connect(f"file:{r['path']}?mode=ro", uri=True)
+    assert con.execute("SELECT count(*) FROM protein").fetchone()[0] == rows == r["rows"]
+    assert all(con.execute("SELECT sequence FROM protein WHERE id = ?", (i,)).fetchone() == want[i] for i in ids)
+    tq = time.perf_counter()
+    r["integrity_check"] = con.execute("PRAGMA integrity_check").fetchone()[0]
+    r["integrity_check_s"] = round(time.perf_counter() - tq, 1)
+    assert r["integrity_check"] == "ok", (r["page_size"], r["integrity_check"])
+    con.close()
+    r["lookups_per_s"] = _lookups(r["path"], ids)
+    os.unlink(r.pop("path"))
 
 
 def _at_least(seconds: float) -> float:
@@ -567,8 +621,13 @@ def _train_db_table(r: dict, command: str, seconds: float) -> str:
         "writer's final step (interior pages, seams, page 1, header: no row). "
         f"Today's merge alone: {old['merge_rows_per_s']:,} rows/s.",
         "",
-        f"Disk: {disk['page_cache']:,} MB/s into the page cache, {disk['fsync']:,} MB/s with `fsync` "
-        f"(64 MiB `pwrite`s of a {r.get('disk_test_bytes', 2 << 30) / 2**30:.2g} GiB file).",
+        f"Disk: {disk['page_cache']:,} MB/s into the page cache, {disk['fsync']:,} MB/s to the end of an `fsync` "
+        f"(one pass of 64 MiB `pwrite`s into a new {r.get('disk_test_bytes', 2 << 30) / 2**30:.2g} GiB file, "
+        f"before the runs); {disk.get('direct', '?'):,} MB/s to the end of an `fsync` with `O_DIRECT` (a second "
+        "new file, the way the page writer writes its pages). Today's way syncs nothing; the page writer's "
+        "finished file then took "
+        + ", ".join(f"{x.get('fsync_after_s', '?')} s ({x['page_size']})" for x in new)
+        + " to `fsync` (what was not on the disk yet: its final step's pages).",
         "",
         f"## Projection: NVIDIA's {NVIDIA_TRAIN_ROWS:,} train rows on 64 workers (page size {best['page_size']})",
         "",
@@ -577,6 +636,8 @@ def _train_db_table(r: dict, command: str, seconds: float) -> str:
         "",
         "| part | s |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in p.items()],
+        f"| disk that 30 s would need | {best['db_bytes'] * NVIDIA_TRAIN_ROWS / r['rows'] / 30e9:.1f} GB/s "
+        f"({best['db_bytes'] * NVIDIA_TRAIN_ROWS / r['rows'] / 1e9:,.0f} GB) |",
         f"| today (merge at {old['merge_rows_per_s']:,} rows/s after the bucket databases) | "
         f"{old['projected_187M_64_workers_s']} |",
         "",

@@ -257,44 +257,44 @@ def sample_member_ids(members_url: str, n_members: int, n_samples: int, seed: in
 
 
 def _chunk_rows(slices: list[Slice], storage_options: dict):
-    """One id range of every sorted run, as one Arrow table of ``id``, ``sequence``."""
+    """One id range of every sorted run, as one Arrow table of ``id``, ``sequence`` (local runs
+    memory-mapped: a column's bytes are read where a task touches them, and only then)."""
     import pyarrow as pa
 
-    frame = read_slices(slices, storage_options)
-    if frame is None:
+    table = storage.read_arrow_slices(slices, storage_options)
+    if table is None:
         return pa.table({"id": pa.array([], pa.string()), "sequence": pa.array([], pa.string())})
-    return frame.to_arrow()
+    return table
 
 
-def _id_order(table) -> np.ndarray:
+def _id_order(ids) -> np.ndarray:
     """Of each id's first row, in id order (bytewise), its row number: the rows sorted and distinct."""
-    frame = pl.from_arrow(table.select(["id"]))
+    frame = pl.from_arrow(ids).to_frame("id")
     return (frame.with_row_index("row").sort("id", maintain_order=True)
             .unique("id", keep="first", maintain_order=True)["row"].to_numpy().astype(np.int64))
 
 
 def layout_train_chunk(slices: list[Slice], first_rowid: int, order_url: str, page_size: int,
                        storage_options: dict) -> sqlite_pages.ChunkLayout:
-    """Sort one id range and count the ``train.db`` pages its rows fill; keep the order."""
-    table = _chunk_rows(slices, storage_options)
-    order = _id_order(table)
-    with storage.local_build(order_url, storage_options) as path:
-        with open(path, "wb") as f:
-            np.save(f, order, allow_pickle=False)
+    """Sort one id range and count the ``train.db`` pages its rows fill; keep the order. Of
+    the sequences only their lengths are read (from the Arrow offsets), never their bytes."""
     import pyarrow.compute as pc
 
-    lengths = pc.binary_length(table["sequence"]).to_numpy().astype(np.int64)
-    return sqlite_pages.layout_rows(table["id"].take(order), lengths[order], first_rowid, page_size)
+    table = _chunk_rows(slices, storage_options)
+    order = _id_order(table["id"])
+    storage.write_npy(order_url, order, storage_options)
+    id_lengths, seq_lengths = (pc.binary_length(table[c]).to_numpy().astype(np.int64) for c in ("id", "sequence"))
+    return sqlite_pages.layout_rows(id_lengths[order], seq_lengths[order], first_rowid, page_size)
 
 
 def write_train_chunk(slices: list[Slice], order_url: str, first_rowid: int, first_page: int, db_url: str,
                       edges_url: str, region_url: str, page_size: int, storage_options: dict) -> TrainChunkReceipt:
     """One id range's pages into the database file at their place (``pwrite``); on object
-    storage into a file of their own, uploaded to ``region_url``. The edges go to ``edges_url``."""
+    storage into a file of their own, uploaded to ``region_url``. The edges go to ``edges_url``.
+    The rows are read in id order through the saved order, not sorted into a copy."""
     table = _chunk_rows(slices, storage_options)
-    with storage.local_source(order_url, storage_options) as path:
-        order = np.load(path, allow_pickle=False)
-    chunk = sqlite_pages.Chunk(table["id"].take(order), table["sequence"].take(order), first_rowid, page_size)
+    order = storage.read_npy(order_url, storage_options, mapped=False)  # its header without ast
+    chunk = sqlite_pages.Chunk(table["id"], table["sequence"], first_rowid, page_size, order=order)
     in_place = storage.is_local(db_url)  # pwrite at offsets into one file: a file system's alone
     if in_place:
         edges = chunk.write(storage.ensure_parent(db_url), first_page)
@@ -579,7 +579,7 @@ class Layouts:
         out_url = storage.join(self.tree, BIONEMO2_DIR, "train.db")
         chunks = self.runner.run("bionemo2-train-pages", [
             (slices[b], order[b], first_rowids[b], firsts[b], pages_url,
-             storage.join(scratch, "edges", f"{b:05d}.npz"), storage.join(scratch, "regions", f"{b:05d}.pages"),
+             storage.join(scratch, "edges", f"{b:05d}.bin"), storage.join(scratch, "regions", f"{b:05d}.pages"),
              DB_PAGE_SIZE, self.storage_options)
             for b in range(n)
         ])

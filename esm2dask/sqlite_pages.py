@@ -5,10 +5,12 @@ B-trees (sqlite.org, "Database File Format"): the table keyed by rowid, and the 
 ``sqlite_autoindex_protein_1`` keyed by ``(id, rowid)``. From rows sorted by id, with rowid
 ascending in id order, both can be built bottom-up and in parallel:
 
-1. Each worker sorts its id range (a *chunk*) and lays it out (:func:`layout_rows`): how many
-   table leaves, index leaves and overflow pages its rows fill. Nothing is written yet.
+1. Each worker sorts its id range (a *chunk*) and lays it out (:func:`layout_rows`, from the
+   lengths of its ids and sequences): how many table leaves, index leaves and overflow pages its
+   rows fill. Nothing is written yet.
 2. The driver gives every chunk a contiguous run of page numbers (:func:`plan_pages`, pure).
-3. Each worker writes its pages there (:func:`write_chunk`, one ``pwrite``): table leaves, the
+3. Each worker writes its pages there (:meth:`Chunk.write`, a few MiB a ``pwrite``, its rows
+   read through the sorted order): table leaves, the
    index leaves between its first and last, overflow pages. It hands back, in a small file
    (:class:`ChunkEdges`), what the tree above needs: each table leaf's largest rowid, and the
    index cells it did not place (its first and last index leaf, and the divider cells between
@@ -32,12 +34,16 @@ tests hold it to SQLite's ``integrity_check`` and to a database SQLite builds fr
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 #: The table BioNeMo 2 queries, byte for byte as SQLite stores it in ``sqlite_schema``.
 PROTEIN_DDL = "CREATE TABLE protein (id TEXT PRIMARY KEY, sequence TEXT)"
@@ -52,6 +58,13 @@ SQLITE_VERSION_NUMBER = 3040001
 #: the *lock-byte page*) is never a B-tree or freelist page; SQLite refuses to read it. A file
 #: over 1 GiB leaves it unused. (SQLite's own tests move it; so do ours.)
 PENDING_BYTE = 0x40000000
+#: Bytes of pages a chunk fills before it writes them (``pwrite``): one buffer of this size
+#: is reused, so a chunk's pages are never all in memory (benchmarks/results/train_db.md).
+WINDOW_BYTES = 4 << 20
+#: Page sizes written with ``O_DIRECT`` are multiples of this (the block size direct I/O
+#: needs for offsets, lengths and buffer addresses); smaller pages are written through the
+#: page cache.
+DIRECT_BLOCK = 4096
 
 _LEAF_TABLE, _INTERIOR_TABLE, _LEAF_INDEX, _INTERIOR_INDEX = 0x0D, 0x05, 0x0A, 0x02
 
@@ -134,27 +147,26 @@ def _local_size(p, u, index):
 
 
 @njit(nogil=True, cache=True)
-def _sizes(id_off, seq_off, first_rowid, u):
-    """Per row: table cell bytes on the page, its overflow pages; the same for the index cell."""
-    n = len(id_off) - 1
+def _sizes(id_len, seq_len, first_rowid, u):
+    """Per row (in id order, from its id's and sequence's byte lengths): table cell bytes on
+    the page, its overflow pages; the same for the index cell."""
+    n = len(id_len)
     table_cell = np.empty(n, np.int64)
     table_ovfl = np.empty(n, np.int64)
     index_cell = np.empty(n, np.int64)
     index_ovfl = np.empty(n, np.int64)
     for i in range(n):
-        id_len = id_off[i + 1] - id_off[i]
-        seq_len = seq_off[i + 1] - seq_off[i]
         rowid = first_rowid + i
-        st_id = 13 + 2 * id_len
-        st_seq = 13 + 2 * seq_len
+        st_id = 13 + 2 * id_len[i]
+        st_seq = 13 + 2 * seq_len[i]
         h = 1 + _varint_len(st_id) + _varint_len(st_seq)
-        p = h + id_len + seq_len
+        p = h + id_len[i] + seq_len[i]
         local = _local_size(p, u, False)
         table_cell[i] = _varint_len(p) + _varint_len(rowid) + local + (4 if local < p else 0)
         table_ovfl[i] = (p - local + u - 5) // (u - 4)
         st_row = _int_serial_type(rowid)
         h = 1 + _varint_len(st_id) + 1
-        p = h + id_len + _int_body_len(st_row)
+        p = h + id_len[i] + _int_body_len(st_row)
         local = _local_size(p, u, True)
         index_cell[i] = _varint_len(p) + local + (4 if local < p else 0)
         index_ovfl[i] = (p - local + u - 5) // (u - 4)
@@ -207,6 +219,22 @@ def _pack_index(cell, u):
     return starts[:m], ends[:m]
 
 
+@intrinsic
+def _memcpy(typingctx, dst, dpos, src, spos, n):
+    """``dst[dpos : dpos + n] = src[spos : spos + n]`` as one ``memcpy`` (uint8 arrays, no
+    overlap): numba's slice assignment builds two array views first, which at a few hundred
+    bytes a copy costs more than the copy."""
+    sig = types.void(dst, types.intp, src, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        d = context.make_array(signature.args[0])(context, builder, args[0])
+        s = context.make_array(signature.args[2])(context, builder, args[2])
+        cgutils.raw_memcpy(builder, builder.gep(d.data, [args[1]]), builder.gep(s.data, [args[3]]), args[4], 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _copy_record(dst, dpos, hdr, hlen, data1, a1, n1, data2, a2, n2, start, length):
     """Bytes ``[start, start + length)`` of the record ``hdr[:hlen] + data1[a1:a1+n1] +
@@ -214,15 +242,15 @@ def _copy_record(dst, dpos, hdr, hlen, data1, a1, n1, data2, a2, n2, start, leng
     end = start + length
     s, e = start, min(end, hlen)
     if e > s:
-        dst[dpos : dpos + e - s] = hdr[s:e]
+        _memcpy(dst, dpos, hdr, s, e - s)
         dpos += e - s
     s, e = max(start, hlen), min(end, hlen + n1)
     if e > s:
-        dst[dpos : dpos + e - s] = data1[a1 + s - hlen : a1 + e - hlen]
+        _memcpy(dst, dpos, data1, a1 + s - hlen, e - s)
         dpos += e - s
     s, e = max(start, hlen + n1), min(end, hlen + n1 + n2)
     if e > s:
-        dst[dpos : dpos + e - s] = data2[a2 + s - hlen - n1 : a2 + e - hlen - n1]
+        _memcpy(dst, dpos, data2, a2 + s - hlen - n1, e - s)
         dpos += e - s
     return dpos
 
@@ -248,30 +276,28 @@ def _slot(k, hole):
     return k + 1 if 0 <= hole <= k else k
 
 
-@njit(nogil=True, cache=True)
-def _write_cell(dst, dpos, region, page_base, hole, next_ovfl, u, index, hdr, hlen, d1, a1, n1, d2, a2, n2,
-                rowid, p):
-    """One cell at ``dst[dpos:]`` (``varint(p)``, the rowid for a table cell, the local part,
-    the first overflow page), its overflow pages into ``region`` from the chunk's page
-    ``next_ovfl`` on (page number ``page_base + _slot(next_ovfl, hole)``). Returns (end, next_ovfl)."""
+@njit(nogil=True, cache=True, inline="always")
+def _write_local(dst, dpos, u, index, hdr, hlen, d1, a1, n1, d2, a2, n2, rowid, p, first_overflow):
+    """One cell at ``dst[dpos:]``: ``varint(p)``, the rowid for a table cell, the payload's
+    local part and, when it overflows, its first overflow page (a file page). Returns the end."""
     local = _local_size(p, u, index)
     dpos = _put_varint(dst, dpos, p)
     if not index:
         dpos = _put_varint(dst, dpos, rowid)
     dpos = _copy_record(dst, dpos, hdr, hlen, d1, a1, n1, d2, a2, n2, 0, local)
     if local < p:
-        _put_u32(dst, dpos, page_base + _slot(next_ovfl, hole))
+        _put_u32(dst, dpos, first_overflow)
         dpos += 4
-        done = local
-        while done < p:
-            take = min(u - 4, p - done)
-            base = _slot(next_ovfl, hole) * u
-            nxt = page_base + _slot(next_ovfl + 1, hole) if done + take < p else 0
-            _put_u32(region, base, nxt)
-            _copy_record(region, base + 4, hdr, hlen, d1, a1, n1, d2, a2, n2, done, take)
-            done += take
-            next_ovfl += 1
-    return dpos, next_ovfl
+    return dpos
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _write_overflow(dst, pos, u, index, hdr, hlen, d1, a1, n1, d2, a2, n2, p, j, next_page):
+    """Overflow page ``j`` of a payload of ``p`` bytes at ``dst[pos:]``: the next page of the
+    chain (0 on the last), then the next ``u - 4`` bytes after the local part."""
+    start = _local_size(p, u, index) + j * (u - 4)
+    _put_u32(dst, pos, next_page)
+    _copy_record(dst, pos + 4, hdr, hlen, d1, a1, n1, d2, a2, n2, start, min(u - 4, p - start))
 
 
 @njit(nogil=True, cache=True)
@@ -296,72 +322,87 @@ def _index_hdr(hdr, rowbody, id_len, rowid):
 
 
 @njit(nogil=True, cache=True)
-def _write_region(region, first_page, hole, u, id_off, id_data, seq_off, seq_data, first_rowid,
-                  table_cell, table_ends, index_cell, index_starts, index_ends, n_overflow_first,
-                  loose, loose_sizes):
-    """Every page of one chunk into ``region`` (table leaves, the index leaves between its
-    first and last, overflow pages; file page ``first_page`` first, the lock-byte page at
-    ``hole`` skipped), and the index cells left to the final step, their
-    bodies one after another, into ``loose`` (sizes into ``loose_sizes``)."""
-    n = len(id_off) - 1
+def _fill_pages(window, k_lo, k_hi, first_page, hole, u, id_off, id_data, seq_off, seq_data, order, first_rowid,
+                table_cell, table_ends, index_cell, index_starts, index_ends, table_ovfl_at, index_ovfl_at):
+    """The chunk's pages ``k_lo`` to ``k_hi - 1`` into ``window`` (zeroed; page ``k`` at slot
+    ``_slot(k, hole) - _slot(k_lo, hole)``, the lock-byte page ``hole`` left blank). A chunk's
+    pages are, in order: its table leaves, its index leaves but the first and the last, then
+    the overflow pages (every table cell's in row order, then every index cell's:
+    ``table_ovfl_at[i]`` to ``table_ovfl_at[i + 1]`` are row ``i``'s, the same for
+    ``index_ovfl_at``). Each page depends on the layout alone, so any window can be filled.
+    Row ``i`` in id order (rowid ``first_rowid + i``) is row ``order[i]`` of the id and
+    sequence arrays (their offsets and bytes)."""
     hdr = np.zeros(32, np.uint8)
     rowbody = np.zeros(8, np.uint8)
-    next_ovfl = n_overflow_first
-    # table leaves
-    row = 0
-    for leaf in range(len(table_ends)):
-        base = _slot(leaf, hole) * u
-        end = table_ends[leaf]
-        ncell = end - row
-        region[base] = 0x0D
-        _put_u16(region, base + 3, ncell)
-        top = base + u
-        k = 0
-        while row < end:
-            id_len = id_off[row + 1] - id_off[row]
-            seq_len = seq_off[row + 1] - seq_off[row]
-            hlen = _table_hdr(hdr, id_len, seq_len)
-            top -= table_cell[row]
-            _, next_ovfl = _write_cell(region, top, region, first_page, hole, next_ovfl, u, False, hdr, hlen,
-                                       id_data, id_off[row], id_len, seq_data, seq_off[row], seq_len,
-                                       first_rowid + row, hlen + id_len + seq_len)
-            _put_u16(region, base + 8 + 2 * k, top - base)
-            k += 1
-            row += 1
-        _put_u16(region, base + 5, (top - base) & 0xFFFF)
-    # index: leaves 1 … m-2 on pages; leaf 0, leaf m-1 and the dividers as loose cells
-    m = len(index_starts)
     n_table = len(table_ends)
-    loose_pos = 0
-    n_loose = 0
-    for leaf in range(m):
-        on_page = 0 < leaf < m - 1
-        base = _slot(n_table + leaf - 1, hole) * u
-        if on_page:
-            region[base] = 0x0A
-            _put_u16(region, base + 3, index_ends[leaf] - index_starts[leaf])
-        top = base + u
-        last = index_ends[leaf] + (1 if leaf < m - 1 else 0)  # and the divider after it
-        k = 0
-        for i in range(index_starts[leaf], last):
-            id_len = id_off[i + 1] - id_off[i]
-            hlen, nb = _index_hdr(hdr, rowbody, id_len, first_rowid + i)
-            p = hlen + id_len + nb
-            if on_page and i < index_ends[leaf]:
-                top -= index_cell[i]
-                _, next_ovfl = _write_cell(region, top, region, first_page, hole, next_ovfl, u, True, hdr, hlen,
-                                           id_data, id_off[i], id_len, rowbody, 0, nb, 0, p)
-                _put_u16(region, base + 8 + 2 * k, top - base)
-                k += 1
+    first_overflow = n_table + max(0, len(index_starts) - 2)
+    n_table_overflow = table_ovfl_at[-1]
+    origin = _slot(k_lo, hole)
+    for k in range(k_lo, k_hi):
+        base = (_slot(k, hole) - origin) * u
+        if k < first_overflow:
+            index = k >= n_table
+            if index:
+                leaf = k - n_table + 1
+                lo, hi = index_starts[leaf], index_ends[leaf]
             else:
-                end, next_ovfl = _write_cell(loose, loose_pos, region, first_page, hole, next_ovfl, u, True, hdr,
-                                             hlen, id_data, id_off[i], id_len, rowbody, 0, nb, 0, p)
-                loose_sizes[n_loose] = end - loose_pos
-                loose_pos = end
-                n_loose += 1
-        if on_page:
-            _put_u16(region, base + 5, (top - base) & 0xFFFF)
-    return next_ovfl, loose_pos
+                lo, hi = (table_ends[k - 1] if k else 0), table_ends[k]
+            window[base] = 0x0A if index else 0x0D
+            _put_u16(window, base + 3, hi - lo)
+            top = base + u
+            for i in range(lo, hi):
+                src = order[i]
+                id_len = id_off[src + 1] - id_off[src]
+                if index:
+                    hlen, nb = _index_hdr(hdr, rowbody, id_len, first_rowid + i)
+                    top -= index_cell[i]
+                    _write_local(window, top, u, True, hdr, hlen, id_data, id_off[src], id_len, rowbody, 0, nb, 0,
+                                 hlen + id_len + nb, first_page + _slot(index_ovfl_at[i], hole))
+                else:
+                    seq_len = seq_off[src + 1] - seq_off[src]
+                    hlen = _table_hdr(hdr, id_len, seq_len)
+                    top -= table_cell[i]
+                    _write_local(window, top, u, False, hdr, hlen, id_data, id_off[src], id_len, seq_data,
+                                 seq_off[src], seq_len, first_rowid + i, hlen + id_len + seq_len,
+                                 first_page + _slot(table_ovfl_at[i], hole))
+                _put_u16(window, base + 8 + 2 * (i - lo), top - base)
+            _put_u16(window, base + 5, (top - base) & 0xFFFF)
+            continue
+        index = k >= n_table_overflow
+        at = index_ovfl_at if index else table_ovfl_at
+        i = np.searchsorted(at, k, side="right") - 1  # the row whose chain holds page k
+        j = k - at[i]
+        nxt = first_page + _slot(k + 1, hole) if j + 1 < at[i + 1] - at[i] else 0
+        src = order[i]
+        id_len = id_off[src + 1] - id_off[src]
+        if index:
+            hlen, nb = _index_hdr(hdr, rowbody, id_len, first_rowid + i)
+            _write_overflow(window, base, u, True, hdr, hlen, id_data, id_off[src], id_len, rowbody, 0, nb,
+                            hlen + id_len + nb, j, nxt)
+        else:
+            seq_len = seq_off[src + 1] - seq_off[src]
+            hlen = _table_hdr(hdr, id_len, seq_len)
+            _write_overflow(window, base, u, False, hdr, hlen, id_data, id_off[src], id_len, seq_data, seq_off[src],
+                            seq_len, hlen + id_len + seq_len, j, nxt)
+
+
+@njit(nogil=True, cache=True)
+def _write_loose(loose, loose_sizes, rows, first_page, hole, u, id_off, id_data, order, first_rowid, index_ovfl_at):
+    """The index cells of ``rows`` (in id order; those the final step places), their bodies
+    one after another into ``loose``, their sizes into ``loose_sizes``. Returns the bytes used."""
+    hdr = np.zeros(32, np.uint8)
+    rowbody = np.zeros(8, np.uint8)
+    pos = 0
+    for j in range(len(rows)):
+        i = rows[j]
+        src = order[i]
+        id_len = id_off[src + 1] - id_off[src]
+        hlen, nb = _index_hdr(hdr, rowbody, id_len, first_rowid + i)
+        end = _write_local(loose, pos, u, True, hdr, hlen, id_data, id_off[src], id_len, rowbody, 0, nb, 0,
+                           hlen + id_len + nb, first_page + _slot(index_ovfl_at[i], hole))
+        loose_sizes[j] = end - pos
+        pos = end
+    return pos
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -402,18 +443,31 @@ class ChunkEdges:
     loose_sizes: np.ndarray
 
     def save(self, path: str) -> None:
-        """As ``.npz`` of plain arrays (read back with ``allow_pickle=False``)."""
+        """As seven little-endian int64 (first page, index leaves, head and tail cells, and
+        the lengths of the three arrays), then the arrays' bytes: read back by
+        :meth:`load` with no parser (``np.load``'s header parser is Python's ``ast``, and
+        the file is read back from the output folder)."""
+        table = np.ascontiguousarray(self.table_max_rowid, dtype="<i8")
+        sizes = np.ascontiguousarray(self.loose_sizes, dtype="<i8")
+        head = np.array([self.first_page, self.index_leaves, self.index_head_cells, self.index_tail_cells,
+                         len(table), len(self.loose), len(sizes)], dtype="<i8")
         with open(path, "wb") as f:
-            np.savez(f, first_page=self.first_page, table_max_rowid=self.table_max_rowid,
-                     index=np.array([self.index_leaves, self.index_head_cells, self.index_tail_cells]),
-                     loose=np.frombuffer(self.loose, np.uint8), loose_sizes=self.loose_sizes)
+            for part in (head.tobytes(), table.tobytes(), self.loose, sizes.tobytes()):
+                f.write(part)
 
     @classmethod
     def load(cls, path: str) -> "ChunkEdges":
-        with np.load(path, allow_pickle=False) as z:
-            leaves, head, tail = (int(x) for x in z["index"])
-            return cls(int(z["first_page"]), z["table_max_rowid"], leaves, head, tail,
-                       z["loose"].tobytes(), z["loose_sizes"])
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) < 56:
+            raise ValueError(f"{path}: not a chunk's edges (cut short?)")
+        first, leaves, head, tail, n_table, n_loose, n_sizes = np.frombuffer(data, "<i8", 7).tolist()
+        if min(n_table, n_loose, n_sizes) < 0 or len(data) != 56 + 8 * n_table + n_loose + 8 * n_sizes:
+            raise ValueError(f"{path}: not a chunk's edges (its lengths do not add up)")
+        table = np.frombuffer(data, "<i8", n_table, 56).astype(np.int64)
+        loose = data[56 + 8 * n_table : 56 + 8 * n_table + n_loose]
+        sizes = np.frombuffer(data, "<i8", n_sizes, 56 + 8 * n_table + n_loose).astype(np.int64)
+        return cls(first, table, leaves, head, tail, loose, sizes)
 
 
 def _buffers(strings) -> tuple[np.ndarray, np.ndarray]:
@@ -431,10 +485,15 @@ def _buffers(strings) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Chunk:
-    """One chunk's rows (``ids`` sorted bytewise and distinct, as pyarrow string arrays)
-    and the rowid of its first row; its layout is computed on creation."""
+    """One chunk's rows and the rowid of its first row; its layout is computed on creation.
 
-    def __init__(self, ids, sequences, first_rowid: int, page_size: int = DEFAULT_PAGE_SIZE):
+    ``ids`` and ``sequences`` are pyarrow string arrays (chunked or not: a chunked array is
+    made contiguous once, the only copy of the rows the writer makes). Row ``i`` in id order
+    is row ``order[i]`` of them (``order`` None: they are in id order); the ids in that order
+    are sorted bytewise and distinct. The writer reads the rows through ``order``, so the
+    rows are never sorted into a copy of their own."""
+
+    def __init__(self, ids, sequences, first_rowid: int, page_size: int = DEFAULT_PAGE_SIZE, order=None):
         if page_size not in PAGE_SIZES:
             raise ValueError(f"page size {page_size} is not a power of two from 512 to 65536")
         self.u, self.first_rowid = page_size, int(first_rowid)
@@ -442,22 +501,52 @@ class Chunk:
         self.seq_off, self.seq_data = _buffers(sequences)
         if len(self.id_off) != len(self.seq_off):
             raise ValueError("ids and sequences differ in length")
-        self.table_cell, self.index_cell, self.table_ends, self.index_starts, self.index_ends, self.layout = \
-            _layout(self.id_off, self.seq_off, self.first_rowid, self.u)
+        n = len(self.id_off) - 1
+        self.order = np.arange(n, dtype=np.int64) if order is None else np.ascontiguousarray(order, np.int64)
+        if len(self.order) and not (0 <= self.order.min() and self.order.max() < n):
+            raise ValueError(f"order holds a row outside 0 … {n - 1}")
+        self.table_cell, self.index_cell, self.table_ends, self.index_starts, self.index_ends, self.layout, \
+            table_ovfl, index_ovfl = _layout(np.diff(self.id_off)[self.order], np.diff(self.seq_off)[self.order],
+                                             self.first_rowid, self.u)
+        # where each row's overflow chains begin among the chunk's pages (see _fill_pages)
+        first_overflow = self.layout.table_leaves + max(0, self.layout.index_leaves - 2)
+        self.table_ovfl_at = first_overflow + np.concatenate(([0], np.cumsum(table_ovfl)))
+        self.index_ovfl_at = self.table_ovfl_at[-1] + np.concatenate(([0], np.cumsum(index_ovfl)))
 
-    def write(self, path: str, first_page: int, file_offset: int | None = None) -> ChunkEdges:
+    def write(self, path: str, first_page: int, file_offset: int | None = None,
+              window_bytes: int = WINDOW_BYTES, direct: bool = True) -> ChunkEdges:
         """Its pages into the file at ``path`` (at page ``first_page``'s place, or at
-        ``file_offset``), one ``pwrite``; returns its :class:`ChunkEdges`. ``first_page`` is
-        the chunk's number in the plan (:func:`plan_pages`); a region that spans the lock-byte
-        page holds it blank."""
+        ``file_offset``), filled and written (``pwrite``) about ``window_bytes`` at a time;
+        returns its :class:`ChunkEdges`. ``first_page`` is the chunk's number in the plan
+        (:func:`plan_pages`); the lock-byte page, where the chunk's pages span it, stays blank.
+        With ``direct`` the pages bypass the page cache where they can (:class:`_PageFile`)."""
         lay, u = self.layout, self.u
         first_file = file_page(first_page, u)
         lock = lock_page(u)
         hole = lock - first_file if first_file < lock < first_file + lay.pages else -1
-        region = np.zeros((lay.pages + (hole >= 0)) * u, np.uint8)
-        n_index_pages = max(0, lay.index_leaves - 2)
+        offset = (first_file - 1) * u if file_offset is None else file_offset
+        window_pages = max(1, window_bytes // u)
+        # page-aligned memory (direct I/O needs it), room for the lock-byte page too
+        window = np.frombuffer(mmap.mmap(-1, (min(window_pages, lay.pages) + 1) * u), np.uint8)
+        with _PageFile(path, direct and u % DIRECT_BLOCK == 0 and offset % DIRECT_BLOCK == 0) as out:
+            for k_lo in range(0, lay.pages, window_pages):
+                k_hi = min(lay.pages, k_lo + window_pages)
+                slot_lo, slot_hi = _slot(k_lo, hole), _slot(k_hi - 1, hole) + 1
+                pages = window[: (slot_hi - slot_lo) * u]
+                pages[:] = 0
+                _fill_pages(pages, k_lo, k_hi, first_file, hole, u, self.id_off, self.id_data, self.seq_off,
+                            self.seq_data, self.order, self.first_rowid, self.table_cell, self.table_ends,
+                            self.index_cell, self.index_starts, self.index_ends, self.table_ovfl_at,
+                            self.index_ovfl_at)
+                out.write(pages, offset + slot_lo * u)
+        return self._edges(first_page, first_file, hole)
+
+    def _edges(self, first_page: int, first_file: int, hole: int) -> ChunkEdges:
+        """What the final step needs: the table leaves' largest rowids and the index cells it
+        places (the chunk's first and last index leaf, and the dividers between its leaves)."""
+        lay = self.layout
         head_cells = tail_cells = 0
-        loose_rows = np.zeros(lay.rows, bool)  # the index cells the final step places
+        loose_rows = np.zeros(lay.rows, bool)
         if lay.rows:
             head_cells = int(self.index_ends[0] - self.index_starts[0])
             loose_rows[self.index_starts[0] : self.index_ends[0]] = True
@@ -466,23 +555,48 @@ class Chunk:
                 tail_cells = int(self.index_ends[-1] - self.index_starts[-1])
                 loose_rows[self.index_starts[-1] : self.index_ends[-1]] = True
         loose = np.zeros(int(self.index_cell[loose_rows].sum()), np.uint8)
-        n_loose = int(loose_rows.sum())
-        loose_sizes = np.zeros(n_loose, np.int64)
-        next_ovfl, used = _write_region(
-            region, first_file, hole, u, self.id_off, self.id_data, self.seq_off, self.seq_data, self.first_rowid,
-            self.table_cell, self.table_ends, self.index_cell, self.index_starts, self.index_ends,
-            lay.table_leaves + n_index_pages, loose, loose_sizes)
-        if next_ovfl != lay.pages:
-            raise AssertionError(f"internal: chunk wrote {next_ovfl} pages, laid out {lay.pages}")
-        offset = (first_file - 1) * u if file_offset is None else file_offset
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            _pwrite_all(fd, region, offset)
-        finally:
-            os.close(fd)
+        rows = np.flatnonzero(loose_rows)
+        loose_sizes = np.zeros(len(rows), np.int64)
+        used = _write_loose(loose, loose_sizes, rows, first_file, hole, self.u, self.id_off, self.id_data, self.order,
+                            self.first_rowid, self.index_ovfl_at)
         max_rowid = self.first_rowid + self.table_ends - 1
         return ChunkEdges(first_page, max_rowid.astype(np.int64), lay.index_leaves, head_cells, tail_cells,
                           loose[:used].tobytes(), loose_sizes)
+
+
+class _PageFile:
+    """A file opened for a chunk's ``pwrite`` calls: with ``O_DIRECT`` when ``direct`` (and the
+    platform and file system allow it), else through the page cache. A file written once and
+    read later needs no copy in memory: on this VM a new file's pages cost ~400 MB/s to get
+    from the host, and direct writes went at 2.0 GB/s to the end of an ``fsync``
+    (benchmarks/results/train_db.md). A file system that takes the flag at ``open`` but not
+    the write (``EINVAL``) gets the write again through the page cache."""
+
+    def __init__(self, path: str, direct: bool):
+        self.path, self.fd, self.direct = path, -1, direct and hasattr(os, "O_DIRECT")
+        if self.direct:
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+            except OSError:  # tmpfs and some network file systems refuse O_DIRECT
+                self.direct = False
+        if not self.direct:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+
+    def write(self, buf: np.ndarray, offset: int) -> None:
+        try:
+            _pwrite_all(self.fd, buf, offset)
+        except OSError as err:
+            if not self.direct or err.errno != errno.EINVAL:
+                raise
+            os.close(self.fd)
+            self.fd, self.direct = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644), False
+            _pwrite_all(self.fd, buf, offset)
+
+    def __enter__(self) -> "_PageFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -492,20 +606,19 @@ def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
         done += os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
 
 
-def _layout(id_off, seq_off, first_rowid: int, u: int):
-    table_cell, table_ovfl, index_cell, index_ovfl = _sizes(id_off, seq_off, first_rowid, u)
+def _layout(id_len, seq_len, first_rowid: int, u: int):
+    table_cell, table_ovfl, index_cell, index_ovfl = _sizes(id_len, seq_len, first_rowid, u)
     table_ends = _pack_table(table_cell, u)
     index_starts, index_ends = _pack_index(index_cell, u)
-    layout = ChunkLayout(len(id_off) - 1, len(table_ends), len(index_starts), int(table_ovfl.sum() + index_ovfl.sum()))
-    return table_cell, index_cell, table_ends, index_starts, index_ends, layout
+    layout = ChunkLayout(len(id_len), len(table_ends), len(index_starts), int(table_ovfl.sum() + index_ovfl.sum()))
+    return table_cell, index_cell, table_ends, index_starts, index_ends, layout, table_ovfl, index_ovfl
 
 
-def layout_rows(ids, sequence_lengths, first_rowid: int, page_size: int = DEFAULT_PAGE_SIZE) -> ChunkLayout:
-    """The pages one chunk's rows fill, from its ids (sorted, distinct; pyarrow strings) and
-    the byte length of each sequence: what :class:`Chunk` lays out, without the sequences."""
-    id_off, _ = _buffers(ids)
-    seq_off = np.concatenate(([0], np.cumsum(np.asarray(sequence_lengths, np.int64))))
-    return _layout(id_off, seq_off, int(first_rowid), page_size)[-1]
+def layout_rows(id_lengths, sequence_lengths, first_rowid: int, page_size: int = DEFAULT_PAGE_SIZE) -> ChunkLayout:
+    """The pages one chunk's rows fill, from the byte lengths of its ids and sequences, in id
+    order: what :class:`Chunk` lays out, without the rows."""
+    id_len, seq_len = (np.ascontiguousarray(x, np.int64) for x in (id_lengths, sequence_lengths))
+    return _layout(id_len, seq_len, int(first_rowid), page_size)[5]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -555,6 +668,23 @@ def file_page(plan_page: int, u: int) -> int:
 def _varint(v: int) -> bytes:
     buf = np.zeros(9, np.uint8)
     return buf[: _put_varint(buf, 0, v)].tobytes()
+
+
+@njit(nogil=True, cache=True)
+def _put_varints(values, buf, ends):
+    pos = 0
+    for k in range(len(values)):
+        pos = _put_varint(buf, pos, values[k])
+        ends[k] = pos
+
+
+def _varints(values: np.ndarray) -> list[bytes]:
+    """:func:`_varint` of each value, encoded in one call (a table's keys: one per leaf)."""
+    values = np.ascontiguousarray(values, np.int64)
+    buf, ends = np.zeros(9 * len(values), np.uint8), np.zeros(len(values), np.int64)
+    _put_varints(values, buf, ends)
+    data, cuts = buf.tobytes(), [0, *ends.tolist()]
+    return [data[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def _leaf_page(kind: int, cells: list[bytes], u: int, header_at: int = 0) -> bytearray:
@@ -675,7 +805,7 @@ def _interior_level(children: list[int], keys: list[bytes], pages: _Pages, kind:
 def _table_root(leaves: list[int], max_rowids: list[int], pages: _Pages) -> int:
     if not leaves:
         return pages.add(_leaf_page(_LEAF_TABLE, [], pages.u))
-    keys = [_varint(r) for r in max_rowids]
+    keys = _varints(np.asarray(max_rowids, np.int64))
     while len(leaves) > 1:
         leaves, keys = _interior_level(leaves, keys, pages, _INTERIOR_TABLE)
     return leaves[0]

@@ -98,6 +98,7 @@ def test_train_db_smoke(bench, monkeypatch, tmp_path):
     from benchmarks import formats
 
     monkeypatch.setattr(formats, "RESULTS", bench)
+    monkeypatch.setattr(formats, "SETTLE_S", 0)
     formats.main(["--train-db", "--train-db-rows", "3000", "--workers", "1", "--page-sizes", "4096,65536",
                   "--scratch", str(tmp_path)])
     table = (bench / "train_db.md").read_text()

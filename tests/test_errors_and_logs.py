@@ -314,6 +314,23 @@ def test_a_random_split_run_never_calls_numpy_s_header_parser(raw, tmp_path, mon
     assert concat_md5(out / "uf50/test") == "5db8f40cec84939f2ae633ceae6ba2b1"
 
 
+def test_every_layout_is_built_without_numpy_s_header_parser(raw, tmp_path, monkeypatch):
+    """The train.db tasks read back their id orders and chunk edges from the staging
+    folder: neither through np.load (whose header parser is ast), with every layout built."""
+    import sqlite3
+
+    from conftest import run_preprocess
+    from esm2dask.config import ClusterConfig
+
+    monkeypatch.setattr(_numpy_format(), "_read_array_header", _broken_ast)
+    out = tmp_path / "out"
+    run_preprocess(raw, out, ClusterConfig(workers=2, processes=False, dashboard_address=None),
+                   formats=("esm2nv", "bionemo2", "hf"))
+    with sqlite3.connect(f"file:{out / 'bionemo2/train.db'}?mode=ro", uri=True) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert con.execute("SELECT count(*) FROM protein").fetchone() == (11_296,)
+
+
 def test_an_unexpected_exception_is_one_line_and_its_traceback_is_in_the_log(raw, tmp_path, monkeypatch):
     from esm2dask import tasks
 

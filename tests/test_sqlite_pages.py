@@ -315,6 +315,12 @@ def test_varints_decode_as_the_format_says(v):
     assert _read_varint(encoded + b"\x00" * 9) == (v, len(encoded)) and len(encoded) == sp._varint_len(v)
 
 
+def test_varints_in_one_call_are_each_varint():
+    values = [0, 1, 127, 128, 16383, 16384, 2**32, 2**56 - 1, 2**56, 2**63 - 1, 5, 300]
+    assert sp._varints(np.array(values)) == [sp._varint(v) for v in values]
+    assert sp._varints(np.array([], np.int64)) == []
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(0, 1200), id_max=st.sampled_from([8, 60, 130, 400]), seq_max=st.sampled_from([0, 40, 700, 3000]),
        cut_fractions=st.lists(st.floats(0, 1), max_size=8), lock_at=st.none() | st.integers(9, 700),
@@ -339,3 +345,188 @@ def test_deep_trees_any_chunking(tmp_path_factory, n, id_max, seq_max, cut_fract
     with pending_byte(pending) if pending else contextlib.nullcontext():
         pages = build(db, rows, 512, cuts=cuts)
         check(db, rows, 512, pages, cli=True, pending=pending)
+
+
+def _long_rows(seed: int, page_size: int) -> list[tuple[str, str]]:
+    """Short rows, and rows around every overflow threshold: sequences to 100,000 residues,
+    ids long enough that index cells overflow."""
+    rng = random.Random(seed)
+    u = page_size
+    rows = dict(_rows(600, seed, id_len=(3, 80), seq_len=(0, 1500)))
+    for n in [100_000, 99_999, u - 35, u - 34, 3 * (u - 4) + 1, 35_213]:
+        rows[f"S{n:06d}"] = "".join(rng.choices(RESIDUES, k=n))
+    for n in [(u - 12) * 64 // 255 - 20, u // 3, 2 * u + 5]:
+        rows["I" + "".join(rng.choices(ID_ALPHABET, k=n))] = "MK"
+    return sorted(rows.items(), key=lambda r: r[0].encode())
+
+
+def _write_one(path: Path, chunks: list, window_bytes: int | None = None, direct: bool = True) -> bytes:
+    """``chunks`` written as one database (``window_bytes`` at a time); the file's bytes."""
+    layouts = [c.layout for c in chunks]
+    path.write_bytes(b"")
+    kw = {"direct": direct} if window_bytes is None else {"window_bytes": window_bytes, "direct": direct}
+    edges = [c.write(str(path), f, **kw) for c, f in zip(chunks, sp.plan_pages(layouts))]
+    sp.finish_database(str(path), edges, sp.chunk_pages_end(layouts), chunks[0].u)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("page_size", [512, 4096, 65536])
+def test_rows_read_through_the_order_give_the_sorted_rows_bytes(tmp_path, page_size):
+    """A chunk's rows in any order (several Arrow chunks, 32- and 64-bit offsets, repeated
+    ids left out of the order) written through ``order``: byte for byte the database of the
+    rows sorted into arrays of their own, and SQLite's answers (overflow pages included)."""
+    rows = _long_rows(31, page_size)
+    cuts = (0, 1, 300, 301, 610)
+    want = _write_one(tmp_path / "sorted.db", [sp.Chunk(i, s, 1 + a, page_size) for (i, s), a in
+                                               zip(_chunks(rows, list(cuts)), [0, *cuts])])
+    rnd = random.Random(7)
+    chunks = []
+    for (ids, seqs), a in zip(_chunks(rows, list(cuts)), [0, *cuts]):
+        pairs = list(zip(ids.to_pylist(), seqs.to_pylist()))
+        source = pairs + [(i, "X" * rnd.randint(0, 50)) for i, _ in rnd.sample(pairs, len(pairs) // 3)]
+        perm = list(range(len(source)))
+        rnd.shuffle(perm)
+        shuffled = [source[p] for p in perm]
+        at = {r: k for k, r in enumerate(shuffled)}  # the rows kept; the repeats ("X…") left out
+        order = np.array([at[r] for r in pairs], np.int64)
+        pieces = [shuffled[x : x + 97] for x in range(0, len(shuffled), 97)] or [[]]
+        id_type = pa.string() if len(chunks) % 2 else pa.large_string()
+        ids_c = pa.chunked_array([pa.array([r[0] for r in p], id_type) for p in pieces], id_type)
+        seqs_c = pa.chunked_array([pa.array([r[1] for r in p], pa.large_string()) for p in pieces], pa.large_string())
+        chunks.append(sp.Chunk(ids_c, seqs_c, 1 + a, page_size, order=order))
+    assert _write_one(tmp_path / "ordered.db", chunks) == want
+    check(tmp_path / "ordered.db", rows, page_size, len(want) // page_size)
+
+
+def test_pages_written_a_window_at_a_time_are_the_same_bytes(tmp_path):
+    """Windows of 1 to 61 pages, and one for the whole chunk: the same file, with the
+    lock-byte page among a chunk's table leaves or its overflow pages (inside a window, and
+    at a window's edge), overflow chains across windows; held to SQLite as well."""
+    page_size = 4096
+    rows = _long_rows(32, page_size)
+    cuts = (200, 450)
+    chunks = [sp.Chunk(i, s, 1 + a, page_size) for (i, s), a in zip(_chunks(rows, list(cuts)), [0, *cuts])]
+    first = sp.plan_pages([c.layout for c in chunks])[1]
+    lay = chunks[1].layout  # the long rows: table leaves, then 60+ overflow pages
+    assert lay.overflow_pages > 60
+    for hole in (12, lay.table_leaves + 15):  # the lock-byte page's place among the chunk's pages
+        lock = first + hole
+        with pending_byte((lock - 1) * page_size):
+            chunks = [sp.Chunk(i, s, 1 + a, page_size) for (i, s), a in zip(_chunks(rows, list(cuts)), [0, *cuts])]
+            whole = _write_one(tmp_path / "whole.db", chunks, window_bytes=1 << 40)
+            for pages in (1, 2, 3, 4, 5, hole, hole - 1, 61):
+                assert _write_one(tmp_path / f"w{pages}.db", chunks, window_bytes=pages * page_size) == whole, pages
+            assert _write_one(tmp_path / "default.db", chunks) == whole
+            check(tmp_path / "default.db", rows, page_size, len(whole) // page_size, cli=True,
+                  pending=(lock - 1) * page_size)
+
+
+@pytest.mark.parametrize("page_size", [4096, 65536])
+def test_pages_written_past_the_page_cache_are_the_same_bytes(tmp_path, monkeypatch, page_size):
+    """``O_DIRECT`` writes (taken here: ext4 or the like under the temp folder), writes through
+    the page cache, and a file system that takes ``O_DIRECT`` at open but refuses the write
+    (EINVAL: written again through the page cache) give the same file."""
+    import errno
+    import fcntl
+    import os
+
+    rows = _long_rows(35, page_size)
+    chunks = [sp.Chunk(i, s, 1 + a, page_size) for (i, s), a in zip(_chunks(rows, [100, 400]), [0, 100, 400])]
+    with sp._PageFile(str(tmp_path / "probe"), True) as probe:
+        direct_taken = probe.direct
+    buffered = _write_one(tmp_path / "buffered.db", chunks, direct=False)
+    assert _write_one(tmp_path / "direct.db", chunks, window_bytes=3 * page_size) == buffered
+    real = sp._pwrite_all
+    refused = []
+
+    def refuse_direct(fd, buf, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, buf, offset)
+
+    monkeypatch.setattr(sp, "_pwrite_all", refuse_direct)
+    assert _write_one(tmp_path / "refused.db", chunks, window_bytes=3 * page_size) == buffered
+    assert len(refused) == (3 if direct_taken else 0)  # one a chunk: the rest go through the page cache
+    check(tmp_path / "refused.db", rows, page_size, len(buffered) // page_size)
+
+
+def test_layout_from_lengths_is_the_chunks_layout():
+    rows = _long_rows(33, 4096)
+    ids, seqs = _chunks(rows, [])[0]
+    chunk = sp.Chunk(ids, seqs, 5, 4096)
+    lengths = [np.array([len(x.encode()) for x in col]) for col in (ids.to_pylist(), seqs.to_pylist())]
+    assert sp.layout_rows(*lengths, 5, 4096) == chunk.layout
+
+
+def test_an_order_outside_the_rows_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        sp.Chunk(pa.array(["a", "b"]), pa.array(["M", "K"]), 1, 4096, order=np.array([0, 2]))
+
+
+def test_train_db_tasks_from_sorted_runs(tmp_path):
+    """The pipeline's three ``train.db`` tasks on sorted Arrow runs (memory-mapped; an id in
+    two runs kept once, from the run listed first): SQLite's answers for the rows."""
+    import pyarrow.ipc as ipc
+
+    from esm2dask import formats
+    from esm2dask.tasks import Slice
+
+    rows = _long_rows(34, 4096)
+    rnd = random.Random(3)
+    runs = [[], [], []]
+    for r in rows:
+        runs[rnd.randrange(3)].append(r)
+    runs[2] += [(i, "REPEAT") for i, _ in rnd.sample(runs[0], 20)]  # later in the slices: dropped
+    slices_by_bucket = [[], []]
+    split = rows[len(rows) // 2][0].encode()
+    for k, run in enumerate(runs):
+        run.sort(key=lambda r: r[0].encode())
+        path = tmp_path / f"run-{k}.arrow"
+        table = pa.table({"id": pa.array([r[0] for r in run], pa.large_string()),
+                          "sequence": pa.array([r[1] for r in run], pa.large_string())})
+        with pa.OSFile(str(path), "wb") as f, ipc.new_file(f, table.schema) as w:
+            w.write_table(table, max_chunksize=50)
+        cut = sum(r[0].encode() < split for r in run)
+        slices_by_bucket[0].append(Slice(str(path), 0, cut))
+        slices_by_bucket[1].append(Slice(str(path), cut, len(run)))
+    counts = [sum(s.hi - s.lo for s in ss) for ss in slices_by_bucket]
+    first_rowids = [1, 1 + counts[0]]
+    orders = [str(tmp_path / f"order-{b}.npy") for b in range(2)]
+    layouts = [formats.layout_train_chunk(ss, r, o, 4096, {}) for ss, r, o in zip(slices_by_bucket, first_rowids, orders)]
+    firsts = sp.plan_pages(layouts)
+    pages = str(tmp_path / "train.db.pages")
+    receipts = [formats.write_train_chunk(ss, o, r, f, pages, str(tmp_path / f"edges-{b}.npz"), "", 4096, {})
+                for b, (ss, o, r, f) in enumerate(zip(slices_by_bucket, orders, first_rowids, firsts))]
+    out = tmp_path / "train.db"
+    written = formats.finish_train_db(receipts, layouts, pages, str(out), 4096, {})
+    assert written.rows == len(rows)
+    con = sqlite3.connect(f"file:{out}?mode=ro", uri=True)
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert con.execute("SELECT id, sequence FROM protein ORDER BY id").fetchall() == rows
+    con.close()
+
+
+#: SHA-256 of the databases below as the writer made them before it read rows through an
+#: order and wrote a window at a time (commit b8861e9): the bytes must not change.
+FINGERPRINTS = {
+    (512, (0, 1, 300, 301, 610), 300): "1e4697fc736dfd83a5efe95c570d185fd5c7f13084ba98ff901f844aa2b3acda",
+    (4096, (200, 450), 60): "3025536b009b25ce0d3262379a539873d109352874a2b83b511f2e5e8cd5a05b",
+    (4096, (200, 450), 163): "5171530850a1513df6b31325ab4efe9a212acdd0456ef2254fc674463a4c1219",
+    (65536, (1, 300), None): "b0ef94b6d26cf56b5768bbd76d4ac8c3ac976e7785f7965af25c9c0053f99b2a",
+}
+
+
+@pytest.mark.parametrize("case", list(FINGERPRINTS))
+def test_bytes_are_the_earlier_writers(tmp_path, case):
+    """Rows to 100,000 residues, index cells that overflow, the lock-byte page moved into
+    the file: the same bytes as the writer made before."""
+    import hashlib
+
+    page_size, cuts, lock = case
+    rows = _long_rows(40 + page_size % 7, page_size)
+    db = tmp_path / "f.db"
+    with pending_byte((lock - 1) * page_size) if lock else contextlib.nullcontext():
+        pages = build(db, rows, page_size, cuts)
+    assert lock is None or pages > lock
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == FINGERPRINTS[case]
