@@ -1475,11 +1475,11 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None,
         raise OutputError(f"{root}: cannot write the report folder there ({err.strerror})") from None
     # a csv piece's statistics use no polars: its import (and Ctrl-C taken back from it)
     # can wait until those tasks run
-    polars_first = any(p.kind != "csv" for p in pieces)
+    tasks_need_polars = any(p.kind != "csv" for p in pieces)
     try:
         stage_end("plan")
         plotter = plotter or PlotProcess()  # imports matplotlib while the cluster starts and the workers read
-        with dask_client(config.cluster, reporter.message, ctrl_c_now=polars_first) as client:
+        with dask_client(config.cluster, reporter.message, ctrl_c_now=tasks_need_polars) as client:
             if config.announce_dashboard and (config.cluster.external or config.cluster.dashboard_address is not None):
                 link = dashboard_link(client, None if config.cluster.external else config.cluster.dashboard_address)
                 if link:
@@ -1488,12 +1488,12 @@ def build_report(config: ReportConfig, reporter: Reporter | None = None,
             try:
                 workers = max(1, sum(client.nthreads().values()))
                 n_buckets = _n_buckets(pieces, workers)
-                reporter.begin(sum(p.size_bytes for p in pieces) + sum(p.size_bytes for p in pieces))
                 total_bytes = sum(p.size_bytes for p in pieces)
+                reporter.begin(2 * total_bytes)  # read by the statistics, then joined
                 batches = batch_pieces(pieces, min(BATCH_BYTES, max(1, total_bytes // (4 * workers))))
                 futures = [client.submit(interruptible, stats_batch, b, scratch, n_buckets,
                                          key=(f"report_stats-{token}", i), pure=False) for i, b in enumerate(batches)]
-                if not polars_first:
+                if not tasks_need_polars:
                     take_back_ctrl_c()  # imports polars while the workers read (numba, not holding the GIL)
                 cluster_future = (client.submit(interruptible, bionemo2_cluster_stats, clusters_file,
                                                 key=(f"report_clusters-{token}", 0), pure=False)
