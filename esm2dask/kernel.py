@@ -80,94 +80,6 @@ def count_records(buf: np.ndarray) -> int:
     return count
 
 
-@njit(nogil=True, cache=True)
-def _line_ends(buf: np.ndarray) -> np.ndarray:
-    """Where every ``\n`` of ``buf`` is: counted in a vectorised pass, then found 64 bytes at
-    a time (a branch-free test of the chunk first; 3 × ``np.flatnonzero(buf == 10)``)."""
-    n = len(buf)
-    count = 0
-    for j in range(n):
-        count += buf[j] == 10
-    out = np.empty(count, dtype=np.int64)
-    m = 0
-    i = 0
-    while i + 64 <= n:
-        hit = False
-        for j in range(i, i + 64):
-            hit |= buf[j] == 10
-        if hit:
-            for j in range(i, i + 64):
-                if buf[j] == 10:
-                    out[m] = j
-                    m += 1
-        i += 64
-    for j in range(i, n):
-        if buf[j] == 10:
-            out[m] = j
-            m += 1
-    return out
-
-
-@njit(nogil=True, cache=True)
-def row_sizes(buf: np.ndarray, n_records: int) -> np.ndarray:
-    """The bytes of each record's CSV row but its ``record_id``: ``,name,length,sequence\n``
-    (``len(name) + digits(length) + length + 4``), for a legal owned block of ``n_records``
-    records (:func:`count_records`). With the ids, which follow from the positions, the
-    driver knows where every row lands in its shard before any row is written.
-
-    The sequence length is the bytes after the header line less one ``\n`` per line and one
-    ``\r`` per ``\r\n`` (and a ``\r`` ending the file): what the kernel copies. Bad bytes are
-    the kernel's to find; on a block that has them these sizes mean nothing. One vectorised
-    pass finds the line ends; the rest walks lines, not bytes.
-    """
-    n = len(buf)
-    ends = _line_ends(buf)
-    starts = np.empty(n_records + 1, dtype=np.int64)
-    r = 0
-    if n > 0 and buf[0] == 62:
-        starts[0] = 0
-        r = 1
-    for k in range(len(ends)):
-        p = ends[k] + 1
-        if p < n and buf[p] == 62:
-            if r < n_records:
-                starts[r] = p
-            r += 1
-    starts[n_records] = n
-    sizes = np.empty(n_records, dtype=np.int64)
-    k = 0
-    for r in range(n_records):
-        a, b = starts[r], starts[r + 1]
-        q = a + 1
-        while q < b:
-            c = buf[q]
-            if c == 32 or c == 9 or c == 13 or c == 11 or c == 12 or c == 10:
-                break
-            q += 1
-        name = q - a - 1
-        while k < len(ends) and ends[k] < a:
-            k += 1
-        length = 0
-        if k < len(ends) and ends[k] < b and ends[k] + 1 < b:  # a header line, then a body
-            body = ends[k] + 1
-            k += 1
-            lines = 0
-            crlf = 0
-            while k < len(ends) and ends[k] < b:
-                lines += 1
-                if ends[k] > body and buf[ends[k] - 1] == 13:
-                    crlf += 1
-                k += 1
-            length = (b - body) - lines - crlf - (1 if buf[b - 1] == 13 else 0)
-        digits = 1
-        v = length
-        while v >= 10:
-            v //= 10
-            digits += 1
-        sizes[r] = name + digits + length + 4
-    return sizes
-
-
 @njit(nogil=True, cache=True, inline="always")
 def _write_int(out, o, value):
     """Decimal digits of ``value`` (>= 0) at ``out[o:]``; returns the new end. Unsigned
@@ -257,6 +169,89 @@ def _copy(src, a, dst, d, length):
     du = np.uint64(d)
     for i in range(np.uint64(length)):
         dst[du + i] = src[au + i]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _holds(buf, k, width, value):
+    """Whether ``value`` is among ``buf[k:k+width]`` (branch-free)."""
+    ku = np.uint64(k)
+    hit = False
+    for i in range(np.uint64(width)):
+        hit |= buf[ku + i] == value
+    return hit
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _next_record(buf, i, n):
+    """The first ``>`` at or after ``i`` (``i >= 1``) that begins a line, or ``n``.
+    ``>`` is rare outside headers: 64 bytes are tested at once, and only a step that
+    holds one is walked."""
+    while i + 64 <= n:
+        if _holds(buf, i, 64, 62):
+            for j in range(i, i + 64):
+                if buf[j] == 62 and buf[j - 1] == 10:
+                    return j
+        i += 64
+    for j in range(i, n):
+        if buf[j] == 62 and buf[j - 1] == 10:
+            return j
+    return n
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _line_bytes(buf, k, width):
+    """How many of ``buf[k:k+width]`` are ``\n`` or ``\r`` (branch-free, vectorised)."""
+    ku = np.uint64(k)
+    total = 0
+    for i in range(np.uint64(width)):
+        c = buf[ku + i]
+        total += (c == 10) | (c == 13)
+    return total
+
+
+@njit(nogil=True, cache=True)
+def row_sizes(buf: np.ndarray) -> np.ndarray:
+    """The bytes of each record's CSV row but its ``record_id``: ``,name,length,sequence\n``
+    (``len(name) + digits(length) + length + 4``), for a legal owned block; one per record
+    (``len`` of the result is :func:`count_records`). With the ids, which follow from the
+    positions, the driver knows where every row lands in its shard before any row is written.
+
+    The sequence length is the bytes after the header line less its ``\n`` and ``\r``
+    bytes (in a legal body a ``\r`` ends a line or the file): what the kernel copies. Bad
+    bytes are the kernel's to find; on a block that has them these sizes mean nothing. One
+    pass: the name is walked, the header's line end and the next record are found a chunk
+    at a time, and a body's line-end bytes are summed branch-free.
+    """
+    n = len(buf)
+    sizes = np.empty(max(16, n // 256), dtype=np.int64)
+    r = 0
+    a = 0 if n > 0 and buf[0] == 62 else _next_record(buf, 1, n)
+    while a < n:
+        b = _next_record(buf, a + 1, n)
+        q = a + 1
+        while q < b:
+            c = buf[q]
+            if c == 32 or c == 9 or c == 13 or c == 11 or c == 12 or c == 10:
+                break
+            q += 1
+        name = q - a - 1
+        h = _line_end(buf, q, b)
+        length = 0
+        if h + 1 < b:  # a header line, then a body
+            length = (b - h - 1) - _line_bytes(buf, h + 1, b - h - 1)
+        digits = 1
+        v = length
+        while v >= 10:
+            v //= 10
+            digits += 1
+        if r == len(sizes):
+            grown = np.empty(2 * r, dtype=np.int64)
+            grown[:r] = sizes
+            sizes = grown
+        sizes[r] = name + digits + length + 4
+        r += 1
+        a = b
+    return sizes[:r].copy()
 
 
 @njit(nogil=True, cache=True)

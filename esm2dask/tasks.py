@@ -374,11 +374,11 @@ def count_fasta(byte_range: ByteRange, storage_options: dict, sizes_url: str | N
     (benchmarks/results/kernel.md).
     """
     def counted(view) -> CountReceipt:
-        n = count_records(view)
         if sizes_url is None:
-            return CountReceipt(n, content_digest(byte_range.url, view))
-        storage.write_npy(sizes_url, row_sizes(view, n), storage_options)
-        return CountReceipt(n, content_digest(byte_range.url, view), sizes_url)
+            return CountReceipt(count_records(view), content_digest(byte_range.url, view))
+        sizes = row_sizes(view)  # one per record: the count is its length
+        storage.write_npy(sizes_url, sizes, storage_options)
+        return CountReceipt(len(sizes), content_digest(byte_range.url, view), sizes_url)
 
     return _count_range(byte_range, storage_options, counted)
 

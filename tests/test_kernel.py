@@ -347,6 +347,26 @@ def test_the_columns_taken_from_the_rows_are_the_oracles_records(data, uppercase
     assert list(zip(names.to_pylist(), seqs.to_pylist())) == want[::-1]
 
 
+def test_row_sizes_of_many_records_and_of_every_place_a_record_can_start():
+    """Thousands of tiny records (the result grows past its first guess), and one record
+    starting at every offset around a 64-byte step, with ``>`` in descriptions and bodies
+    ending ``\r\n`` or a bare ``\r``: each size is the oracle's row less its id."""
+    from esm2dask.kernel import row_sizes
+
+    def want(data):
+        return [len(f",{n},{len(s)},{s}\n".encode()) for n, s in parse_fasta_bytes(data, True)]
+
+    tiny = b"".join(b">%d\nM\n" % i if i % 7 else b">%d x>y\n\n" % i for i in range(5000))
+    assert row_sizes(as_array(tiny)).tolist() == want(tiny)
+    for lead in range(0, 140):
+        body = b"M" * lead
+        for tail in (b"\n", b"\r\n", b"\r", b""):
+            data = b">a d>e\r\n" + body + b"\r\n>b\n" + body[: lead // 2] + tail + b">c\n" * tail.endswith(b"\n")
+            sizes = row_sizes(as_array(data))
+            assert sizes.tolist() == want(data), (lead, tail)
+            assert len(sizes) == count_records(as_array(data))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(fasta_files(), st.data())
 def test_row_sizes_are_the_oracles_rows_without_their_ids(data, draw):
@@ -362,5 +382,7 @@ def test_row_sizes_are_the_oracles_rows_without_their_ids(data, draw):
     for i in range(len(bounds) - 1):
         _, block = read_owned_bytes(f, ByteRange("mem.fa", bounds[i], bounds[i + 1], i, len(data)))
         buf = as_array(block)
-        got += row_sizes(buf, count_records(buf)).tolist()
+        sizes = row_sizes(buf)
+        assert len(sizes) == count_records(buf)
+        got += sizes.tolist()
     assert got == want

@@ -76,14 +76,14 @@ def test_shuffled_input_drops_the_placed_shards_and_assembles_pieces(tmp_path, c
 
 def test_place_rows_sums_each_rows_bytes_with_its_id(tmp_path):
     """Against the rows the kernel writes, for ids crossing a power of ten."""
-    from esm2dask.kernel import as_array, count_records, row_sizes
+    from esm2dask.kernel import as_array, row_sizes
     from esm2dask.storage import write_npy
 
     data = b"".join(b">r%d d\nMK%s\n" % (i, b"A" * (i % 13)) for i in range(40))
     first = 95  # ids 96 … 135
     block = convert_block(data, 0, "mem.fa", uppercase=True, first_id=first + 1)
     url = str(tmp_path / "sizes.npy")
-    write_npy(url, row_sizes(as_array(data), count_records(as_array(data))), {})
+    write_npy(url, row_sizes(as_array(data)), {})
     bounds = [0, 100, 110, 130, 200]
     receipt = place_rows(url, first, bounds, {})
     rows = np.diff(block.rows.starts)
