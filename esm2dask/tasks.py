@@ -204,10 +204,10 @@ def _read_range(byte_range: ByteRange, storage_options: dict, marker: bytes = b"
         return read_owned_bytes(f, byte_range, marker)
 
 
-def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b">") -> str:
-    """:func:`content_digest` of the bytes ``byte_range`` owns now."""
+def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b">", like: str = "") -> str:
+    """:func:`content_digest` of the bytes ``byte_range`` owns now, made as ``like`` was."""
     _, data = _read_range(byte_range, storage_options, marker)
-    return content_digest(byte_range.url, data)
+    return content_digest(byte_range.url, data, like)
 
 
 def load_labels(url: str | None, storage_options: dict) -> np.ndarray | None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-
 import io
 
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,7 +118,7 @@ def test_arrow_slices_read_the_same_locally_and_from_a_remote_store(tmp_path):
 def test_the_count_task_maps_a_local_file_and_counts_what_each_range_owns(tmp_path, recs, width, crlf, partition):
     """``count_fasta`` maps a local file: range by range, its counts are the records the
     kernel parses from the same range read into memory, and they sum to the file's."""
-    from esm2dask.tasks import count_fasta
+    from esm2dask.tasks import count_fasta, range_digest
 
     data = render(recs, width, crlf)
     path = tmp_path / "f.fa"
@@ -129,7 +129,10 @@ def test_the_count_task_maps_a_local_file_and_counts_what_each_range_owns(tmp_pa
             _, block = read_owned_bytes(f, r)
             receipt = count_fasta(r, {})
             counts.append(receipt.n_records)
-            assert receipt.digest == hashlib.sha256(block).hexdigest()  # the bytes it counted
+            assert receipt.digest == "xxh3-128:" + xxhash.xxh3_128(block).hexdigest()  # the bytes it counted
+            assert range_digest(r, {}, b">", receipt.digest) == receipt.digest  # what --resume compares
+            older = hashlib.sha256(b"an earlier version's digest").hexdigest()
+            assert range_digest(r, {}, b">", older) == hashlib.sha256(block).hexdigest()  # made as that one was
             assert counts[-1] == len(convert_block(block, 0, "f.fa", uppercase=False, first_id=None))
     assert sum(counts) == len(recs)
 
