@@ -6,6 +6,7 @@ real files, the command line in-process.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -346,6 +347,29 @@ def test_copy_hashed_copies_and_hashes_in_one_read(tmp_path, size):
     assert copy_hashed(str(src), str(tmp_path / "link"), hard_link=True) == ("hardlink", oracle)
     assert os.path.samefile(src, tmp_path / "link")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "link", "src"]  # no temporary left
+
+
+@pytest.mark.parametrize("refused_after", [0, 1 << 20])
+def test_copy_hashed_finishes_a_copy_the_kernel_refuses(tmp_path, monkeypatch, refused_after):
+    """Where ``copy_file_range`` fails (another file system, an old kernel), at once or after
+    part of the file, the rest is read and written: the same bytes, the same digest."""
+    from esm2dask.storage import copy_hashed
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom((3 << 20) + 7))
+    oracle = subprocess.run(["sha256sum", str(src)], capture_output=True, text=True, check=True).stdout.split()[0]
+    real, calls = os.copy_file_range, []
+
+    def refusing(fd_in, fd_out, count, *args):
+        calls.append(count)
+        if len(calls) == 1 and refused_after:
+            return real(fd_in, fd_out, min(count, refused_after), *args)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", refusing)
+    how, digest = copy_hashed(str(src), str(tmp_path / "copy"))
+    assert calls and digest == oracle and (tmp_path / "copy").read_bytes() == src.read_bytes()
+    assert how in ("copy", "reflink")
 
 
 def test_copy_hashed_replaces_a_link_at_the_destination_never_follows_it(tmp_path):
