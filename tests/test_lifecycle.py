@@ -335,7 +335,7 @@ def test_place_copy_is_a_new_file(tmp_path):
 def test_copy_hashed_copies_and_hashes_in_one_read(tmp_path, size):
     """The copy-inputs stage's copy: the same bytes, a new file, and the SHA-256 that the
     coreutils' sha256sum finds in the source (chunk edges: empty, one byte, 8 MiB, past it)."""
-    from esm2dask.storage import copy_hashed
+    from esm2dask.storage import _copy_direct, copy_hashed
 
     src = tmp_path / "src"
     src.write_bytes(os.urandom(size))
@@ -347,6 +347,9 @@ def test_copy_hashed_copies_and_hashes_in_one_read(tmp_path, size):
     assert copy_hashed(str(src), str(tmp_path / "link"), hard_link=True) == ("hardlink", oracle)
     assert os.path.samefile(src, tmp_path / "link")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "link", "src"]  # no temporary left
+    direct = _copy_direct(str(src), str(tmp_path / "direct"))  # None where the file system refuses O_DIRECT
+    if direct is not None:
+        assert direct == oracle and (tmp_path / "direct").read_bytes() == src.read_bytes()
 
 
 @pytest.mark.parametrize("refused_after", [0, 1 << 20])
@@ -366,10 +369,42 @@ def test_copy_hashed_finishes_a_copy_the_kernel_refuses(tmp_path, monkeypatch, r
             return real(fd_in, fd_out, min(count, refused_after), *args)
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
+    real_open = os.open
+
+    def no_direct(path, flags, *args, **kwargs):  # as tmpfs answers O_DIRECT
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_direct)
     monkeypatch.setattr(os, "copy_file_range", refusing)
     how, digest = copy_hashed(str(src), str(tmp_path / "copy"))
     assert calls and digest == oracle and (tmp_path / "copy").read_bytes() == src.read_bytes()
     assert how in ("copy", "reflink")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "src"]  # no temporary left
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_copy_hashed_falls_back_where_a_direct_write_is_refused(tmp_path, monkeypatch):
+    """A file system that takes O_DIRECT at open but refuses the write (EINVAL): the copy is
+    made again through the kernel, whole, with the source's digest."""
+    from esm2dask.storage import copy_hashed
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom((9 << 20) + 5))
+    oracle = subprocess.run(["sha256sum", str(src)], capture_output=True, text=True, check=True).stdout.split()[0]
+    real, refused = os.pwrite, []
+
+    def refusing(fd, data, offset):
+        if not refused:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing)
+    how, digest = copy_hashed(str(src), str(tmp_path / "copy"))
+    assert refused and digest == oracle and (tmp_path / "copy").read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "src"]
 
 
 def test_copy_hashed_replaces_a_link_at_the_destination_never_follows_it(tmp_path):
