@@ -459,10 +459,15 @@ def write_counts(
 
 def _convert(byte_range: ByteRange, storage_options: dict, *, uppercase: bool,
              first_id: int | None, expected: int, owned: tuple[int, bytes] | None = None):
-    """Read (unless ``owned`` is given) and convert one range; the records parsed must be
-    the records counted."""
-    base, data = owned or _read_range(byte_range, storage_options)
-    block = convert_block(data, base, byte_range.url, uppercase=uppercase, first_id=first_id)
+    """Read (mapped where local, see :func:`_owned_block`; unless ``owned`` is given) and
+    convert one range; the records parsed must be the records counted."""
+    if owned is None:
+        with _owned_block(byte_range, storage_options) as (base, data):
+            block = convert_block(data, base, byte_range.url, uppercase=uppercase, first_id=first_id)
+            del data
+    else:
+        base, data = owned
+        block = convert_block(data, base, byte_range.url, uppercase=uppercase, first_id=first_id)
     if len(block) != expected:
         # defence in depth: the count pass and the kernel disagree about the range
         raise InputError(
