@@ -114,17 +114,22 @@ def _is_special(c):
 @njit(nogil=True, cache=True, inline="always")
 def _copy_chunk(buf, k, seq, s, width, delta):
     """``buf[k:k+width]`` into ``seq[s:]``, lower case minus ``delta`` (32 or 0); returns
-    the offset of the first special byte (``width`` if none). No branch inside: LLVM
-    vectorises it, the offset as a byte-wide minimum (``width`` is at most 255)."""
+    the offset of the first special byte (``width`` if none). The copy and a flag (any
+    special byte, OR'd) have no branch inside: LLVM vectorises them; only a chunk that
+    holds a special byte is walked again to find it."""
     ku = np.uint64(k)
     su = np.uint64(s)
-    w = np.uint8(width)
-    j = w
+    hit = False
     for i in range(np.uint64(width)):
         c = buf[ku + i]
         seq[su + i] = c - delta * ((c >= 97) & (c <= 122))
-        j = min(j, np.uint8(i) if _is_special(c) else w)
-    return np.int64(j)
+        hit |= _is_special(c)
+    if not hit:
+        return np.int64(width)
+    for i in range(np.uint64(width)):
+        if _is_special(buf[ku + i]):
+            return np.int64(i)
+    return np.int64(width)
 
 
 @njit(nogil=True, cache=True, inline="always")
