@@ -208,6 +208,25 @@ def test_rows_without_ids_then_ids_in_any_order():
     assert bytes(block.rows.take(np.array([1])).data) == b"b,1,G\n"
 
 
+@pytest.mark.parametrize("records", [1, 16, 1000, 20_000])
+def test_more_records_than_the_room_first_guessed(records):
+    """The first attempt makes room for one record per 40 input bytes (+16); a block of
+    shorter records is counted and parsed again: the rows and the errors are the same."""
+    from esm2dask import kernel
+
+    parts = [b">%d\nm\n" % i if i % 3 else b">n%d d\n\n" % i for i in range(records)]
+    data = b"".join(parts)
+    guess = len(data) // kernel._GUESS_BYTES_PER_RECORD + 16
+    assert (records > guess) == (records >= 1000)  # the second attempt, or not
+    got = convert_block(data, 0, "f.fa", uppercase=True, first_id=5)
+    assert bytes(got.rows.data) == csv_rows(parse_fasta_bytes(data, True), first_id=5)
+    assert len(got.name_series()) == records
+    bad = data + b">last\nA,C\n"
+    with pytest.raises(InputError) as err:
+        convert_block(bad, 0, "f.fa", uppercase=True, first_id=1)
+    assert err.value.where == f"byte {len(data) + 7}, record 'last'"
+
+
 def test_a_range_whose_count_differs_is_an_error(tmp_path):
     """Defence in depth: records parsed must equal records counted, range by range."""
     from esm2dask import tasks
@@ -295,12 +314,32 @@ def test_an_illegal_byte_at_every_position_of_a_line(length):
             bad_line = line[:at] + bytes([bad_byte]) + line[at + 1 :]
             trailing_cr = bad_byte == 13 and at == length - 1  # legal: one trailing \r
             cases = [(head + bad_line + b"\n" + line + b"\n", len(head) + at),
-                     (head + line + b"\n" + bad_line, len(head) + length + 1 + at)]
+                     (head + line + b"\n" + bad_line, len(head) + length + 1 + at),
+                     (head + line + b"\n" + bad_line + b"\n" + line + b"\n", len(head) + length + 1 + at)]
             if bad_byte not in b"\t\x0b\x0c \r":  # these would end the name
                 cases.append((b">" + bad_line + b"\nAC\n", 1 + at))
             for data, offset in cases:
                 want, got = _outcome(data, True)
                 assert got == want == (csv_rows(parse_fasta_bytes(data, True)) if trailing_cr else ("error", offset)), (at, bad_byte, data)
+
+
+@pytest.mark.parametrize("width", [31, 32, 33, 59, 60, 63, 64, 65, 80, 127, 128, 129])
+def test_lines_as_wide_as_the_line_before(width):
+    """A line as wide as the last whole line is copied whole when its ``\\n`` is where the
+    width says and it holds no special byte; every other line (shorter ones whose later
+    ``\\n`` or ``>`` falls at that place, CRLF, a next record, a bad byte) is walked: the
+    rows and errors are the oracle's."""
+    full = [_legal_line(width, salt).replace(b">", b"+") for salt in range(4)]
+    short = [full[0][:m] for m in (0, 1, width // 2, width - 1)]
+    followers = [b"\n" + full[1], b"\r\n" + full[1], b"\n>n\n" + full[2], b"\n\n" + full[3]]
+    for first in (full[0] + b"\n", full[0] + b"\r\n"):
+        for middle in short + full[1:2] + [full[1][:-1] + b"\r", full[2][:-1] + b",", full[3][:5] + b"\x00" + full[3][6:]]:
+            for after in followers:
+                data = b">a\n" + first + middle + after + b"\n"
+                for shift in (b"", b"x" * (width - len(middle) - 1)):  # a later \n at the place
+                    case = data.replace(middle + after, middle + after[:1] + shift + after[1:], 1) if shift else data
+                    want, got = _outcome(case, True)
+                    assert got == want, (width, case)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
