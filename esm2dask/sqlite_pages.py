@@ -687,117 +687,69 @@ def _leaf_page(kind: int, cells: list[bytes], u: int, header_at: int = 0) -> byt
     return page
 
 
-def _interior_page(kind: int, cells: list[bytes], right: int, u: int) -> bytearray:
-    """``cells`` (each its child's file page first) over ``right`` (a file page)."""
-    page = bytearray(u)
-    top = u
-    pointers = []
-    for c in cells:
-        top -= len(c)
-        page[top : top + len(c)] = c
-        pointers.append(top)
-    struct.pack_into(">BHHHBI", page, 0, kind, 0, len(cells), top & 0xFFFF, 0, right)
-    for k, p in enumerate(pointers):
-        struct.pack_into(">H", page, 12 + 2 * k, p)
-    if 12 + 2 * len(cells) > top:
-        raise AssertionError("internal: cells overfill a page")
-    return page
-
-
-def _index_groups(sizes: list[int], capacity: int) -> list[tuple[int, int]]:
-    """:func:`_pack_index` for a few cells in Python: ``[a, b)`` leaves, the cell after each
-    leaf but the last its divider."""
-    out, i, n = [], 0, len(sizes)
-    while i < n:
-        a, used = i, 0
-        while i < n and (used + sizes[i] + 2 <= capacity or i == a):
-            used += sizes[i] + 2
-            i += 1
-        if i == n - 1 and i - a >= 2:
-            i -= 1
-        out.append((a, i))
-        i += 1
-    return out
-
-
 class _Pages:
     """Pages the final step adds, numbered from ``next_page`` on, kept until written."""
 
     def __init__(self, next_page: int, u: int):
         self.next, self.u, self.pages = next_page, u, {}
 
-    def add(self, page: bytearray) -> int:
+    def add(self, page) -> int:
         self.pages[self.next] = page
         self.next += 1
         return self.next - 1
 
-
-def _index_leaves(seam: list[bytes], pages: _Pages) -> tuple[list[int], list[bytes]]:
-    """Loose index cells of a seam packed into leaves: their page numbers and the dividers
-    between them."""
-    groups = _index_groups([len(c) for c in seam], pages.u - 8)
-    leaves = [pages.add(_leaf_page(_LEAF_INDEX, seam[a:b], pages.u)) for a, b in groups]
-    dividers = [seam[b] for (_, b) in groups[:-1]]
-    return leaves, dividers
-
-
-def _index_level(children: list[int], keys: list[bytes], pages: _Pages):
-    """One level up the index tree. ``keys[j]`` (a divider entry) separates ``children[j]``
-    and ``children[j + 1]``, and moves up from between two pages. Pages are numbered as in
-    the plan; a child pointer holds its file page. (The table's levels: :func:`_table_level`.)"""
-    u = pages.u
-    cells = [struct.pack(">I", file_page(c, u)) + k for c, k in zip(children, keys)]
-    # cells [a, b) on a page, children[b] its right pointer, keys[b] moves up
-    groups, i, n = [], 0, len(children)
-    while i < n:
-        a, used = i, 0
-        while i < n - 1 and (used + len(cells[i]) + 2 <= u - 12 or i == a):
-            used += len(cells[i]) + 2
-            i += 1
-        groups.append((a, i))  # children a … i, cells a … i-1
-        i += 1
-    if len(groups) > 1 and groups[-1][1] == groups[-1][0]:  # a page with one child: borrow one
-        (a0, b0), (a1, _) = groups[-2], groups[-1]
-        groups[-2], groups[-1] = (a0, b0 - 1), (b0, a1)
-    up_children, up_keys = [], []
-    for a, b in groups:
-        up_children.append(pages.add(_interior_page(_INTERIOR_INDEX, cells[a:b], file_page(children[b], u), u)))
-        if b < len(keys):
-            up_keys.append(keys[b])
-    return up_children, up_keys
+    def add_block(self, block: np.ndarray) -> np.ndarray:
+        """The rows of ``block`` (one page each) as the next pages; returns their numbers."""
+        first = self.next
+        for k in range(len(block)):
+            self.add(block[k])
+        return np.arange(first, self.next, dtype=np.int64)
 
 
 @njit(nogil=True, cache=True)
-def _table_level(child_pages, keys, u):
-    """One level of the table tree over ``n`` children in one compiled pass (at 4096-byte
-    pages there are ~100 k leaves per million rows; the index's fewer levels are laid out by
-    :func:`_index_level`, by the same rule). Child ``j``'s cell is its file page
-    (``child_pages[j]``) and ``keys[j]``, its largest rowid; a page holds cells ``a … b-1``
-    and child ``b`` as its right pointer, and ``keys[b]`` moves up; a last page with one
-    child borrows one. Returns the pages (one row each) and each page's ``b``."""
-    n = len(child_pages)
-    ends = np.empty(n, np.int64)  # each group's b
+def _level_ends(sizes, capacity):
+    """The rule of both trees' interior levels: ``n`` children (``n - 1`` cells, ``sizes[j]``
+    the bytes of child ``j``'s cell; the last child is a right pointer only) grouped into
+    pages of ``capacity`` bytes. A page holds cells ``a … b-1`` (as many as fit, 2 bytes of
+    pointer each, at least one) and child ``b`` as its right pointer; a last page with one
+    child (no cell) borrows one from the page before. Returns each page's ``b``."""
+    n = len(sizes) + 1
+    ends = np.empty(n, np.int64)
     g = 0
     i = 0
     while i < n:
         a = i
         used = 0
-        while i < n - 1 and (used + 4 + _varint_len(keys[i]) + 2 <= u - 12 or i == a):
-            used += 4 + _varint_len(keys[i]) + 2
+        while i < n - 1 and (used + sizes[i] + 2 <= capacity or i == a):
+            used += sizes[i] + 2
             i += 1
         ends[g] = i
         g += 1
         i += 1
     if g > 1 and ends[g - 1] == ends[g - 2] + 1:  # a last page with one child: it borrows one
         ends[g - 2] -= 1
-    out = np.zeros((g, u), np.uint8)
+    return ends[:g].copy()
+
+
+@njit(nogil=True, cache=True)
+def _table_level(child_pages, keys, u):
+    """One level of the table tree over ``n`` children in one compiled pass (at 4096-byte
+    pages there are ~100 k leaves per million rows). Child ``j``'s cell is its file page
+    (``child_pages[j]``) and ``keys[j]``, its largest rowid; pages by :func:`_level_ends`,
+    and ``keys[b]`` of each page moves up. Returns the pages (one row each) and each page's ``b``."""
+    n = len(child_pages)
+    sizes = np.empty(n - 1, np.int64)
+    for j in range(n - 1):
+        sizes[j] = 4 + _varint_len(keys[j])
+    ends = _level_ends(sizes, u - 12)
+    out = np.zeros((len(ends), u), np.uint8)
     a = 0
-    for k in range(g):
+    for k in range(len(ends)):
         b = ends[k]
         page = out[k]
         top = u
         for j in range(a, b):
-            top -= 4 + _varint_len(keys[j])
+            top -= sizes[j]
             _put_u32(page, top, child_pages[j])
             _put_varint(page, top + 4, keys[j])
             _put_u16(page, 12 + 2 * (j - a), top)
@@ -806,65 +758,139 @@ def _table_level(child_pages, keys, u):
         _put_u16(page, 5, top & 0xFFFF)
         _put_u32(page, 8, child_pages[b])
         a = b + 1
-    return out, ends[:g].copy()
+    return out, ends
 
 
-def _table_level_up(children: np.ndarray, keys: np.ndarray, pages: _Pages) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_table_level` over plan pages ``children``: its pages numbered from
-    ``pages.next`` on; returns their plan pages and their keys."""
-    u = pages.u
-    file_pages = children + (children >= lock_page(u))
-    block, ends = _table_level(file_pages, keys, u)
-    first = pages.next
-    for k in range(len(block)):
-        pages.add(block[k])
-    return np.arange(first, first + len(block), dtype=np.int64), keys[ends]
+@njit(nogil=True, cache=True)
+def _index_level(child_pages, buf, key_at, key_len, u):
+    """One level of the index tree over ``n`` children: child ``j``'s cell is its file page
+    (``child_pages[j]``) and, for ``j < n - 1``, the entry between child ``j`` and ``j + 1``
+    (``buf[key_at[j] : key_at[j] + key_len[j]]``, a loose index cell); pages by
+    :func:`_level_ends`, and entry ``b`` of each page but the last moves up. Returns the pages
+    (one row each) and the entries that move up, as offsets and lengths into ``buf``."""
+    n = len(child_pages)
+    sizes = 4 + key_len[: n - 1]
+    ends = _level_ends(sizes, u - 12)
+    out = np.zeros((len(ends), u), np.uint8)
+    a = 0
+    for k in range(len(ends)):
+        b = ends[k]
+        page = out[k]
+        top = u
+        for j in range(a, b):
+            top -= sizes[j]
+            _put_u32(page, top, child_pages[j])
+            _memcpy(page, top + 4, buf, key_at[j], key_len[j])
+            _put_u16(page, 12 + 2 * (j - a), top)
+        page[0] = _INTERIOR_INDEX
+        _put_u16(page, 3, b - a)
+        _put_u16(page, 5, top & 0xFFFF)
+        _put_u32(page, 8, child_pages[b])
+        a = b + 1
+    up = ends[:-1]
+    return out, key_at[up], key_len[up]
 
 
-def _table_root(leaves: list[int], max_rowids: list[int], pages: _Pages) -> int:
+@njit(nogil=True, cache=True)
+def _seam_leaves(buf, cell_at, cell_len, seam_lo, seam_hi, u):
+    """Each seam's loose index cells (cells ``seam_lo[s] … seam_hi[s]-1``, cell ``i`` at
+    ``buf[cell_at[i] : cell_at[i] + cell_len[i]]``) packed into leaves as a chunk packs its
+    rows (:func:`_pack_index`). Returns the leaves (one row each, the seams' in order), each
+    seam's count of leaves, and the cells between a seam's leaves that move up (in order)."""
+    n_seams = len(seam_lo)
+    total = 0
+    for s in range(n_seams):
+        total += seam_hi[s] - seam_lo[s]
+    starts = np.empty(total, np.int64)
+    ends = np.empty(total, np.int64)
+    counts = np.empty(n_seams, np.int64)
+    g = 0
+    for s in range(n_seams):
+        lo = seam_lo[s]
+        st, en = _pack_index(cell_len[lo : seam_hi[s]], u)
+        m = len(st)
+        for k in range(m):
+            starts[g + k] = lo + st[k]
+            ends[g + k] = lo + en[k]
+        counts[s] = m
+        g += m
+    out = np.zeros((g, u), np.uint8)
+    dividers = np.empty(g, np.int64)
+    d = 0
+    k = 0
+    for s in range(n_seams):
+        for j in range(counts[s]):
+            a, b = starts[k], ends[k]
+            page = out[k]
+            top = u
+            for i in range(a, b):
+                top -= cell_len[i]
+                _memcpy(page, top, buf, cell_at[i], cell_len[i])
+                _put_u16(page, 8 + 2 * (i - a), top)
+            page[0] = _LEAF_INDEX
+            _put_u16(page, 3, b - a)
+            _put_u16(page, 5, top & 0xFFFF)
+            if j < counts[s] - 1:
+                dividers[d] = b
+                d += 1
+            k += 1
+    return out, counts, dividers[:d].copy()
+
+
+def _file_pages(plan_pages: np.ndarray, u: int) -> np.ndarray:
+    """:func:`file_page` of each of ``plan_pages``."""
+    return plan_pages + (plan_pages >= lock_page(u))
+
+
+def _table_root(leaves: np.ndarray, max_rowids: np.ndarray, pages: _Pages) -> int:
+    """The table tree over its leaves (plan pages) and their largest rowids."""
     if not len(leaves):
         return pages.add(_leaf_page(_LEAF_TABLE, [], pages.u))
-    children, keys = np.asarray(leaves, np.int64), np.asarray(max_rowids, np.int64)
+    children, keys = leaves, max_rowids
     while len(children) > 1:
-        children, keys = _table_level_up(children, keys, pages)
+        block, ends = _table_level(_file_pages(children, pages.u), keys, pages.u)
+        children, keys = pages.add_block(block), keys[ends]
     return int(children[0])
 
 
 def _index_root(edges: list[ChunkEdges], pages: _Pages) -> int:
-    """The index tree over every chunk's leaves, the seams between chunks packed here."""
-    children: list[int] = []
-    keys: list[bytes] = []
-    seam: list[bytes] = []
-
-    def flush():
-        leaves, dividers = _index_leaves(seam, pages)
-        children.extend(leaves)
-        keys.extend(dividers)
-        seam.clear()
-
-    for e in edges:
-        if e.index_leaves == 0:
-            continue
-        ends = np.cumsum(e.loose_sizes)
-        starts = ends - e.loose_sizes
-        cells = [e.loose[s:t] for s, t in zip(starts.tolist(), ends.tolist())]
-        seam.extend(cells[: e.index_head_cells])
-        if e.index_leaves == 1:
-            continue
-        flush()
-        dividers = cells[e.index_head_cells : e.index_head_cells + e.index_leaves - 1]
-        n_table = len(e.table_max_rowid)
-        for j in range(1, e.index_leaves - 1):  # the leaves the chunk wrote
-            keys.append(dividers[j - 1])
-            children.append(e.first_page + n_table + j - 1)
-        keys.append(dividers[-1])
-        seam.extend(cells[e.index_head_cells + e.index_leaves - 1 :])
-    if not seam and not children:
-        return pages.add(_leaf_page(_LEAF_INDEX, [], pages.u))
-    flush()
+    """The index tree over every chunk's leaves, the seams between chunks packed here. The
+    loose cells, every chunk's one after another, are cells ``0 … m-1``; a chunk of two index
+    leaves or more ends a seam with its first leaf's cells and starts the next with its last
+    leaf's (its dividers lie between), so a seam is a run of cells, chunks of one leaf inside."""
+    u = pages.u
+    edges = [e for e in edges if e.index_leaves]
+    if not edges:
+        return pages.add(_leaf_page(_LEAF_INDEX, [], u))
+    buf = np.frombuffer(b"".join(e.loose for e in edges), np.uint8)
+    cell_len = np.concatenate([e.loose_sizes for e in edges]).astype(np.int64)
+    cell_at = np.cumsum(cell_len) - cell_len
+    n_cells = np.array([len(e.loose_sizes) for e in edges], np.int64)
+    first_cell = np.cumsum(n_cells) - n_cells
+    split = np.array([k for k, e in enumerate(edges) if e.index_leaves > 1], np.int64)
+    n_leaves = np.array([edges[k].index_leaves for k in split], np.int64)
+    dividers_at = first_cell[split] + np.array([edges[k].index_head_cells for k in split], np.int64)
+    seam_lo = np.concatenate(([0], dividers_at + n_leaves - 1)).astype(np.int64)
+    seam_hi = np.concatenate((dividers_at, [len(cell_len)])).astype(np.int64)
+    block, per_seam, seam_dividers = _seam_leaves(buf, cell_at, cell_len, seam_lo, seam_hi, u)
+    seam_pages = pages.add_block(block)
+    # the leaves in order: a seam's, then those the chunk after it wrote; the keys likewise
+    leaf_at = np.concatenate(([0], np.cumsum(per_seam)))
+    divider_at = np.concatenate(([0], np.cumsum(np.maximum(per_seam - 1, 0))))
+    children, keys = [], []
+    for s in range(len(seam_lo)):
+        children.append(seam_pages[leaf_at[s] : leaf_at[s + 1]])
+        keys.append(seam_dividers[divider_at[s] : divider_at[s + 1]])
+        if s < len(split):
+            e = edges[split[s]]
+            children.append(e.first_page + len(e.table_max_rowid) + np.arange(e.index_leaves - 2, dtype=np.int64))
+            keys.append(dividers_at[s] + np.arange(e.index_leaves - 1, dtype=np.int64))
+    children, keys = np.concatenate(children), np.concatenate(keys)
+    key_at, key_len = cell_at[keys], cell_len[keys]
     while len(children) > 1:
-        children, keys = _index_level(children, keys, pages)
-    return children[0]
+        block, key_at, key_len = _index_level(_file_pages(children, u), buf, key_at, key_len, u)
+        children = pages.add_block(block)
+    return int(children[0])
 
 
 def _record(values: list) -> bytes:
@@ -916,10 +942,10 @@ def finish_database(path: str, edges: list[ChunkEdges], next_page: int, u: int) 
     (whose chunk pages end before ``next_page`` of the plan); the file cut to its page
     count (the lock-byte page counted, as SQLite counts it). Returns the page count."""
     pages = _Pages(next_page, u)
-    leaves, max_rowids = [], []
-    for e in edges:
-        leaves.extend(range(e.first_page, e.first_page + len(e.table_max_rowid)))
-        max_rowids.extend(e.table_max_rowid.tolist())
+    none = np.zeros(0, np.int64)
+    leaves = np.concatenate([none] + [np.arange(e.first_page, e.first_page + len(e.table_max_rowid), dtype=np.int64)
+                                      for e in edges])
+    max_rowids = np.concatenate([none] + [e.table_max_rowid for e in edges]).astype(np.int64)
     table_root = file_page(_table_root(leaves, max_rowids, pages), u)
     index_root = file_page(_index_root(edges, pages), u)
     page_count = file_page(pages.next - 1, u)

@@ -558,3 +558,158 @@ def test_bytes_are_the_earlier_writers(tmp_path, case):
         pages = build(db, rows, page_size, cuts)
     assert lock is None or pages > lock
     assert hashlib.sha256(db.read_bytes()).hexdigest() == FINGERPRINTS[case]
+
+
+def _long_id_rows(n: int, seed: int, id_len: tuple[int, int], seq_len=(0, 40)) -> list[tuple[str, str]]:
+    """``n`` rows with ids of ``id_len`` bytes (long: few index entries a page, many levels)."""
+    rng = np.random.default_rng(seed)
+    alphabet = np.frombuffer(ID_ALPHABET.encode(), np.uint8)
+    residues = np.frombuffer(RESIDUES.encode(), np.uint8)
+    ids = set()
+    while len(ids) < n:
+        k = int(rng.integers(id_len[0], id_len[1] + 1))
+        ids.add(alphabet[rng.integers(0, len(alphabet), k)].tobytes().decode())
+    seqs = [residues[rng.integers(0, len(residues), int(k))].tobytes().decode()
+            for k in rng.integers(seq_len[0], seq_len[1] + 1, n)]
+    return list(zip(sorted(ids, key=str.encode), seqs))
+
+
+def _index_tree(path: Path, u: int) -> list[list[int]]:
+    """The index B-tree's pages level by level, the root's level first and the leaves' last
+    (file pages: the root from SQLite, the rest read as the format describes interior pages:
+    a 12-byte header, the right pointer at offset 8, each cell its child's page first)."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_protein_1'").fetchone()
+    con.close()
+    data = path.read_bytes()
+    levels, level = [], [root]
+    while True:
+        levels.append(level)
+        below = []
+        for p in level:
+            page = data[(p - 1) * u : p * u]
+            if page[0] == 0x0A:
+                continue
+            assert page[0] == 0x02, (p, page[0])
+            for k in range(struct.unpack(">H", page[3:5])[0]):
+                at = struct.unpack(">H", page[12 + 2 * k : 14 + 2 * k])[0]
+                below.append(struct.unpack(">I", page[at : at + 4])[0])
+            below.append(struct.unpack(">I", page[8:12])[0])
+        if not below:
+            return levels
+        level = below
+
+
+def _index_case_rows(case):
+    _, n, id_len, _, seed = case
+    return _long_id_rows(n, seed, id_len)
+
+
+def _write_case(db: Path, rows, page_size: int, cuts) -> int:
+    """``cuts`` None: :func:`sp.write_database` (one process); else the chunked path."""
+    if cuts is None:
+        size = sp.write_database(str(db), pa.array([r[0] for r in rows], pa.string()),
+                                 pa.array([r[1] for r in rows], pa.string()), page_size)
+        assert size == db.stat().st_size
+        return size // page_size
+    return build(db, rows, page_size, cuts=cuts)
+
+
+#: SHA-256 of the databases below as the writer made them while the index's interior levels
+#: (and the seams' leaves) were laid out in Python (_index_level, _index_leaves, _interior_page),
+#: before they were compiled: the bytes must not change.
+#: (page size, rows, id bytes, cuts (None: write_database), seed) -> (interior levels, SHA-256)
+INDEX_LEVEL_FINGERPRINTS = {
+    (512, 700, (100, 400), None, 1): (2, "d862040324c7c8c346884336fdc06a7f3677c34119d08e4cf774674343a9a59e"),
+    (512, 1500, (100, 1000), (0, 1, 2, 3, 200, 201, 640, 1100, 1497), 2): (3, "1ed7d361578664d9d71187b5a30e5ddae03235dc967d3b27e5a2b3a50ba406cb"),
+    (1024, 2000, (100, 1000), None, 3): (3, "af6db92ebffaab9901fd86798990a0f4b25bcd26d34027ab0be2b1f46d71cf46"),
+    (1024, 2000, (100, 1000), (5, 6, 7, 900, 901, 1999), 4): (3, "d3a6011abcf9de2613623a609ef9a08812fce25e5a491bba51c59e3b5474bb29"),
+    (4096, 3000, (100, 1000), None, 5): (4, "c55c6e6243a30ca42c14e19ef0a028395b9f11cfb069267831d274c23d311604"),
+    (4096, 3000, (100, 1000), (0, 17, 18, 1000, 1001, 1002, 2500), 6): (4, "6e3a0aedf7cf3ac7a66951b7b41f6fe181156be81f9876e52d4c1e4f4c887237"),
+    (65536, 8000, (800, 1000), None, 7): (2, "8f08d159493e81b5e9c87b782a4585ef288cb8b6a181a7ae1c0cdd12a6b1cc03"),
+    (65536, 8000, (800, 1000), (1, 2, 3000, 3001, 7000), 8): (2, "fb308f77a7b08befac800ec2fd811a8b3f678a23e4fba4d14618f4a678311d52"),
+}
+
+
+@pytest.mark.parametrize("case", list(INDEX_LEVEL_FINGERPRINTS), ids=str)
+def test_index_levels_against_sqlite(tmp_path, case):
+    """Ids of 100–1,000 bytes, so that a few thousand rows give an index of two or more
+    interior levels (two to four), written in one process and in chunks
+    (of one row, of a few, of many: seams at every level): SQLite checks the tree and answers
+    every lookup through the index as its own database of the rows; the bytes are those of
+    the Python index levels."""
+    page_size, n, id_len, cuts, seed = case
+    rows = _index_case_rows(case)
+    db = tmp_path / "i.db"
+    pages = _write_case(db, rows, page_size, cuts)
+    data = db.read_bytes()
+    levels, fingerprint = INDEX_LEVEL_FINGERPRINTS[case]
+    assert len(_index_tree(db, page_size)) - 1 == levels >= 2
+    assert hashlib.sha256(data).hexdigest() == fingerprint
+    check(db, rows, page_size, pages, cli=cuts is not None)
+
+
+def _lock_at(where: str, levels: list[list[int]], chunk_end: int) -> int:
+    """The page the lock-byte page is moved onto, from the index tree (``levels``, as
+    :func:`_index_tree` reads it) of the database written without it, where plan and file
+    pages are the same; the chunks' pages end before ``chunk_end``."""
+    leaves, level1 = levels[-1], levels[-2]
+    if where == "first seam leaf":
+        return min(p for p in leaves if p >= chunk_end)
+    if where == "last chunk leaf":
+        return max(p for p in leaves if p < chunk_end)
+    if where == "first of level 1":
+        return level1[0]
+    if where == "middle of level 1":
+        return level1[len(level1) // 2]
+    if where == "last of level 1":
+        return level1[-1]
+    if where == "first of level 2":
+        return levels[-3][0]
+    if where == "root":
+        return levels[0][0]
+    raise AssertionError(where)
+
+
+#: as INDEX_LEVEL_FINGERPRINTS (taken from the Python index levels before they were
+#: compiled), the lock-byte page moved onto an index page of the final step or its child.
+#: (page size, rows, id bytes, cuts (None: write_database), seed, where) -> (lock page, SHA-256)
+LOCK_INDEX_FINGERPRINTS = {
+    (512, 1500, (100, 1000), (0, 1, 2, 3, 200, 201, 640, 1100, 1497), 2, "first seam leaf"): (4335, "b2610b7f5ad895f382e62960150da4632c1c50593ace24bb9c6c157b021e3a9b"),
+    (512, 1500, (100, 1000), (0, 1, 2, 3, 200, 201, 640, 1100, 1497), 2, "first of level 1"): (4344, "76a0704336c2d04a6d5c6fc4d0ea6b1c7075e90920f8f5622b1f1f56435a63ef"),
+    (512, 1500, (100, 1000), (0, 1, 2, 3, 200, 201, 640, 1100, 1497), 2, "middle of level 1"): (4351, "6c5c85037f9afb86e8952f079cb3ecd34232714e03c8dd7c9d455a5d6c4bdb3a"),
+    (1024, 2000, (100, 1000), None, 3, "first of level 2"): (3544, "72209d2e9dddd738e5d4322317dd0a3df2e1738d49196b4ada7ce561fe2254ff"),
+    (1024, 2000, (100, 1000), (5, 6, 7, 900, 901, 1999), 4, "last of level 1"): (3501, "602e491d1c5f36d73302c01902cb5980f0f4f6142d56d79831bc439a8add095c"),
+    (1024, 2000, (100, 1000), (5, 6, 7, 900, 901, 1999), 4, "root"): (3506, "33f1cd17447bcfc51537cdf1e59b632b258668f96680b2e9b31726bfcc1da61c"),
+    (4096, 3000, (100, 1000), (0, 17, 18, 1000, 1001, 1002, 2500), 6, "last chunk leaf"): (863, "1d5f759cbfebf875bb1d5a2859e899c3aea41714b371966dce5ce8f3c2c397d1"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOCK_INDEX_FINGERPRINTS), ids=str)
+def test_lock_byte_page_inside_the_index_levels(tmp_path, case):
+    """The lock-byte page (moved, as SQLite's own tests move it, from 1 GiB into a file of a
+    few hundred pages) where the final step's index pages lie: on a seam's leaf, on the
+    first, a middle and the last interior page of a level, on the root, on a chunk's index
+    leaf below them. The page stays blank and unlinked, the pages after it one further on;
+    SQLite checks the tree and every lookup; the bytes are those of the Python index levels."""
+    page_size, n, id_len, cuts, seed, where = case
+    rows = _index_case_rows(case[:5])
+    plain = tmp_path / "plain.db"
+    _write_case(plain, rows, page_size, cuts)
+    if cuts is None:
+        chunk_end = sp.chunk_pages_end([sp.layout_rows([len(r[0].encode()) for r in rows],
+                                                       [len(r[1].encode()) for r in rows], 1, page_size)])
+    else:
+        chunk_end = sp.chunk_pages_end([sp.Chunk(i, s, 1, page_size).layout for i, s in _chunks(rows, list(cuts))])
+    lock = _lock_at(where, _index_tree(plain, page_size), chunk_end)
+    want_lock, fingerprint = LOCK_INDEX_FINGERPRINTS[case]
+    assert lock == want_lock
+    pending = (lock - 1) * page_size
+    db = tmp_path / "lock.db"
+    with pending_byte(pending):
+        pages = _write_case(db, rows, page_size, cuts)
+        data = db.read_bytes()
+        assert pages > lock and data[(lock - 1) * page_size : lock * page_size] == bytes(page_size)
+        assert all(lock not in level for level in _index_tree(db, page_size))
+        assert hashlib.sha256(data).hexdigest() == fingerprint
+        check(db, rows, page_size, pages, cli=True, pending=pending)
