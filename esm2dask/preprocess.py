@@ -365,29 +365,53 @@ def convert(run: Run, found: Scan, streams: dict[str, Stream], uf50_routing: Rou
     return done
 
 
-def join(run: Run, found: Scan, stream: Stream) -> list:
-    """Any input order: join ids by hash bucket, then move each record once. Returns what
-    each position block's task wrote of the other layouts."""
+def join(run: Run, found: Scan, streams: list[Stream]) -> dict[str, list]:
+    """Any input order: join ids by hash bucket, then move each record once, for every
+    stream out of mapping order side by side (each round's tasks of all of them are in
+    flight before the driver waits on any: one stream's short stages fill the other's
+    idle cores). Returns by stream what each position block's task wrote of the other
+    layouts."""
+    steps = {stream.name: _join_steps(run, found, stream) for stream in streams}
+    done: dict[str, list] = {}
+    while steps:
+        for name, step in list(steps.items()):
+            try:
+                next(step)
+            except StopIteration as finished:
+                done[name] = finished.value
+                del steps[name]
+    return done
+
+
+def _join_steps(run: Run, found: Scan, stream: Stream):
+    """:func:`join`'s rounds for one stream: each ``yield`` leaves a round's tasks running;
+    the next step waits on them and submits the round they feed."""
     name, runner, n_buckets = stream.name, run.runner, run.plan.hash_buckets[stream.name]
     ranges, counts = run.ranges(name), found.counts[name]
     runner.message(f"{name}: joining by hash ({stream.report.fallback_reason})")
     runner.grow(run.plan.read_bytes(f"fallback-{name}"))
-    id_receipts = runner.run(f"bucket-ids-{name}", [
+    # the mapping's ids and the FASTA's names, each grouped by hash bucket (independent)
+    ids_handles = runner.submit(f"bucket-ids-{name}", [
         (getattr(m, f"{stream.kind}_url"), int(stream.key_first[i]), n_buckets,
          storage.join(run.work, "buckets", f"{name}-ids", f"{i:05d}.arrow"), run.storage_options)
         for i, m in enumerate(found.mapping)
     ])
-    name_receipts = runner.run(f"index-{name}", [
+    names_handles = runner.submit(f"index-{name}", [
         (r, int(counts[i]), n_buckets, storage.join(run.work, "buckets", name, f"{r.index:05d}.arrow"),
          run.storage_options)
         for i, r in enumerate(ranges)
     ])
-    joins = runner.run(f"join-{name}", [
+    yield
+    id_receipts = runner.wait(f"bucket-ids-{name}", ids_handles)
+    name_receipts = runner.wait(f"index-{name}", names_handles)
+    join_handles = runner.submit(f"join-{name}", [
         ([Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in id_receipts],
          [Slice(r.url, r.bounds[b], r.bounds[b + 1]) for r in name_receipts],
          len(ranges), storage.join(run.work, "joined", name, f"{b:05d}.arrow"), run.storage_options)
         for b in range(n_buckets)
     ])
+    yield
+    joins = runner.wait(f"join-{name}", join_handles)
     n_missing = sum(j.n_missing for j in joins)
     if n_missing:
         examples = sorted(x for j in joins for x in j.missing)[:5]
@@ -397,16 +421,20 @@ def join(run: Run, found: Scan, stream: Stream) -> list:
     # blocks of consecutive positions, about one range's worth each
     block_rows = max(1, math.ceil(stream.n_keys / max(1, len(ranges))))
     blocks = np.append(np.arange(0, stream.n_keys, block_rows), stream.n_keys).astype(np.int64)
-    scattered = runner.run(f"scatter-{name}", [
+    scatter_handles = runner.submit(f"scatter-{name}", [
         (r, int(counts[i]), [Slice(j.url, j.range_bounds[i], j.range_bounds[i + 1]) for j in joins],
          blocks.tolist(), storage.join(run.work, "scattered", name, f"{r.index:05d}.csv"), run.storage_options)
         for i, r in enumerate(ranges)
     ])
-    return runner.run(f"merge-{name}", [
+    yield
+    scattered = runner.wait(f"scatter-{name}", scatter_handles)
+    merge_handles = runner.submit(f"merge-{name}", [
         ([(s.url, s.index_url, s.rows[g], s.rows[g + 1], s.bytes[g], s.bytes[g + 1]) for s in scattered],
          int(blocks[g]), int(blocks[g + 1] - blocks[g]), stream.routing, g)
         for g in range(len(blocks) - 1)
     ])
+    yield
+    return runner.wait(f"merge-{name}", merge_handles)
 
 
 def assemble(run: Run, uf50_targets: tuple[Target, ...], placed: list[str]) -> tuple[dict[str, int], list[str]]:
@@ -512,9 +540,9 @@ def execute(run: Run) -> Converted:
         rows[t.split_dir] = t.n_rows
     fast = convert(run, found, streams, streams["uf50"].routing, rows)
     uf90_parts = [r.layouts for r in fast.get("uf90", [])]
-    for name, stream in streams.items():
-        if name in fast:
-            continue
+    joined = [stream for name, stream in streams.items() if name not in fast]
+    for stream in joined:
+        name = stream.name
         if not run.staging.marker(f"fallback-{name}"):  # what the fast path wrote goes
             run.staging.remove_pieces([t.split_dir for t in stream.routing.targets])
             if stream.placed:
@@ -522,9 +550,9 @@ def execute(run: Run) -> Converted:
             if name == "uf90":
                 layouts.remove_uf90_parts()
             run.staging.set_marker(f"fallback-{name}")
-        gathered = join(run, found, stream)
-        if name == "uf90":
-            uf90_parts = gathered
+    if joined:
+        gathered = join(run, found, joined)
+        uf90_parts = gathered.get("uf90", uf90_parts)
     sizes, esm2nv_files = assemble(run, uf50_targets, [PLACED_DIRS[n] for n in fast if streams[n].placed])
     written = layouts.finish(rows, uf90_parts) if layouts.wanted else {}
     if "esm2nv" not in cfg.formats:  # staged for the others, not published

@@ -107,16 +107,16 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
             table.append(Stage(f"place-{name}", tasks.place_rows, ranges[name]))
         table += [over(name, f"fast-{name}", tasks.convert_in_order),
                   Stage(f"check-ids-{name}", tasks.count_duplicate_hashes, hash_buckets[name])]
+    # the hash join's rounds, both streams' side by side (esm2dask.preprocess.join)
     for name in STREAMS:
         when = f"fallback-{name}"
-        table += [
-            Stage(f"bucket-ids-{name}", tasks.bucket_ids, n_map, 0, when),
-            over(name, f"index-{name}", tasks.index_fasta, when),
-            Stage(f"join-{name}", tasks.join_ids, hash_buckets[name], 0, when),
-            over(name, f"scatter-{name}", tasks.scatter_fasta, when),
-            # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
-            Stage(f"merge-{name}", tasks.merge_scattered_block, ranges[name], 0, when),
-        ]
+        table += [Stage(f"bucket-ids-{name}", tasks.bucket_ids, n_map, 0, when),
+                  over(name, f"index-{name}", tasks.index_fasta, when)]
+    table += [Stage(f"join-{name}", tasks.join_ids, hash_buckets[name], 0, f"fallback-{name}") for name in STREAMS]
+    table += [over(name, f"scatter-{name}", tasks.scatter_fasta, f"fallback-{name}") for name in STREAMS]
+    # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
+    table += [Stage(f"merge-{name}", tasks.merge_scattered_block, ranges[name], 0, f"fallback-{name}")
+              for name in STREAMS]
     n_shards = len(staged_csv_dirs(config)) * config.num_csv_files
     # at most: the placed folders' shards are written in place, unless their FASTA is out of order
     table.append(Stage("assemble", tasks.assemble_shard, n_shards, exact=not placed))
