@@ -41,9 +41,9 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
+
+from .kernel import copy_bytes
 
 #: The table BioNeMo 2 queries, byte for byte as SQLite stores it in ``sqlite_schema``.
 PROTEIN_DDL = "CREATE TABLE protein (id TEXT PRIMARY KEY, sequence TEXT)"
@@ -219,22 +219,6 @@ def _pack_index(cell, u):
     return starts[:m], ends[:m]
 
 
-@intrinsic
-def _memcpy(typingctx, dst, dpos, src, spos, n):
-    """``dst[dpos : dpos + n] = src[spos : spos + n]`` as one ``memcpy`` (uint8 arrays, no
-    overlap): numba's slice assignment builds two array views first, which at a few hundred
-    bytes a copy costs more than the copy."""
-    sig = types.void(dst, types.intp, src, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        d = context.make_array(signature.args[0])(context, builder, args[0])
-        s = context.make_array(signature.args[2])(context, builder, args[2])
-        cgutils.raw_memcpy(builder, builder.gep(d.data, [args[1]]), builder.gep(s.data, [args[3]]), args[4], 1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @njit(nogil=True, cache=True, inline="always")
 def _copy_record(dst, dpos, hdr, hlen, data1, a1, n1, data2, a2, n2, start, length):
     """Bytes ``[start, start + length)`` of the record ``hdr[:hlen] + data1[a1:a1+n1] +
@@ -242,15 +226,15 @@ def _copy_record(dst, dpos, hdr, hlen, data1, a1, n1, data2, a2, n2, start, leng
     end = start + length
     s, e = start, min(end, hlen)
     if e > s:
-        _memcpy(dst, dpos, hdr, s, e - s)
+        copy_bytes(dst, dpos, hdr, s, e - s)
         dpos += e - s
     s, e = max(start, hlen), min(end, hlen + n1)
     if e > s:
-        _memcpy(dst, dpos, data1, a1 + s - hlen, e - s)
+        copy_bytes(dst, dpos, data1, a1 + s - hlen, e - s)
         dpos += e - s
     s, e = max(start, hlen + n1), min(end, hlen + n1 + n2)
     if e > s:
-        _memcpy(dst, dpos, data2, a2 + s - hlen - n1, e - s)
+        copy_bytes(dst, dpos, data2, a2 + s - hlen - n1, e - s)
         dpos += e - s
     return dpos
 
@@ -780,7 +764,7 @@ def _index_level(child_pages, buf, key_at, key_len, u):
         for j in range(a, b):
             top -= sizes[j]
             _put_u32(page, top, child_pages[j])
-            _memcpy(page, top + 4, buf, key_at[j], key_len[j])
+            copy_bytes(page, top + 4, buf, key_at[j], key_len[j])
             _put_u16(page, 12 + 2 * (j - a), top)
         page[0] = _INTERIOR_INDEX
         _put_u16(page, 3, b - a)
@@ -825,7 +809,7 @@ def _seam_leaves(buf, cell_at, cell_len, seam_lo, seam_hi, u):
             top = u
             for i in range(a, b):
                 top -= cell_len[i]
-                _memcpy(page, top, buf, cell_at[i], cell_len[i])
+                copy_bytes(page, top, buf, cell_at[i], cell_len[i])
                 _put_u16(page, 8 + 2 * (i - a), top)
             page[0] = _LEAF_INDEX
             _put_u16(page, 3, b - a)
