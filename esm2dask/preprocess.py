@@ -418,23 +418,47 @@ def _join_steps(run: Run, found: Scan, stream: Stream):
         tasks.raise_missing(stream.report.fasta, "cluster" if name == "uf50" else "member", n_missing, examples)
     stream.report.duplicates = sum(j.n_duplicates for j in joins)
     stream.report.unnamed_dropped = sum(j.n_unnamed for j in joins)
-    # blocks of consecutive positions, about one range's worth each
+    # blocks of consecutive positions, about one range's worth each; each range's sorted
+    # rows are cut there, and (placed) at the shard boundaries too
     block_rows = max(1, math.ceil(stream.n_keys / max(1, len(ranges))))
     blocks = np.append(np.arange(0, stream.n_keys, block_rows), stream.n_keys).astype(np.int64)
+    shards = shard_bounds(stream.routing.targets[0].n_rows, run.config.num_csv_files) if stream.placed else blocks[-1:]
+    cuts = np.union1d(blocks, shards)
     scatter_handles = runner.submit(f"scatter-{name}", [
         (r, int(counts[i]), [Slice(j.url, j.range_bounds[i], j.range_bounds[i + 1]) for j in joins],
-         blocks.tolist(), storage.join(run.work, "scattered", name, f"{r.index:05d}.csv"), run.storage_options)
+         cuts.tolist(), storage.join(run.work, "scattered", name, f"{r.index:05d}.csv"), run.storage_options)
         for i, r in enumerate(ranges)
     ])
     yield
     scattered = runner.wait(f"scatter-{name}", scatter_handles)
+    at = np.searchsorted(cuts, blocks)  # block g is cuts at[g] … at[g + 1]
+    placement = _joined_placement(run, stream, scattered, cuts, shards) if stream.placed else None
     merge_handles = runner.submit(f"merge-{name}", [
-        ([(s.url, s.index_url, s.rows[g], s.rows[g + 1], s.bytes[g], s.bytes[g + 1]) for s in scattered],
-         int(blocks[g]), int(blocks[g + 1] - blocks[g]), stream.routing, g)
+        ([(s.url, s.index_url, s.rows[at[g]], s.rows[at[g + 1]], s.bytes[at[g]], s.bytes[at[g + 1]]) for s in scattered],
+         int(blocks[g]), int(blocks[g + 1] - blocks[g]), stream.routing, g,
+         placement[at[g] : at[g + 1]] if placement is not None else None)
         for g in range(len(blocks) - 1)
     ])
     yield
     return runner.wait(f"merge-{name}", merge_handles)
+
+
+def _joined_placement(run: Run, stream: Stream, scattered: list, cuts: np.ndarray, shards: np.ndarray) -> list[list]:
+    """Where the rows between each two of ``cuts`` (each inside one shard) go: ``[shard,
+    offset, bytes]``, the bytes summed over every range's scattered rows. The shards are
+    made at their final size (the header in place), so that each position block's merge
+    writes its rows once, straight into them."""
+    sizes = np.zeros(len(cuts) - 1, dtype=np.int64)
+    for s in scattered:
+        sizes += np.diff(np.asarray(s.bytes, dtype=np.int64))
+    ends = [len(CSV_HEADER)] * run.config.num_csv_files
+    placement = []
+    for c, size in enumerate(sizes.tolist()):
+        shard = int(np.searchsorted(shards, cuts[c], side="right")) - 1
+        placement.append([shard, ends[shard], size])
+        ends[shard] += size
+    run.staging.make_shards(stream.routing.targets[0].split_dir, ends)
+    return placement
 
 
 def assemble(run: Run, uf50_targets: tuple[Target, ...], placed: list[str]) -> tuple[dict[str, int], list[str]]:
@@ -553,7 +577,7 @@ def execute(run: Run) -> Converted:
     if joined:
         gathered = join(run, found, joined)
         uf90_parts = gathered.get("uf90", uf90_parts)
-    sizes, esm2nv_files = assemble(run, uf50_targets, [PLACED_DIRS[n] for n in fast if streams[n].placed])
+    sizes, esm2nv_files = assemble(run, uf50_targets, [PLACED_DIRS[n] for n, s in streams.items() if s.placed])
     written = layouts.finish(rows, uf90_parts) if layouts.wanted else {}
     if "esm2nv" not in cfg.formats:  # staged for the others, not published
         rows, sizes, esm2nv_files = {}, {}, []

@@ -100,16 +100,26 @@ def checked_name(name, where: str) -> str:
     return name
 
 
+#: What the staging folder's receipts and intermediate files mean. A resumed run trusts
+#: the receipts of the run it resumes; when a version of esm2dask changes what a task
+#: leaves behind (2: the hash join's merge writes uf90 and uf50/train in place, not as
+#: pieces), this number changes with it, and an older staging folder is not resumed.
+STAGING_FORMAT = 2
+
+
 def run_plan(config, identities: dict[str, dict]) -> dict:
     """What a resumed run must share with the run it resumes (JSON-normalised)."""
     params = options_where(config, RESUME)
-    return json.loads(json.dumps({"parameters": params, "inputs": identities}, sort_keys=True))
+    plan = {"parameters": params, "inputs": identities, "staging_format": STAGING_FORMAT}
+    return json.loads(json.dumps(plan, sort_keys=True))
 
 
 def describe_plan_change(old: dict | None, new: dict) -> str:
     """What differs between a staged plan and this run's, in the words of the options."""
     if not isinstance(old, dict) or "parameters" not in old or "inputs" not in old:
         return "its plan.json is missing or unreadable"
+    if old.get("staging_format") != new.get("staging_format"):
+        return "an earlier version of esm2dask staged it, and its intermediate files mean other things now"
     changes = []
     for key in sorted(set(old["parameters"]) | set(new["parameters"])):
         a, b = old["parameters"].get(key), new["parameters"].get(key)

@@ -56,10 +56,10 @@ def staged_csv_dirs(config) -> tuple[str, ...]:
 
 def placed_streams(config) -> tuple[str, ...]:
     """The FASTAs whose ESM2nv rows are written once, each at its final place in its shard
-    (the count pass measures every row first, :func:`esm2dask.tasks.place_rows`): on a local
-    or POSIX output, uf90, and uf50 unless ``--split random`` spreads its rows over three
-    folders. The others, and any FASTA out of mapping order, write pieces that are then
-    assembled into the shards."""
+    (in mapping order the count pass measures every row first, :func:`esm2dask.tasks.place_rows`;
+    out of it the hash join's scatter does, and each position block's merge writes in place):
+    on a local or POSIX output, uf90, and uf50 unless ``--split random`` spreads its rows
+    over three folders. The others write pieces that are then assembled into the shards."""
     # policy, not access: rows placed with pwrite (storage.write_at) need a file system's output
     if "esm2nv" not in config.formats or not storage.is_local(config.output_dir):
         return ()
@@ -118,8 +118,8 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
     table += [Stage(f"merge-{name}", tasks.merge_scattered_block, ranges[name], 0, f"fallback-{name}")
               for name in STREAMS]
     n_shards = len(staged_csv_dirs(config)) * config.num_csv_files
-    # at most: the placed folders' shards are written in place, unless their FASTA is out of order
-    table.append(Stage("assemble", tasks.assemble_shard, n_shards, exact=not placed))
+    # the placed folders' shards are written in place, in mapping order or not
+    table.append(Stage("assemble", tasks.assemble_shard, n_shards - len(placed) * config.num_csv_files))
     if esm2nv:
         table.append(Stage("assemble-mmap", tasks.assemble_array, n_arrays(config)))
     evals = formats.eval_splits(config)

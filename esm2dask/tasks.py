@@ -662,10 +662,11 @@ def _read_span(url: str, lo: int, hi: int, storage_options: dict) -> bytes:
 
 def merge_scattered_block(
     parts: list[tuple[str, str, int, int, int, int]], first_position: int, n_rows: int, routing: Routing,
-    block: int,
+    block: int, placement: list | None = None,
 ):
     """Merge positions ``[first_position, first_position + n_rows)`` from every range's
-    scattered rows and write their pieces (and the other layouts' parts: returned).
+    scattered rows and write them (and the other layouts' parts: returned): as pieces, or
+    with ``placement`` at their place in the shards (see :func:`write_rows`).
     ``parts``: (rows url, index url, first row, end row, first byte, end byte) of each
     range that has rows in the block."""
     datas, positions, starts, offset = [], [], [], 0
@@ -684,7 +685,7 @@ def merge_scattered_block(
     order = np.argsort(pos, kind="stable")
     if len(pos) != n_rows or pos[order[0]] != first_position or pos[order[-1]] != first_position + n_rows - 1:
         raise RuntimeError(f"block at {first_position}: {len(pos)} rows, expected {n_rows}")  # pragma: no cover
-    return emit_rows(merged.take(order), first_position, routing, f"block-{block:05d}")
+    return emit_rows(merged.take(order), first_position, routing, f"block-{block:05d}", placement)
 
 
 def _list_pieces(work_dir: str, parts: tuple[str, ...], storage_options: dict) -> list[str]:

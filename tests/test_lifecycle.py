@@ -137,6 +137,27 @@ def test_resume_refuses_an_input_edited_in_place_and_changed_options(raw, tmp_pa
     assert tree_digest(out) == tree_digest(fresh)
 
 
+def test_resume_refuses_a_staging_folder_of_an_earlier_format(raw, tmp_path, cluster_config, synth_digest):
+    """Its receipts may mean other things (an earlier merge wrote pieces, not rows in place):
+    the plan of an earlier esm2dask (no ``staging_format``, or another one) is not resumed."""
+    import json
+
+    from esm2dask.publish import STAGING_FORMAT
+
+    out = tmp_path / "out"
+    staged = _interrupted_run(raw, out, cluster_config)
+    plan_path = staged / "work" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    assert plan["staging_format"] == STAGING_FORMAT
+    for earlier in ({k: v for k, v in plan.items() if k != "staging_format"}, {**plan, "staging_format": 1}):
+        plan_path.write_text(json.dumps(earlier))
+        with pytest.raises(OutputError, match="an earlier version of esm2dask staged it") as err:
+            preprocess(_config(raw, out, cluster_config, resume=True))
+        assert "--overwrite" in str(err.value) and _stagings(out) == [staged]
+    preprocess(_config(raw, out, cluster_config, resume=True, overwrite=True))  # starts over
+    assert tree_digest(out) == synth_digest and not _stagings(out)
+
+
 def test_resume_continues_the_matching_run(raw, tmp_path, cluster_config, synth_digest):
     out = tmp_path / "out"
     _interrupted_run(raw, out, cluster_config)

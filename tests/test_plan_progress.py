@@ -30,7 +30,8 @@ def test_plan_is_computed_from_sizes_alone():
     assert ranges == {"mapping": 4, "uf50": 3, "uf90": 7, "val": 1}
     stages = {s.name: (s.tasks, s.read_bytes) for s in plan.stages if s.when == "always"}
     assert stages["fast-uf90"] == (7, 25_000_000) and stages["count-uf50"] == (3, 10_000_000)
-    assert stages["assemble"] == (200, 0) and "count-test" not in stages  # test = val by default
+    # uf50/train and uf90 are written in place: assemble makes the val and test shards only
+    assert stages["assemble"] == (100, 0) and "count-test" not in stages  # test = val by default
     # every pass over an input is counted once: mapping, count ×3, convert-val, fast ×2
     assert plan.read_bytes() == 2_000_000 + 2 * (10_000_000 + 25_000_000) + 2 * 50_000
     assert plan.read_bytes("fallback-uf90") == 2 * 25_000_000  # index, then scatter

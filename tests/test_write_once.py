@@ -1,6 +1,7 @@
-"""Each output byte written once: rows of a FASTA in mapping order go straight to their
-place in their shard (the count pass measured every row), with no pieces and no assembly
-copy; everything else still stages pieces. The bytes must be the same either way."""
+"""Each output byte written once: rows of uf90 and uf50/train go straight to their place in
+their shard (in mapping order the count pass measured every row; out of it the hash join's
+scatter did, and each position block's merge writes in place), with no pieces and no
+assembly copy; the evaluation splits still stage pieces. The bytes must be the same."""
 
 from __future__ import annotations
 
@@ -58,17 +59,41 @@ def test_a_run_stopped_while_rows_are_placed_resumes_exactly(synth_raw, tmp_path
     assert tree_digest(out) == tree_digest(fresh)
 
 
-def test_shuffled_input_drops_the_placed_shards_and_assembles_pieces(tmp_path, cluster_config):
+def test_shuffled_input_is_merged_into_the_placed_shards(tmp_path, cluster_config):
+    """Out of mapping order the fast path's shards are dropped; the hash join's merge then
+    writes each position block in place (blocks cut at the shard boundaries too): only the
+    val and test shards are assembled, and the tree is the one the sorted input gives."""
     from esm2dask.synth import synth
 
     raw = tmp_path / "raw"
     synth(str(raw), 300, seed=5, unsorted=True)
     out = tmp_path / "out"
     result = run_preprocess(raw, out, cluster_config, partition_size="40KB")
-    assert not result.streams["uf90"].fast_path and result.stage_tasks["assemble"] == 200
+    assert not result.streams["uf90"].fast_path and not result.streams["uf50"].fast_path
+    assert result.stage_tasks["assemble"] == 100 and result.stage_tasks["merge-uf90"] > 1
     sorted_raw = tmp_path / "sorted"  # the same records, the FASTAs in mapping order
     synth(str(sorted_raw), 300, seed=5)
     fresh = tmp_path / "fresh"
+    run_preprocess(sorted_raw, fresh, cluster_config, partition_size="40KB")
+    assert {k: v for k, v in tree_digest(out).items() if k.startswith("uf")} == \
+        {k: v for k, v in tree_digest(fresh).items() if k.startswith("uf")}
+
+
+@pytest.mark.parametrize("stage", ["scatter-uf90", "merge-uf50", "merge-uf90"])
+def test_shuffled_input_stopped_in_the_join_resumes_exactly(stage, tmp_path, cluster_config):
+    """Stopped as the driver begins to wait on ``stage`` (the other stream's tasks of the
+    round in flight): the resumed run keeps what finished merges wrote into the shards,
+    writes the rest, and gives the sorted input's tree."""
+    from esm2dask.synth import synth
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    synth(str(raw), 300, seed=5, unsorted=True)
+    options = dict(raw_dir=str(raw), output_dir=str(out), cluster=cluster_config, partition_size="40KB")
+    with pytest.raises(Interrupted):
+        preprocess(PreprocessConfig.from_options(**options), StopAt(stage))
+    preprocess(PreprocessConfig.from_options(**options, resume=True))
+    sorted_raw, fresh = tmp_path / "sorted", tmp_path / "fresh"
+    synth(str(sorted_raw), 300, seed=5)
     run_preprocess(sorted_raw, fresh, cluster_config, partition_size="40KB")
     assert {k: v for k, v in tree_digest(out).items() if k.startswith("uf")} == \
         {k: v for k, v in tree_digest(fresh).items() if k.startswith("uf")}
