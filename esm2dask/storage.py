@@ -49,6 +49,7 @@ import stat
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -522,7 +523,9 @@ DIRECT_CHUNK_BYTES = 8 << 20
 def _copy_direct(src: str, dest: str) -> str | None:
     """``src`` copied to the new file ``dest`` with ``O_DIRECT`` writes, read and hashed in
     one loop; its SHA-256, or None where the platform or file system refuses direct writes
-    (``dest`` then removed). The copy takes no page cache (a run never reads it again)."""
+    (``dest`` then removed). The copy takes no page cache (a run never reads it again).
+    Two buffers: while one is written (by a helper thread; the write waits on the disk and
+    holds no GIL), the next block is read into the other and hashed."""
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
@@ -531,31 +534,65 @@ def _copy_direct(src: str, dest: str) -> str | None:
         if err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return None
         raise
-    block = mmap.mmap(-1, DIRECT_CHUNK_BYTES)  # page-aligned, as O_DIRECT wants
-    view, digest, offset = memoryview(block), hashlib.sha256(), 0
+    blocks = [mmap.mmap(-1, DIRECT_CHUNK_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT wants
+    views = [memoryview(b) for b in blocks]
+    digest, offset, writing = hashlib.sha256(), 0, None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="esm2dask-copy")
     try:
         with open(src, "rb", buffering=0) as fin:
-            while n := fin.readinto(view):
-                digest.update(view[:n])
+            k = 0
+            while n := fin.readinto(views[k]):  # the other buffer may still be being written
+                digest.update(views[k][:n])
                 padded = -(-n // 4096) * 4096  # the last block written whole, the file cut back after
-                done = 0
-                while done < padded:
-                    done += os.pwrite(fd, view[done:padded], offset + done)
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(_pwrite_all, fd, views[k], padded, offset)
                 offset += n
+                k = 1 - k
                 if n != padded:
                     break  # a short read is the file's end (or it grew: then it is copied as it was)
+        if writing is not None:
+            writing.result()
+            writing = None
         os.ftruncate(fd, offset)
     except OSError as err:
+        _settled(writing)
         os.close(fd)
         if err.errno == errno.EINVAL:  # took the flag at open but not the write
             os.unlink(dest)
             return None
         raise
+    except BaseException:
+        _settled(writing)
+        os.close(fd)
+        raise
     finally:
-        view.release()
-        block.close()
+        pool.shutdown(wait=True)
+        for v in views:
+            v.release()
+        for b in blocks:
+            b.close()
     os.close(fd)
     return digest.hexdigest()
+
+
+def _pwrite_all(fd: int, block: memoryview, length: int, offset: int) -> None:
+    """``block[:length]`` at ``offset``; each slice released as it is done with, even on an
+    error, so that the buffer can be closed."""
+    done = 0
+    while done < length:
+        with block[done:length] as part:
+            done += os.pwrite(fd, part, offset + done)
+
+
+def _settled(writing) -> None:
+    """Wait for a write still in flight (its own error is the one already raised, or lost to
+    the one being raised), so that its buffer and descriptor can be closed."""
+    if writing is not None:
+        try:
+            writing.result()
+        except BaseException:
+            pass
 
 
 #: what ``copy_file_range`` answers where the kernel or the file systems cannot copy

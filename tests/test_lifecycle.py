@@ -352,10 +352,11 @@ def test_place_copy_is_a_new_file(tmp_path):
         assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("size", [0, 1, 8 << 20, (8 << 20) + 12_345])
+@pytest.mark.parametrize("size", [0, 1, 8 << 20, (8 << 20) + 12_345, (24 << 20) + 4097])
 def test_copy_hashed_copies_and_hashes_in_one_read(tmp_path, size):
     """The copy-inputs stage's copy: the same bytes, a new file, and the SHA-256 that the
-    coreutils' sha256sum finds in the source (chunk edges: empty, one byte, 8 MiB, past it)."""
+    coreutils' sha256sum finds in the source (chunk edges: empty, one byte, 8 MiB, past it;
+    and four blocks, so that each of the two buffers is written while the other is read)."""
     from esm2dask.storage import _copy_direct, copy_hashed
 
     src = tmp_path / "src"
@@ -426,6 +427,30 @@ def test_copy_hashed_falls_back_where_a_direct_write_is_refused(tmp_path, monkey
     how, digest = copy_hashed(str(src), str(tmp_path / "copy"))
     assert refused and digest == oracle and (tmp_path / "copy").read_bytes() == src.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "src"]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+@pytest.mark.parametrize("failing_write", [1, 3])
+def test_a_direct_copy_that_fails_part_way_leaves_nothing(tmp_path, monkeypatch, failing_write):
+    """A write that fails while the next block is being read (the disk full, on the helper
+    thread): the error reaches the caller, and no copy or temporary is left."""
+    from esm2dask.storage import copy_hashed
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom((40 << 20) + 3))
+    real, calls = os.pwrite, []
+
+    def filling(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == failing_write:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", filling)
+    with pytest.raises(OSError) as err:
+        copy_hashed(str(src), str(tmp_path / "copy"))
+    assert err.value.errno == errno.ENOSPC and len(calls) == failing_write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_copy_hashed_replaces_a_link_at_the_destination_never_follows_it(tmp_path):
