@@ -38,6 +38,7 @@ import errno
 import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -510,19 +511,29 @@ class Chunk:
         hole = lock - first_file if first_file < lock < first_file + lay.pages else -1
         offset = (first_file - 1) * u if file_offset is None else file_offset
         window_pages = max(1, window_bytes // u)
-        # page-aligned memory (direct I/O needs it), room for the lock-byte page too
-        window = np.frombuffer(mmap.mmap(-1, (min(window_pages, lay.pages) + 1) * u), np.uint8)
-        with _PageFile(path, direct and u % DIRECT_BLOCK == 0 and offset % DIRECT_BLOCK == 0) as out:
-            for k_lo in range(0, lay.pages, window_pages):
+        # two windows of page-aligned memory (direct I/O needs it), room for the lock-byte page
+        # too: one is written (by a helper thread: the write waits on the disk, holding no GIL)
+        # while the kernel fills the other
+        n_windows = 2 if lay.pages > window_pages else 1
+        windows = [np.frombuffer(mmap.mmap(-1, (min(window_pages, lay.pages) + 1) * u), np.uint8)
+                   for _ in range(n_windows)]
+        with _PageFile(path, direct and u % DIRECT_BLOCK == 0 and offset % DIRECT_BLOCK == 0) as out, \
+                ThreadPoolExecutor(1, thread_name_prefix="esm2dask-pages") as pool:
+            writing = None
+            for j, k_lo in enumerate(range(0, lay.pages, window_pages)):
                 k_hi = min(lay.pages, k_lo + window_pages)
                 slot_lo, slot_hi = _slot(k_lo, hole), _slot(k_hi - 1, hole) + 1
-                pages = window[: (slot_hi - slot_lo) * u]
+                pages = windows[j % n_windows][: (slot_hi - slot_lo) * u]  # not the one being written
                 pages[:] = 0
                 _fill_pages(pages, k_lo, k_hi, first_file, hole, u, self.id_off, self.id_data, self.seq_off,
                             self.seq_data, self.order, self.first_rowid, self.table_cell, self.table_ends,
                             self.index_cell, self.index_starts, self.index_ends, self.table_ovfl_at,
                             self.index_ovfl_at)
-                out.write(pages, offset + slot_lo * u)
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(out.write, pages, offset + slot_lo * u)
+            if writing is not None:
+                writing.result()
         return self._edges(first_page, first_file, hole)
 
     def _edges(self, first_page: int, first_file: int, hole: int) -> ChunkEdges:
