@@ -117,8 +117,14 @@ def _write_int(out, o, value):
 @intrinsic
 def copy_bytes(typingctx, dst, dpos, src, spos, n):
     """``dst[dpos : dpos + n] = src[spos : spos + n]`` as one ``memcpy`` (uint8 arrays, no
-    overlap): numba's slice assignment builds two array views first, which at a few hundred
-    bytes a copy costs more than the copy."""
+    overlap, ``n >= 0``): numba's slice assignment builds two array views first, which at a
+    few hundred bytes a copy costs more than the copy. Only contiguous uint8 arrays are
+    typed (the addresses are byte offsets from the data pointer); anything else fails to
+    compile."""
+    for array in (dst, src):
+        if not (isinstance(array, types.Array) and array.dtype == types.uint8 and array.layout == "C"
+                and array.ndim == 1):
+            return None
     sig = types.void(dst, types.intp, src, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -349,6 +355,7 @@ def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
     o = 0
     no = 0
     wide = 0  # the width of the last whole line (FASTA files wrap at one width)
+    eol = 1  # and the bytes of its line end (\n, or \r\n)
     row_starts[0] = 0
     name_starts[0] = 0
     while pos < n_bytes:
@@ -387,10 +394,11 @@ def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
         s = 0
         while k < n_bytes and buf[k] != 62:  # at a line start; '>' starts the next record
             # a line as wide as the last whole line: copied whole, if it holds no special
-            # byte and its \n is where the width says (else the chunks below redo it)
-            if wide >= 32 and k + wide < n_bytes and buf[k + wide] == 10:
+            # byte and its line end is where the width says (else the chunks below redo it)
+            if (wide >= 32 and k + wide + eol <= n_bytes and buf[k + wide + eol - 1] == 10
+                    and (eol == 1 or buf[k + wide] == 13)):
                 if not _copy_line(buf, k, seq, s, wide, delta):
-                    k += wide + 1
+                    k += wide + eol
                     s += wide
                     continue
             line = k
@@ -409,7 +417,8 @@ def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
                     continue
                 c = buf[k]
                 if c == 10:
-                    wide = k - line
+                    eol = 2 if k > line and buf[k - 1] == 13 else 1  # a \r before it was the line's
+                    wide = k - line - (eol - 1)
                     k += 1
                     break
                 if c == 13 and (k + 1 == n_bytes or buf[k + 1] == 10):

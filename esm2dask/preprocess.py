@@ -233,7 +233,7 @@ def check_unchanged(run: Run, first_pass: dict[str, tuple[list, list]]) -> None:
     if not jobs:
         return
     run.runner.grow(sum(rng.length for rng, _, _ in jobs))
-    handles = run.runner.submit("check-inputs", [(rng, run.storage_options, marker, digest) for rng, digest, marker in jobs],
+    handles = run.runner.submit("check-inputs", [(rng, run.storage_options, marker) for rng, _, marker in jobs],
                                 keep_receipts=False)
     now = run.runner.wait("check-inputs", handles)
     changed = [rng for (rng, digest, _), digest_now in zip(jobs, now) if digest_now != digest]

@@ -541,7 +541,7 @@ def _copy_direct(src: str, dest: str) -> str | None:
     try:
         with open(src, "rb", buffering=0) as fin:
             k = 0
-            while n := fin.readinto(views[k]):  # the other buffer may still be being written
+            while n := _read_full(fin, views[k]):  # the other buffer may still be being written
                 digest.update(views[k][:n])
                 padded = -(-n // 4096) * 4096  # the last block written whole, the file cut back after
                 if writing is not None:
@@ -549,8 +549,8 @@ def _copy_direct(src: str, dest: str) -> str | None:
                 writing = pool.submit(_pwrite_all, fd, views[k], padded, offset)
                 offset += n
                 k = 1 - k
-                if n != padded:
-                    break  # a short read is the file's end (or it grew: then it is copied as it was)
+                if n < DIRECT_CHUNK_BYTES:
+                    break  # the buffer not filled: the file's end (if it grows, it is copied as it was)
         if writing is not None:
             writing.result()
             writing = None
@@ -574,6 +574,19 @@ def _copy_direct(src: str, dest: str) -> str | None:
             b.close()
     os.close(fd)
     return digest.hexdigest()
+
+
+def _read_full(fin, view: memoryview) -> int:
+    """Bytes read into ``view``: all of it unless the file ends first (a read may return
+    less than asked on some file systems, FUSE and network ones among them)."""
+    got = 0
+    while got < len(view):
+        with view[got:] as rest:
+            n = fin.readinto(rest)
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _pwrite_all(fd: int, block: memoryview, length: int, offset: int) -> None:
@@ -819,19 +832,17 @@ def range_view(f, url: str, begin: int, end: int):
 DIGEST_PREFIX = "xxh3-128:"
 
 
-def content_digest(url: str, data, like: str = "") -> str:
+def content_digest(url: str, data) -> str:
     """A 128-bit hash of bytes read from ``url`` (XXH3, 13–27 GB/s a core here against SHA-256's
     1.4–1.9 GB/s: ``benchmarks/results/digest_cost.md``), for a file on a file system: what
     ``--resume`` compares to know that the bytes earlier tasks read are the bytes there now (an
     edit in place, even of the same size and with the mtime put back, changes it). Not a
-    defence against someone who can write the inputs: they choose the output anyway. Made as
-    ``like`` was where that is a digest of an earlier version (SHA-256 hex, no prefix), so that
-    such a staging folder is still judged by its bytes. Empty for an object store, whose
-    ETag/version (:func:`input_identity`) already changes with every write."""
+    defence against someone who can write the inputs: they choose the output anyway. (A
+    staging folder whose digests were SHA-256 is of an earlier format and is not resumed:
+    ``publish.STAGING_FORMAT``.) Empty for an object store, whose ETag/version
+    (:func:`input_identity`) already changes with every write."""
     if not is_local(url):
         return ""
-    if like and not like.startswith(DIGEST_PREFIX):
-        return hashlib.sha256(data).hexdigest()
     return DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(data)
 
 

@@ -225,10 +225,10 @@ def _owned_block(byte_range: ByteRange, storage_options: dict):
             del view
 
 
-def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b">", like: str = "") -> str:
-    """:func:`content_digest` of the bytes ``byte_range`` owns now, made as ``like`` was."""
+def range_digest(byte_range: ByteRange, storage_options: dict, marker: bytes = b">") -> str:
+    """:func:`content_digest` of the bytes ``byte_range`` owns now."""
     _, data = _read_range(byte_range, storage_options, marker)
-    return content_digest(byte_range.url, data, like)
+    return content_digest(byte_range.url, data)
 
 
 def load_labels(url: str | None, storage_options: dict) -> np.ndarray | None:

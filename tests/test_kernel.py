@@ -325,15 +325,17 @@ def test_an_illegal_byte_at_every_position_of_a_line(length):
 
 @pytest.mark.parametrize("width", [31, 32, 33, 59, 60, 63, 64, 65, 80, 127, 128, 129])
 def test_lines_as_wide_as_the_line_before(width):
-    """A line as wide as the last whole line is copied whole when its ``\\n`` is where the
-    width says and it holds no special byte; every other line (shorter ones whose later
-    ``\\n`` or ``>`` falls at that place, CRLF, a next record, a bad byte) is walked: the
-    rows and errors are the oracle's."""
+    """A line as wide as the last whole line is copied whole when its line end (``\\n``, or
+    ``\\r\\n`` after a CRLF line) is where the width says and it holds no special byte; every
+    other line (shorter or one longer, whose later ``\\n`` or ``>`` falls at that place, a line
+    end of the other kind, a next record, a bad byte) is walked: the rows and errors are the
+    oracle's."""
     full = [_legal_line(width, salt).replace(b">", b"+") for salt in range(4)]
     short = [full[0][:m] for m in (0, 1, width // 2, width - 1)]
     followers = [b"\n" + full[1], b"\r\n" + full[1], b"\n>n\n" + full[2], b"\n\n" + full[3]]
     for first in (full[0] + b"\n", full[0] + b"\r\n"):
-        for middle in short + full[1:2] + [full[1][:-1] + b"\r", full[2][:-1] + b",", full[3][:5] + b"\x00" + full[3][6:]]:
+        for middle in short + full[1:2] + [full[1] + b"Q", full[1][:-1] + b"\r", full[2][:-1] + b",",
+                                           full[3][:5] + b"\x00" + full[3][6:]]:
             for after in followers:
                 data = b">a\n" + first + middle + after + b"\n"
                 for shift in (b"", b"x" * (width - len(middle) - 1)):  # a later \n at the place
@@ -425,3 +427,24 @@ def test_row_sizes_are_the_oracles_rows_without_their_ids(data, draw):
         assert len(sizes) == count_records(buf)
         got += sizes.tolist()
     assert got == want
+
+
+def test_copy_bytes_compiles_for_contiguous_bytes_only():
+    """The intrinsic computes byte addresses from the data pointer: a strided or wider array
+    must fail to compile, not copy the wrong bytes."""
+    import numpy as np
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    from esm2dask.kernel import copy_bytes
+
+    @njit
+    def copy4(dst, src):
+        copy_bytes(dst, 1, src, 2, 4)
+
+    dst = np.zeros(8, np.uint8)
+    copy4(dst, np.arange(10, dtype=np.uint8))
+    assert dst.tolist() == [0, 2, 3, 4, 5, 0, 0, 0]
+    for bad_src in (np.arange(10, dtype=np.int64), np.arange(20, dtype=np.uint8)[::2]):
+        with pytest.raises(TypingError):
+            copy4(dst, bad_src)

@@ -430,6 +430,37 @@ def test_copy_hashed_falls_back_where_a_direct_write_is_refused(tmp_path, monkey
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_direct_copy_reads_on_after_a_short_read(tmp_path, monkeypatch):
+    """A file system whose reads return less than asked (some FUSE and network ones): the
+    copy reads on until a buffer is full or the file ends, so it is whole, not cut short."""
+    from esm2dask import storage
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom((17 << 20) + 5))
+    oracle = subprocess.run(["sha256sum", str(src)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+    class Short:
+        def __init__(self, f):
+            self.f = f
+
+        def readinto(self, view):
+            with memoryview(view)[: (1 << 20) + 3] as part:
+                return self.f.readinto(part)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    real_open = open
+    monkeypatch.setattr(storage, "open", lambda *a, **k: Short(real_open(*a, **k)), raising=False)
+    digest = storage._copy_direct(str(src), str(tmp_path / "copy"))
+    if digest is not None:  # None where the file system refuses O_DIRECT
+        assert digest == oracle and (tmp_path / "copy").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 @pytest.mark.parametrize("failing_write", [1, 3])
 def test_a_direct_copy_that_fails_part_way_leaves_nothing(tmp_path, monkeypatch, failing_write):
     """A write that fails while the next block is being read (the disk full, on the helper

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import xxhash
@@ -130,9 +129,7 @@ def test_the_count_task_maps_a_local_file_and_counts_what_each_range_owns(tmp_pa
             receipt = count_fasta(r, {})
             counts.append(receipt.n_records)
             assert receipt.digest == "xxh3-128:" + xxhash.xxh3_128(block).hexdigest()  # the bytes it counted
-            assert range_digest(r, {}, b">", receipt.digest) == receipt.digest  # what --resume compares
-            older = hashlib.sha256(b"an earlier version's digest").hexdigest()
-            assert range_digest(r, {}, b">", older) == hashlib.sha256(block).hexdigest()  # made as that one was
+            assert range_digest(r, {}, b">") == receipt.digest  # what --resume compares
             assert counts[-1] == len(convert_block(block, 0, "f.fa", uppercase=False, first_id=None))
     assert sum(counts) == len(recs)
 
