@@ -153,14 +153,7 @@ def _copy_chunk(buf, k, seq, s, width, delta):
     the offset of the first special byte (``width`` if none). The copy and a flag (any
     special byte, OR'd) have no branch inside: LLVM vectorises them; only in a chunk that
     holds a special byte is its offset found (:func:`_first_special`, branch-free too)."""
-    ku = np.uint64(k)
-    su = np.uint64(s)
-    hit = False
-    for i in range(np.uint64(width)):
-        c = buf[ku + i]
-        seq[su + i] = c - delta * ((c >= 97) & (c <= 122))
-        hit |= _is_special(c)
-    if not hit:
+    if not _copy_clean(buf, k, seq, s, width, delta):
         return np.int64(width)
     return _first_special(buf, k, width)
 

@@ -726,6 +726,15 @@ def _level_ends(sizes, capacity):
     return ends[:g].copy()
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _interior_header(page, kind, n_cells, top, right):
+    """An interior page's 12-byte header: its kind, cell count, content start, right child."""
+    page[0] = kind
+    _put_u16(page, 3, n_cells)
+    _put_u16(page, 5, top & 0xFFFF)
+    _put_u32(page, 8, right)
+
+
 @njit(nogil=True, cache=True)
 def _table_level(child_pages, keys, u):
     """One level of the table tree over ``n`` children in one compiled pass (at 4096-byte
@@ -748,10 +757,7 @@ def _table_level(child_pages, keys, u):
             _put_u32(page, top, child_pages[j])
             _put_varint(page, top + 4, keys[j])
             _put_u16(page, 12 + 2 * (j - a), top)
-        page[0] = _INTERIOR_TABLE
-        _put_u16(page, 3, b - a)
-        _put_u16(page, 5, top & 0xFFFF)
-        _put_u32(page, 8, child_pages[b])
+        _interior_header(page, _INTERIOR_TABLE, b - a, top, child_pages[b])
         a = b + 1
     return out, ends
 
@@ -777,10 +783,7 @@ def _index_level(child_pages, buf, key_at, key_len, u):
             _put_u32(page, top, child_pages[j])
             copy_bytes(page, top + 4, buf, key_at[j], key_len[j])
             _put_u16(page, 12 + 2 * (j - a), top)
-        page[0] = _INTERIOR_INDEX
-        _put_u16(page, 3, b - a)
-        _put_u16(page, 5, top & 0xFFFF)
-        _put_u32(page, 8, child_pages[b])
+        _interior_header(page, _INTERIOR_INDEX, b - a, top, child_pages[b])
         a = b + 1
     up = ends[:-1]
     return out, key_at[up], key_len[up]
