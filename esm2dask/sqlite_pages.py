@@ -726,49 +726,14 @@ def _level_ends(sizes, capacity):
     return ends[:g].copy()
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _interior_header(page, kind, n_cells, top, right):
-    """An interior page's 12-byte header: its kind, cell count, content start, right child."""
-    page[0] = kind
-    _put_u16(page, 3, n_cells)
-    _put_u16(page, 5, top & 0xFFFF)
-    _put_u32(page, 8, right)
-
-
 @njit(nogil=True, cache=True)
-def _table_level(child_pages, keys, u):
-    """One level of the table tree over ``n`` children in one compiled pass (at 4096-byte
-    pages there are ~100 k leaves per million rows). Child ``j``'s cell is its file page
-    (``child_pages[j]``) and ``keys[j]``, its largest rowid; pages by :func:`_level_ends`,
-    and ``keys[b]`` of each page moves up. Returns the pages (one row each) and each page's ``b``."""
-    n = len(child_pages)
-    sizes = np.empty(n - 1, np.int64)
-    for j in range(n - 1):
-        sizes[j] = 4 + _varint_len(keys[j])
-    ends = _level_ends(sizes, u - 12)
-    out = np.zeros((len(ends), u), np.uint8)
-    a = 0
-    for k in range(len(ends)):
-        b = ends[k]
-        page = out[k]
-        top = u
-        for j in range(a, b):
-            top -= sizes[j]
-            _put_u32(page, top, child_pages[j])
-            _put_varint(page, top + 4, keys[j])
-            _put_u16(page, 12 + 2 * (j - a), top)
-        _interior_header(page, _INTERIOR_TABLE, b - a, top, child_pages[b])
-        a = b + 1
-    return out, ends
-
-
-@njit(nogil=True, cache=True)
-def _index_level(child_pages, buf, key_at, key_len, u):
-    """One level of the index tree over ``n`` children: child ``j``'s cell is its file page
-    (``child_pages[j]``) and, for ``j < n - 1``, the entry between child ``j`` and ``j + 1``
-    (``buf[key_at[j] : key_at[j] + key_len[j]]``, a loose index cell); pages by
-    :func:`_level_ends`, and entry ``b`` of each page but the last moves up. Returns the pages
-    (one row each) and the entries that move up, as offsets and lengths into ``buf``."""
+def _interior_level(child_pages, buf, key_at, key_len, kind, u):
+    """One level of a tree's interior pages (``kind``) over ``n`` children: child ``j``'s
+    cell is its file page (``child_pages[j]``) and, for ``j < n - 1``, its key
+    ``buf[key_at[j] : key_at[j] + key_len[j]]`` (a rowid's varint, or an index entry); a
+    page holds cells ``a … b-1`` and child ``b`` as its right pointer (:func:`_level_ends`),
+    and key ``b`` of each page but the last moves up. Returns the pages (one row each) and
+    each page's ``b``."""
     n = len(child_pages)
     sizes = 4 + key_len[: n - 1]
     ends = _level_ends(sizes, u - 12)
@@ -783,10 +748,29 @@ def _index_level(child_pages, buf, key_at, key_len, u):
             _put_u32(page, top, child_pages[j])
             copy_bytes(page, top + 4, buf, key_at[j], key_len[j])
             _put_u16(page, 12 + 2 * (j - a), top)
-        _interior_header(page, _INTERIOR_INDEX, b - a, top, child_pages[b])
+        page[0] = kind
+        _put_u16(page, 3, b - a)
+        _put_u16(page, 5, top & 0xFFFF)
+        _put_u32(page, 8, child_pages[b])
         a = b + 1
-    up = ends[:-1]
-    return out, key_at[up], key_len[up]
+    return out, ends
+
+
+@njit(nogil=True, cache=True)
+def _varint_keys(keys):
+    """Each of ``keys`` as SQLite's varint, back to back: the bytes, each one's offset and length."""
+    n = len(keys)
+    at = np.empty(n, np.int64)
+    length = np.empty(n, np.int64)
+    total = 0
+    for j in range(n):
+        length[j] = _varint_len(keys[j])
+        at[j] = total
+        total += length[j]
+    buf = np.empty(total, np.uint8)
+    for j in range(n):
+        _put_varint(buf, at[j], keys[j])
+    return buf, at, length
 
 
 @njit(nogil=True, cache=True)
@@ -846,7 +830,8 @@ def _table_root(leaves: np.ndarray, max_rowids: np.ndarray, pages: _Pages) -> in
         return pages.add(_leaf_page(_LEAF_TABLE, [], pages.u))
     children, keys = leaves, max_rowids
     while len(children) > 1:
-        block, ends = _table_level(_file_pages(children, pages.u), keys, pages.u)
+        buf, key_at, key_len = _varint_keys(keys)  # a child's key: its largest rowid
+        block, ends = _interior_level(_file_pages(children, pages.u), buf, key_at, key_len, _INTERIOR_TABLE, pages.u)
         children, keys = pages.add_block(block), keys[ends]
     return int(children[0])
 
@@ -886,7 +871,8 @@ def _index_root(edges: list[ChunkEdges], pages: _Pages) -> int:
     children, keys = np.concatenate(children), np.concatenate(keys)
     key_at, key_len = cell_at[keys], cell_len[keys]
     while len(children) > 1:
-        block, key_at, key_len = _index_level(_file_pages(children, u), buf, key_at, key_len, u)
+        block, ends = _interior_level(_file_pages(children, u), buf, key_at, key_len, _INTERIOR_INDEX, u)
+        key_at, key_len = key_at[ends[:-1]], key_len[ends[:-1]]
         children = pages.add_block(block)
     return int(children[0])
 
