@@ -16,7 +16,8 @@ so the two cannot drift apart.
 
 The order is the order in which the run starts them. Task counts are exact except where
 they depend on the data (``exact=False``: the ``hf`` evaluation parts, one per million rows,
-and the ``train.db`` id ranges, of which equal sampled splitters may merge a few).
+the ``train.db`` id ranges, of which equal sampled splitters may merge a few, and the hash
+join's position blocks, fewer than the ranges when a FASTA has fewer ids than ranges).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
     table += [Stage(f"join-{name}", tasks.join_ids, hash_buckets[name], 0, f"fallback-{name}") for name in STREAMS]
     table += [over(name, f"scatter-{name}", tasks.scatter_fasta, f"fallback-{name}") for name in STREAMS]
     # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
-    table += [Stage(f"merge-{name}", tasks.merge_scattered_block, ranges[name], 0, f"fallback-{name}")
+    table += [Stage(f"merge-{name}", tasks.merge_scattered_block, ranges[name], 0, f"fallback-{name}", exact=False)
               for name in STREAMS]
     n_shards = len(staged_csv_dirs(config)) * config.num_csv_files
     # the placed folders' shards are written in place, in mapping order or not
