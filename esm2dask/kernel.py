@@ -321,9 +321,10 @@ def row_sizes(buf: np.ndarray) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
+def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids, with_rows,
              out, seq, row_starts, names, name_starts, headers, err):
-    """Parse ``buf`` and write its CSV rows; returns the number of records.
+    """Parse ``buf`` and write its CSV rows (unless ``with_rows`` is false: then only the
+    names, every byte checked all the same); returns the number of records.
 
     ``row_starts``/``name_starts`` get n+1 offsets into ``out``/``names``; ``headers``
     the offset of each record's ``>``. ``seq`` is scratch room for one record's
@@ -422,24 +423,24 @@ def _convert(buf, at_file_start, uppercase, name_class, first_id, with_ids,
                 err[2] = n
                 return n
         end = min(k, n_bytes)
-        # the row: id, name, length (known now), sequence
-        if with_ids:
-            o = _write_int(out, o, first_id + n)
+        _copy(buf, p, names, no, q - p)
+        no += q - p
+        if with_rows:  # the row: id, name, length (known now), sequence
+            if with_ids:
+                o = _write_int(out, o, first_id + n)
+                out[o] = 44
+                o += 1
+            _copy(buf, p, out, o, q - p)
+            o += q - p
             out[o] = 44
             o += 1
-        _copy(buf, p, out, o, q - p)
-        _copy(buf, p, names, no, q - p)
-        o += q - p
-        no += q - p
-        out[o] = 44
-        o += 1
-        o = _write_int(out, o, s)
-        out[o] = 44
-        o += 1
-        _copy(seq, 0, out, o, s)
-        o += s
-        out[o] = 10
-        o += 1
+            o = _write_int(out, o, s)
+            out[o] = 44
+            o += 1
+            _copy(seq, 0, out, o, s)
+            o += s
+            out[o] = 10
+            o += 1
         n += 1
         row_starts[n] = o
         name_starts[n] = no
@@ -586,17 +587,21 @@ def as_array(data) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def convert_block(data, base_offset: int, url: str, *, uppercase: bool, first_id: int | None) -> Block:
+def convert_block(data, base_offset: int, url: str, *, uppercase: bool, first_id: int | None,
+                  rows: bool = True) -> Block:
     """Parse an owned block starting at file offset ``base_offset`` into CSV rows.
 
     ``first_id`` is the ``record_id`` of the first record (the next ones count up from
-    it), or None for rows without the id column (the join path adds ids later). Bad
-    input raises :class:`InputError` naming ``url``, the byte offset and the record.
+    it), or None for rows without the id column (the join path adds ids later). With
+    ``rows=False`` the block's rows are empty and only its names are kept (the hash join's
+    index), with every check made as for the rows. Bad input raises :class:`InputError`
+    naming ``url``, the byte offset and the record.
     """
     buf = as_array(data)
-    n, arrays, err = _convert_into(buf, base_offset, uppercase, first_id, len(buf) // _GUESS_BYTES_PER_RECORD + 16)
+    n, arrays, err = _convert_into(buf, base_offset, uppercase, first_id, rows,
+                                   len(buf) // _GUESS_BYTES_PER_RECORD + 16)
     if err[0] == FULL:
-        n, arrays, err = _convert_into(buf, base_offset, uppercase, first_id, count_records(buf) + 1)
+        n, arrays, err = _convert_into(buf, base_offset, uppercase, first_id, rows, count_records(buf) + 1)
     out, row_starts, names, name_starts, headers = arrays
     if err[0] != OK:
         raise _error(buf, base_offset, url, int(err[0]), int(err[1]), headers[int(err[2])] if err[0] != TEXT_BEFORE_HEADER else 0)
@@ -609,9 +614,9 @@ def convert_block(data, base_offset: int, url: str, *, uppercase: bool, first_id
     )
 
 
-def _convert_into(buf, base_offset, uppercase, first_id, n_max):
+def _convert_into(buf, base_offset, uppercase, first_id, rows, n_max):
     """:func:`_convert` with room for ``n_max`` records (``err[0]`` is FULL past them)."""
-    out = np.empty(len(buf) + _ROW_OVERHEAD * n_max, dtype=np.uint8)
+    out = np.empty(len(buf) + _ROW_OVERHEAD * n_max if rows else 0, dtype=np.uint8)
     seq = np.empty(len(buf) + CHUNK_BYTES, dtype=np.uint8)
     row_starts = np.empty(n_max + 1, dtype=np.int64)
     names = np.empty(len(buf), dtype=np.uint8)
@@ -620,7 +625,7 @@ def _convert_into(buf, base_offset, uppercase, first_id, n_max):
     err = np.zeros(3, dtype=np.int64)
     n = _convert(
         buf, base_offset == 0, uppercase, _NAME_CLASS,
-        first_id if first_id is not None else 0, first_id is not None,
+        first_id if first_id is not None else 0, first_id is not None, rows,
         out, seq, row_starts, names, name_starts, headers, err,
     )
     return n, (out, row_starts, names, name_starts, headers), err

@@ -458,16 +458,17 @@ def write_counts(
 
 
 def _convert(byte_range: ByteRange, storage_options: dict, *, uppercase: bool,
-             first_id: int | None, expected: int, owned: tuple[int, bytes] | None = None):
+             first_id: int | None, expected: int, owned: tuple[int, bytes] | None = None, rows: bool = True):
     """Read (mapped where local, see :func:`_owned_block`; unless ``owned`` is given) and
-    convert one range; the records parsed must be the records counted."""
+    convert one range (its names only, with ``rows=False``); the records parsed must be the
+    records counted."""
     if owned is None:
         with _owned_block(byte_range, storage_options) as (base, data):
-            block = convert_block(data, base, byte_range.url, uppercase=uppercase, first_id=first_id)
+            block = convert_block(data, base, byte_range.url, uppercase=uppercase, first_id=first_id, rows=rows)
             del data
     else:
         base, data = owned
-        block = convert_block(data, base, byte_range.url, uppercase=uppercase, first_id=first_id)
+        block = convert_block(data, base, byte_range.url, uppercase=uppercase, first_id=first_id, rows=rows)
     if len(block) != expected:
         # defence in depth: the count pass and the kernel disagree about the range
         raise InputError(
@@ -588,8 +589,9 @@ RANGE_SHIFT = 32
 def index_fasta(
     byte_range: ByteRange, expected: int, n_buckets: int, out_url: str, storage_options: dict
 ) -> BucketReceipt:
-    """The names of one FASTA range with where each record is, grouped by hash bucket."""
-    block = _convert(byte_range, storage_options, uppercase=True, first_id=None, expected=expected)
+    """The names of one FASTA range with where each record is, grouped by hash bucket (every
+    byte checked as the conversion checks it; no row is written)."""
+    block = _convert(byte_range, storage_options, uppercase=True, first_id=None, expected=expected, rows=False)
     frame = pl.DataFrame({
         "name": block.name_series(),
         "rec": np.arange(len(block), dtype=np.int64) + (byte_range.index << RANGE_SHIFT),

@@ -448,3 +448,31 @@ def test_copy_bytes_compiles_for_contiguous_bytes_only():
     for bad_src in (np.arange(10, dtype=np.int64), np.arange(20, dtype=np.uint8)[::2]):
         with pytest.raises(TypingError):
             copy4(dst, bad_src)
+
+
+def _names_or_error(data: bytes, rows: bool):
+    try:
+        block = convert_block(data, 0, "f.fa", uppercase=True, first_id=None, rows=rows)
+    except InputError as err:
+        return ("error", err.where, err.message)
+    return (len(block), block.name_series().to_list(), block.headers.tolist())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fasta_files(long_ones=False), st.integers(0, 255), st.integers(0, 10**9), st.booleans())
+def test_names_only_checks_every_byte_as_the_rows_do(data, value, where, change):
+    """The hash join's index asks for the names alone (``rows=False``): the same records,
+    names and headers, or the same error at the same byte, as the whole conversion; and the
+    names are the oracle's."""
+    if change and data:
+        at = where % len(data)
+        data = data[:at] + bytes([value]) + data[at + 1 :]
+    got = _names_or_error(data, rows=False)
+    assert got == _names_or_error(data, rows=True)
+    try:
+        want = [name for name, _ in parse_fasta_bytes(data)]
+    except OracleError:
+        assert got[0] == "error"
+    else:
+        assert got[1] == want
+        assert len(convert_block(data, 0, "f.fa", uppercase=True, first_id=None, rows=False).rows.data) == 0
