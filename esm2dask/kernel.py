@@ -19,11 +19,11 @@ chunk that holds a special byte (a line end, a trailing ``\r``, a bad byte) is k
 to that byte, which is then dealt with on its own, so the first bad byte is found exactly
 where a byte-by-byte walk finds it. A line as wide as the last whole line (FASTA files wrap
 at one width) is first tried whole: chunks of a constant width, the last overlapping, and
-its ``\n`` where the width says; if it holds any special byte the chunk walk redoes it. The
-row is then written: id, name, the length (known
-now) and the sequence copied from the scratch buffer. No Python object is made per
-record; the caller gets a few numpy arrays back. Error messages are built apart, in
-Python (:func:`_error`), from the code, byte and record the kernel reports.
+its line end where the width says; if it holds any special byte the chunk walk redoes it.
+The row is then written: id, name, the length (known now) and the sequence copied from the
+scratch buffer. No Python object is made per record; the caller gets a few numpy arrays
+back. Error messages are built apart, in Python (:func:`_error`), from the code, byte and
+record the kernel reports.
 """
 
 from __future__ import annotations

@@ -274,17 +274,23 @@ def place(run: Run, found: Scan, streams: list[Stream]) -> dict[str, list[list]]
         ])
     placements = {}
     for stream in streams:
-        ends = [len(CSV_HEADER)] * run.config.num_csv_files
-        placement = []
-        for receipt in run.runner.wait(f"place-{stream.name}", handles[stream.name]):
-            cuts = []
-            for shard, size in receipt.shard_bytes:
-                cuts.append([shard, ends[shard], size])
-                ends[shard] += size
-            placement.append(cuts)
-        run.staging.make_shards(stream.routing.targets[0].split_dir, ends)
-        placements[stream.name] = placement
+        receipts = run.runner.wait(f"place-{stream.name}", handles[stream.name])
+        cuts = iter(_placed_cuts(run, stream, [cut for r in receipts for cut in r.shard_bytes]))
+        placements[stream.name] = [[next(cuts) for _ in r.shard_bytes] for r in receipts]
     return placements
+
+
+def _placed_cuts(run: Run, stream: Stream, cuts: list) -> list[list]:
+    """``[shard, offset, bytes]`` of each ``(shard, bytes)`` of ``cuts`` (in row order): each
+    shard's rows one after another, after the header. The stream's shards are made at their
+    final size (the header in place), so that every cut is written once, straight into them."""
+    ends = [len(CSV_HEADER)] * run.config.num_csv_files
+    placed = []
+    for shard, size in cuts:
+        placed.append([shard, ends[shard], size])
+        ends[shard] += size
+    run.staging.make_shards(stream.routing.targets[0].split_dir, ends)
+    return placed
 
 
 def convert(run: Run, found: Scan, streams: dict[str, Stream], uf50_routing: Routing,
@@ -444,21 +450,13 @@ def _join_steps(run: Run, found: Scan, stream: Stream):
 
 
 def _joined_placement(run: Run, stream: Stream, scattered: list, cuts: np.ndarray, shards: np.ndarray) -> list[list]:
-    """Where the rows between each two of ``cuts`` (each inside one shard) go: ``[shard,
-    offset, bytes]``, the bytes summed over every range's scattered rows. The shards are
-    made at their final size (the header in place), so that each position block's merge
-    writes its rows once, straight into them."""
+    """Where the rows between each two of ``cuts`` (each inside one shard) go (see
+    :func:`_placed_cuts`), their bytes summed over every range's scattered rows."""
     sizes = np.zeros(len(cuts) - 1, dtype=np.int64)
     for s in scattered:
         sizes += np.diff(np.asarray(s.bytes, dtype=np.int64))
-    ends = [len(CSV_HEADER)] * run.config.num_csv_files
-    placement = []
-    for c, size in enumerate(sizes.tolist()):
-        shard = int(np.searchsorted(shards, cuts[c], side="right")) - 1
-        placement.append([shard, ends[shard], size])
-        ends[shard] += size
-    run.staging.make_shards(stream.routing.targets[0].split_dir, ends)
-    return placement
+    shard_of = np.searchsorted(shards, cuts[:-1], side="right") - 1
+    return _placed_cuts(run, stream, list(zip(shard_of.tolist(), sizes.tolist())))
 
 
 def assemble(run: Run, uf50_targets: tuple[Target, ...], placed: list[str]) -> tuple[dict[str, int], list[str]]:

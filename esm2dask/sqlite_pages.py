@@ -45,6 +45,7 @@ import numpy as np
 from numba import njit
 
 from .kernel import copy_bytes
+from .storage import pwrite_all
 
 #: The table BioNeMo 2 queries, byte for byte as SQLite stores it in ``sqlite_schema``.
 PROTEIN_DDL = "CREATE TABLE protein (id TEXT PRIMARY KEY, sequence TEXT)"
@@ -579,26 +580,19 @@ class _PageFile:
 
     def write(self, buf: np.ndarray, offset: int) -> None:
         try:
-            _pwrite_all(self.fd, buf, offset)
+            pwrite_all(self.fd, buf, offset)
         except OSError as err:
             if not self.direct or err.errno != errno.EINVAL:
                 raise
             os.close(self.fd)
             self.fd, self.direct = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644), False
-            _pwrite_all(self.fd, buf, offset)
+            pwrite_all(self.fd, buf, offset)
 
     def __enter__(self) -> "_PageFile":
         return self
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
-
-
-def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done : done + (1 << 30)], offset + done)
 
 
 def _layout(id_len, seq_len, first_rowid: int, u: int):

@@ -546,7 +546,7 @@ def _copy_direct(src: str, dest: str) -> str | None:
                 padded = -(-n // 4096) * 4096  # the last block written whole, the file cut back after
                 if writing is not None:
                     writing.result()
-                writing = pool.submit(_pwrite_all, fd, views[k], padded, offset)
+                writing = pool.submit(pwrite_all, fd, views[k], offset, padded)
                 offset += n
                 k = 1 - k
                 if n < DIRECT_CHUNK_BYTES:
@@ -555,16 +555,12 @@ def _copy_direct(src: str, dest: str) -> str | None:
             writing.result()
             writing = None
         os.ftruncate(fd, offset)
-    except OSError as err:
+    except BaseException as err:
         _settled(writing)
         os.close(fd)
-        if err.errno == errno.EINVAL:  # took the flag at open but not the write
+        if isinstance(err, OSError) and err.errno == errno.EINVAL:  # took the flag at open, not the write
             os.unlink(dest)
             return None
-        raise
-    except BaseException:
-        _settled(writing)
-        os.close(fd)
         raise
     finally:
         pool.shutdown(wait=True)
@@ -589,13 +585,17 @@ def _read_full(fin, view: memoryview) -> int:
     return got
 
 
-def _pwrite_all(fd: int, block: memoryview, length: int, offset: int) -> None:
-    """``block[:length]`` at ``offset``; each slice released as it is done with, even on an
-    error, so that the buffer can be closed."""
-    done = 0
-    while done < length:
-        with block[done:length] as part:
-            done += os.pwrite(fd, part, offset + done)
+def pwrite_all(fd: int, data, offset: int, length: int | None = None) -> None:
+    """All of ``data`` (any contiguous buffer; its first ``length`` bytes if given) at byte
+    ``offset`` of ``fd``, however little each ``pwrite`` takes. Every view of ``data`` made
+    here is released as it is done with, even on an error, so that its buffer (an ``mmap``)
+    can be closed after."""
+    with memoryview(data) as whole, whole.cast("B") as view:
+        end = len(view) if length is None else length
+        done = 0
+        while done < end:
+            with view[done:end] as part:
+                done += os.pwrite(fd, part, offset + done)
 
 
 def _settled(writing) -> None:

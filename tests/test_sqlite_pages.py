@@ -464,7 +464,7 @@ def test_pages_written_past_the_page_cache_are_the_same_bytes(tmp_path, monkeypa
         direct_taken = probe.direct
     buffered = _write_one(tmp_path / "buffered.db", chunks, direct=False)
     assert _write_one(tmp_path / "direct.db", chunks, window_bytes=3 * page_size) == buffered
-    real = sp._pwrite_all
+    real = sp.pwrite_all
     refused = []
 
     def refuse_direct(fd, buf, offset):
@@ -473,7 +473,7 @@ def test_pages_written_past_the_page_cache_are_the_same_bytes(tmp_path, monkeypa
             raise OSError(errno.EINVAL, "Invalid argument")
         real(fd, buf, offset)
 
-    monkeypatch.setattr(sp, "_pwrite_all", refuse_direct)
+    monkeypatch.setattr(sp, "pwrite_all", refuse_direct)
     assert _write_one(tmp_path / "refused.db", chunks, window_bytes=3 * page_size) == buffered
     assert len(refused) == (3 if direct_taken else 0)  # one a chunk: the rest go through the page cache
     check(tmp_path / "refused.db", rows, page_size, len(buffered) // page_size)
