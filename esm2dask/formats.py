@@ -22,7 +22,8 @@ all. One member's way, say the uf90 row at position 1 of NVIDIA's sample
    one database file; :func:`finish_train_db` adds the interior pages, the schema page and
    the header. No process handles more than one id range's rows.
 4. :func:`write_train_clusters` streams ``train_clusters.parquet``, one row group per
-   mapping range: the cluster's member ids as ``list<string>``.
+   mapping range: the cluster's member ids as ``list<string>``. It needs the mapping
+   alone, so its task is submitted before the conversion and runs beside it.
 
 The validation (and test) records, a few thousand rows, come from the staged ``uf50/val``
 (``uf50/test``) shards: :func:`write_bionemo2_eval` writes ``valid_clusters.parquet`` +
@@ -474,6 +475,7 @@ class Layouts:
         self.want_hf, self.want_db = "hf" in self.cfg.formats, "bionemo2" in self.cfg.formats
         self.n_buckets = train_db_buckets(config, next(i.size_bytes for i in plan.inputs if i.role == "uf90"))
         self.pending: list[tuple[str, list, object]] = []  # (stage, handles, what to do with results)
+        self.clusters: list = []  # the bionemo2-train-clusters task (start)
         self.splitters: list[str] = []
 
     @property
@@ -487,6 +489,19 @@ class Layouts:
         self.splitters = self._splitters() if self.want_db and self.n_buckets > 1 else []
         return Uf90Layouts(tuple(self.spans), self.labels, storage.join(self.scratch, "uf90"), self.want_hf,
                            self.want_db, tuple(self.splitters), PART_ROWS, self.storage_options)
+
+    def start(self) -> None:
+        """Submit what needs the mapping alone (``train_clusters.parquet``) before any FASTA is
+        converted: its task runs beside the conversion instead of after it."""
+        if self.want_db:
+            self.clusters = self.runner.submit("bionemo2-train-clusters", [
+                (self.spans, self.labels, storage.join(self.tree, BIONEMO2_DIR, "train_clusters.parquet"),
+                 self.storage_options)])
+
+    def uncached_files(self) -> tuple[str, ...]:
+        """The files, relative to OUT, written past the page cache (``train.db``'s pages, see
+        :class:`esm2dask.sqlite_pages._PageFile`): their checksums read them the same way."""
+        return (f"{BIONEMO2_DIR}/train.db",) if self.want_db else ()
 
     def remove_uf90_parts(self) -> None:
         """The uf90 conversion is done again another way (the hash join): drop what the
@@ -537,9 +552,7 @@ class Layouts:
 
     def bionemo2(self, out: dict) -> None:
         base = storage.join(self.tree, BIONEMO2_DIR)
-        self._later("bionemo2-train-clusters",
-                    [(self.spans, self.labels, storage.join(base, "train_clusters.parquet"), self.storage_options)],
-                    lambda results: self._record(out, results))
+        self.pending.append(("bionemo2-train-clusters", self.clusters, lambda results: self._record(out, results)))
         for split_dir, _, clusters_name, db_name in eval_splits(self.cfg):
             shards = [self._shard_url(split_dir, k) for k in range(self.cfg.num_csv_files)]
             self._later(f"bionemo2-{db_name.split('.')[0]}",

@@ -515,13 +515,14 @@ def _whole(url: str, size: int) -> bool:
     return storage.is_plain_file(url) and storage.file_size(url) == size
 
 
-def checksums(run: Run, copying: list) -> dict[str, str]:
+def checksums(run: Run, copying: list, uncached: tuple[str, ...]) -> dict[str, str]:
     """SHA-256 of every staged output file and of every raw input copied beside the tree
     (by the copy's name: the copy holds the input's bytes), one task per file, for the
-    manifest; the copy-inputs stage hashed its copies as it made them."""
+    manifest; those written past the page cache (``uncached``) are read the same way; the
+    copy-inputs stage hashed its copies as it made them."""
     digests = copied_inputs(run, copying)
     files = list(run.staging.staged_files())
-    urls = [(storage.join(run.staging.tree_dir, rel), run.storage_options) for rel in files]
+    urls = [(storage.join(run.staging.tree_dir, rel), run.storage_options, rel in uncached) for rel in files]
     copies = [(url, name) for url, name in input_copies(run.config) if name not in digests]
     urls += [(url, run.storage_options) for url, _ in copies]
     names = files + [name for _, name in copies]
@@ -546,6 +547,7 @@ def execute(run: Run) -> Converted:
     # the other layouts: the uf90 conversion feeds them (see esm2dask.formats)
     layouts = Layouts(run.runner, run.staging, cfg, found.mapping,
                       SplitLabels(labels_url, LABEL_TRAIN) if labels_url else None, run.plan)
+    layouts.start()
     skip = tuple(d for d in SPLIT_DIRS if d not in staged_csv_dirs(cfg))
     routing = Routing((), cfg.num_csv_files, run.work, None, run.storage_options, skip, tree_dir=run.staging.tree_dir)
     placed = placed_streams(cfg)
@@ -584,7 +586,7 @@ def execute(run: Run) -> Converted:
         f"{rel}/{hf_part_name(i)}" for rel, entry in written.items() if "files" in entry for i in range(entry["files"])
     ] + [rel for rel, entry in written.items() if "files" not in entry]
     return Converted(rows, sizes, {name: s.report for name, s in streams.items()}, written,
-                     checksums(run, found.copying))
+                     checksums(run, found.copying, layouts.uncached_files()))
 
 
 def _kept_tasks(staging: StagingFolder) -> int:

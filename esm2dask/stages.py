@@ -97,6 +97,8 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
     table.append(Stage("check-inputs", tasks.range_digest, sum(ranges.values()), sum(sizes.values()), "resume",
                        exact=False))
     db_buckets = formats.train_db_buckets(config, sizes["uf90"])
+    if bionemo2:  # needs the mapping alone: beside the conversion
+        table.append(Stage("bionemo2-train-clusters", formats.write_train_clusters, 1))
     if bionemo2 and db_buckets > 1:
         table.append(Stage("bionemo2-sample-ids", formats.sample_member_ids, n_map))
     if esm2nv:
@@ -126,7 +128,6 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
     evals = formats.eval_splits(config)
     n_layout_files = 0
     if bionemo2:
-        table.append(Stage("bionemo2-train-clusters", formats.write_train_clusters, 1))
         table += [Stage(f"bionemo2-{db.split('.')[0]}", formats.write_bionemo2_eval, 1) for *_, db in evals]
         table += [Stage("bionemo2-train-layout", formats.layout_train_chunk, db_buckets, exact=False),
                   Stage("bionemo2-train-pages", formats.write_train_chunk, db_buckets, exact=False),

@@ -350,12 +350,62 @@ def input_identity(url: str, storage_options: dict[str, Any] | None = None) -> d
     return identity
 
 
-def sha256_file(url: str, storage_options: dict[str, Any] | None = None) -> str:
+def sha256_file(url: str, storage_options: dict[str, Any] | None = None, uncached: bool = False) -> str:
     """Hex SHA-256 of a file (SHA-NI makes it the fastest of hashlib's here, ~1.2 GB/s/core;
-    ``sha256sum`` checks it independently)."""
+    ``sha256sum`` checks it independently). ``uncached``: a local file written past the page
+    cache (``O_DIRECT``, as ``train.db``'s pages are) is read the same way where it can be,
+    two blocks in flight (:func:`_sha256_direct`)."""
+    if uncached and is_local(url):
+        digest = _sha256_direct(local_path(url))
+        if digest is not None:
+            return digest
     fs, path = get_fs(url, storage_options)
     with (open(local_path(url), "rb") if is_local(url) else fs.open(path, "rb")) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _sha256_direct(path: str) -> str | None:
+    """SHA-256 of a file not in the page cache, read with ``O_DIRECT``: a helper thread reads
+    the next 8 MiB block while this one hashes the last (0.55 → 0.97 GB/s on a 728 MB file
+    just written with ``O_DIRECT``, where the page cache's read-ahead waits on the disk
+    block by block). None where the platform or file system refuses direct reads."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECT)
+    except OSError as err:
+        if err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+    blocks = [mmap.mmap(-1, DIRECT_CHUNK_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT wants
+    digest, reading = hashlib.sha256(), None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="esm2dask-hash")
+    try:
+        size, offset, k = os.fstat(fd).st_size, 0, 0
+        reading = pool.submit(os.preadv, fd, [blocks[0]], 0) if size else None
+        while reading is not None:
+            n = reading.result()
+            if n == 0:
+                break  # cut short since: read as any file is, below
+            offset += n
+            # a short read before the end leaves the next offset unaligned: EINVAL, below
+            reading = pool.submit(os.preadv, fd, [blocks[1 - k]], offset) if offset < size else None
+            with memoryview(blocks[k]) as view, view[:n] as data:
+                digest.update(data)
+            k = 1 - k
+        if offset != size or os.fstat(fd).st_size != size:
+            return None
+    except OSError as err:
+        if err.errno == errno.EINVAL:  # took the flag at open, not the read
+            return None
+        raise
+    finally:
+        _settled(reading)
+        pool.shutdown(wait=True)
+        os.close(fd)
+        for b in blocks:
+            b.close()
+    return digest.hexdigest()
 
 
 #: ioctl(2) FICLONE: make ``dest`` share ``src``'s blocks, copy-on-write (btrfs, XFS, …).

@@ -484,6 +484,66 @@ def test_a_direct_copy_that_fails_part_way_leaves_nothing(tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 8 << 20, (8 << 20) + 1, (24 << 20) - 1, (24 << 20) + 4097])
+def test_sha256_of_a_file_written_past_the_page_cache(tmp_path, size):
+    """``sha256_file(uncached=True)`` (``train.db``'s checksum): read with ``O_DIRECT``, two
+    blocks in flight; the digest coreutils' sha256sum finds (block edges: empty, one byte, a
+    page, 8 MiB, one past it, three blocks and a partial fourth), also of a file the page writer
+    wrote with ``O_DIRECT`` itself."""
+    from esm2dask import storage
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(size))
+    oracle = subprocess.run(["sha256sum", str(src)], capture_output=True, text=True, check=True).stdout.split()[0]
+    assert storage.sha256_file(str(src), uncached=True) == oracle
+    direct = storage._sha256_direct(str(src))  # None where the file system refuses O_DIRECT
+    assert direct in (None, oracle)
+    copy = tmp_path / "copy"
+    if storage._copy_direct(str(src), str(copy)) is not None:  # written with O_DIRECT, not in the page cache
+        assert storage.sha256_file(str(copy), uncached=True) == oracle
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+@pytest.mark.parametrize("refused", ["open", "read", "short read", "end before the size"])
+def test_sha256_falls_back_where_direct_reads_are_refused(tmp_path, monkeypatch, refused):
+    """A file system that refuses ``O_DIRECT`` at open (tmpfs on older kernels), takes it at
+    open but not the read (EINVAL), returns a short read part way (the next offset is then
+    unaligned) or an end before the size it said: the file is read through the page cache
+    instead, the digest the same."""
+    from esm2dask import storage
+
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom((17 << 20) + 5))
+    oracle = subprocess.run(["sha256sum", str(src)], capture_output=True, text=True, check=True).stdout.split()[0]
+    real_open, real_preadv, calls = os.open, os.preadv, []
+
+    def no_direct(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def preadv(fd, buffers, offset):
+        calls.append(offset)
+        if refused == "read":
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        if refused == "end before the size" and offset:
+            return 0
+        if offset % 4096:  # what O_DIRECT answers an unaligned offset
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        if offset == 0 and refused == "short read":  # the first read comes back short
+            with memoryview(buffers[0]) as view, view[:(1 << 20) + 3] as part:
+                return real_preadv(fd, [part], offset)
+        return real_preadv(fd, buffers, offset)
+
+    if refused == "open":
+        monkeypatch.setattr(os, "open", no_direct)
+    else:
+        monkeypatch.setattr(os, "preadv", preadv)
+    assert storage.sha256_file(str(src), uncached=True) == oracle
+    assert storage._sha256_direct(str(src)) is None
+    assert refused == "open" or calls
+
+
 def test_copy_hashed_replaces_a_link_at_the_destination_never_follows_it(tmp_path):
     from esm2dask.storage import copy_hashed
 
