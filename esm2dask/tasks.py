@@ -20,9 +20,9 @@ One record's way from input to output (v1.10 layout, input already in mapping or
 When the order does not hold, step 3 joins ids first and moves each record once:
 :func:`bucket_ids` and :func:`index_fasta` partition the mapping ids (with positions) and
 the FASTA names (with where each record is) by hash of the id; :func:`join_ids` joins
-one bucket, so that each record learns its positions. A local FASTA's records are then
-moved without a copy through the work folder: :func:`route_records` (the ``scatter-*``
-stages) sends each range's records, as byte spans the index saved, to their blocks of
+one bucket, so that each record learns its positions. A local FASTA's records then pass
+through the work folder only as byte spans: :func:`route_records` (the ``scatter-*``
+stages) sends each range's records, as spans the index saved, to their blocks of
 consecutive positions, unread, and :func:`merge_records` (``merge-*``) copies one block's
 records out of the mapped file in position order and converts them once, as the fast path
 converts a range. A FASTA on an object store, where reading at random costs a request per
@@ -765,7 +765,10 @@ def merge_records(
     if len(pos) != n_rows or pos[0] != first_position or pos[-1] != first_position + n_rows - 1:
         raise RuntimeError(f"block at {first_position}: {len(pos)} rows, expected {n_rows}")  # pragma: no cover
     with storage.open_input(fasta_url, routing.storage_options) as f:
-        with storage.range_view(f, fasta_url, 0, int(records[:, 2].max())) as mapped:
+        size = int(records[:, 2].max())
+        if int(records[:, 1].min()) < 0 or bool((records[:, 2] < records[:, 1]).any()):
+            raise RuntimeError(f"{fasta_url}: a routed record's span is not inside the file")  # a defect or a forged file
+        with storage.range_view(f, fasta_url, 0, size, random=True) as mapped:
             data = gather_records(mapped, records[:, 1], records[:, 2])
             del mapped
     try:
