@@ -43,7 +43,7 @@ from .publish import (FailedRun, OutputLock, Publisher, StaleStaging, StagingFol
                       input_copies, refuse_output_in_input)
 from .ranges import ByteRange
 from .runner import Runner
-from .stages import PLACED_DIRS, placed_streams, staged_csv_dirs
+from .stages import PLACED_DIRS, placed_streams, routed_streams, staged_csv_dirs
 from .tasks import Routing, Slice, Target
 
 LABEL_TRAIN, LABEL_VAL, LABEL_TEST = 0, 1, 2
@@ -402,9 +402,12 @@ def _join_steps(run: Run, found: Scan, stream: Stream):
          storage.join(run.work, "buckets", f"{name}-ids", f"{i:05d}.arrow"), run.storage_options)
         for i, m in enumerate(found.mapping)
     ])
+    # a local FASTA's records are read where they lie by the merge (esm2dask.stages.routed_streams)
+    routed = name in routed_streams(run.config)
+    spans = [storage.join(run.work, "spans", name, f"{r.index:05d}.npy") if routed else None for r in ranges]
     names_handles = runner.submit(f"index-{name}", [
         (r, int(counts[i]), n_buckets, storage.join(run.work, "buckets", name, f"{r.index:05d}.arrow"),
-         run.storage_options)
+         run.storage_options, spans[i])
         for i, r in enumerate(ranges)
     ])
     yield
@@ -430,19 +433,34 @@ def _join_steps(run: Run, found: Scan, stream: Stream):
     blocks = np.append(np.arange(0, stream.n_keys, block_rows), stream.n_keys).astype(np.int64)
     shards = shard_bounds(stream.routing.targets[0].n_rows, run.config.num_csv_files) if stream.placed else blocks[-1:]
     cuts = np.union1d(blocks, shards)
-    scatter_handles = runner.submit(f"scatter-{name}", [
-        (r, int(counts[i]), [Slice(j.url, j.range_bounds[i], j.range_bounds[i + 1]) for j in joins],
-         cuts.tolist(), storage.join(run.work, "scattered", name, f"{r.index:05d}.csv"), run.storage_options)
-        for i, r in enumerate(ranges)
-    ])
+    pairs = [[Slice(j.url, j.range_bounds[i], j.range_bounds[i + 1]) for j in joins] for i in range(len(ranges))]
+    if routed:  # each range's records sent to their blocks, unread
+        scatter_handles = runner.submit(f"scatter-{name}", [
+            (r, pairs[i], cuts.tolist(), spans[i], found.sizes_urls[name][i] if stream.placed else None,
+             storage.join(run.work, "routed", name, f"{r.index:05d}.npy"), run.storage_options)
+            for i, r in enumerate(ranges)
+        ])
+    else:  # each range converted again, its rows written sorted by position
+        scatter_handles = runner.submit(f"scatter-{name}", [
+            (r, int(counts[i]), pairs[i], cuts.tolist(), storage.join(run.work, "scattered", name, f"{r.index:05d}.csv"),
+             run.storage_options)
+            for i, r in enumerate(ranges)
+        ])
     yield
     scattered = runner.wait(f"scatter-{name}", scatter_handles)
     at = np.searchsorted(cuts, blocks)  # block g is cuts at[g] … at[g + 1]
     placement = _joined_placement(run, stream, scattered, cuts, shards) if stream.placed else None
+
+    def parts(g: int) -> list:
+        if routed:
+            return [(s.url, s.rows[at[g]], s.rows[at[g + 1]]) for s in scattered]
+        return [(s.url, s.index_url, s.rows[at[g]], s.rows[at[g + 1]], s.bytes[at[g]], s.bytes[at[g + 1]])
+                for s in scattered]
+
     merge_handles = runner.submit(f"merge-{name}", [
-        ([(s.url, s.index_url, s.rows[at[g]], s.rows[at[g + 1]], s.bytes[at[g]], s.bytes[at[g + 1]]) for s in scattered],
-         int(blocks[g]), int(blocks[g + 1] - blocks[g]), stream.routing, g,
-         placement[at[g] : at[g + 1]] if placement is not None else None)
+        ((ranges[0].url,) if routed else ()) + (
+            parts(g), int(blocks[g]), int(blocks[g + 1] - blocks[g]), stream.routing, g,
+            placement[at[g] : at[g + 1]] if placement is not None else None)
         for g in range(len(blocks) - 1)
     ])
     yield

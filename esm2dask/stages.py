@@ -67,6 +67,15 @@ def placed_streams(config) -> tuple[str, ...]:
     return ("uf90",) if config.split == "random" else ("uf50", "uf90")
 
 
+def routed_streams(config) -> tuple[str, ...]:
+    """The FASTAs that the hash join, if it runs, moves without a copy: each range's records
+    are routed to their position blocks unread (:func:`esm2dask.tasks.route_records`), and
+    each block's merge copies them out of the mapped file in order and converts them once
+    (:func:`esm2dask.tasks.merge_records`). A local FASTA's; one on an object store, read
+    at random, is converted by ranges again and its rows scattered through the work folder."""
+    return tuple(name for name in STREAMS if storage.is_local(getattr(config, name)))
+
+
 #: the ESM2nv folder each placed stream fills
 PLACED_DIRS = {"uf50": UF50_TRAIN, "uf90": UF90}
 
@@ -116,9 +125,14 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
         table += [Stage(f"bucket-ids-{name}", tasks.bucket_ids, n_map, 0, when),
                   over(name, f"index-{name}", tasks.index_fasta, when)]
     table += [Stage(f"join-{name}", tasks.join_ids, hash_buckets[name], 0, f"fallback-{name}") for name in STREAMS]
-    table += [over(name, f"scatter-{name}", tasks.scatter_fasta, f"fallback-{name}") for name in STREAMS]
+    routed = routed_streams(config)
+    # a routed stream's scatter reads no FASTA byte (its progress counts the range all the
+    # same), its merge the records where they lie
+    table += [over(name, f"scatter-{name}", tasks.route_records if name in routed else tasks.scatter_fasta,
+                   f"fallback-{name}") for name in STREAMS]
     # blocks of about one range's rows each: as many as ranges (fewer if ids < ranges)
-    table += [Stage(f"merge-{name}", tasks.merge_scattered_block, ranges[name], 0, f"fallback-{name}", exact=False)
+    table += [Stage(f"merge-{name}", tasks.merge_records if name in routed else tasks.merge_scattered_block,
+                    ranges[name], 0, f"fallback-{name}", exact=False)
               for name in STREAMS]
     n_shards = len(staged_csv_dirs(config)) * config.num_csv_files
     # the placed folders' shards are written in place, in mapping order or not

@@ -846,7 +846,7 @@ def open_input(url: str, storage_options: dict[str, Any] | None = None):
 
 
 @contextlib.contextmanager
-def range_view(f, url: str, begin: int, end: int):
+def range_view(f, url: str, begin: int, end: int, random: bool = False):
     """Yield bytes ``[begin, end)`` of ``f`` (from :func:`open_input`) as a ``uint8`` array:
     a local file is memory-mapped, not read (the page cache in place, no copy), an object
     store's bytes are read. A file shorter than ``end`` is an ``OSError`` (changed during
@@ -866,7 +866,10 @@ def range_view(f, url: str, begin: int, end: int):
             "bytes); was the file changed during the run?"
         )
     mapped = mmap.mmap(f.fileno(), end, access=mmap.ACCESS_READ)
-    mapped.madvise(mmap.MADV_SEQUENTIAL, begin - begin % mmap.PAGESIZE)
+    if random:  # records read at random (the join's merge): no read-ahead of the whole file
+        mapped.madvise(mmap.MADV_RANDOM)
+    else:
+        mapped.madvise(mmap.MADV_SEQUENTIAL, begin - begin % mmap.PAGESIZE)
     view = np.frombuffer(mapped, dtype=np.uint8, count=end - begin, offset=begin)
     try:
         yield view

@@ -20,10 +20,14 @@ One record's way from input to output (v1.10 layout, input already in mapping or
 When the order does not hold, step 3 joins ids first and moves each record once:
 :func:`bucket_ids` and :func:`index_fasta` partition the mapping ids (with positions) and
 the FASTA names (with where each record is) by hash of the id; :func:`join_ids` joins
-one bucket, so that each record learns its positions; :func:`scatter_fasta` converts a
-range again and writes its rows, with their ids, sorted by position;
-:func:`merge_scattered_block` (the ``merge-*`` stages) merges one block of consecutive
-positions from every range and writes its pieces.
+one bucket, so that each record learns its positions. A local FASTA's records then pass
+through the work folder only as byte spans: :func:`route_records` (the ``scatter-*``
+stages) sends each range's records, as spans the index saved, to their blocks of
+consecutive positions, unread, and :func:`merge_records` (``merge-*``) copies one block's
+records out of the mapped file in position order and converts them once, as the fast path
+converts a range. A FASTA on an object store, where reading at random costs a request per
+record, is converted by ranges again (:func:`scatter_fasta`), its rows written sorted by
+position, and :func:`merge_scattered_block` merges each block from every range's rows.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import polars as pl
 from . import receipts, storage
 from .storage import content_digest
 from .errors import Esm2DaskError, InputError
-from .kernel import Rows, as_array, convert_block, count_records, row_sizes
+from .kernel import Rows, as_array, convert_block, count_records, gather_records, row_sizes
 from .layout import CSV_HEADER, shard_bounds, shard_name
 from .mapping import line_number, parse_mapping_block
 from .ranges import ByteRange, find_record_start, read_owned_bytes
@@ -163,6 +167,17 @@ class ScatterReceipt:
 
 
 @dataclass
+class RouteReceipt:
+    """One local FASTA range's records routed, sorted by position: ``(position, first byte,
+    end byte)`` of each in ``url``; position block g's are ``rows[g]..rows[g+1]``, and (a
+    placed stream) their rows fill ``bytes[g]..bytes[g+1]`` of the stream's output."""
+
+    url: str
+    rows: list[int]
+    bytes: list[int]
+
+
+@dataclass
 class InputCopy:
     """One raw input copied into staging by :func:`copy_input`: from ``source`` (the input's
     URL as the run named it) to ``dest_url``, how (``copy``, ``reflink``, ``hardlink``), and
@@ -176,8 +191,8 @@ class InputCopy:
 
 
 #: what ``--resume`` may read back (as JSON data, never code): one line per new receipt type
-receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt, CountReceipt,
-                  PlaceReceipt, InputCopy)
+receipts.register(MappingReceipt, FastReceipt, BucketReceipt, JoinReceipt, ScatterReceipt, RouteReceipt,
+                  CountReceipt, PlaceReceipt, InputCopy)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -421,6 +436,12 @@ def _count_range(byte_range: ByteRange, storage_options: dict, counted):
 _POWERS_OF_TEN = np.array([10**k for k in range(1, 19)], dtype=np.int64)
 
 
+def _row_bytes(sizes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each row's bytes: its size but the id (:func:`esm2dask.kernel.row_sizes`), the id's
+    digits and its comma."""
+    return sizes.astype(np.int64) + 1 + np.searchsorted(_POWERS_OF_TEN, ids, side="right")
+
+
 def place_rows(sizes_url: str, first_position: int, bounds: list[int], storage_options: dict) -> PlaceReceipt:
     """The bytes the rows of positions ``first_position, …`` (one range's records, whose
     sizes but the ids the count pass saved) fill in each shard of ``bounds`` (the shards'
@@ -429,8 +450,7 @@ def place_rows(sizes_url: str, first_position: int, bounds: list[int], storage_o
     if len(sizes) == 0:
         return PlaceReceipt([])
     ids = np.arange(first_position + 1, first_position + 1 + len(sizes), dtype=np.int64)
-    rows = sizes.astype(np.int64) + 1 + np.searchsorted(_POWERS_OF_TEN, ids, side="right")
-    ends = np.concatenate(([0], np.cumsum(rows)))
+    ends = np.concatenate(([0], np.cumsum(_row_bytes(sizes, ids))))
     cuts = np.asarray(bounds, dtype=np.int64)
     first = int(np.searchsorted(cuts, first_position, side="right")) - 1
     last = int(np.searchsorted(cuts, first_position + len(sizes) - 1, side="right")) - 1
@@ -479,10 +499,11 @@ def _convert(byte_range: ByteRange, storage_options: dict, *, uppercase: bool,
     return block
 
 
-def warn_empty_sequences(block, url: str) -> int:
+def warn_empty_sequences(block, url: str, headers: np.ndarray | None = None, where: str = "of this byte range") -> int:
     """Say how many records of a converted range have an empty sequence (a header with no
     sequence line): legal under the layout's record rules, written as BioNeMo writes them
-    (``sequence_length`` 0), but rarely what a user meant. Returns how many."""
+    (``sequence_length`` 0), but rarely what a user meant. Returns how many. ``headers``:
+    the records' file offsets where the block is not the file's bytes (gathered records)."""
     ends = block.rows.starts[1:]
     if len(ends) == 0:
         return 0
@@ -491,9 +512,9 @@ def warn_empty_sequences(block, url: str) -> int:
     if len(empty):
         i = int(empty[0])
         logging.getLogger("esm2dask").warning(
-            "%s (byte %d, record %r): empty sequence (%d record(s) of this byte range have none); written "
+            "%s (byte %d, record %r): empty sequence (%d record(s) %s have none); written "
             "with sequence_length 0, as the layout's record rules allow (docs/esm2-layout.md)",
-            url, int(block.headers[i]), block.name(i), len(empty),
+            url, int((block.headers if headers is None else headers)[i]), block.name(i), len(empty), where,
         )
     return len(empty)
 
@@ -587,11 +608,20 @@ RANGE_SHIFT = 32
 
 
 def index_fasta(
-    byte_range: ByteRange, expected: int, n_buckets: int, out_url: str, storage_options: dict
+    byte_range: ByteRange, expected: int, n_buckets: int, out_url: str, storage_options: dict,
+    spans_url: str | None = None,
 ) -> BucketReceipt:
     """The names of one FASTA range with where each record is, grouped by hash bucket (every
-    byte checked as the conversion checks it; no row is written)."""
-    block = _convert(byte_range, storage_options, uppercase=True, first_id=None, expected=expected, rows=False)
+    byte checked as the conversion checks it; no row is written). With ``spans_url`` (a
+    local FASTA) the file offset of each record's ``>`` is saved there, then the range's
+    end: record i is bytes ``spans[i]..spans[i + 1]``, for :func:`route_records`."""
+    with _owned_block(byte_range, storage_options) as (base, data):
+        end = base + len(data)
+        block = _convert(byte_range, storage_options, uppercase=True, first_id=None, expected=expected,
+                         owned=(base, data), rows=False)
+        del data
+    if spans_url is not None:
+        storage.write_npy(spans_url, np.append(block.headers, end).astype(np.int64), storage_options)
     frame = pl.DataFrame({
         "name": block.name_series(),
         "rec": np.arange(len(block), dtype=np.int64) + (byte_range.index << RANGE_SHIFT),
@@ -614,13 +644,16 @@ def join_ids(
     if name_frame is None:
         name_frame = pl.DataFrame(schema={"name": pl.String, "rec": pl.Int64})
     n_fasta = len(name_frame)
-    first = name_frame.group_by("name").agg(pl.col("rec").min())
+    if not name_frame["rec"].is_sorted():  # the ranges' slices come in file order, each stably bucketed
+        name_frame = name_frame.sort("rec")
+    first = name_frame.unique("name", keep="first", maintain_order=True)  # each name at its least rec
     joined = id_frame.join(first, left_on="id", right_on="name", how="left")
     missing_mask = joined["rec"].is_null()
     n_missing = int(missing_mask.sum())
-    missing = joined.filter(missing_mask).sort("pos")["id"].head(5).to_list()
-    n_unnamed = len(first) - int(first["name"].is_in(id_frame["id"].unique()).sum())
-    pairs = joined.filter(~missing_mask).select("rec", "pos").sort("rec", "pos")
+    missing = joined.filter(missing_mask).sort("pos")["id"].head(5).to_list() if n_missing else []
+    pairs = joined.filter(~missing_mask).select("rec", "pos")
+    n_unnamed = len(first) - pairs["rec"].n_unique()  # names no id named: those no pair holds
+    pairs = pairs.sort("rec", "pos")
     _write_ipc(out_url, pairs, storage_options)
     range_of = pairs["rec"].to_numpy() >> RANGE_SHIFT
     bounds = np.searchsorted(range_of, np.arange(n_ranges + 1), side="left")
@@ -688,6 +721,65 @@ def merge_scattered_block(
     if len(pos) != n_rows or pos[order[0]] != first_position or pos[order[-1]] != first_position + n_rows - 1:
         raise RuntimeError(f"block at {first_position}: {len(pos)} rows, expected {n_rows}")  # pragma: no cover
     return emit_rows(merged.take(order), first_position, routing, f"block-{block:05d}", placement)
+
+
+def route_records(
+    byte_range: ByteRange, pairs: list[Slice], cuts: list[int], spans_url: str, sizes_url: str | None,
+    out_url: str, storage_options: dict,
+) -> RouteReceipt:
+    """Where one local range's records go, without reading them: ``(position, first byte,
+    end byte)`` of each (its bytes from the index's spans), sorted by position, saved in
+    ``out_url``. ``pairs`` are this range's ``(rec, pos)`` slices from every bucket (a record
+    named at several positions goes to each). With ``sizes_url`` (the count pass's row sizes
+    but the ids), the receipt also says the bytes its rows fill up to each of ``cuts``."""
+    frame = read_slices(pairs, storage_options)
+    if frame is None:
+        frame = pl.DataFrame(schema={"rec": pl.Int64, "pos": pl.Int64})
+    frame = frame.sort("pos")
+    positions = frame["pos"].to_numpy().astype(np.int64)
+    local = frame["rec"].to_numpy() & ((1 << RANGE_SHIFT) - 1)
+    spans = storage.read_npy(spans_url, storage_options)
+    storage.write_npy(out_url, np.stack([positions, spans[local], spans[local + 1]], axis=1), storage_options)
+    row_bounds = np.searchsorted(positions, np.asarray(cuts, dtype=np.int64), side="left")
+    if sizes_url is None:
+        return RouteReceipt(out_url, row_bounds.tolist(), [0] * len(cuts))
+    sizes = storage.read_npy(sizes_url, storage_options)
+    ends = np.concatenate(([0], np.cumsum(_row_bytes(sizes[local], positions + 1))))
+    return RouteReceipt(out_url, row_bounds.tolist(), ends[row_bounds].tolist())
+
+
+def merge_records(
+    fasta_url: str, parts: list[tuple[str, int, int]], first_position: int, n_rows: int, routing: Routing,
+    block: int, placement: list | None = None,
+):
+    """Positions ``[first_position, first_position + n_rows)`` of a local FASTA: their
+    records, routed there by every range (``parts``: each range's routed file and its rows
+    of this block), copied out of the mapped file in position order and converted once, as
+    the fast path converts a range; then written like its rows (:func:`emit_rows`)."""
+    routed = [_read_npy_slice(Slice(url, lo, hi), routing.storage_options) for url, lo, hi in parts if hi > lo]
+    if not routed or n_rows == 0:
+        return None
+    records = np.concatenate(routed)
+    records = records[np.argsort(records[:, 0], kind="stable")]
+    pos = records[:, 0]
+    if len(pos) != n_rows or pos[0] != first_position or pos[-1] != first_position + n_rows - 1:
+        raise RuntimeError(f"block at {first_position}: {len(pos)} rows, expected {n_rows}")  # pragma: no cover
+    with storage.open_input(fasta_url, routing.storage_options) as f:
+        size = int(records[:, 2].max())
+        if int(records[:, 1].min()) < 0 or bool((records[:, 2] < records[:, 1]).any()):
+            raise RuntimeError(f"{fasta_url}: a routed record's span is not inside the file")  # a defect or a forged file
+        with storage.range_view(f, fasta_url, 0, size, random=True) as mapped:
+            data = gather_records(mapped, records[:, 1], records[:, 2])
+            del mapped
+    try:
+        converted = convert_block(data, 0, fasta_url, uppercase=True, first_id=first_position + 1)
+    except InputError:  # every byte passed the index: the file is not what it read
+        converted = None
+    if converted is None or len(converted) != n_rows:
+        raise InputError(fasta_url, f"bytes {int(records[:, 1].min())}-{int(records[:, 2].max())}",
+                         "the records read again differ from what the index read; was the file changed during the run?")
+    warn_empty_sequences(converted, fasta_url, records[:, 1], "of these positions")
+    return emit_rows(converted.rows, first_position, routing, f"block-{block:05d}", placement)
 
 
 def _list_pieces(work_dir: str, parts: tuple[str, ...], storage_options: dict) -> list[str]:

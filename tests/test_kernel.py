@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -427,6 +428,36 @@ def test_row_sizes_are_the_oracles_rows_without_their_ids(data, draw):
         assert len(sizes) == count_records(buf)
         got += sizes.tolist()
     assert got == want
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(fasta_files(), st.data())
+def test_records_gathered_in_any_order_convert_to_the_oracles_rows(data, draw):
+    """The hash join's merge of a local FASTA: each record's bytes from its ``>`` to the next
+    record's (the spans the index saves, range by range, for any cut of the file), copied
+    out in any order, repeats too, then converted as one block, give the oracle's rows of
+    those records in that order, ids counted on from the block's first (a file that ends
+    without a newline too)."""
+    from esm2dask.kernel import gather_records
+
+    records = parse_fasta_bytes(data, True)
+    assume(records)
+    cuts = sorted(set(draw.draw(st.lists(st.integers(1, max(len(data), 1)), max_size=6))))
+    f = io.BytesIO(data)
+    bounds = [0, *[c for c in cuts if c < len(data)], len(data)]
+    starts, ends = [], []
+    for i in range(len(bounds) - 1):
+        base, block = read_owned_bytes(f, ByteRange("mem.fa", bounds[i], bounds[i + 1], i, len(data)))
+        index = convert_block(block, base, "mem.fa", uppercase=True, first_id=None, rows=False)
+        spans = np.append(index.headers, base + len(block))
+        starts += spans[:-1].tolist()
+        ends += spans[1:].tolist()
+    assert len(starts) == len(records)
+    order = draw.draw(st.lists(st.integers(0, len(records) - 1), min_size=1, max_size=3 * len(records)))
+    gathered = gather_records(as_array(data), np.array(starts)[order], np.array(ends)[order])
+    first_id = draw.draw(st.integers(1, 10**12))
+    got = convert_block(gathered, 0, "mem.fa", uppercase=True, first_id=first_id)
+    assert bytes(got.rows.data) == csv_rows([records[i] for i in order], first_id)
 
 
 def test_copy_bytes_compiles_for_contiguous_bytes_only():

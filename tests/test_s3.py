@@ -131,6 +131,31 @@ def test_local_to_s3_and_s3_to_local(s3_server, s3_raw, local_digest, tmp_path, 
     assert (out / "mapping.tsv").exists()  # raw inputs copied beside the output
 
 
+def test_shuffled_fastas_on_s3_are_converted_again_and_scattered(s3_server, s3_raw, local_digest, tmp_path,
+                                                                  cluster_config):
+    """FASTAs on an object store out of mapping order: read at random they would cost a
+    request a record, so the join converts each range again and scatters its rows through
+    the work folder (not routed, esm2dask.stages.routed_streams); the tree is the sorted
+    local input's."""
+    import s3fs
+
+    from esm2dask.config import PreprocessConfig
+    from esm2dask.stages import routed_streams
+    from esm2dask.synth import synth
+
+    raw = tmp_path / "shuffled"
+    synth(str(raw), 400, seed=9, unsorted=True)  # s3_raw's records, out of order
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.put(str(raw) + "/", "esm2dask-test/shuffled/", recursive=True)
+    config = PreprocessConfig.from_options(raw_dir="s3://esm2dask-test/shuffled", output_dir=str(tmp_path / "out"),
+                                           cluster=cluster_config, partition_size="40KB", storage_options=s3_server)
+    assert routed_streams(config) == ()
+    result = run_preprocess("s3://esm2dask-test/shuffled", tmp_path / "out", cluster_config, partition_size="40KB",
+                            storage_options=s3_server)
+    assert not result.streams["uf90"].fast_path and result.stage_tasks["merge-uf90"] > 1
+    assert tree_digest(tmp_path / "out") == local_digest()
+
+
 def test_permanent_s3_errors_are_one_line(s3_server, tmp_path, dask_cluster):
     opts = json.dumps(s3_server)
     result = CliRunner().invoke(cli, [

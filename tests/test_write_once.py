@@ -65,9 +65,13 @@ def test_shuffled_input_is_merged_into_the_placed_shards(tmp_path, cluster_confi
     val and test shards are assembled, and the tree is the one the sorted input gives."""
     from esm2dask.synth import synth
 
+    from esm2dask.stages import routed_streams
+
     raw = tmp_path / "raw"
     synth(str(raw), 300, seed=5, unsorted=True)
     out = tmp_path / "out"
+    # local FASTAs: each record read once more, by its block's merge, where it lies
+    assert routed_streams(PreprocessConfig.from_options(raw_dir=str(raw), output_dir=str(out))) == ("uf50", "uf90")
     result = run_preprocess(raw, out, cluster_config, partition_size="40KB")
     assert not result.streams["uf90"].fast_path and not result.streams["uf50"].fast_path
     assert result.stage_tasks["assemble"] == 100 and result.stage_tasks["merge-uf90"] > 1
