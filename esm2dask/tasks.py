@@ -764,21 +764,21 @@ def merge_records(
     pos = records[:, 0]
     if len(pos) != n_rows or pos[0] != first_position or pos[-1] != first_position + n_rows - 1:
         raise RuntimeError(f"block at {first_position}: {len(pos)} rows, expected {n_rows}")  # pragma: no cover
+    starts, ends = records[:, 1], records[:, 2]
+    if int(starts.min()) < 0 or bool((ends < starts).any()):  # past the end: range_view refuses it
+        raise RuntimeError(f"{fasta_url}: a routed record's span is not inside the file")  # a defect or a forged file
     with storage.open_input(fasta_url, routing.storage_options) as f:
-        size = int(records[:, 2].max())
-        if int(records[:, 1].min()) < 0 or bool((records[:, 2] < records[:, 1]).any()):
-            raise RuntimeError(f"{fasta_url}: a routed record's span is not inside the file")  # a defect or a forged file
-        with storage.range_view(f, fasta_url, 0, size, random=True) as mapped:
-            data = gather_records(mapped, records[:, 1], records[:, 2])
+        with storage.range_view(f, fasta_url, 0, int(ends.max()), random=True) as mapped:
+            data = gather_records(mapped, starts, ends)
             del mapped
     try:
         converted = convert_block(data, 0, fasta_url, uppercase=True, first_id=first_position + 1)
     except InputError:  # every byte passed the index: the file is not what it read
         converted = None
     if converted is None or len(converted) != n_rows:
-        raise InputError(fasta_url, f"bytes {int(records[:, 1].min())}-{int(records[:, 2].max())}",
+        raise InputError(fasta_url, f"bytes {int(starts.min())}-{int(ends.max())}",
                          "the records read again differ from what the index read; was the file changed during the run?")
-    warn_empty_sequences(converted, fasta_url, records[:, 1], "of these positions")
+    warn_empty_sequences(converted, fasta_url, starts, "of these positions")
     return emit_rows(converted.rows, first_position, routing, f"block-{block:05d}", placement)
 
 
