@@ -98,11 +98,13 @@ class ShardPart:
 
 @dataclass
 class Written:
-    """One file written: its path relative to OUT, its rows and bytes."""
+    """One file written: its path relative to OUT, its rows and bytes, and the SHA-256 of
+    those bytes where the task that wrote them hashed them as it did ("" where not)."""
 
     path: str
     rows: int
     bytes: int
+    sha256: str = ""
 
 
 @dataclass
@@ -154,16 +156,19 @@ def _string_table(frame: pl.DataFrame):
     return table.cast(pa.schema([pa.field(name, pa.string()) for name in table.column_names]))
 
 
-def _write_parquet(url: str, table, storage_options: dict, row_group_rows: int | None = None) -> int:
+def _write_parquet(url: str, table, rows: int, storage_options: dict, row_group_rows: int | None = None) -> Written:
+    """``table`` as the parquet file ``url``: built in memory, hashed there, then written
+    once (:func:`esm2dask.storage.write_hashed`); its checksum needs no read of the file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with storage.local_build(url, storage_options) as path:
-        # a dictionary only where values repeat (a cluster's id, once per member): the
-        # encoder's attempt on unique ids and sequences cost 20 % of the write, for nothing
-        pq.write_table(table, path, compression="zstd", row_group_size=row_group_rows,
-                       use_dictionary=[c for c in table.column_names if c == "ur50_id"])
-        size = os.path.getsize(path)
-    return size
+    sink = pa.BufferOutputStream()
+    # a dictionary only where values repeat (a cluster's id, once per member): the
+    # encoder's attempt on unique ids and sequences cost 20 % of the write, for nothing
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows,
+                   use_dictionary=[c for c in table.column_names if c == "ur50_id"])
+    data = sink.getvalue()
+    return Written(url, rows, data.size, storage.write_hashed(url, data, storage_options))
 
 
 # ----------------------------------------------------------------------------- SQLite
@@ -243,7 +248,7 @@ class Uf90Layouts:
             for j, (lo, hi) in enumerate(zip(cuts[:-1].tolist(), cuts[1:].tolist())):
                 url = storage.join(self.scratch, "hf-train", f"{name}-{j:03d}.parquet")
                 part = table.slice(lo, hi - lo)
-                receipt.hf.append(Written(url, hi - lo, _write_parquet(url, part, storage_options, HF_ROW_GROUP_ROWS)))
+                receipt.hf.append(_write_parquet(url, part, hi - lo, storage_options, HF_ROW_GROUP_ROWS))
         if self.db:
             run = pa.table({"id": names, "sequence": sequences})
             run = run.take(pc.sort_indices(names))  # stable: of a repeated id the first row stays first
@@ -379,10 +384,10 @@ def write_bionemo2_eval(shard_urls: list[str], clusters_url: str, db_url: str,
     database keyed by those ids, sequences upper-cased; a repeated id keeps its first."""
     frame = pl.concat([read_shard_rows(u, 0, None, storage_options) for u in shard_urls])
     ids = _string_table(frame.select(pl.col("record_name").alias("ur50_id")))
-    clusters_bytes = _write_parquet(clusters_url, ids, storage_options)
+    clusters = _write_parquet(clusters_url, ids, len(frame), storage_options)
     records = _sorted_distinct(frame.select(pl.col("record_name").alias("id"), pl.col("sequence").str.to_uppercase()))
     db_bytes = _write_db(db_url, records, storage_options)
-    return [Written(clusters_url, len(frame), clusters_bytes), Written(db_url, len(records), db_bytes)]
+    return [clusters, Written(db_url, len(records), db_bytes)]
 
 
 def write_hf_eval_part(pieces: list[ShardPart], out_url: str, storage_options: dict) -> Written:
@@ -394,7 +399,7 @@ def write_hf_eval_part(pieces: list[ShardPart], out_url: str, storage_options: d
         pl.lit(None, dtype=pl.String).alias("ur90_id"),
         pl.col("sequence").str.to_uppercase(),
     ))
-    return Written(out_url, len(frame), _write_parquet(out_url, table, storage_options, HF_ROW_GROUP_ROWS))
+    return _write_parquet(out_url, table, len(frame), storage_options, HF_ROW_GROUP_ROWS)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -477,6 +482,7 @@ class Layouts:
         self.pending: list[tuple[str, list, object]] = []  # (stage, handles, what to do with results)
         self.clusters: list = []  # the bionemo2-train-clusters task (start)
         self.splitters: list[str] = []
+        self.hashed: dict[str, tuple[str, int]] = {}  # files hashed as written: (SHA-256, bytes) by path in OUT
 
     @property
     def wanted(self) -> bool:
@@ -543,6 +549,9 @@ class Layouts:
         self.pending.append((stage, self.runner.submit(stage, args_list), collect))
 
     def _record(self, out: dict, written: list[Written], folder: str | None = None) -> None:
+        for w in written:
+            if w.sha256:
+                self.hashed[self._rel(w.path)] = (w.sha256, w.bytes)
         if folder is None:
             for w in written:
                 out[self._rel(w.path)] = {"rows": w.rows, "bytes": w.bytes}
@@ -621,7 +630,7 @@ class Layouts:
                 dest = storage.get_fs(target, self.storage_options)[1]
                 fs.makedirs(fs._parent(dest), exist_ok=True)
                 fs.mv(src, dest)
-            named.append(Written(target, w.rows, w.bytes))
+            named.append(Written(target, w.rows, w.bytes, w.sha256))
         return named
 
     def _remove(self, url: str) -> None:

@@ -533,13 +533,21 @@ def _whole(url: str, size: int) -> bool:
     return storage.is_plain_file(url) and storage.file_size(url) == size
 
 
-def checksums(run: Run, copying: list, uncached: tuple[str, ...]) -> dict[str, str]:
+def checksums(run: Run, copying: list, uncached: tuple[str, ...],
+              hashed: dict[str, tuple[str, int]]) -> dict[str, str]:
     """SHA-256 of every staged output file and of every raw input copied beside the tree
     (by the copy's name: the copy holds the input's bytes), one task per file, for the
-    manifest; those written past the page cache (``uncached``) are read the same way; the
-    copy-inputs stage hashed its copies as it made them."""
+    manifest; those written past the page cache (``uncached``) are read the same way. The
+    copy-inputs stage hashed its copies as it made them, and the tasks that built a file in
+    memory hashed it there (``hashed``: SHA-256 and size by path in OUT): neither is read
+    again, but a file no longer at the size written (an interrupted run's, changed since) is
+    hashed here. The tasks are the same list on every attempt (receipts go by place)."""
+    sizes = run.staging.staged_files()
     digests = copied_inputs(run, copying)
-    files = list(run.staging.staged_files())
+    for rel, (sha, size) in hashed.items():
+        url = storage.join(run.staging.tree_dir, rel)
+        digests[rel] = sha if sizes.get(rel) == size else storage.sha256_file(url, run.storage_options)
+    files = [rel for rel in sizes if rel not in hashed]
     urls = [(storage.join(run.staging.tree_dir, rel), run.storage_options, rel in uncached) for rel in files]
     copies = [(url, name) for url, name in input_copies(run.config) if name not in digests]
     urls += [(url, run.storage_options) for url, _ in copies]
@@ -604,7 +612,8 @@ def execute(run: Run) -> Converted:
         f"{rel}/{hf_part_name(i)}" for rel, entry in written.items() if "files" in entry for i in range(entry["files"])
     ] + [rel for rel, entry in written.items() if "files" not in entry]
     return Converted(rows, sizes, {name: s.report for name, s in streams.items()}, written,
-                     checksums(run, found.copying, layouts.uncached_files()))
+                     checksums(run, found.copying, layouts.uncached_files(),
+                               layouts.hashed if layouts.wanted else {}))
 
 
 def _kept_tasks(staging: StagingFolder) -> int:

@@ -146,13 +146,13 @@ def stage_table(config, ranges: dict[str, int], sizes: dict[str, int], hash_buck
         table += [Stage("bionemo2-train-layout", formats.layout_train_chunk, db_buckets, exact=False),
                   Stage("bionemo2-train-pages", formats.write_train_chunk, db_buckets, exact=False),
                   Stage("bionemo2-train-db", formats.finish_train_db, 1)]
-        n_layout_files += 2 + 2 * len(evals)
-    if hf:
+        # train_clusters.parquet, train.db and each eval database; an eval split's
+        # clusters parquet is hashed as it is written
+        n_layout_files += 2 + len(evals)
+    if hf:  # each part is hashed as it is written
         table += [Stage(f"hf-{split}", formats.write_hf_eval_part, 1, exact=False) for _, split, _, _ in evals]
-        # train: one part per uf90 range (written by fast-uf90 or merge-uf90), eval: one each
-        n_layout_files += ranges["uf90"] + len(evals)
     n_files = (n_shards if esm2nv else 0) + n_arrays(config) + n_layout_files + n_copies - n_task_copies
     # sha256 of every output file and of every input copied beside them (but those the
-    # copy-inputs stage hashed), for the manifest
-    table.append(Stage("checksum", storage.sha256_file, n_files, exact=not hf))
+    # copy-inputs stage and the parquet writers hashed), for the manifest
+    table.append(Stage("checksum", storage.sha256_file, n_files))
     return tuple(table)

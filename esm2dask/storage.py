@@ -573,9 +573,31 @@ DIRECT_CHUNK_BYTES = 8 << 20
 def _copy_direct(src: str, dest: str) -> str | None:
     """``src`` copied to the new file ``dest`` with ``O_DIRECT`` writes, read and hashed in
     one loop; its SHA-256, or None where the platform or file system refuses direct writes
-    (``dest`` then removed). The copy takes no page cache (a run never reads it again).
-    Two buffers: while one is written (by a helper thread; the write waits on the disk and
-    holds no GIL), the next block is read into the other and hashed."""
+    (``dest`` then removed). The copy takes no page cache (a run never reads it again)."""
+    with open(src, "rb", buffering=0) as fin:
+        return _write_direct(dest, lambda view: _read_full(fin, view))
+
+
+def _bytes_filler(data):
+    """A ``fill`` for :func:`_write_direct` that hands out the bytes of the buffer ``data``."""
+    source, done = memoryview(data).cast("B"), 0
+
+    def fill(view: memoryview) -> int:
+        nonlocal done
+        n = min(len(view), len(source) - done)
+        view[:n] = source[done : done + n]
+        done += n
+        return n
+
+    return fill
+
+
+def _write_direct(dest: str, fill) -> str | None:
+    """The new file ``dest`` written with ``O_DIRECT`` from what ``fill(view)`` puts into each
+    page-aligned buffer (it returns how many bytes; fewer than the buffer holds at the end),
+    hashed as it goes; its SHA-256, or None where the platform or file system refuses
+    direct writes (``dest`` then removed). Two buffers: while one is written (by a helper
+    thread; the write waits on the disk and holds no GIL), the next is filled and hashed."""
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
@@ -589,18 +611,17 @@ def _copy_direct(src: str, dest: str) -> str | None:
     digest, offset, writing = hashlib.sha256(), 0, None
     pool = ThreadPoolExecutor(1, thread_name_prefix="esm2dask-copy")
     try:
-        with open(src, "rb", buffering=0) as fin:
-            k = 0
-            while n := _read_full(fin, views[k]):  # the other buffer may still be being written
-                digest.update(views[k][:n])
-                padded = -(-n // 4096) * 4096  # the last block written whole, the file cut back after
-                if writing is not None:
-                    writing.result()
-                writing = pool.submit(pwrite_all, fd, views[k], offset, padded)
-                offset += n
-                k = 1 - k
-                if n < DIRECT_CHUNK_BYTES:
-                    break  # the buffer not filled: the file's end (if it grows, it is copied as it was)
+        k = 0
+        while n := fill(views[k]):  # the other buffer may still be being written
+            digest.update(views[k][:n])
+            padded = -(-n // 4096) * 4096  # the last block written whole, the file cut back after
+            if writing is not None:
+                writing.result()
+            writing = pool.submit(pwrite_all, fd, views[k], offset, padded)
+            offset += n
+            k = 1 - k
+            if n < DIRECT_CHUNK_BYTES:
+                break  # the buffer not filled: the end (if a file grows, it is copied as it was)
         if writing is not None:
             writing.result()
             writing = None
@@ -620,6 +641,20 @@ def _copy_direct(src: str, dest: str) -> str | None:
             b.close()
     os.close(fd)
     return digest.hexdigest()
+
+
+def write_hashed(url: str, data, storage_options: dict[str, Any] | None = None) -> str:
+    """The bytes of the buffer ``data`` as the file ``url`` (there whole or not at all, as
+    :func:`local_build` makes it), and their SHA-256: a file built in memory is hashed
+    there, never read back. On a file system it is written with ``O_DIRECT`` where that is
+    allowed (no page cache: the run never reads it again), else with plain writes."""
+    with local_build(url, storage_options) as path:
+        digest = _write_direct(path, _bytes_filler(data))
+        if digest is None:
+            with open(path, "wb", buffering=0) as f:
+                f.write(data)
+            digest = hashlib.sha256(data).hexdigest()
+    return digest
 
 
 def _read_full(fin, view: memoryview) -> int:

@@ -484,6 +484,73 @@ def test_a_direct_copy_that_fails_part_way_leaves_nothing(tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def _sha256sum(path) -> str:
+    return subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 8 << 20, (8 << 20) + 1, (16 << 20), (24 << 20) + 4097])
+def test_a_file_built_in_memory_is_written_once_and_hashed_there(tmp_path, size):
+    """``write_hashed`` (the parquet parts): the file holds the buffer's bytes, and the
+    digest it returns is the one coreutils' sha256sum finds in the file (block edges: empty,
+    one byte, a page, 8 MiB, past it, two blocks exactly, and four blocks and a bit)."""
+    from esm2dask.storage import write_hashed
+
+    data = os.urandom(size)
+    digest = write_hashed(str(tmp_path / "part.parquet"), memoryview(data))
+    assert (tmp_path / "part.parquet").read_bytes() == data
+    assert digest == _sha256sum(tmp_path / "part.parquet")
+    assert [p.name for p in tmp_path.iterdir()] == ["part.parquet"]  # no temporary left
+
+
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_built_in_memory_is_written_where_direct_writes_are_refused(tmp_path, monkeypatch, refused):
+    """A file system that refuses ``O_DIRECT`` at open (tmpfs) or at the first write: the
+    bytes are written plainly, whole, with their digest."""
+    from esm2dask.storage import write_hashed
+
+    data = os.urandom((9 << 20) + 5)
+    real_open, real_pwrite, calls = os.open, os.pwrite, []
+
+    def opening(path, flags, *args, **kwargs):
+        if refused == "open" and flags & getattr(os, "O_DIRECT", 0):
+            calls.append(path)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def writing(fd, buf, offset):
+        if refused == "write" and not calls:
+            calls.append(offset)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "pwrite", writing)
+    digest = write_hashed(str(tmp_path / "part.parquet"), data)
+    assert (calls or not hasattr(os, "O_DIRECT")) and (tmp_path / "part.parquet").read_bytes() == data
+    assert digest == _sha256sum(tmp_path / "part.parquet")
+    assert [p.name for p in tmp_path.iterdir()] == ["part.parquet"]
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_a_file_built_in_memory_that_fails_part_way_leaves_nothing(tmp_path, monkeypatch):
+    """The disk full on the second block's write: the error reaches the task, and neither
+    the file nor a temporary is left (the file appears whole or not at all)."""
+    from esm2dask.storage import write_hashed
+
+    real, calls = os.pwrite, []
+
+    def filling(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", filling)
+    with pytest.raises(OSError) as err:
+        write_hashed(str(tmp_path / "part.parquet"), os.urandom(20 << 20))
+    assert err.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 8 << 20, (8 << 20) + 1, (24 << 20) - 1, (24 << 20) + 4097])
 def test_sha256_of_a_file_written_past_the_page_cache(tmp_path, size):
     """``sha256_file(uncached=True)`` (``train.db``'s checksum): read with ``O_DIRECT``, two
@@ -598,6 +665,23 @@ def test_a_resumed_run_makes_again_an_input_copy_that_is_gone_or_cut_short(raw, 
         oracle = subprocess.run(["sha256sum", str(raw / name)], capture_output=True, text=True).stdout.split()[0]
         assert manifest["copied_inputs"][name]["sha256"] == oracle
     assert _invoke("verify", out).exit_code == 0
+
+
+
+def test_a_resumed_run_hashes_again_a_part_no_longer_as_written(raw, tmp_path, cluster_config):
+    """The parquet parts are hashed as they are written and the digests kept in the tasks'
+    receipts; a resumed run takes a kept digest only while the staged file is at the size
+    written: a part changed since is hashed again, and the manifest's digest is its own."""
+    out = tmp_path / "out"
+    staged = _interrupted_run(raw, out, cluster_config, stage="checksum", formats="esm2nv,hf")
+    (part,) = staged.glob("**/hf/train/part-00000.parquet")
+    with open(part, "ab") as f:
+        f.write(b"changed")
+    preprocess(_config(raw, out, cluster_config, resume=True, formats="esm2nv,hf"))
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    hf_files = sorted(p for p in (out / "hf").rglob("*.parquet"))
+    assert hf_files and all(manifest["files"][str(p.relative_to(out))]["sha256"] == _sha256sum(p) for p in hf_files)
+    assert (out / "hf" / "train" / "part-00000.parquet").read_bytes().endswith(b"changed")
 
 
 
