@@ -44,7 +44,7 @@ import polars as pl
 
 from . import receipts, sqlite_pages, storage
 from .errors import ConfigError, Esm2DaskError
-from .layout import BIONEMO2_DIR, HF_DIR, UF50_TRAIN, shard_bounds, shard_name
+from .layout import BIONEMO2_DIR, HF_DIR, UF50_TRAIN, UF90, shard_bounds, shard_name
 from .layout import eval_splits as layout_eval_splits
 from .tasks import Slice, _write_ipc, load_labels, read_slices
 
@@ -223,22 +223,30 @@ class Uf90Layouts:
     splitters: tuple[str, ...]
     part_rows: int
     storage_options: dict
+    #: the ``train.db`` runs hold each sequence's place in the staged uf90 shards (where the
+    #: rows were just written) instead of its bytes: see :func:`_run_places`
+    places: bool = False
 
-    def write(self, rows, first_position: int, name: str) -> Uf90Parts:
+    def write(self, rows, first_position: int, name: str, placed: list) -> Uf90Parts:
         """Rows of positions ``[first_position, first_position + len(rows))`` (CSV rows with
-        their ids, from the kernel) → this task's parts and run, named by ``name``. The
-        columns stay Arrow arrays from the kernel to the files (no polars round trip)."""
+        their ids, from the kernel) → this task's parts and run, named by ``name``; ``placed``:
+        where :func:`esm2dask.tasks.write_rows` wrote them in the uf90 shards. The columns
+        stay Arrow arrays from the kernel to the files (no polars round trip)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         storage_options, n = self.storage_options, len(rows)
         names, sequences = rows.columns()
+        places = _run_places(rows, sequences, placed) if self.db and self.places else None
         spans = [s for s in self.spans if s.first_member < first_position + n and s.first_member + s.n_members > first_position]
         ur50, cluster_positions = member_clusters(spans, first_position, first_position + n, storage_options)
         ur50 = ur50.to_arrow()
         if self.labels is not None:
             labels = load_labels(self.labels.url, storage_options)
-            keep = pa.array(np.asarray(labels[cluster_positions]) == self.labels.train_label)
+            keep = np.asarray(labels[cluster_positions]) == self.labels.train_label
+            if places is not None:
+                places = {c: a[keep] for c, a in places.items()}
+            keep = pa.array(keep)
             names, sequences, ur50 = names.filter(keep), sequences.filter(keep), ur50.filter(keep)
         receipt = Uf90Parts()
         if self.hf:
@@ -250,13 +258,69 @@ class Uf90Layouts:
                 part = table.slice(lo, hi - lo)
                 receipt.hf.append(_write_parquet(url, part, hi - lo, storage_options, HF_ROW_GROUP_ROWS))
         if self.db:
-            run = pa.table({"id": names, "sequence": sequences})
+            run = pa.table({"id": names, **(places or {"sequence": sequences})})
             run = run.take(pc.sort_indices(names))  # stable: of a repeated id the first row stays first
             cuts = pl.from_arrow(run["id"]).search_sorted(pl.Series(list(self.splitters), dtype=pl.String), side="left")
             receipt.run_url = storage.join(self.scratch, "runs", f"{name}.arrow")
             storage.write_arrow(receipt.run_url, run, storage_options)
             receipt.bucket_bounds = [0, *cuts.to_list(), len(run)]
         return receipt
+
+
+def _run_places(rows, sequences, placed: list) -> dict[str, np.ndarray]:
+    """Where each row's sequence lies in the staged uf90 shards: ``shard``, ``at`` (its first
+    byte in the shard file) and ``length``, from the cuts :func:`esm2dask.tasks.write_rows`
+    placed (``(first row, end row, shard, byte offset)``). A ``train.db`` run of these is
+    ~30 bytes a row instead of the sequence's ~300: the pages task copies the sequences out
+    of the shards (:func:`_gather_sequences`), which the run has just written."""
+    import pyarrow.compute as pc
+
+    n = len(rows)
+    if sum(hi - lo for lo, hi, _, _ in placed) != n:
+        raise Esm2DaskError(f"internal: {n} uf90 rows but {len(placed)} placed cuts cover others")
+    length = pc.binary_length(sequences).to_numpy().astype(np.int64)
+    shard, at = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int64)
+    starts = rows.starts
+    for lo, hi, k, offset in placed:
+        shard[lo:hi] = k
+        # a row is "id,name,length,sequence\n": its sequence ends right before its \n
+        at[lo:hi] = offset + (starts[lo + 1 : hi + 1] - starts[lo]) - 1 - length[lo:hi]
+    return {"shard": shard, "at": at, "length": length}
+
+
+def _gather_sequences(table, shard_urls: tuple[str, ...]):
+    """The sequences of a ``train.db`` run of places (:func:`_run_places`), in its row order,
+    copied out of the staged uf90 shards (in the page cache: the run wrote them) as one
+    Arrow ``large_string`` array. A place where no row's sequence lies is a defect (or a
+    shard changed under the run), said so, never written into the database."""
+    import mmap
+
+    import pyarrow as pa
+
+    from .kernel import gather_sequences
+
+    shard = table["shard"].to_numpy()
+    at = table["at"].to_numpy()
+    length = table["length"].to_numpy().astype(np.int64)
+    offsets = np.zeros(len(length) + 1, dtype=np.int64)
+    np.cumsum(length, out=offsets[1:])
+    data = np.empty(int(offsets[-1]), dtype=np.uint8)
+    for k in np.unique(shard).tolist():
+        picked = np.flatnonzero(shard == k)
+        path = storage.local_path(shard_urls[k])
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+                src = np.frombuffer(mapped, dtype=np.uint8)
+                bad = gather_sequences(data, offsets[picked], src, at[picked], length[picked])
+                del src
+        finally:
+            os.close(fd)
+        if bad >= 0:
+            row = int(picked[bad])
+            raise Esm2DaskError(f"{path}: no sequence of {table['id'][row].as_py()!r} at byte {int(at[row])}; "
+                                f"was the staged tree changed during the run?")
+    return pa.LargeStringArray.from_buffers(len(length), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 def sample_member_ids(members_url: str, n_members: int, n_samples: int, seed: int, storage_options: dict) -> list[str]:
@@ -295,18 +359,23 @@ def layout_train_chunk(slices: list[Slice], first_rowid: int, order_url: str, pa
     table = _chunk_rows(slices, storage_options)
     order = _id_order(table["id"])
     storage.write_npy(order_url, order, storage_options)
-    id_lengths, seq_lengths = (pc.binary_length(table[c]).to_numpy().astype(np.int64) for c in ("id", "sequence"))
+    id_lengths = pc.binary_length(table["id"]).to_numpy().astype(np.int64)
+    seq_lengths = (table["length"].to_numpy().astype(np.int64) if "length" in table.column_names
+                   else pc.binary_length(table["sequence"]).to_numpy().astype(np.int64))
     return sqlite_pages.layout_rows(id_lengths[order], seq_lengths[order], first_rowid, page_size)
 
 
 def write_train_chunk(slices: list[Slice], order_url: str, first_rowid: int, first_page: int, db_url: str,
-                      edges_url: str, region_url: str, page_size: int, storage_options: dict) -> TrainChunkReceipt:
+                      edges_url: str, region_url: str, page_size: int, storage_options: dict,
+                      shard_urls: tuple[str, ...] = ()) -> TrainChunkReceipt:
     """One id range's pages into the database file at their place (``pwrite``); on object
     storage into a file of their own, uploaded to ``region_url``. The edges go to ``edges_url``.
-    The rows are read in id order through the saved order, not sorted into a copy."""
+    The rows are read in id order through the saved order, not sorted into a copy; runs of
+    places take their sequences from the staged uf90 shards (``shard_urls``)."""
     table = _chunk_rows(slices, storage_options)
     order = storage.read_npy(order_url, storage_options, mapped=False)  # its header without ast
-    chunk = sqlite_pages.Chunk(table["id"], table["sequence"], first_rowid, page_size, order=order)
+    sequences = _gather_sequences(table, shard_urls) if "at" in table.column_names else table["sequence"]
+    chunk = sqlite_pages.Chunk(table["id"], sequences, first_rowid, page_size, order=order)
     in_place = storage.is_local(db_url)  # pwrite at offsets into one file: a file system's alone
     if in_place:
         edges = chunk.write(storage.ensure_parent(db_url), first_page)
@@ -482,19 +551,23 @@ class Layouts:
         self.pending: list[tuple[str, list, object]] = []  # (stage, handles, what to do with results)
         self.clusters: list = []  # the bionemo2-train-clusters task (start)
         self.splitters: list[str] = []
+        self.places = False  # train.db's runs hold places in the uf90 shards (uf90_sink)
         self.hashed: dict[str, tuple[str, int]] = {}  # files hashed as written: (SHA-256, bytes) by path in OUT
 
     @property
     def wanted(self) -> bool:
         return self.want_hf or self.want_db
 
-    def uf90_sink(self) -> Uf90Layouts | None:
-        """What the uf90 conversion tasks write besides their CSV rows (None: nothing)."""
+    def uf90_sink(self, placed: bool) -> Uf90Layouts | None:
+        """What the uf90 conversion tasks write besides their CSV rows (None: nothing);
+        ``placed``: whether they write those rows at their place in the staged uf90 shards
+        (then ``train.db``'s runs hold places, not sequences)."""
         if not self.wanted:
             return None
         self.splitters = self._splitters() if self.want_db and self.n_buckets > 1 else []
+        self.places = placed
         return Uf90Layouts(tuple(self.spans), self.labels, storage.join(self.scratch, "uf90"), self.want_hf,
-                           self.want_db, tuple(self.splitters), PART_ROWS, self.storage_options)
+                           self.want_db, tuple(self.splitters), PART_ROWS, self.storage_options, placed)
 
     def start(self) -> None:
         """Submit what needs the mapping alone (``train_clusters.parquet``) before any FASTA is
@@ -605,10 +678,11 @@ class Layouts:
         firsts = sqlite_pages.plan_pages(layouts)
         pages_url = storage.join(scratch, "train.db.pages")
         out_url = storage.join(self.tree, BIONEMO2_DIR, "train.db")
+        shards = tuple(self._shard_url(UF90, k) for k in range(self.cfg.num_csv_files)) if self.places else ()
         chunks = self.runner.run("bionemo2-train-pages", [
             (slices[b], order[b], first_rowids[b], firsts[b], pages_url,
              storage.join(scratch, "edges", f"{b:05d}.bin"), storage.join(scratch, "regions", f"{b:05d}.pages"),
-             DB_PAGE_SIZE, self.storage_options)
+             DB_PAGE_SIZE, self.storage_options, shards)
             for b in range(n)
         ])
         self._remove(storage.join(self.scratch, "uf90", "runs"))

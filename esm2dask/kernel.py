@@ -498,6 +498,27 @@ def gather_records(src: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.
 
 
 @njit(nogil=True, cache=True)
+def _gather_sequences(dest, dest_at, src, src_at, lengths):
+    for i in range(len(dest_at)):
+        a, n = src_at[i], lengths[i]
+        # a CSV row's sequence: after the row's third comma, up to its \n
+        if a < 1 or a + n >= len(src) or src[a - 1] != 44 or src[a + n] != 10:
+            return i
+        copy_bytes(dest, dest_at[i], src, a, n)
+    return -1
+
+
+def gather_sequences(dest: np.ndarray, dest_at: np.ndarray, src: np.ndarray, src_at: np.ndarray,
+                     lengths: np.ndarray) -> int:
+    """Sequences ``src[src_at[j]:src_at[j] + lengths[j]]`` (of CSV rows in a shard's bytes)
+    copied to ``dest[dest_at[j]:]``, one ``memcpy`` each. Each must sit where a row's sequence
+    does (a ``,`` before it, its row's ``\n`` right after): the first that does not stops the
+    copy, and its ``j`` is returned (-1 when all were copied)."""
+    as_i64 = lambda a: np.ascontiguousarray(a, dtype=np.int64)  # noqa: E731
+    return int(_gather_sequences(dest, as_i64(dest_at), src, as_i64(src_at), as_i64(lengths)))
+
+
+@njit(nogil=True, cache=True)
 def _row_columns(data, row_starts):
     """The names and the sequences of CSV rows ``id,name,length,sequence\n``, each back to
     back with n+1 offsets (Arrow's string layout). A name holds no comma and the id and

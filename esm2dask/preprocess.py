@@ -582,7 +582,7 @@ def execute(run: Run) -> Converted:
                        replace(routing, targets=uf50_targets, labels_url=labels_url), StreamReport(cfg.uf50),
                        "uf50" in placed),
         "uf90": Stream("uf90", "members", found.member_first,
-                       replace(routing, targets=(Target(UF90, found.n_members),), layouts=layouts.uf90_sink()),
+                       replace(routing, targets=(Target(UF90, found.n_members),), layouts=layouts.uf90_sink("uf90" in placed)),
                        StreamReport(cfg.uf90), "uf90" in placed),
     }
     rows = {UF50_TRAIN: 0, UF50_VAL: 0, UF50_TEST: 0, UF90: found.n_members}

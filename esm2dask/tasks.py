@@ -273,19 +273,20 @@ def _write_piece(routing: Routing, split_dir: str, shard: int, first_position: i
     storage.write_whole(final, [header, payload], routing.storage_options)
 
 
-def write_rows(rows: Rows, first_position: int, routing: Routing, placement: list | None = None) -> int:
+def write_rows(rows: Rows, first_position: int, routing: Routing, placement: list | None = None) -> list:
     """Write the CSV rows of positions ``[first_position, first_position + len(rows))``.
 
     Each target gets the rows it owns, cut at its shard boundaries; each cut is one CSV
     piece named by its first position so that pieces sort in row order. The rows are
-    written as they are (their ``record_id`` is the position + 1). Returns pieces written.
+    written as they are (their ``record_id`` is the position + 1).
 
     With ``placement`` (one target; ``[shard, offset, bytes]`` of each cut, from the
-    driver), each cut is written straight into its shard in the staged tree instead, once.
+    driver), each cut is written straight into its shard in the staged tree instead, once;
+    then returns where: ``(first row, end row, shard, byte offset)`` of each cut (else []).
     """
     n = len(rows)
     labels = load_labels(routing.labels_url, routing.storage_options)
-    written = 0
+    written, placed = 0, []
     for target in routing.targets:
         if target.split_dir in routing.skip:
             continue
@@ -320,15 +321,16 @@ def write_rows(rows: Rows, first_position: int, routing: Routing, placement: lis
                         f"bytes where the count pass measured {size}; was an input changed during the run?")
                 # rows at their place in a shard the driver made at its final size
                 storage.write_at(storage.join(routing.tree_dir, target.split_dir, shard_name(shard)), offset, payload)
+                placed.append((lo, hi, shard, offset))
             written += 1
-    return written
+    return placed
 
 
 def emit_rows(rows: Rows, first_position: int, routing: Routing, name: str, placement: list | None = None):
     """The rows to every layout of the run: their CSV rows (:func:`write_rows`), and to
     ``routing.layouts`` if the run writes other layouts; returns what those wrote."""
-    write_rows(rows, first_position, routing, placement)
-    return None if routing.layouts is None else routing.layouts.write(rows, first_position, name)
+    placed = write_rows(rows, first_position, routing, placement)
+    return None if routing.layouts is None else routing.layouts.write(rows, first_position, name, placed)
 
 
 def write_count_pieces(

@@ -419,3 +419,24 @@ def test_s3_to_s3_without_esm2nv(s3_server, s3_raw, tmp_path, cluster_config):
 
 
 from test_s3 import s3_raw, s3_server  # noqa: E402,F401  (the moto server and its raw folder)
+
+
+def test_a_sequence_not_where_its_run_says_is_one_clear_error(tmp_path):
+    """``train.db``'s pages take each sequence from its place in the staged uf90 shards; a
+    place where no row's sequence lies (a shard changed under the run) is an error that
+    names the shard, the record and the byte, and nothing is copied into a database."""
+    import pyarrow as pa
+
+    from esm2dask.errors import Esm2DaskError
+    from esm2dask.formats import _gather_sequences
+
+    shard = tmp_path / "x_000.csv"
+    shard.write_bytes(b"record_id,record_name,sequence_length,sequence\n1,A,3,MKV\n2,B,0,\n3,C,2,QQ\n")
+    text = shard.read_bytes()
+    places = {"shard": [0, 0, 0], "at": [text.index(b"MKV"), text.index(b",\n3") + 1, text.index(b"QQ")],
+              "length": [3, 0, 2]}
+    table = pa.table({"id": ["C", "A", "B"], **{k: [v[2], v[0], v[1]] for k, v in places.items()}})
+    assert _gather_sequences(table, (str(shard),)).to_pylist() == ["QQ", "MKV", ""]
+    moved = table.set_column(2, "at", pa.array([places["at"][2] + 1, places["at"][0], places["at"][1]]))
+    with pytest.raises(Esm2DaskError, match=rf"x_000\.csv: no sequence of 'C' at byte {places['at'][2] + 1}"):
+        _gather_sequences(moved, (str(shard),))

@@ -507,3 +507,39 @@ def test_names_only_checks_every_byte_as_the_rows_do(data, value, where, change)
     else:
         assert got[1] == want
         assert len(convert_block(data, 0, "f.fa", uppercase=True, first_id=None, rows=False).rows.data) == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_sequences_gathered_from_csv_rows_are_the_oracles(draw):
+    """``gather_sequences`` (``train.db``'s pages take their sequences out of the staged uf90
+    shards): the bytes a plain slice of each row's sequence gives, in any order and any
+    subset, empty sequences and ones at the file's edges included; a place where no row's
+    sequence lies stops the copy at its index."""
+    from esm2dask.kernel import gather_sequences
+
+    seqs = draw.draw(st.lists(st.text(alphabet="ACDEFGHIKLMNPQRSTVWYXBZUO", max_size=90), min_size=1, max_size=30))
+    rows = [f"{i + 1},N{i}_{'x' * (i % 5)},{len(s)},{s}\n".encode() for i, s in enumerate(seqs)]
+    data = b"record_id,record_name,sequence_length,sequence\n" + b"".join(rows)
+    at, pos = [], len(data) - sum(map(len, rows))
+    for row, s in zip(rows, seqs):
+        at.append(pos + len(row) - 1 - len(s))
+        pos += len(row)
+    picked = draw.draw(st.lists(st.sampled_from(range(len(seqs))), max_size=40))
+    lengths = np.array([len(seqs[j]) for j in picked], dtype=np.int64)
+    dest_at = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64) if picked else np.zeros(0, np.int64)
+    dest = np.zeros(int(lengths.sum()), dtype=np.uint8)
+    src = np.frombuffer(data, dtype=np.uint8)
+    assert gather_sequences(dest, dest_at, src, np.array([at[j] for j in picked], dtype=np.int64), lengths) == -1
+    assert dest.tobytes() == "".join(seqs[j] for j in picked).encode()
+    if picked:
+        wrong = draw.draw(st.integers(0, len(picked) - 1))
+        places = np.array([at[j] for j in picked], dtype=np.int64)
+        places[wrong] += draw.draw(st.sampled_from([-1, 1, -len(data), len(data)]))
+        # one byte off, a residue or a digit stands where the ',' or the '\n' should
+        assert gather_sequences(dest, dest_at, src, places, lengths) == wrong
+        if lengths[wrong]:  # a length one short: a residue where the row's '\n' should be
+            short = lengths.copy()
+            short[wrong] -= 1
+            assert gather_sequences(dest, dest_at, src, np.array([at[j] for j in picked], dtype=np.int64),
+                                    short) == wrong
