@@ -429,7 +429,8 @@ def write_train_clusters(spans: list[MappingSpan], labels: SplitLabels | None, o
     label_of = load_labels(labels.url, storage_options) if labels is not None else None
     rows = 0
     with storage.local_build(out_url, storage_options) as path:
-        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        # no dictionary: the member ids are unique (the encoder's attempt on them, for nothing)
+        with pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=False) as writer:
             for s in spans:
                 if s.n_clusters == 0:
                     continue

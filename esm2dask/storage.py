@@ -377,7 +377,7 @@ def _sha256_direct(path: str) -> str | None:
         if err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return None
         raise
-    blocks = [mmap.mmap(-1, DIRECT_CHUNK_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT wants
+    blocks = _direct_buffers()
     digest, reading = hashlib.sha256(), None
     pool = ThreadPoolExecutor(1, thread_name_prefix="esm2dask-hash")
     try:
@@ -403,8 +403,6 @@ def _sha256_direct(path: str) -> str | None:
         _settled(reading)
         pool.shutdown(wait=True)
         os.close(fd)
-        for b in blocks:
-            b.close()
     return digest.hexdigest()
 
 
@@ -570,6 +568,21 @@ def copy_hashed(src: str, dest: str, hard_link: bool = False) -> tuple[str, str]
 DIRECT_CHUNK_BYTES = 8 << 20
 
 
+_DIRECT = threading.local()
+
+
+def _direct_buffers() -> list[mmap.mmap]:
+    """This thread's two page-aligned buffers (as ``O_DIRECT`` wants) of ``DIRECT_CHUNK_BYTES``
+    for the direct reads and writes, made on first use and kept: memory a process frees goes
+    back to a VM's host within seconds, and taking it again costs ~0.4 GB/s in page faults
+    (benchmarks/README.md), as much as the writes themselves. Each user is done with them
+    (its helper thread's last read or write waited for) before it returns."""
+    blocks = getattr(_DIRECT, "blocks", None)
+    if blocks is None:
+        blocks = _DIRECT.blocks = [mmap.mmap(-1, DIRECT_CHUNK_BYTES) for _ in range(2)]
+    return blocks
+
+
 def _copy_direct(src: str, dest: str) -> str | None:
     """``src`` copied to the new file ``dest`` with ``O_DIRECT`` writes, read and hashed in
     one loop; its SHA-256, or None where the platform or file system refuses direct writes
@@ -606,8 +619,7 @@ def _write_direct(dest: str, fill) -> str | None:
         if err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return None
         raise
-    blocks = [mmap.mmap(-1, DIRECT_CHUNK_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT wants
-    views = [memoryview(b) for b in blocks]
+    views = [memoryview(b) for b in _direct_buffers()]
     digest, offset, writing = hashlib.sha256(), 0, None
     pool = ThreadPoolExecutor(1, thread_name_prefix="esm2dask-copy")
     try:
@@ -637,8 +649,6 @@ def _write_direct(dest: str, fill) -> str | None:
         pool.shutdown(wait=True)
         for v in views:
             v.release()
-        for b in blocks:
-            b.close()
     os.close(fd)
     return digest.hexdigest()
 
