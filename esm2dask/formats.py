@@ -99,12 +99,14 @@ class ShardPart:
 @dataclass
 class Written:
     """One file written: its path relative to OUT, its rows and bytes, and the SHA-256 of
-    those bytes where the task that wrote them hashed them as it did ("" where not)."""
+    those bytes where the task that wrote them hashed them as it did ("" where not), with
+    the file's modification time then (nanoseconds; 0 on an object store)."""
 
     path: str
     rows: int
     bytes: int
     sha256: str = ""
+    mtime_ns: int = 0
 
 
 @dataclass
@@ -168,7 +170,9 @@ def _write_parquet(url: str, table, rows: int, storage_options: dict, row_group_
     pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows,
                    use_dictionary=[c for c in table.column_names if c == "ur50_id"])
     data = sink.getvalue()
-    return Written(url, rows, data.size, storage.write_hashed(url, data, storage_options))
+    digest = storage.write_hashed(url, data, storage_options)
+    mtime_ns = os.stat(storage.local_path(url)).st_mtime_ns if storage.is_local(url) else 0
+    return Written(url, rows, data.size, digest, mtime_ns)
 
 
 # ----------------------------------------------------------------------------- SQLite
@@ -312,8 +316,10 @@ def _gather_sequences(table, shard_urls: tuple[str, ...]):
         try:
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
                 src = np.frombuffer(mapped, dtype=np.uint8)
-                bad = gather_sequences(data, offsets[picked], src, at[picked], length[picked])
-                del src
+                try:
+                    bad = gather_sequences(data, offsets[picked], src, at[picked], length[picked])
+                finally:
+                    del src  # the map closes only once no view of it is left
         finally:
             os.close(fd)
         if bad >= 0:
@@ -553,7 +559,8 @@ class Layouts:
         self.clusters: list = []  # the bionemo2-train-clusters task (start)
         self.splitters: list[str] = []
         self.places = False  # train.db's runs hold places in the uf90 shards (uf90_sink)
-        self.hashed: dict[str, tuple[str, int]] = {}  # files hashed as written: (SHA-256, bytes) by path in OUT
+        #: files hashed as written: (SHA-256, bytes, modification time) by path in OUT
+        self.hashed: dict[str, tuple[str, int, int]] = {}
 
     @property
     def wanted(self) -> bool:
@@ -625,7 +632,7 @@ class Layouts:
     def _record(self, out: dict, written: list[Written], folder: str | None = None) -> None:
         for w in written:
             if w.sha256:
-                self.hashed[self._rel(w.path)] = (w.sha256, w.bytes)
+                self.hashed[self._rel(w.path)] = (w.sha256, w.bytes, w.mtime_ns)
         if folder is None:
             for w in written:
                 out[self._rel(w.path)] = {"rows": w.rows, "bytes": w.bytes}
@@ -705,7 +712,7 @@ class Layouts:
                 dest = storage.get_fs(target, self.storage_options)[1]
                 fs.makedirs(fs._parent(dest), exist_ok=True)
                 fs.mv(src, dest)
-            named.append(Written(target, w.rows, w.bytes, w.sha256))
+            named.append(Written(target, w.rows, w.bytes, w.sha256, w.mtime_ns))
         return named
 
     def _remove(self, url: str) -> None:

@@ -534,19 +534,21 @@ def _whole(url: str, size: int) -> bool:
 
 
 def checksums(run: Run, copying: list, uncached: tuple[str, ...],
-              hashed: dict[str, tuple[str, int]]) -> dict[str, str]:
+              hashed: dict[str, tuple[str, int, int]]) -> dict[str, str]:
     """SHA-256 of every staged output file and of every raw input copied beside the tree
     (by the copy's name: the copy holds the input's bytes), one task per file, for the
     manifest; those written past the page cache (``uncached``) are read the same way. The
     copy-inputs stage hashed its copies as it made them, and the tasks that built a file in
-    memory hashed it there (``hashed``: SHA-256 and size by path in OUT): neither is read
-    again, but a file no longer at the size written (an interrupted run's, changed since) is
-    hashed here. The tasks are the same list on every attempt (receipts go by place)."""
+    memory hashed it there (``hashed``: SHA-256, size and modification time by path in OUT):
+    neither is read again, but a file no longer at the size and time it was written with (an
+    interrupted run's, changed since) is hashed here. The tasks are the same list on every
+    attempt (receipts go by place)."""
     sizes = run.staging.staged_files()
     digests = copied_inputs(run, copying)
-    for rel, (sha, size) in hashed.items():
+    for rel, (sha, size, mtime_ns) in hashed.items():
         url = storage.join(run.staging.tree_dir, rel)
-        digests[rel] = sha if sizes.get(rel) == size else storage.sha256_file(url, run.storage_options)
+        same = sizes.get(rel) == size and (not mtime_ns or os.stat(storage.local_path(url)).st_mtime_ns == mtime_ns)
+        digests[rel] = sha if same else storage.sha256_file(url, run.storage_options)
     files = [rel for rel in sizes if rel not in hashed]
     urls = [(storage.join(run.staging.tree_dir, rel), run.storage_options, rel in uncached) for rel in files]
     copies = [(url, name) for url, name in input_copies(run.config) if name not in digests]

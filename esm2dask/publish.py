@@ -595,6 +595,7 @@ class StagingFolder:
         interrupted run's, with the rows its finished tasks wrote: it is kept."""
         from .layout import CSV_HEADER, shard_name
 
+        storage.refuse_links_on_the_way(self.tree_dir, split_dir, "the staged tree")
         folder = self._path(storage.join(self.tree_dir, split_dir))
         os.makedirs(folder, exist_ok=True)
         for k, size in enumerate(sizes):
@@ -602,7 +603,9 @@ class StagingFolder:
             st = _lstat(path)
             if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == size:
                 continue
-            with open(path, "wb") as f:
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                os.unlink(path)  # a link (or other) where a shard goes is replaced, never followed
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "wb") as f:
                 f.write(CSV_HEADER)
                 f.truncate(size)
 

@@ -950,7 +950,7 @@ def write_at(url: str, offset: int, payload) -> None:
     system's file only: an object store has no writes at an offset). A task run again
     writes the same bytes at the same place."""
     path = _file_system_path(url, "write_at")
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)  # a shard the run made: never a link
     try:
         done = 0
         while done < len(payload):

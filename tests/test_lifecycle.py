@@ -668,21 +668,47 @@ def test_a_resumed_run_makes_again_an_input_copy_that_is_gone_or_cut_short(raw, 
 
 
 
-def test_a_resumed_run_hashes_again_a_part_no_longer_as_written(raw, tmp_path, cluster_config):
+@pytest.mark.parametrize("stage, change", [("checksum", "appended"), ("assemble", "one byte flipped")])
+def test_a_resumed_run_hashes_again_a_part_no_longer_as_written(raw, tmp_path, cluster_config, stage, change):
     """The parquet parts are hashed as they are written and the digests kept in the tasks'
-    receipts; a resumed run takes a kept digest only while the staged file is at the size
-    written: a part changed since is hashed again, and the manifest's digest is its own."""
+    receipts; a resumed run takes a kept digest only while the staged file has the size and
+    the modification time it was written with: a part changed since (longer, or one byte
+    flipped in place before the parts were named) is hashed again, and the manifest's
+    digest is its own."""
     out = tmp_path / "out"
-    staged = _interrupted_run(raw, out, cluster_config, stage="checksum", formats="esm2nv,hf")
-    (part,) = staged.glob("**/hf/train/part-00000.parquet")
-    with open(part, "ab") as f:
-        f.write(b"changed")
+    staged = _interrupted_run(raw, out, cluster_config, stage=stage, formats="esm2nv,hf")
+    parts = sorted(staged.glob("**/hf/train/part-00000.parquet")) or sorted(staged.glob("**/hf-train/*.parquet"))
+    part = parts[0]
+    with open(part, "r+b") as f:
+        if change == "appended":
+            f.seek(0, os.SEEK_END)
+            f.write(b"changed")
+        else:
+            f.seek(part.stat().st_size // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 1]))
     preprocess(_config(raw, out, cluster_config, resume=True, formats="esm2nv,hf"))
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     hf_files = sorted(p for p in (out / "hf").rglob("*.parquet"))
     assert hf_files and all(manifest["files"][str(p.relative_to(out))]["sha256"] == _sha256sum(p) for p in hf_files)
-    assert (out / "hf" / "train" / "part-00000.parquet").read_bytes().endswith(b"changed")
 
+
+def test_a_resumed_run_never_writes_through_a_link_where_a_shard_goes(raw, tmp_path, cluster_config):
+    """A shard written in place that an interrupted run left, replaced by a link to a file
+    outside OUT: the resumed run refuses the staging folder, naming the link, and the file
+    outside keeps its bytes (the shards are also made and written without following a link,
+    ``StagingFolder.make_shards`` and ``storage.write_at``)."""
+    out, outside = tmp_path / "out", tmp_path / "outside.csv"
+    staged = _interrupted_run(raw, out, cluster_config, stage="fast-uf90")
+    (shard,) = staged.glob("**/uf90/uf90_csvs/x000.csv")
+    outside.write_bytes(b"not yours\n" * (shard.stat().st_size // 10 + 1))
+    before = outside.read_bytes()
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(OutputError, match="x000.csv: a symbolic link"):
+        preprocess(_config(raw, out, cluster_config, resume=True))
+    assert outside.read_bytes() == before
 
 
 # ----------------------------------------------------------------------------- bad bytes, failures
@@ -897,3 +923,31 @@ def test_pipeline_resumes_preprocess_and_keeps_one_copy_of_the_inputs(fake_ngc, 
             assert not os.path.samefile(ws_raw / name, ws_out / name)
         else:
             assert not (ws_out / name).exists(), f"a second full copy of {name} on the workspace"
+
+
+def test_shards_are_made_and_written_without_following_a_link(tmp_path):
+    """Defence in depth under the resume check above: ``make_shards`` replaces a link where
+    a shard goes instead of truncating through it, refuses a linked split folder, and
+    ``write_at`` (the rows' ``pwrite``) refuses to open a link."""
+    from esm2dask.layout import CSV_HEADER
+    from esm2dask.publish import StagingFolder
+    from esm2dask.storage import write_at
+
+    staging = StagingFolder(str(tmp_path / "out"), "t", {}, created_output=True)
+    outside = tmp_path / "outside.csv"
+    outside.write_bytes(b"keep me\n")
+    folder = Path(staging.tree_dir) / "uf90" / "uf90_csvs"
+    folder.mkdir(parents=True)
+    (folder / "x000.csv").symlink_to(outside)
+    staging.make_shards("uf90/uf90_csvs", [len(CSV_HEADER) + 5, len(CSV_HEADER)])
+    assert outside.read_bytes() == b"keep me\n" and not (folder / "x000.csv").is_symlink()
+    assert (folder / "x000.csv").read_bytes() == CSV_HEADER + b"\0" * 5
+    (folder / "x001.csv").unlink()
+    (folder / "x001.csv").symlink_to(outside)
+    with pytest.raises(OSError):
+        write_at(str(folder / "x001.csv"), 0, b"written")
+    assert outside.read_bytes() == b"keep me\n"
+    linked = Path(staging.tree_dir) / "uf50"
+    linked.symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(OutputError, match="symbolic link"):
+        staging.make_shards("uf50/train", [len(CSV_HEADER)])
