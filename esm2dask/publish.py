@@ -103,9 +103,10 @@ def checked_name(name, where: str) -> str:
 #: What the staging folder's receipts and intermediate files mean. A resumed run trusts
 #: the receipts of the run it resumes; when a version of esm2dask changes what a task
 #: leaves behind (2: the hash join's merge writes uf90 and uf50/train in place, not as
-#: pieces; 3: a local FASTA's scatter routes records unread, its merge converts them), this
-#: number changes with it, and an older staging folder is not resumed.
-STAGING_FORMAT = 3
+#: pieces; 3: a local FASTA's scatter routes records unread, its merge converts them; 4:
+#: ``train.db``'s runs hold places in the uf90 shards, and parquet receipts their digests),
+#: this number changes with it, and an older staging folder is not resumed.
+STAGING_FORMAT = 4
 
 
 def run_plan(config, identities: dict[str, dict]) -> dict:
