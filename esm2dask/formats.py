@@ -240,8 +240,12 @@ class Uf90Layouts:
         import pyarrow.compute as pc
 
         storage_options, n = self.storage_options, len(rows)
-        names, sequences = rows.columns()
-        places = _run_places(rows, sequences, placed) if self.db and self.places else None
+        if self.hf or not self.places:
+            names, sequences = rows.columns()
+            lengths = pc.binary_length(sequences).to_numpy().astype(np.int64)
+        else:  # train.db alone, of places: the sequences stay where they are
+            (names, lengths), sequences = rows.names_and_lengths(), None
+        places = _run_places(rows, lengths, placed) if self.db and self.places else None
         spans = [s for s in self.spans if s.first_member < first_position + n and s.first_member + s.n_members > first_position]
         ur50, cluster_positions = member_clusters(spans, first_position, first_position + n, storage_options)
         ur50 = ur50.to_arrow()
@@ -251,7 +255,8 @@ class Uf90Layouts:
             if places is not None:
                 places = {c: a[keep] for c, a in places.items()}
             keep = pa.array(keep)
-            names, sequences, ur50 = names.filter(keep), sequences.filter(keep), ur50.filter(keep)
+            names, ur50 = names.filter(keep), ur50.filter(keep)
+            sequences = None if sequences is None else sequences.filter(keep)
         receipt = Uf90Parts()
         if self.hf:
             columns = {"ur50_id": ur50, "ur90_id": names, "sequence": sequences}
@@ -271,18 +276,16 @@ class Uf90Layouts:
         return receipt
 
 
-def _run_places(rows, sequences, placed: list) -> dict[str, np.ndarray]:
+def _run_places(rows, length: np.ndarray, placed: list) -> dict[str, np.ndarray]:
     """Where each row's sequence lies in the staged uf90 shards: ``shard``, ``at`` (its first
     byte in the shard file) and ``length``, from the cuts :func:`esm2dask.tasks.write_rows`
-    placed (``(first row, end row, shard, byte offset)``). A ``train.db`` run of these is
+    placed (``(first row, end row, shard, byte offset)``), and the rows' sequence lengths
+    (``length``). A ``train.db`` run of these is
     ~30 bytes a row instead of the sequence's ~300: the pages task copies the sequences out
     of the shards (:func:`_gather_sequences`), which the run has just written."""
-    import pyarrow.compute as pc
-
     n = len(rows)
     if sum(hi - lo for lo, hi, _, _ in placed) != n:
         raise Esm2DaskError(f"internal: {n} uf90 rows but {len(placed)} placed cuts cover others")
-    length = pc.binary_length(sequences).to_numpy().astype(np.int64)
     shard, at = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int64)
     starts = rows.starts
     for lo, hi, k, offset in placed:

@@ -519,10 +519,11 @@ def gather_sequences(dest: np.ndarray, dest_at: np.ndarray, src: np.ndarray, src
 
 
 @njit(nogil=True, cache=True)
-def _row_columns(data, row_starts):
+def _row_columns(data, row_starts, with_sequences=True):
     """The names and the sequences of CSV rows ``id,name,length,sequence\n``, each back to
-    back with n+1 offsets (Arrow's string layout). A name holds no comma and the id and
-    the length are digits, so the fields are found by the first three commas of a row."""
+    back with n+1 offsets (Arrow's string layout); without ``with_sequences`` the sequences'
+    offsets only (no byte of them copied). A name holds no comma and the id and the length
+    are digits, so the fields are found by the first three commas of a row."""
     n = len(row_starts) - 1
     name_offsets = np.empty(n + 1, dtype=np.int64)
     seq_offsets = np.empty(n + 1, dtype=np.int64)
@@ -552,10 +553,11 @@ def _row_columns(data, row_starts):
         name_offsets[i + 1] = name_total
         seq_offsets[i + 1] = seq_total
     names = np.empty(name_total, dtype=np.uint8)
-    seqs = np.empty(seq_total, dtype=np.uint8)
+    seqs = np.empty(seq_total if with_sequences else 0, dtype=np.uint8)
     for i in range(n):
         copy_bytes(names, name_offsets[i], data, fields[i, 0], fields[i, 1] - fields[i, 0])
-        copy_bytes(seqs, seq_offsets[i], data, fields[i, 2], fields[i, 3] - fields[i, 2])
+        if with_sequences:
+            copy_bytes(seqs, seq_offsets[i], data, fields[i, 2], fields[i, 3] - fields[i, 2])
     return names, name_offsets, seqs, seq_offsets
 
 
@@ -581,6 +583,15 @@ class Rows:
         n = len(self)
         return (pa.LargeStringArray.from_buffers(n, pa.py_buffer(name_offsets), pa.py_buffer(names)),
                 pa.LargeStringArray.from_buffers(n, pa.py_buffer(seq_offsets), pa.py_buffer(seqs)))
+
+    def names_and_lengths(self):
+        """``(names, sequence lengths)``: the names as :meth:`columns` gives them, and each
+        row's sequence length (int64), with no byte of the sequences copied."""
+        import pyarrow as pa
+
+        names, name_offsets, _, seq_offsets = _row_columns(self.data, self.starts, False)
+        return (pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(name_offsets), pa.py_buffer(names)),
+                np.diff(seq_offsets))
 
     def span(self, lo: int, hi: int) -> memoryview:
         """The bytes of rows ``[lo, hi)``, without a copy."""

@@ -387,6 +387,8 @@ def test_the_columns_taken_from_the_rows_are_the_oracles_records(data, uppercase
     reversed_rows = block.rows.take(list(range(len(block)))[::-1])
     names, seqs = reversed_rows.columns()
     assert list(zip(names.to_pylist(), seqs.to_pylist())) == want[::-1]
+    names, lengths = reversed_rows.names_and_lengths()  # train.db of places: no sequence copied
+    assert list(zip(names.to_pylist(), lengths.tolist())) == [(n, len(s)) for n, s in want[::-1]]
 
 
 def test_row_sizes_of_many_records_and_of_every_place_a_record_can_start():
