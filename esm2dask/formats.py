@@ -279,10 +279,10 @@ class Uf90Layouts:
 def _run_places(rows, length: np.ndarray, placed: list) -> dict[str, np.ndarray]:
     """Where each row's sequence lies in the staged uf90 shards: ``shard``, ``at`` (its first
     byte in the shard file) and ``length``, from the cuts :func:`esm2dask.tasks.write_rows`
-    placed (``(first row, end row, shard, byte offset)``), and the rows' sequence lengths
-    (``length``). A ``train.db`` run of these is
-    ~30 bytes a row instead of the sequence's ~300: the pages task copies the sequences out
-    of the shards (:func:`_gather_sequences`), which the run has just written."""
+    placed (``(first row, end row, shard, byte offset)``) and the rows' sequence lengths
+    (``length``). A ``train.db`` run of these is ~30 bytes a row instead of the sequence's
+    ~300: the pages task copies the sequences out of the shards (:func:`_gather_sequences`),
+    which the run has just written."""
     n = len(rows)
     if sum(hi - lo for lo, hi, _, _ in placed) != n:
         raise Esm2DaskError(f"internal: {n} uf90 rows but {len(placed)} placed cuts cover others")

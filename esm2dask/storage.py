@@ -661,7 +661,7 @@ def write_hashed(url: str, data, storage_options: dict[str, Any] | None = None) 
     with local_build(url, storage_options) as path:
         digest = _write_direct(path, _bytes_filler(data))
         if digest is None:
-            with open(path, "wb", buffering=0) as f:
+            with open(path, "wb") as f:  # buffered: its write() writes all, however long
                 f.write(data)
             digest = hashlib.sha256(data).hexdigest()
     return digest
